@@ -1,0 +1,67 @@
+"""The ``scenes`` asset: Sentinel-2 L2A scenes of a region and period, normalised.
+
+No ``from __future__ import annotations`` here: Dagster inspects the context annotation.
+"""
+
+
+import dagster as dg
+
+from assets.partitions import PARTITIONS, region_and_period
+from assets.resources import AsmwatchSettings, StacResource
+from pipelines.catalog import refresh_views
+from pipelines.scenes import find_scenes
+
+
+@dg.asset(
+    partitions_def=PARTITIONS,
+    group_name="ingest",
+    kinds={"stac", "geoparquet", "duckdb"},
+    owners=["team:asmwatch"],
+    description=(
+        "Sentinel-2 L2A scenes over the region's AOI in the period, from its STAC source "
+        "(Earth Search, Planetary Computer, any STAC API or the embedded demo server): "
+        "cloud-filtered, normalised (asset roles, scale/offset, processing baseline) and "
+        "with reprocessing twins dropped. Lands as stac-geoparquet at "
+        "scenes/<region>/<period>.parquet and as the `scenes` view of the DuckDB catalog."
+    ),
+)
+def scenes(
+    context: dg.AssetExecutionContext, settings: AsmwatchSettings, stac: StacResource
+) -> dg.MaterializeResult:  # type: ignore[type-arg]
+    config = settings.regions()
+    region, period = region_and_period(context, config)
+    root = settings.root()
+    url = stac.url_for(region, root, log=context.log)
+    out = find_scenes(url, region, period, root, progress=context.log.info)
+    views = refresh_views(root)
+    s = out.summary()
+    context.log.info(
+        f"{region.id} {period.id}: {out.count} scenes kept of {s['returned']} returned "
+        f"({s['dropped']} dropped, {s['too_cloudy']} too cloudy)"
+    )
+    rows = "\n".join(
+        f"| {sc.id} | {sc.datetime:%Y-%m-%d} | {sc.mgrs_tile} | "
+        f"{sc.cloud_cover if sc.cloud_cover is not None else '?'} | {sc.processing_baseline} |"
+        for sc in out.result.scenes
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "scene_count": dg.MetadataValue.int(out.count),
+            "returned": dg.MetadataValue.int(s["returned"]),
+            "dropped": dg.MetadataValue.int(s["dropped"]),
+            "too_cloudy": dg.MetadataValue.int(s["too_cloudy"]),
+            "empty": dg.MetadataValue.bool(out.count == 0),
+            "cloud_cover": dg.MetadataValue.json(s["cloud_cover"]),
+            "tiles": dg.MetadataValue.json(s["tiles"]),
+            "baselines": dg.MetadataValue.json(s["baselines"]),
+            "server_side_filter": dg.MetadataValue.bool(s["server_filter"]),
+            "stac_source": dg.MetadataValue.text(region.source),
+            "path": dg.MetadataValue.path(s["path"] or "(no scenes)"),
+            "catalog": dg.MetadataValue.json(views),
+            "scenes": dg.MetadataValue.md(
+                "| id | date | tile | cloud % | baseline |\n|---|---|---|---|---|\n" + rows
+                if rows
+                else "_no scenes in this period_"
+            ),
+        }
+    )

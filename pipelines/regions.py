@@ -1,0 +1,496 @@
+"""Regions configuration: the YAML file that says where and when asmwatch looks.
+
+First step of the flow: everything downstream (the STAC search, the composite grid, the
+partitions) is driven by the typed ``Region`` objects built here. Loading collects every
+problem in the file, each naming the field (``regions[2].aoi.bbox``) and what is wrong,
+so ``asmwatch validate`` can print them all at once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import shapely
+import shapely.geometry
+import yaml
+
+DEFAULT_REGIONS_FILE = "regions.yaml"
+
+Source = Literal["earth-search", "planetary-computer", "embedded"]
+KNOWN_SOURCES: tuple[str, ...] = ("earth-search", "planetary-computer", "embedded")
+
+#: Public STAC endpoints of the source presets; ``embedded`` is started by asmwatch.
+SOURCE_URLS: dict[str, str] = {
+    "earth-search": "https://earth-search.aws.element84.com/v1",
+    "planetary-computer": "https://planetarycomputer.microsoft.com/api/stac/v1",
+}
+DEFAULT_COLLECTION = "sentinel-2-l2a"
+
+#: Context-layer kinds a region may bring (see docs/data-dictionary.md).
+CONTEXT_KINDS: tuple[str, ...] = (
+    "protected_areas",
+    "indigenous_lands",
+    "concessions",
+    "settlements",
+    "rivers",
+    "grievances",
+    "detections",
+)
+
+# Ids become directory names, partition keys and SQL literals in views: keep them to a
+# safe alphabet so no id can escape the data root or break a statement.
+_ID_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+_PERIOD_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
+_YEAR_RE = re.compile(r"^(\d{4})$")
+_QUARTER_RE = re.compile(r"^(\d{4})Q([1-4])$")
+
+
+class RegionsError(ValueError):
+    """A regions file with one or more problems; ``problems`` lists each of them."""
+
+    def __init__(self, source: str, problems: Sequence[str]) -> None:
+        self.source = source
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{source}: {len(self.problems)} problem(s)\n{lines}")
+
+
+@dataclass(frozen=True)
+class Period:
+    """A time window of one partition: a year, a quarter or an explicit date range."""
+
+    id: str
+    start: dt.date
+    end: dt.date  # inclusive
+
+    @property
+    def datetime_range(self) -> str:
+        """The period as a STAC ``datetime`` interval (UTC, end of the last day)."""
+        return f"{self.start.isoformat()}T00:00:00Z/{self.end.isoformat()}T23:59:59Z"
+
+
+@dataclass(frozen=True)
+class EmbeddedSpec:
+    """How the embedded Sentinel-2 simulator builds this region's world."""
+
+    seed: int = 42
+    scenes_per_period: int = 4
+    growth_factor: float = 1.5
+    reprocessed_twins: bool = True
+
+
+@dataclass(frozen=True)
+class Region:
+    id: str
+    name: str
+    bbox: tuple[float, float, float, float]  # west, south, east, north (EPSG:4326)
+    geometry: dict[str, Any]  # GeoJSON, EPSG:4326
+    periods: tuple[Period, ...]
+    source: str  # a preset name or an http(s) URL
+    collection: str
+    max_cloud_cover: float
+    context: Mapping[str, str] = field(default_factory=dict)
+    embedded: EmbeddedSpec | None = None
+    min_valid_fraction: float = 0.5
+    description: str = ""
+
+    @property
+    def stac_url(self) -> str | None:
+        """The STAC API root for a preset or URL source; None for ``embedded``."""
+        if self.source == "embedded":
+            return None
+        return SOURCE_URLS.get(self.source, self.source)
+
+    def period(self, period_id: str) -> Period:
+        for p in self.periods:
+            if p.id == period_id:
+                return p
+        known = ", ".join(p.id for p in self.periods)
+        raise KeyError(f"region {self.id!r} has no period {period_id!r} (it has: {known})")
+
+    def previous_period(self, period_id: str) -> Period | None:
+        ids = [p.id for p in self.periods]
+        i = ids.index(self.period(period_id).id)
+        return self.periods[i - 1] if i > 0 else None
+
+
+@dataclass(frozen=True)
+class RegionsConfig:
+    path: Path
+    regions: tuple[Region, ...]
+
+    def get(self, region_id: str) -> Region:
+        for r in self.regions:
+            if r.id == region_id:
+                return r
+        known = ", ".join(r.id for r in self.regions)
+        raise KeyError(f"no region {region_id!r} in {self.path} (known: {known})")
+
+    @property
+    def ids(self) -> list[str]:
+        return [r.id for r in self.regions]
+
+    def all_period_ids(self) -> list[str]:
+        """Every period id used by any region, in first-seen order (sorted within kind)."""
+        seen: dict[str, None] = {}
+        for r in self.regions:
+            for p in r.periods:
+                seen.setdefault(p.id, None)
+        return sorted(seen)
+
+
+def regions_path() -> Path:
+    """The regions file: ``$ASMWATCH_REGIONS``, else ``regions.yaml`` in the working
+    directory, else the one at the project root."""
+    if env := os.environ.get("ASMWATCH_REGIONS"):
+        return Path(env)
+    local = Path(DEFAULT_REGIONS_FILE)
+    if local.exists():
+        return local
+    return Path(__file__).resolve().parent.parent / DEFAULT_REGIONS_FILE
+
+
+def load_regions(path: str | os.PathLike[str] | None = None) -> RegionsConfig:
+    """Read and validate a regions file; raise ``RegionsError`` listing every problem."""
+    p = Path(path) if path is not None else regions_path()
+    if not p.exists():
+        raise RegionsError(str(p), [f"file not found (set ASMWATCH_REGIONS or create {p})"])
+    try:
+        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise RegionsError(str(p), [f"not valid YAML: {e}"]) from e
+    return parse_regions(doc, source=str(p), base_dir=p.parent)
+
+
+def parse_regions(doc: Any, source: str = "<regions>", base_dir: Path | None = None) -> RegionsConfig:
+    """Validate an already-parsed regions document."""
+    problems: list[str] = []
+    if not isinstance(doc, Mapping) or "regions" not in doc:
+        raise RegionsError(source, ["top level must be a mapping with a 'regions' list"])
+    items = doc["regions"]
+    if not isinstance(items, list) or not items:
+        raise RegionsError(source, ["regions: must be a non-empty list"])
+    defaults = doc.get("defaults") or {}
+    if not isinstance(defaults, Mapping):
+        problems.append("defaults: must be a mapping")
+        defaults = {}
+
+    regions: list[Region] = []
+    seen: dict[str, int] = {}
+    for i, raw in enumerate(items):
+        where = f"regions[{i}]"
+        if not isinstance(raw, Mapping):
+            problems.append(f"{where}: must be a mapping, got {type(raw).__name__}")
+            continue
+        merged = {**defaults, **raw}
+        rid = raw.get("id")
+        if isinstance(rid, str):
+            where = f"regions[{i}] ({rid})"
+        region = _parse_region(merged, where, problems, base_dir)
+        if region is None:
+            continue
+        if region.id in seen:
+            problems.append(
+                f"{where}.id: duplicate id {region.id!r} (also regions[{seen[region.id]}])"
+            )
+            continue
+        seen[region.id] = i
+        regions.append(region)
+    if problems:
+        raise RegionsError(source, problems)
+    return RegionsConfig(path=Path(source), regions=tuple(regions))
+
+
+def _parse_region(
+    raw: Mapping[str, Any], where: str, problems: list[str], base_dir: Path | None
+) -> Region | None:
+    n_before = len(problems)
+    known = {
+        "id", "name", "description", "aoi", "periods", "source", "collection",
+        "max_cloud_cover", "context", "embedded", "min_valid_fraction",
+    }  # fmt: skip
+    for key in raw:
+        if key not in known:
+            problems.append(f"{where}.{key}: unknown field (known: {', '.join(sorted(known))})")
+
+    rid = raw.get("id")
+    if not isinstance(rid, str) or not rid:
+        problems.append(f"{where}.id: missing or not a string")
+    elif not _ID_RE.match(rid):
+        problems.append(
+            f"{where}.id: {rid!r} is not a safe id: use 1-63 lowercase letters, digits, '-' "
+            "or '_', starting with a letter (ids name folders and SQL values, so '/', '..', "
+            "quotes and spaces are refused)"
+        )
+    name = raw.get("name", rid)
+    if not isinstance(name, str) or not name.strip():
+        problems.append(f"{where}.name: must be a non-empty string")
+
+    bbox, geometry = _parse_aoi(raw.get("aoi"), f"{where}.aoi", problems)
+    periods = _parse_periods(raw.get("periods"), f"{where}.periods", problems)
+
+    source = raw.get("source", "earth-search")
+    if not isinstance(source, str) or not (
+        source in KNOWN_SOURCES or re.match(r"^https?://[^\s/$.?#][^\s]*$", source)
+    ):
+        problems.append(
+            f"{where}.source: unknown source {source!r}: use one of "
+            f"{', '.join(KNOWN_SOURCES)} or an http(s) URL of a STAC API"
+        )
+    collection = raw.get("collection", DEFAULT_COLLECTION)
+    if not isinstance(collection, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", collection):
+        problems.append(f"{where}.collection: {collection!r} is not a valid collection id")
+
+    mcc = raw.get("max_cloud_cover", 60)
+    if isinstance(mcc, bool) or not isinstance(mcc, int | float) or not 0 <= mcc <= 100:
+        problems.append(f"{where}.max_cloud_cover: {mcc!r} must be a number from 0 to 100")
+    mvf = raw.get("min_valid_fraction", 0.5)
+    if isinstance(mvf, bool) or not isinstance(mvf, int | float) or not 0 <= mvf <= 1:
+        problems.append(f"{where}.min_valid_fraction: {mvf!r} must be a number from 0 to 1")
+
+    context = _parse_context(raw.get("context"), f"{where}.context", problems, base_dir)
+    embedded = _parse_embedded(raw.get("embedded"), f"{where}.embedded", problems)
+    if source == "embedded" and embedded is None and raw.get("embedded") is None:
+        embedded = EmbeddedSpec()
+
+    if len(problems) > n_before:
+        return None
+    assert isinstance(rid, str) and bbox is not None and geometry is not None
+    return Region(
+        id=rid,
+        name=str(name),
+        description=str(raw.get("description", "")),
+        bbox=bbox,
+        geometry=geometry,
+        periods=tuple(periods),
+        source=str(source),
+        collection=str(collection),
+        max_cloud_cover=float(mcc),
+        context=context,
+        embedded=embedded,
+        min_valid_fraction=float(mvf),
+    )
+
+
+def _parse_aoi(
+    aoi: Any, where: str, problems: list[str]
+) -> tuple[tuple[float, float, float, float] | None, dict[str, Any] | None]:
+    if not isinstance(aoi, Mapping) or not ({"bbox", "geometry"} & set(aoi)):
+        problems.append(f"{where}: missing; give 'bbox: [west, south, east, north]' or 'geometry'")
+        return None, None
+    if "bbox" in aoi and "geometry" in aoi:
+        problems.append(f"{where}: give either bbox or geometry, not both")
+        return None, None
+    if "bbox" in aoi:
+        bbox = _parse_bbox(aoi["bbox"], f"{where}.bbox", problems)
+        if bbox is None:
+            return None, None
+        return bbox, shapely.geometry.mapping(shapely.geometry.box(*bbox))
+    return _parse_geometry(aoi["geometry"], f"{where}.geometry", problems)
+
+
+def _parse_bbox(
+    value: Any, where: str, problems: list[str]
+) -> tuple[float, float, float, float] | None:
+    if not isinstance(value, list | tuple) or len(value) != 4:
+        problems.append(f"{where}: must be a list of 4 numbers [west, south, east, north], got {value!r}")
+        return None
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+        problems.append(f"{where}: all 4 values must be numbers, got {value!r}")
+        return None
+    w, s, e, n = (float(v) for v in value)
+    bad = False
+    for label, v in (("west", w), ("east", e)):
+        if not -180 <= v <= 180:
+            problems.append(f"{where}: {label} longitude {v} is out of range [-180, 180]")
+            bad = True
+    for label, v in (("south", s), ("north", n)):
+        if not -90 <= v <= 90:
+            problems.append(f"{where}: {label} latitude {v} is out of range [-90, 90]")
+            bad = True
+    if bad:
+        return None
+    if s >= n:
+        problems.append(f"{where}: south ({s}) must be less than north ({n}); the box is empty")
+        return None
+    if w >= e:
+        problems.append(
+            f"{where}: west ({w}) must be less than east ({e}); the box is empty "
+            "(an AOI across the antimeridian must be given as a geometry split in two)"
+        )
+        return None
+    return (w, s, e, n)
+
+
+def _parse_geometry(
+    value: Any, where: str, problems: list[str]
+) -> tuple[tuple[float, float, float, float] | None, dict[str, Any] | None]:
+    if isinstance(value, Mapping) and value.get("type") == "Feature":
+        value = value.get("geometry")
+    if not isinstance(value, Mapping) or value.get("type") not in ("Polygon", "MultiPolygon"):
+        problems.append(f"{where}: must be a GeoJSON Polygon or MultiPolygon")
+        return None, None
+    try:
+        geom = shapely.geometry.shape(value)
+    except Exception as e:  # shapely raises several types for malformed coordinates
+        problems.append(f"{where}: malformed coordinates ({e})")
+        return None, None
+    if geom.is_empty or geom.area == 0:
+        problems.append(f"{where}: the geometry is empty (it has no area)")
+        return None, None
+    w, s, e, n = geom.bounds
+    if w < -180 or e > 180 or s < -90 or n > 90:
+        problems.append(
+            f"{where}: coordinates out of range (bounds {w}, {s}, {e}, {n}); "
+            "use longitude, latitude in EPSG:4326"
+        )
+        return None, None
+    if not geom.is_valid:
+        reason = shapely.is_valid_reason(geom)
+        problems.append(f"{where}: invalid geometry: {reason}")
+        return None, None
+    return (w, s, e, n), shapely.geometry.mapping(geom)
+
+
+def _parse_periods(value: Any, where: str, problems: list[str]) -> list[Period]:
+    if not isinstance(value, list) or not value:
+        problems.append(f"{where}: must be a non-empty list of years, quarters or date ranges")
+        return []
+    out: list[Period] = []
+    for j, item in enumerate(value):
+        p = _parse_period(item, f"{where}[{j}]", problems)
+        if p is not None:
+            out.append(p)
+    ids = [p.id for p in out]
+    for pid in sorted({x for x in ids if ids.count(x) > 1}):
+        problems.append(f"{where}: duplicate period {pid!r}")
+    if len(out) == len(value) and out != sorted(out, key=lambda p: p.start):
+        problems.append(f"{where}: periods must be listed in time order")
+    return out
+
+
+def _parse_period(item: Any, where: str, problems: list[str]) -> Period | None:
+    if isinstance(item, int) and not isinstance(item, bool):
+        item = str(item)
+    if isinstance(item, str):
+        if m := _YEAR_RE.match(item):
+            year = int(m.group(1))
+            if not 2015 <= year <= 2100:
+                problems.append(f"{where}: year {year} is outside Sentinel-2's era (2015 on)")
+                return None
+            return Period(item, dt.date(year, 1, 1), dt.date(year, 12, 31))
+        if m := _QUARTER_RE.match(item):
+            year, q = int(m.group(1)), int(m.group(2))
+            start = dt.date(year, 3 * q - 2, 1)
+            end = (
+                dt.date(year, 12, 31)
+                if q == 4
+                else dt.date(year, 3 * q + 1, 1) - dt.timedelta(days=1)
+            )
+            return Period(item, start, end)
+        problems.append(
+            f"{where}: {item!r} is not a period: use a year (2021), a quarter (2021Q3) or "
+            "{id, start, end} with ISO dates"
+        )
+        return None
+    if isinstance(item, Mapping):
+        pid = item.get("id")
+        if not isinstance(pid, str) or not _PERIOD_ID_RE.match(pid):
+            problems.append(
+                f"{where}.id: {pid!r} must be 1-32 letters, digits, '-' or '_' (it names a partition)"
+            )
+            return None
+        start = _parse_date(item.get("start"), f"{where}.start", problems)
+        end = _parse_date(item.get("end"), f"{where}.end", problems)
+        if start is None or end is None:
+            return None
+        if start > end:
+            problems.append(f"{where}: start {start} is after end {end} (dates reversed?)")
+            return None
+        return Period(pid, start, end)
+    problems.append(f"{where}: {item!r} is not a period")
+    return None
+
+
+def _parse_date(value: Any, where: str, problems: list[str]) -> dt.date | None:
+    if isinstance(value, dt.datetime):
+        return value.date()
+    if isinstance(value, dt.date):
+        return value
+    if isinstance(value, str):
+        try:
+            return dt.date.fromisoformat(value)
+        except ValueError:
+            pass
+    problems.append(f"{where}: {value!r} is not an ISO date (YYYY-MM-DD)")
+    return None
+
+
+def _parse_context(
+    value: Any, where: str, problems: list[str], base_dir: Path | None
+) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        problems.append(f"{where}: must be a mapping of layer kind to file path")
+        return {}
+    out: dict[str, str] = {}
+    for kind, path in value.items():
+        if kind not in CONTEXT_KINDS:
+            problems.append(f"{where}.{kind}: unknown layer kind (known: {', '.join(CONTEXT_KINDS)})")
+            continue
+        if not isinstance(path, str) or not path.strip():
+            problems.append(f"{where}.{kind}: must be a file path")
+            continue
+        if path.startswith("embedded:"):
+            rel = path.removeprefix("embedded:")
+            if rel.startswith("/") or ".." in Path(rel).parts:
+                problems.append(f"{where}.{kind}: {path!r} must stay inside the embedded world")
+                continue
+            out[kind] = path
+            continue
+        p = Path(path)
+        if not p.is_absolute() and base_dir is not None:
+            p = base_dir / p
+        out[kind] = str(p)
+    return out
+
+
+def _parse_embedded(value: Any, where: str, problems: list[str]) -> EmbeddedSpec | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        problems.append(f"{where}: must be a mapping")
+        return None
+    spec = EmbeddedSpec()
+    kwargs: dict[str, Any] = {}
+    limits: dict[str, tuple[type, float, float]] = {
+        "seed": (int, 0, 2**32 - 1),
+        "scenes_per_period": (int, 1, 24),
+        "growth_factor": (float, 1.0, 10.0),
+    }
+    for key, raw in value.items():
+        if key == "reprocessed_twins":
+            if not isinstance(raw, bool):
+                problems.append(f"{where}.{key}: must be true or false")
+            else:
+                kwargs[key] = raw
+            continue
+        if key not in limits:
+            problems.append(f"{where}.{key}: unknown field (known: {', '.join([*limits, 'reprocessed_twins'])})")
+            continue
+        typ, lo, hi = limits[key]
+        ok_type = isinstance(raw, int | float) and not isinstance(raw, bool)
+        if typ is int:
+            ok_type = isinstance(raw, int) and not isinstance(raw, bool)
+        if not ok_type or not lo <= raw <= hi:
+            problems.append(f"{where}.{key}: {raw!r} must be a {typ.__name__} from {lo:g} to {hi:g}")
+            continue
+        kwargs[key] = typ(raw)
+    return EmbeddedSpec(**{**spec.__dict__, **kwargs})

@@ -1,0 +1,70 @@
+"""The scenes stage: search, normalise and store a region's scenes for one period.
+
+Input: a STAC API URL, a region and a period. Output: a stac-geoparquet file at
+``<data root>/scenes/<region>/<period>.parquet`` (normalised items, one per scene,
+twins dropped), which the ``scenes`` view of the DuckDB catalog reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipelines.regions import Period, Region
+from pipelines.stac.search import SearchResult, search_scenes
+from pipelines.stac.geoparquet import write_geoparquet
+from pipelines.storage import partition_path
+
+
+@dataclass(frozen=True)
+class ScenesOutput:
+    path: Path | None  # None when the period has no usable scene
+    result: SearchResult
+
+    @property
+    def count(self) -> int:
+        return len(self.result.scenes)
+
+    def summary(self) -> dict[str, Any]:
+        r = self.result
+        return {
+            "scene_count": self.count,
+            "returned": r.returned,
+            "dropped": len(r.dropped),
+            "too_cloudy": r.too_cloudy,
+            "server_filter": r.server_filter,
+            "cloud_cover": r.cloud_stats,
+            "tiles": sorted({s.mgrs_tile for s in r.scenes}),
+            "dates": [s.datetime.date().isoformat() for s in r.scenes],
+            "baselines": sorted({s.processing_baseline for s in r.scenes}),
+            "path": str(self.path) if self.path else None,
+        }
+
+
+def scenes_path(root: Path, region_id: str, period_id: str) -> Path:
+    return partition_path(root, "scenes", region_id, period_id, ".parquet")
+
+
+def write_scenes(result: SearchResult, region: Region, period: Period, root: Path) -> ScenesOutput:
+    """Store the normalised scenes atomically; an empty period removes a stale file."""
+    target = scenes_path(root, region.id, period.id)
+    if not result.scenes:
+        # The search succeeded and found nothing: the partition is truly empty now.
+        target.unlink(missing_ok=True)
+        return ScenesOutput(path=None, result=result)
+    items = [
+        s.to_item({"asmwatch:region": region.id, "asmwatch:period": period.id})
+        for s in result.scenes
+    ]
+    write_geoparquet(items, target)
+    return ScenesOutput(path=target, result=result)
+
+
+def find_scenes(
+    url: str, region: Region, period: Period, root: Path, progress: Callable[[str], None]
+) -> ScenesOutput:
+    """Search ``url`` and store what it finds: the whole stage in one call."""
+    result = search_scenes(url, region, period, progress=progress)
+    return write_scenes(result, region, period, root)

@@ -1,0 +1,329 @@
+"""The embedded Sentinel-2 world: a static STAC catalog of simulated L2A scenes.
+
+``simulate_world`` writes, for one region and all its periods:
+
+    <out>/catalog.json, collection.json       a relocatable static STAC catalog
+    <out>/items/<id>.json                     Earth Search v1-style items (relative hrefs)
+    <out>/cogs/<id>/{B02,...,B12,SCL}.tif     COGs (tiled, deflate, overviews)
+    <out>/truth/<period>.tif                  true mining mask (1 mining, 2 re-vegetating)
+    <out>/context/...                         demo context layers (see context.py)
+    <out>/world.json                          grid, scenes and true areas per period
+
+The same seed gives the same bytes. Items carry what the real ones carry and the
+pipeline reads: asset keys ``blue green red nir swir16 swir22 scl``, ``raster:bands``
+scale and offset, ``proj:*``, ``eo:cloud_cover``, ``s2:processing_baseline``, the MGRS
+tile (``grid:code``, ``mgrs:*``). Optionally each period has one reprocessed ``_1_``
+twin (baseline 05.00, offset -0.1) beside its ``_0_`` original, as on Earth Search.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pyproj import Transformer
+
+from pipelines.grid import Window, mgrs_tile, window_for_bbox
+from pipelines.regions import EmbeddedSpec, Period, Region
+from pipelines.simulator.context import write_context
+from pipelines.simulator.landscape import build_landscape
+from pipelines.simulator.scenes import BANDS, BANDS_20M, render, to_dn, write_cog
+from pipelines.storage import atomic_dir
+
+COLLECTION = "sentinel-2-l2a"
+WORLD_VERSION = 1  # bump when the simulator's output changes, to rebuild cached worlds
+ASSET_KEYS = {
+    "B02": "blue", "B03": "green", "B04": "red", "B08": "nir",
+    "B11": "swir16", "B12": "swir22", "SCL": "scl",
+}  # fmt: skip
+BAND_INFO = {
+    "B02": ("Blue (band 2)", 0.49, 0.098),
+    "B03": ("Green (band 3)", 0.56, 0.045),
+    "B04": ("Red (band 4)", 0.665, 0.038),
+    "B08": ("NIR 1 (band 8)", 0.842, 0.145),
+    "B11": ("SWIR 1 (band 11)", 1.61, 0.143),
+    "B12": ("SWIR 2 (band 12)", 2.19, 0.242),
+}
+CLOUD_LEVELS = (0.02, 0.12, 0.3, 0.55, 0.08, 0.4, 0.2, 0.7)  # cycled through acquisitions
+SENSING_TIME = dt.time(14, 56, 21, 24000)  # Sentinel-2's overpass of 19L, UTC
+MARGIN_M = 200.0
+
+
+@dataclass(frozen=True)
+class WorldInfo:
+    path: Path
+    region: str
+    mgrs_tile: str
+    epsg: int
+    window: dict[str, Any]
+    items: list[str]
+    mining_ha: dict[str, float]
+    spec_hash: str
+
+
+def spec_hash(region: Region) -> str:
+    spec = region.embedded or EmbeddedSpec()
+    doc = {
+        "v": WORLD_VERSION,
+        "bbox": region.bbox,
+        "periods": [(p.id, p.start.isoformat(), p.end.isoformat()) for p in region.periods],
+        "spec": asdict(spec),
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def baseline_for(date: dt.date) -> str:
+    """The processing baseline ESA used for an acquisition date (first processing)."""
+    if date < dt.date(2019, 11, 4):
+        return "02.12"
+    if date < dt.date(2021, 3, 30):
+        return "02.14"
+    if date < dt.date(2022, 1, 25):
+        return "03.00"
+    return "04.00"
+
+
+def acquisition_dates(period: Period, n: int) -> list[dt.date]:
+    """``n`` dates in the period; a calendar year gets the June-October dry season."""
+    start, end = period.start, period.end
+    if (end - start).days >= 360:
+        start = dt.date(start.year, 6, 1)
+        end = dt.date(start.year, 10, 31)
+    span = (end - start).days
+    return [start + dt.timedelta(days=round(span * (i + 0.5) / n)) for i in range(n)]
+
+
+def simulate_world(region: Region, out: Path) -> WorldInfo:
+    """Write the region's embedded world under ``out`` (replaced atomically)."""
+    spec = region.embedded or EmbeddedSpec()
+    window = window_for_bbox(region.bbox, 10.0, margin_m=MARGIN_M)
+    lon_c = (region.bbox[0] + region.bbox[2]) / 2
+    lat_c = (region.bbox[1] + region.bbox[3]) / 2
+    tile = mgrs_tile(lon_c, lat_c)
+    land = build_landscape(
+        spec.seed, (window.height, window.width), len(region.periods), spec.growth_factor
+    )
+    rng = np.random.default_rng(spec.seed + 1)
+    to_lonlat = Transformer.from_crs(window.epsg, 4326, always_xy=True)
+    footprint = _footprint(window, to_lonlat)
+    pixel_ha = window.resolution**2 / 10_000
+
+    item_ids: list[str] = []
+    mining_ha: dict[str, float] = {}
+    with atomic_dir(out) as tmp:
+        (tmp / "items").mkdir()
+        (tmp / "truth").mkdir()
+        k = 0
+        for p_i, period in enumerate(region.periods):
+            truth = land.mining[p_i].astype(np.uint8)
+            truth[land.revegetating[p_i]] = 2
+            write_cog(tmp / "truth" / f"{period.id}.tif", truth, window, nodata=255, categorical=True)
+            mining_ha[period.id] = round(float(land.mining[p_i].sum()) * pixel_ha, 2)
+            for a_i, date in enumerate(acquisition_dates(period, spec.scenes_per_period)):
+                cloud = CLOUD_LEVELS[k % len(CLOUD_LEVELS)]
+                k += 1
+                acq = render(
+                    land.covers[p_i], land.texture, land.fine, land.regrowth_age[p_i], rng, cloud
+                )
+                platform = "sentinel-2a" if k % 2 else "sentinel-2b"
+                versions = [(0, baseline_for(date))]
+                if spec.reprocessed_twins and a_i == 0:
+                    versions.append((1, "05.00"))
+                for seq, baseline in versions:
+                    item = _write_scene(
+                        tmp, acq, window, tile, date, platform, seq, baseline, footprint
+                    )
+                    item_ids.append(item["id"])
+        write_context(tmp / "context", region, window, land, to_lonlat)
+        info = {
+            "region": region.id,
+            "spec": asdict(spec),
+            "spec_hash": spec_hash(region),
+            "mgrs_tile": tile,
+            "epsg": window.epsg,
+            "window": asdict(window),
+            "items": item_ids,
+            "mining_ha": mining_ha,
+            "truth_values": {"0": "no mining", "1": "active mining", "2": "re-vegetating old mining"},
+        }
+        (tmp / "world.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        _write_catalog(tmp, region, item_ids, footprint)
+    return WorldInfo(
+        path=out,
+        region=region.id,
+        mgrs_tile=tile,
+        epsg=window.epsg,
+        window=asdict(window),
+        items=item_ids,
+        mining_ha=mining_ha,
+        spec_hash=spec_hash(region),
+    )
+
+
+def _footprint(window: Window, to_lonlat: Transformer) -> dict[str, Any]:
+    x0, y0, x1, y1 = window.bounds
+    xs = [x0, x1, x1, x0, x0]
+    ys = [y0, y0, y1, y1, y0]
+    lon, lat = to_lonlat.transform(xs, ys)
+    ring = [[round(a, 9), round(b, 9)] for a, b in zip(lon, lat, strict=True)]
+    return {"type": "Polygon", "coordinates": [ring]}
+
+
+def _write_scene(
+    root: Path,
+    acq: Any,
+    window: Window,
+    tile: str,
+    date: dt.date,
+    platform: str,
+    seq: int,
+    baseline: str,
+    footprint: dict[str, Any],
+) -> dict[str, Any]:
+    item_id = f"S2{platform[-1].upper()}_{tile}_{date:%Y%m%d}_{seq}_L2A"
+    offset = -0.1 if float(baseline) >= 4.0 else 0.0
+    cog_dir = root / "cogs" / item_id
+    cog_dir.mkdir(parents=True)
+    assets: dict[str, Any] = {}
+    for band in (*BANDS, "SCL"):
+        res = 20 if band in BANDS_20M or band == "SCL" else 10
+        win = window.at(res)
+        if band == "SCL":
+            write_cog(cog_dir / "SCL.tif", acq.scl, win, categorical=True)
+        else:
+            write_cog(cog_dir / f"{band}.tif", to_dn(acq.reflectance[band], offset), win)
+        asset: dict[str, Any] = {
+            "href": f"../cogs/{item_id}/{band}.tif",
+            "type": "image/tiff; application=geotiff; profile=cloud-optimized",
+            "roles": ["data", "reflectance"] if band != "SCL" else ["data"],
+            "proj:shape": [win.height, win.width],
+            "proj:transform": list(win.transform),
+        }
+        if band == "SCL":
+            asset["raster:bands"] = [{"nodata": 0, "data_type": "uint8", "spatial_resolution": 20}]
+            asset["title"] = "Scene classification map (SCL)"
+        else:
+            title, wl, fwhm = BAND_INFO[band]
+            key = ASSET_KEYS[band]
+            asset["title"] = title
+            asset["eo:bands"] = [
+                {"name": key, "common_name": key, "description": title,
+                 "center_wavelength": wl, "full_width_half_max": fwhm}
+            ]  # fmt: skip
+            asset["raster:bands"] = [
+                {"nodata": 0, "data_type": "uint16", "bits_per_sample": 15,
+                 "spatial_resolution": res, "scale": 0.0001, "offset": offset}
+            ]  # fmt: skip
+        assets[ASSET_KEYS[band]] = asset
+    when = dt.datetime.combine(date, SENSING_TIME, tzinfo=dt.UTC)
+    stamp = when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    zone, band_letter, square = int(tile[:2]), tile[2], tile[3:]
+    product = (
+        f"S2{platform[-1].upper()}_MSIL2A_{when:%Y%m%dT%H%M%S}_N{baseline.replace('.', '')}"
+        f"_R010_T{tile}_{when:%Y%m%dT%H%M%S}.SAFE"
+    )
+    bbox = _bbox(footprint)
+    item = {
+        "type": "Feature",
+        "stac_version": "1.0.0",
+        "stac_extensions": [
+            "https://stac-extensions.github.io/eo/v1.1.0/schema.json",
+            "https://stac-extensions.github.io/projection/v1.1.0/schema.json",
+            "https://stac-extensions.github.io/raster/v1.1.0/schema.json",
+            "https://stac-extensions.github.io/mgrs/v1.0.0/schema.json",
+            "https://stac-extensions.github.io/grid/v1.1.0/schema.json",
+        ],
+        "id": item_id,
+        "collection": COLLECTION,
+        "bbox": bbox,
+        "geometry": footprint,
+        "properties": {
+            "created": stamp,
+            "datetime": stamp,
+            "platform": platform,
+            "constellation": "sentinel-2",
+            "instruments": ["msi"],
+            "eo:cloud_cover": acq.cloud_cover,
+            "proj:epsg": window.epsg,
+            "mgrs:utm_zone": zone,
+            "mgrs:latitude_band": band_letter,
+            "mgrs:grid_square": square,
+            "grid:code": f"MGRS-{tile}",
+            "s2:product_type": "S2MSI2A",
+            "s2:processing_baseline": baseline,
+            "s2:product_uri": product,
+            "s2:sequence": str(seq),
+            "earthsearch:boa_offset_applied": offset != 0.0,
+            "asmwatch:simulated": True,
+        },
+        "links": [
+            {"rel": "root", "href": "../catalog.json", "type": "application/json"},
+            {"rel": "collection", "href": "../collection.json", "type": "application/json"},
+            {"rel": "parent", "href": "../collection.json", "type": "application/json"},
+        ],
+        "assets": assets,
+    }
+    (root / "items" / f"{item_id}.json").write_text(json.dumps(item, indent=1, sort_keys=True) + "\n")
+    return item
+
+
+def _bbox(geom: dict[str, Any]) -> list[float]:
+    xs = [c[0] for c in geom["coordinates"][0]]
+    ys = [c[1] for c in geom["coordinates"][0]]
+    return [min(xs), min(ys), max(xs), max(ys)]
+
+
+def _write_catalog(root: Path, region: Region, item_ids: list[str], footprint: dict[str, Any]) -> None:
+    dates = sorted(i.split("_")[2] for i in item_ids)
+    start = f"{dates[0][:4]}-{dates[0][4:6]}-{dates[0][6:]}T00:00:00Z"
+    end = f"{dates[-1][:4]}-{dates[-1][4:6]}-{dates[-1][6:]}T23:59:59Z"
+    collection = {
+        "type": "Collection",
+        "stac_version": "1.0.0",
+        "id": COLLECTION,
+        "title": f"Simulated Sentinel-2 L2A over {region.name}",
+        "description": "asmwatch's embedded world: simulated Sentinel-2 L2A scenes in the "
+        "Earth Search v1 schema, for the demo and the tests. Not real imagery.",
+        "license": "CC-BY-4.0",
+        "extent": {
+            "spatial": {"bbox": [_bbox(footprint)]},
+            "temporal": {"interval": [[start, end]]},
+        },
+        "links": [
+            {"rel": "root", "href": "./catalog.json", "type": "application/json"},
+            {"rel": "parent", "href": "./catalog.json", "type": "application/json"},
+            *[
+                {"rel": "item", "href": f"./items/{i}.json", "type": "application/geo+json"}
+                for i in item_ids
+            ],
+        ],
+    }
+    catalog = {
+        "type": "Catalog",
+        "stac_version": "1.0.0",
+        "id": f"asmwatch-embedded-{region.id}",
+        "description": f"asmwatch embedded world for region {region.id}",
+        "links": [
+            {"rel": "root", "href": "./catalog.json", "type": "application/json"},
+            {"rel": "child", "href": "./collection.json", "type": "application/json"},
+        ],
+    }
+    (root / "collection.json").write_text(json.dumps(collection, indent=1, sort_keys=True) + "\n")
+    (root / "catalog.json").write_text(json.dumps(catalog, indent=1, sort_keys=True) + "\n")
+
+
+def load_items(world: Path) -> list[dict[str, Any]]:
+    """The world's items with absolute ``file://`` asset hrefs, ready to serve."""
+    items = []
+    for path in sorted((world / "items").glob("*.json")):
+        item = json.loads(path.read_text())
+        for asset in item["assets"].values():
+            asset["href"] = (path.parent / asset["href"]).resolve().as_uri()
+        item["links"] = []
+        items.append(item)
+    return items

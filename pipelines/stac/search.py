@@ -1,0 +1,150 @@
+"""Search a STAC API for a region's Sentinel-2 L2A scenes in one period.
+
+First step of the flow. pystac-client talks to Earth Search, Planetary Computer, any
+other STAC API and asmwatch's own embedded server the same way. Cloud cover is filtered
+on the server with a CQL2 ``filter`` where the server takes one, and always again on the
+client (a server that lacks the filter extension, or an item without ``eo:cloud_cover``,
+is handled the same way everywhere).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pystac_client
+from pystac_client.conformance import ConformanceClasses
+from pystac_client.exceptions import APIError
+
+from pipelines.regions import Period, Region
+from pipelines.stac.normalize import NormalizeResult, Scene, normalize_items
+
+log = logging.getLogger(__name__)
+
+#: Presets known to accept CQL2 ``filter`` even where their landing page does not say so
+#: (Earth Search v1's conformsTo lists only ``query``; its server takes ``filter``).
+ACCEPTS_FILTER = {"earth-search", "planetary-computer", "embedded"}
+PAGE_SIZE = 100
+
+
+@dataclass
+class SearchResult:
+    scenes: list[Scene]
+    returned: int  # items the server returned
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # (id, reason)
+    server_filter: bool = False
+    too_cloudy: int = 0
+    unknown_cloud: int = 0
+    pages_s: float = 0.0
+
+    @property
+    def cloud_stats(self) -> dict[str, float]:
+        cc = [s.cloud_cover for s in self.scenes if s.cloud_cover is not None]
+        if not cc:
+            return {}
+        cc.sort()
+        return {
+            "min": round(cc[0], 2),
+            "median": round(cc[len(cc) // 2], 2),
+            "max": round(cc[-1], 2),
+            "mean": round(sum(cc) / len(cc), 2),
+        }
+
+
+class StacSearchError(RuntimeError):
+    """The STAC API could not be searched; the message names the URL and the cause."""
+
+
+def open_client(url: str, *, accepts_filter: bool = False) -> pystac_client.Client:
+    try:
+        client = pystac_client.Client.open(url, timeout=60)
+    except (APIError, OSError, ValueError) as e:
+        raise StacSearchError(f"cannot open STAC API {url}: {e}") from e
+    if not client.conforms_to(ConformanceClasses.ITEM_SEARCH):
+        # Legacy servers (Earth Search v0) search fine but do not say so.
+        log.warning("%s does not declare item-search conformance; searching anyway", url)
+        client.add_conforms_to("ITEM_SEARCH")
+    if accepts_filter and not client.conforms_to(ConformanceClasses.FILTER):
+        client.add_conforms_to("FILTER")
+    return client
+
+
+def search_scenes(
+    url: str,
+    region: Region,
+    period: Period,
+    *,
+    accepts_filter: bool | None = None,
+    max_items: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> SearchResult:
+    """Search ``url`` for the region's collection over its AOI and period, normalised."""
+    say = progress or log.info
+    if accepts_filter is None:
+        accepts_filter = region.source in ACCEPTS_FILTER
+    client = open_client(url, accepts_filter=accepts_filter)
+    use_filter = client.conforms_to(ConformanceClasses.FILTER)
+    kwargs: dict[str, Any] = {
+        "collections": [region.collection],
+        "intersects": region.geometry,
+        "datetime": period.datetime_range,
+        "limit": PAGE_SIZE,
+        "max_items": max_items,
+    }
+    if use_filter:
+        kwargs["filter"] = {
+            "op": "<=",
+            "args": [{"property": "eo:cloud_cover"}, region.max_cloud_cover],
+        }
+        kwargs["filter_lang"] = "cql2-json"
+    say(
+        f"searching {url} for {region.collection} over {region.id} in {period.id} "
+        f"({period.datetime_range}), cloud cover <= {region.max_cloud_cover:g}% "
+        f"({'server' if use_filter else 'client'}-side filter)"
+    )
+    t0 = time.monotonic()
+    try:
+        search = client.search(**kwargs)
+        items = list(_pages(search.pages_as_dicts(), say))
+    except APIError as e:
+        raise StacSearchError(f"STAC search at {url} failed: {e}") from e
+    elapsed = time.monotonic() - t0
+    return _finish(items, region.max_cloud_cover, use_filter, elapsed)
+
+
+def _pages(pages: Iterator[Mapping[str, Any]], say: Callable[[str], None]) -> Iterator[dict[str, Any]]:
+    total = 0
+    for i, page in enumerate(pages, start=1):
+        feats = page.get("features", [])
+        total += len(feats)
+        say(f"page {i}: {len(feats)} items ({total} so far)")
+        yield from feats
+
+
+def _finish(
+    items: list[dict[str, Any]], max_cloud: float, server_filter: bool, elapsed: float
+) -> SearchResult:
+    norm: NormalizeResult = normalize_items(items)
+    kept: list[Scene] = []
+    too_cloudy = unknown = 0
+    dropped = list(norm.dropped)
+    for s in norm.scenes:
+        if s.cloud_cover is None:
+            unknown += 1  # kept: the composite's SCL mask decides pixel by pixel
+        elif s.cloud_cover > max_cloud:
+            too_cloudy += 1
+            dropped.append((s.id, f"too cloudy: {s.cloud_cover:.1f}% > {max_cloud:g}%"))
+            continue
+        kept.append(s)
+    return SearchResult(
+        scenes=kept,
+        returned=len(items),
+        dropped=dropped,
+        server_filter=server_filter,
+        too_cloudy=too_cloudy,
+        unknown_cloud=unknown,
+        pages_s=elapsed,
+    )
