@@ -29,7 +29,7 @@ def partition_key(region_id: str, period_id: str) -> dg.MultiPartitionKey:
 def region_and_period(
     context: dg.AssetExecutionContext, config: RegionsConfig
 ) -> tuple[Region, Period]:
-    keys = context.partition_key.keys_by_dimension  # type: ignore[attr-defined]
+    keys = context.partition_key.keys_by_dimension
     try:
         region = config.get(keys["region"])
         return region, region.period(keys["period"])

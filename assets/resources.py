@@ -19,7 +19,7 @@ from pipelines.stac.server import EmbeddedStacServer
 from pipelines.storage import data_root
 
 
-class AsmwatchSettings(dg.ConfigurableResource):  # type: ignore[type-arg]
+class AsmwatchSettings(dg.ConfigurableResource):
     """Where the data root and the regions file are (empty: the environment's defaults)."""
 
     data_root: str = ""  # default: $ASMWATCH_DATA or ./data
@@ -32,7 +32,7 @@ class AsmwatchSettings(dg.ConfigurableResource):  # type: ignore[type-arg]
         return load_regions(self.regions_file or None)
 
 
-class StacResource(dg.ConfigurableResource):  # type: ignore[type-arg]
+class StacResource(dg.ConfigurableResource):
     """STAC API access; starts the embedded server for embedded regions."""
 
     startup_timeout_s: float = 60.0

@@ -3,7 +3,6 @@
 No ``from __future__ import annotations`` here: Dagster inspects the context annotation.
 """
 
-
 import dagster as dg
 
 from assets.partitions import PARTITIONS, region_and_period
@@ -27,7 +26,7 @@ from pipelines.scenes import find_scenes
 )
 def scenes(
     context: dg.AssetExecutionContext, settings: AsmwatchSettings, stac: StacResource
-) -> dg.MaterializeResult:  # type: ignore[type-arg]
+) -> dg.MaterializeResult:
     config = settings.regions()
     region, period = region_and_period(context, config)
     root = settings.root()

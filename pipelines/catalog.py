@@ -36,7 +36,9 @@ def extension_path(name: str) -> Path:
             "run `make setup` (asmwatch never downloads extensions at run time)"
         ) from e
     assert mod.__file__ is not None
-    path = Path(mod.__file__).parent / "extensions" / _DUCKDB_EXT_VERSION / f"{name}.duckdb_extension"
+    path = (
+        Path(mod.__file__).parent / "extensions" / _DUCKDB_EXT_VERSION / f"{name}.duckdb_extension"
+    )
     if not path.exists():
         raise RuntimeError(
             f"{path} is missing: duckdb {duckdb.__version__} needs duckdb-extension-{name} of "
@@ -45,7 +47,9 @@ def extension_path(name: str) -> Path:
     return path
 
 
-def extension_directory(target: Path, names: tuple[str, ...] = ("spatial", "icu", "parquet")) -> Path:
+def extension_directory(
+    target: Path, names: tuple[str, ...] = ("spatial", "icu", "parquet")
+) -> Path:
     """Lay the pip-shipped extensions out as DuckDB's extension directory expects.
 
     ``<target>/v1.5.5/linux_amd64/<name>.duckdb_extension`` (symlinks). Clients that
@@ -54,7 +58,9 @@ def extension_directory(target: Path, names: tuple[str, ...] = ("spatial", "icu"
     """
     import platform
 
-    arch = {"x86_64": "linux_amd64", "aarch64": "linux_arm64"}.get(platform.machine(), "linux_amd64")
+    arch = {"x86_64": "linux_amd64", "aarch64": "linux_arm64"}.get(
+        platform.machine(), "linux_amd64"
+    )
     d = target / _DUCKDB_EXT_VERSION / arch
     d.mkdir(parents=True, exist_ok=True)
     for name in names:
@@ -79,7 +85,10 @@ def connect(
     A catalog file held by another writer (another Dagster run, an analyst's session) is
     retried for ``lock_timeout_s`` seconds before a clear error.
     """
-    config = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+    config: dict[str, str | bool | int | float | list[str]] = {
+        "autoinstall_known_extensions": False,
+        "autoload_known_extensions": False,
+    }
     deadline = time.monotonic() + lock_timeout_s
     delay = 0.2
     while True:

@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from pipelines.regions import RegionsError, load_regions, regions_path
 from pipelines.storage import data_root
@@ -65,7 +66,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     print(f"asmwatch demo: region {region.id} ({region.name}), data root {root}")
     instance = dg.DagsterInstance.get()
-    job = defs.get_implicit_global_asset_job_def()
+    job = defs.resolve_implicit_global_asset_job_def()
     t0 = time.monotonic()
     rows = []
     for period in region.periods:
@@ -77,12 +78,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             raise_on_error=False,
         )
         if not result.success:
-            print(f"  {period.id}: FAILED; see the run {result.run_id} in `make ui`", file=sys.stderr)
+            print(
+                f"  {period.id}: FAILED; see the run {result.run_id} in `make ui`", file=sys.stderr
+            )
             for ev in result.all_events:
                 if ev.is_failure and ev.step_failure_data is not None:
-                    print(ev.step_failure_data.error.message if ev.step_failure_data.error else "", file=sys.stderr)
+                    print(
+                        ev.step_failure_data.error.message if ev.step_failure_data.error else "",
+                        file=sys.stderr,
+                    )
             return 1
-        meta = {
+        meta: dict[str, Any] = {
             k: v.value
             for k, v in result.asset_materializations_for_node("scenes")[0].metadata.items()
         }
@@ -99,10 +105,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     for period_id, _meta, _ in rows:
         print(f"    {scenes_path(root, region.id, period_id)}")
     print(f"  DuckDB catalog:           {root / 'asmwatch.duckdb'}  (view: scenes)")
-    print(f"  embedded world:           {root / 'embedded' / region.id}  (COGs, STAC items, truth masks, context layers)")
+    print(
+        f"  embedded world:           {root / 'embedded' / region.id}  (COGs, STAC items, truth masks, context layers)"
+    )
     print(f"  Dagster runs:             {os.environ['DAGSTER_HOME']}  (open with `make ui`)")
     print("\nQuery it:")
-    print(f"  .venv/bin/asmwatch sql \"SELECT period, count(*) AS scenes, round(avg(cloud_cover), 1) AS cloud FROM scenes WHERE region = '{region.id}' GROUP BY period ORDER BY period\"")
+    print(
+        f"  .venv/bin/asmwatch sql \"SELECT period, count(*) AS scenes, round(avg(cloud_cover), 1) AS cloud FROM scenes WHERE region = '{region.id}' GROUP BY period ORDER BY period\""
+    )
     return 0
 
 
@@ -126,11 +136,15 @@ def _cmd_sql(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="asmwatch", description="Watch artisanal and small-scale mining from space.")
+    ap = argparse.ArgumentParser(
+        prog="asmwatch", description="Watch artisanal and small-scale mining from space."
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     v = sub.add_parser("validate", help="check a regions file and print every problem")
-    v.add_argument("file", nargs="?", help="regions file (default: $ASMWATCH_REGIONS or regions.yaml)")
+    v.add_argument(
+        "file", nargs="?", help="regions file (default: $ASMWATCH_REGIONS or regions.yaml)"
+    )
     v.set_defaults(func=_cmd_validate)
 
     d = sub.add_parser("demo", help="run the pipeline on the embedded demo region")

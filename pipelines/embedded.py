@@ -55,7 +55,10 @@ def context_path(root: Path, region: Region, kind: str) -> Path | None:
 
 
 def start_server(
-    root: Path, region: Region, say: Callable[[str], None] = log.info, startup_timeout_s: float = 60.0
+    root: Path,
+    region: Region,
+    say: Callable[[str], None] = log.info,
+    startup_timeout_s: float = 60.0,
 ) -> EmbeddedStacServer:
     """Start a STAC API over the region's world; the caller stops it."""
     world = ensure_world(root, region, say)

@@ -26,13 +26,13 @@ def utm_epsg(lon: float, lat: float) -> int:
 
 
 def utm_zone(lon: float) -> int:
-    return min(int(math.floor((lon + 180) / 6)) + 1, 60)
+    return min(math.floor((lon + 180) / 6) + 1, 60)
 
 
 def mgrs_tile(lon: float, lat: float) -> str:
     """The Sentinel-2 (MGRS) tile whose 100 km square contains (lon, lat)."""
     zone = utm_zone(lon)
-    band = _BANDS[min(max(int(math.floor((lat + 80) / 8)), 0), len(_BANDS) - 1)]
+    band = _BANDS[min(max(math.floor((lat + 80) / 8), 0), len(_BANDS) - 1)]
     epsg = utm_epsg(lon, lat)
     x, y = Transformer.from_crs(4326, epsg, always_xy=True).transform(lon, lat)
     col = _COL_SETS[zone % 3][int(x // 100_000) - 1]
@@ -71,7 +71,12 @@ class Window:
         """The same extent at another resolution (must divide the extent)."""
         f = resolution / self.resolution
         return Window(
-            self.epsg, self.x0, self.y0, int(round(self.width / f)), int(round(self.height / f)), resolution
+            self.epsg,
+            self.x0,
+            self.y0,
+            round(self.width / f),
+            round(self.height / f),
+            resolution,
         )
 
 
@@ -91,7 +96,7 @@ def window_for_bbox(
         epsg=epsg,
         x0=float(xmin),
         y0=float(ymax),
-        width=int(round((xmax - xmin) / resolution)),
-        height=int(round((ymax - ymin) / resolution)),
+        width=round((xmax - xmin) / resolution),
+        height=round((ymax - ymin) / resolution),
         resolution=resolution,
     )

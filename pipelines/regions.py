@@ -168,7 +168,9 @@ def load_regions(path: str | os.PathLike[str] | None = None) -> RegionsConfig:
     return parse_regions(doc, source=str(p), base_dir=p.parent)
 
 
-def parse_regions(doc: Any, source: str = "<regions>", base_dir: Path | None = None) -> RegionsConfig:
+def parse_regions(
+    doc: Any, source: str = "<regions>", base_dir: Path | None = None
+) -> RegionsConfig:
     """Validate an already-parsed regions document."""
     problems: list[str] = []
     if not isinstance(doc, Mapping) or "regions" not in doc:
@@ -299,7 +301,9 @@ def _parse_bbox(
     value: Any, where: str, problems: list[str]
 ) -> tuple[float, float, float, float] | None:
     if not isinstance(value, list | tuple) or len(value) != 4:
-        problems.append(f"{where}: must be a list of 4 numbers [west, south, east, north], got {value!r}")
+        problems.append(
+            f"{where}: must be a list of 4 numbers [west, south, east, north], got {value!r}"
+        )
         return None
     if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
         problems.append(f"{where}: all 4 values must be numbers, got {value!r}")
@@ -341,21 +345,21 @@ def _parse_geometry(
     except Exception as e:  # shapely raises several types for malformed coordinates
         problems.append(f"{where}: malformed coordinates ({e})")
         return None, None
-    if geom.is_empty or geom.area == 0:
+    reason = shapely.is_valid_reason(geom)
+    if geom.is_empty or shapely.make_valid(geom).area == 0:
         problems.append(f"{where}: the geometry is empty (it has no area)")
         return None, None
-    w, s, e, n = geom.bounds
-    if w < -180 or e > 180 or s < -90 or n > 90:
+    west, south, east, north = geom.bounds
+    if west < -180 or east > 180 or south < -90 or north > 90:
         problems.append(
-            f"{where}: coordinates out of range (bounds {w}, {s}, {e}, {n}); "
+            f"{where}: coordinates out of range (bounds {west}, {south}, {east}, {north}); "
             "use longitude, latitude in EPSG:4326"
         )
         return None, None
     if not geom.is_valid:
-        reason = shapely.is_valid_reason(geom)
         problems.append(f"{where}: invalid geometry: {reason}")
         return None, None
-    return (w, s, e, n), shapely.geometry.mapping(geom)
+    return (west, south, east, north), shapely.geometry.mapping(geom)
 
 
 def _parse_periods(value: Any, where: str, problems: list[str]) -> list[Period]:
@@ -406,10 +410,11 @@ def _parse_period(item: Any, where: str, problems: list[str]) -> Period | None:
                 f"{where}.id: {pid!r} must be 1-32 letters, digits, '-' or '_' (it names a partition)"
             )
             return None
-        start = _parse_date(item.get("start"), f"{where}.start", problems)
-        end = _parse_date(item.get("end"), f"{where}.end", problems)
-        if start is None or end is None:
+        start_d = _parse_date(item.get("start"), f"{where}.start", problems)
+        end_d = _parse_date(item.get("end"), f"{where}.end", problems)
+        if start_d is None or end_d is None:
             return None
+        start, end = start_d, end_d
         if start > end:
             problems.append(f"{where}: start {start} is after end {end} (dates reversed?)")
             return None
@@ -443,7 +448,9 @@ def _parse_context(
     out: dict[str, str] = {}
     for kind, path in value.items():
         if kind not in CONTEXT_KINDS:
-            problems.append(f"{where}.{kind}: unknown layer kind (known: {', '.join(CONTEXT_KINDS)})")
+            problems.append(
+                f"{where}.{kind}: unknown layer kind (known: {', '.join(CONTEXT_KINDS)})"
+            )
             continue
         if not isinstance(path, str) or not path.strip():
             problems.append(f"{where}.{kind}: must be a file path")
@@ -483,14 +490,18 @@ def _parse_embedded(value: Any, where: str, problems: list[str]) -> EmbeddedSpec
                 kwargs[key] = raw
             continue
         if key not in limits:
-            problems.append(f"{where}.{key}: unknown field (known: {', '.join([*limits, 'reprocessed_twins'])})")
+            problems.append(
+                f"{where}.{key}: unknown field (known: {', '.join([*limits, 'reprocessed_twins'])})"
+            )
             continue
         typ, lo, hi = limits[key]
         ok_type = isinstance(raw, int | float) and not isinstance(raw, bool)
         if typ is int:
             ok_type = isinstance(raw, int) and not isinstance(raw, bool)
         if not ok_type or not lo <= raw <= hi:
-            problems.append(f"{where}.{key}: {raw!r} must be a {typ.__name__} from {lo:g} to {hi:g}")
+            problems.append(
+                f"{where}.{key}: {raw!r} must be a {typ.__name__} from {lo:g} to {hi:g}"
+            )
             continue
         kwargs[key] = typ(raw)
     return EmbeddedSpec(**{**spec.__dict__, **kwargs})

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.regions import Period, Region
-from pipelines.stac.search import SearchResult, search_scenes
 from pipelines.stac.geoparquet import write_geoparquet
+from pipelines.stac.search import SearchResult, search_scenes
 from pipelines.storage import partition_path
 
 

@@ -30,7 +30,9 @@ def _px_to_xy(window: Window, row: float, col: float) -> tuple[float, float]:
     return window.x0 + (col + 0.5) * window.resolution, window.y0 - (row + 0.5) * window.resolution
 
 
-def _polygon(window: Window, to_lonlat: Transformer, rows: list[float], cols: list[float]) -> dict[str, Any]:
+def _polygon(
+    window: Window, to_lonlat: Transformer, rows: list[float], cols: list[float]
+) -> dict[str, Any]:
     xs, ys = zip(*(_px_to_xy(window, r, c) for r, c in zip(rows, cols, strict=True)), strict=True)
     lon, lat = to_lonlat.transform(list(xs), list(ys))
     ring = [[round(a, 7), round(b, 7)] for a, b in zip(lon, lat, strict=True)]
@@ -38,7 +40,9 @@ def _polygon(window: Window, to_lonlat: Transformer, rows: list[float], cols: li
     return {"type": "Polygon", "coordinates": [ring]}
 
 
-def _rect(window: Window, to_lonlat: Transformer, r0: float, c0: float, r1: float, c1: float) -> dict[str, Any]:
+def _rect(
+    window: Window, to_lonlat: Transformer, r0: float, c0: float, r1: float, c1: float
+) -> dict[str, Any]:
     return _polygon(window, to_lonlat, [r0, r0, r1, r1], [c0, c1, c1, c0])
 
 
@@ -50,7 +54,9 @@ def _feature(geom: dict[str, Any], props: dict[str, Any]) -> dict[str, Any]:
     return {"type": "Feature", "properties": props, "geometry": geom}
 
 
-def write_context(out: Path, region: Region, window: Window, land: Landscape, to_lonlat: Transformer) -> None:
+def write_context(
+    out: Path, region: Region, window: Window, land: Landscape, to_lonlat: Transformer
+) -> None:
     out.mkdir(parents=True)
     h, w = window.height, window.width
     last = land.mining[-1]
@@ -120,7 +126,9 @@ def write_context(out: Path, region: Region, window: Window, land: Landscape, to
     rng = np.random.default_rng((region.embedded.seed if region.embedded else 0) + 7)
     with (out / "grievances.csv").open("w", newline="") as f:
         wr = csv.writer(f)
-        wr.writerow(["grievance_id", "date", "lon", "lat", "category", "concession_id", "description"])
+        wr.writerow(
+            ["grievance_id", "date", "lon", "lat", "category", "concession_id", "description"]
+        )
         n = 0
         for p_i, period in enumerate(region.periods):
             rr, cc = np.nonzero(land.mining[p_i])
@@ -130,7 +138,9 @@ def write_context(out: Path, region: Region, window: Window, land: Landscape, to
                 j = int(rng.integers(rr.size))
                 x, y = _px_to_xy(window, rr[j], cc[j])
                 lon, lat = to_lonlat.transform(x, y)
-                day = period.start.toordinal() + int(rng.integers((period.end - period.start).days + 1))
+                day = period.start.toordinal() + int(
+                    rng.integers((period.end - period.start).days + 1)
+                )
                 cat = GRIEVANCE_CATEGORIES[n % len(GRIEVANCE_CATEGORIES)]
                 n += 1
                 conc = "LSM-001" if n % 2 else "LSM-002"

@@ -64,7 +64,9 @@ def _line_mask(shape: tuple[int, int], rows: np.ndarray, cols: np.ndarray) -> np
     return m
 
 
-def _meander(rng: np.random.Generator, n: int, start: float, amp: float, wavelength: float) -> np.ndarray:
+def _meander(
+    rng: np.random.Generator, n: int, start: float, amp: float, wavelength: float
+) -> np.ndarray:
     t = np.arange(n, dtype=float)
     walk = ndimage.gaussian_filter1d(np.cumsum(rng.standard_normal(n)), 12)
     phase = rng.uniform(0, 2 * np.pi)
@@ -83,7 +85,9 @@ def build_landscape(
     main_rows = _meander(rng, cols.size, start=h * 0.55, amp=h * 0.08, wavelength=cols.size / 1.7)
     river_centre = _line_mask(shape, main_rows, cols)
     trib_rows = np.linspace(0, h * 0.5, h * 3)
-    trib_cols = _meander(rng, trib_rows.size, start=w * 0.62, amp=w * 0.05, wavelength=trib_rows.size)
+    trib_cols = _meander(
+        rng, trib_rows.size, start=w * 0.62, amp=w * 0.05, wavelength=trib_rows.size
+    )
     # End the tributary where it meets the main river.
     trib = _line_mask(shape, trib_rows, trib_cols)
     trib &= np.cumsum(river_centre, axis=0) == 0
@@ -140,7 +144,7 @@ def build_landscape(
 
     ever0 = mined_with(targets[0])
     # The westernmost share of the first period's mining is abandoned after it.
-    r_idx, c_idx = np.nonzero(ever0)
+    _r_idx, c_idx = np.nonzero(ever0)
     cut = np.quantile(c_idx, REVEGETATING_SHARE) if c_idx.size else 0
     reveg = ever0 & (xx <= cut)
     n_reveg = int(reveg.sum())

@@ -93,7 +93,7 @@ def render(
     refl[:, shadow] *= 0.35
     cloud = np.asarray(CLOUD_REFLECTANCE, dtype=np.float32)[:, None, None]
     cloud_tex = 1 + 0.05 * smooth_noise(rng, (h, w), 3)
-    refl = (1 - alpha) * refl + alpha * cloud * cloud_tex
+    refl = ((1 - alpha) * refl + alpha * cloud * cloud_tex).astype(np.float32)
 
     # SCL at 20 m, nearest-neighbour from the 10 m classification.
     scl10 = np.zeros((h, w), dtype=np.uint8)
@@ -122,7 +122,9 @@ def to_dn(reflectance: np.ndarray, offset: float, scale: float = 1e-4) -> np.nda
     return np.clip(dn, 1, 32767).astype(np.uint16)
 
 
-def write_cog(path: Path, array: np.ndarray, window: Window, nodata: int = 0, categorical: bool = False) -> None:
+def write_cog(
+    path: Path, array: np.ndarray, window: Window, nodata: int = 0, categorical: bool = False
+) -> None:
     """Write one band as a tiled, deflate-compressed COG with internal overviews."""
     profile = {
         "driver": "COG",

@@ -122,7 +122,9 @@ def simulate_world(region: Region, out: Path) -> WorldInfo:
         for p_i, period in enumerate(region.periods):
             truth = land.mining[p_i].astype(np.uint8)
             truth[land.revegetating[p_i]] = 2
-            write_cog(tmp / "truth" / f"{period.id}.tif", truth, window, nodata=255, categorical=True)
+            write_cog(
+                tmp / "truth" / f"{period.id}.tif", truth, window, nodata=255, categorical=True
+            )
             mining_ha[period.id] = round(float(land.mining[p_i].sum()) * pixel_ha, 2)
             for a_i, date in enumerate(acquisition_dates(period, spec.scenes_per_period)):
                 cloud = CLOUD_LEVELS[k % len(CLOUD_LEVELS)]
@@ -149,7 +151,11 @@ def simulate_world(region: Region, out: Path) -> WorldInfo:
             "window": asdict(window),
             "items": item_ids,
             "mining_ha": mining_ha,
-            "truth_values": {"0": "no mining", "1": "active mining", "2": "re-vegetating old mining"},
+            "truth_values": {
+                "0": "no mining",
+                "1": "active mining",
+                "2": "re-vegetating old mining",
+            },
         }
         (tmp / "world.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         _write_catalog(tmp, region, item_ids, footprint)
@@ -268,7 +274,9 @@ def _write_scene(
         ],
         "assets": assets,
     }
-    (root / "items" / f"{item_id}.json").write_text(json.dumps(item, indent=1, sort_keys=True) + "\n")
+    (root / "items" / f"{item_id}.json").write_text(
+        json.dumps(item, indent=1, sort_keys=True) + "\n"
+    )
     return item
 
 
@@ -278,7 +286,9 @@ def _bbox(geom: dict[str, Any]) -> list[float]:
     return [min(xs), min(ys), max(xs), max(ys)]
 
 
-def _write_catalog(root: Path, region: Region, item_ids: list[str], footprint: dict[str, Any]) -> None:
+def _write_catalog(
+    root: Path, region: Region, item_ids: list[str], footprint: dict[str, Any]
+) -> None:
     dates = sorted(i.split("_")[2] for i in item_ids)
     start = f"{dates[0][:4]}-{dates[0][4:6]}-{dates[0][6:]}T00:00:00Z"
     end = f"{dates[-1][:4]}-{dates[-1][4:6]}-{dates[-1][6:]}T23:59:59Z"

@@ -266,7 +266,9 @@ def _find_asset(assets: Mapping[str, Any], role: str) -> tuple[str, Mapping[str,
             continue
         for band in asset.get("eo:bands") or []:
             if band.get("common_name") == role and band.get("name", "").upper() in (
-                ROLE_BANDS[role], role.upper(), "",
+                ROLE_BANDS[role],
+                role.upper(),
+                "",
             ):
                 return key, asset
     return None
@@ -325,7 +327,9 @@ def normalize_item(item: Mapping[str, Any]) -> Scene:
     if not isinstance(item_id, str) or not item_id:
         raise NormalizeError("item without an id")
     if not _is_l2a(item):
-        raise NormalizeError(f"{item_id}: not a Sentinel-2 L2A item (collection {item.get('collection')})")
+        raise NormalizeError(
+            f"{item_id}: not a Sentinel-2 L2A item (collection {item.get('collection')})"
+        )
     props = item.get("properties") or {}
     raw_dt = props.get("datetime") or props.get("start_datetime")
     if not raw_dt:
@@ -417,9 +421,9 @@ def drop_twins(scenes: Iterable[Scene]) -> tuple[list[Scene], list[tuple[str, st
     for tile_scenes in by_tile.values():
         tile_scenes.sort(key=lambda s: s.datetime)
         group: list[Scene] = []
-        for s in [*tile_scenes, None]:
-            if s is not None and group and s.datetime - group[0].datetime <= TWIN_TOLERANCE:
-                group.append(s)
+        for cand in [*tile_scenes, None]:
+            if cand is not None and group and cand.datetime - group[0].datetime <= TWIN_TOLERANCE:
+                group.append(cand)
                 continue
             if group:
                 best = max(group, key=_twin_rank)
@@ -429,7 +433,7 @@ def drop_twins(scenes: Iterable[Scene]) -> tuple[list[Scene], list[tuple[str, st
                      f"{best.processing_baseline}, {best.collection or 'no collection'})")
                     for g in group if g is not best
                 )  # fmt: skip
-            group = [s] if s is not None else []
+            group = [cand] if cand is not None else []
     kept.sort(key=lambda s: (s.datetime, s.mgrs_tile))
     return kept, dropped
 

@@ -115,7 +115,9 @@ def search_scenes(
     return _finish(items, region.max_cloud_cover, use_filter, elapsed)
 
 
-def _pages(pages: Iterator[Mapping[str, Any]], say: Callable[[str], None]) -> Iterator[dict[str, Any]]:
+def _pages(
+    pages: Iterator[Mapping[str, Any]], say: Callable[[str], None]
+) -> Iterator[dict[str, Any]]:
     total = 0
     for i, page in enumerate(pages, start=1):
         feats = page.get("features", [])

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import requests
 
-
 HOST = "127.0.0.1"
 
 

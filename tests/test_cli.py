@@ -1,0 +1,52 @@
+"""The asmwatch command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipelines.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_validate_ok(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(ROOT / "regions.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "OK, 7 region(s)" in out and "demo-huepetuhe" in out
+
+
+def test_validate_prints_every_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "regions.yaml"
+    bad.write_text(
+        "regions:\n"
+        "  - id: a\n    aoi: {bbox: [10, 5, 9, 6]}\n    periods: [2021]\n"
+        "  - id: a\n    aoi: {bbox: [10, 5, 11, 6]}\n    periods: [2021]\n    source: nowhere\n"
+        "  - id: 'x/../y'\n    aoi: {bbox: [10, 5, 11, 6]}\n    periods: [{id: p, start: 2021-05-01, end: 2021-01-01}]\n"
+    )
+    assert main(["validate", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "3 problem(s)" in err or "problem(s)" in err
+    assert "regions[0] (a).aoi.bbox: west (10.0) must be less than east (9.0)" in err
+    assert "regions[1] (a).source: unknown source 'nowhere'" in err
+    assert "regions[2] (x/../y).id" in err and "is not a safe id" in err
+    assert "is after end" in err
+
+
+@pytest.mark.slow
+def test_demo_runs_and_prints_where_results_are(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # demo sets these for its Dagster runs; let monkeypatch restore them afterwards.
+    monkeypatch.setenv("ASMWATCH_DATA", str(tmp_path))
+    monkeypatch.setenv("ASMWATCH_REGIONS", str(ROOT / "regions.yaml"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    assert main(["demo", "--data", str(tmp_path), "--regions", str(ROOT / "regions.yaml")]) == 0
+    out = capsys.readouterr().out
+    for period, n in (("2019", 4), ("2020", 3), ("2021", 4)):
+        assert f"  {period}: {n} scenes" in out
+        assert (tmp_path / "scenes" / "demo-huepetuhe" / f"{period}.parquet").exists()
+    assert str(tmp_path / "asmwatch.duckdb") in out
+    assert main(["sql", "SELECT count(*) AS n FROM scenes", "--data", str(tmp_path)]) == 0
+    assert "11" in capsys.readouterr().out
