@@ -69,8 +69,12 @@ def extension_directory(
         if link.is_symlink() and link.resolve() == src.resolve():
             continue
         if link.exists() or link.is_symlink():
-            link.unlink()
-        link.symlink_to(src)
+            link.unlink(missing_ok=True)
+        try:
+            link.symlink_to(src)
+        except FileExistsError:  # another run laid it out at the same moment
+            if link.resolve() != src.resolve():
+                raise
     return target
 
 
