@@ -144,7 +144,7 @@ def build_landscape(
 
     ever0 = mined_with(targets[0])
     # The westernmost share of the first period's mining is abandoned after it.
-    _r_idx, c_idx = np.nonzero(ever0)
+    c_idx = np.nonzero(ever0)[1]
     cut = np.quantile(c_idx, REVEGETATING_SHARE) if c_idx.size else 0
     reveg = ever0 & (xx <= cut)
     n_reveg = int(reveg.sum())
@@ -154,7 +154,8 @@ def build_landscape(
     revegetating: list[np.ndarray] = []
     ages: list[int] = []
     for p in range(n_periods):
-        ever = ever0 if p == 0 else mined_with(targets[p] + n_reveg) | ever0
+        # Thresholds on one potential field nest, so each period contains the last.
+        ever = ever0 if p == 0 else mined_with(targets[p] + n_reveg)
         active = ever & ~reveg if p > 0 else ever
         rv = reveg if p > 0 else np.zeros(shape, dtype=bool)
         cover = np.full(shape, Cover.FOREST, dtype=np.uint8)

@@ -357,6 +357,7 @@ def normalize_item(item: Mapping[str, Any]) -> Scene:
 
     raw_assets = item.get("assets") or {}
     assets: dict[str, SceneAsset] = {}
+    raw_by_role: dict[str, Mapping[str, Any]] = {}
     missing = []
     bnum = _baseline_number(baseline)
     for role in REQUIRED_ROLES:
@@ -365,6 +366,7 @@ def normalize_item(item: Mapping[str, Any]) -> Scene:
             missing.append(role)
             continue
         _, a = found
+        raw_by_role[role] = a
         scale, offset = scale_offset(a, role, bnum, props)
         shape = a.get("proj:shape")
         transform = a.get("proj:transform")
@@ -382,13 +384,12 @@ def normalize_item(item: Mapping[str, Any]) -> Scene:
     if missing:
         raise NormalizeError(f"{item_id}: missing assets for {', '.join(missing)}")
     cc = props.get("eo:cloud_cover")
-    red = _find_asset(raw_assets, "red")
     return Scene(
         id=item_id,
         collection=str(item.get("collection") or ""),
         datetime=when,
         mgrs_tile=tile,
-        epsg=_epsg(item, red[1] if red else None),
+        epsg=_epsg(item, raw_by_role["red"]),
         cloud_cover=float(cc) if cc is not None else None,
         processing_baseline=baseline,
         platform=props.get("platform"),
