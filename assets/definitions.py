@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets.resources import AsmwatchSettings, StacResource
+from assets.composite import composite
+from assets.resources import AsmwatchSettings, DaskResource, StacResource
 from assets.scenes import scenes
 
 defs = dg.Definitions(
-    assets=[scenes],
-    resources={"settings": AsmwatchSettings(), "stac": StacResource()},
+    assets=[scenes, composite],
+    resources={"settings": AsmwatchSettings(), "stac": StacResource(), "dask": DaskResource()},
 )

@@ -1,14 +1,17 @@
-"""Dagster resources: settings (data root, regions file) and STAC access.
+"""Dagster resources: settings (data root, regions file), STAC access and dask.
 
 ``StacResource`` hands an asset the STAC API URL for a region: the preset or URL from
 the regions file, or, for ``source: embedded``, a local stac-fastapi server it starts on
 demand (first use in a run), on a free port on 127.0.0.1, and stops with the run.
+``DaskResource`` hands out a dask ``Client``: to the cluster at ``scheduler_address``
+when one is given (scale-out: dask-gateway, Kubernetes, Coiled, ``dask scheduler``), else
+to a LocalCluster it starts on first use and closes with the run.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 from pydantic import PrivateAttr
@@ -17,6 +20,9 @@ from pipelines.embedded import start_server
 from pipelines.regions import Region, RegionsConfig, load_regions
 from pipelines.stac.server import EmbeddedStacServer
 from pipelines.storage import data_root
+
+if TYPE_CHECKING:
+    from distributed import Client, LocalCluster
 
 
 class AsmwatchSettings(dg.ConfigurableResource):
@@ -60,3 +66,79 @@ class StacResource(dg.ConfigurableResource):
         for server in self._servers.values():
             server.stop()
         self._servers = {}
+
+
+class DaskResource(dg.ConfigurableResource):
+    """A dask cluster for the raster work: an existing one, or a LocalCluster.
+
+    The defaults suit one machine: one worker process per core, one thread each (GDAL
+    decoding and the median kernel release the GIL but fight over memory bandwidth),
+    and a 4 GiB memory limit per worker, which the composite's chunking stays within.
+    """
+
+    scheduler_address: str = ""  # e.g. tcp://scheduler:8786; empty: start a LocalCluster
+    n_workers: int = 0  # 0: one per CPU core
+    threads_per_worker: int = 1
+    memory_limit: str = "4GiB"  # per worker
+    processes: bool = True  # False: threads in this process (tests, debugging)
+    chunk_size: int = 1024  # composite block edge, pixels
+    dashboard: bool = False  # serve the dask dashboard on 127.0.0.1 (needs bokeh)
+    connect_timeout_s: float = 30.0  # how long to try an existing scheduler
+    _client: Any = PrivateAttr(default=None)
+    _cluster: Any = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self._client = None
+        self._cluster = None
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        self.close()
+
+    def client(self, log: Any = None) -> Client:
+        """The client, connecting or starting the cluster on first use."""
+        if self._client is not None:
+            return self._client
+        from distributed import Client, LocalCluster
+
+        say = log.info if log is not None else print
+        if self.scheduler_address:
+            say(f"dask: connecting to the cluster at {self.scheduler_address}")
+            try:
+                self._client = Client(self.scheduler_address, timeout=f"{self.connect_timeout_s}s")
+            except OSError as e:
+                raise dg.Failure(
+                    description=(
+                        f"dask: cannot reach the scheduler at {self.scheduler_address!r} "
+                        f"(resource 'dask', field scheduler_address): {e}"
+                    )
+                ) from e
+        else:
+            import os
+
+            n = self.n_workers or os.cpu_count() or 1
+            cluster: LocalCluster = LocalCluster(
+                n_workers=n,
+                threads_per_worker=self.threads_per_worker,
+                memory_limit=self.memory_limit,
+                processes=self.processes,
+                # Workers in processes talk TCP on loopback only; threads use inproc://.
+                host="127.0.0.1" if self.processes else None,
+                dashboard_address="127.0.0.1:0" if self.dashboard else None,
+                scheduler_kwargs=None if self.dashboard else {"dashboard": False},
+            )
+            self._cluster = cluster
+            self._client = Client(cluster)
+            say(
+                f"dask: started a LocalCluster with {n} worker(s) x "
+                f"{self.threads_per_worker} thread(s), {self.memory_limit} each"
+                f"{' (threads in-process)' if not self.processes else ''}"
+            )
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        if self._cluster is not None:
+            self._cluster.close()
+        self._client = None
+        self._cluster = None

@@ -62,6 +62,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     from assets.definitions import defs
     from assets.partitions import partition_key
+    from pipelines.composite import composite_path
     from pipelines.scenes import scenes_path
 
     print(f"asmwatch demo: region {region.id} ({region.name}), data root {root}")
@@ -92,18 +93,28 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             k: v.value
             for k, v in result.asset_materializations_for_node("scenes")[0].metadata.items()
         }
+        comp: dict[str, Any] = {
+            k: v.value
+            for k, v in result.asset_materializations_for_node("composite")[0].metadata.items()
+        }
         rows.append((period.id, meta, time.monotonic() - t))
         cc = meta.get("cloud_cover") or {}
         print(
             f"  {period.id}: {meta['scene_count']} scenes (of {meta['returned']} returned, "
             f"{meta['dropped']} dropped), cloud cover median {cc.get('median', '-')}%, "
-            f"tiles {', '.join(meta['tiles'])}  [{time.monotonic() - t:.1f} s]"
+            f"tiles {', '.join(meta['tiles'])}; composite {comp['valid_fraction']:.1%} clear, "
+            f"mean {comp['clear_count']['mean']} clear obs/pixel, "
+            f"NDVI {comp['band_means'].get('NDVI', float('nan')):.2f}  "
+            f"[{time.monotonic() - t:.1f} s]"
         )
     print(f"done in {time.monotonic() - t0:.1f} s\n")
     print("Results:")
     print(f"  scenes (stac-geoparquet): {root / 'scenes' / region.id}/<period>.parquet")
     for period_id, _meta, _ in rows:
         print(f"    {scenes_path(root, region.id, period_id)}")
+    print(f"  composites (COG):         {composite_path(root, region.id, '<period>')}")
+    for period_id, _meta, _ in rows:
+        print(f"    {composite_path(root, region.id, period_id)}")
     print(f"  DuckDB catalog:           {root / 'asmwatch.duckdb'}  (view: scenes)")
     print(
         f"  embedded world:           {root / 'embedded' / region.id}  (COGs, STAC items, truth masks, context layers)"

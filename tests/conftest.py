@@ -79,3 +79,88 @@ def small_server(small_world: Path, tmp_path_factory: pytest.TempPathFactory) ->
     gp = write_geoparquet(load_items(small_world), d / "items.parquet")
     with EmbeddedStacServer(gp, d) as server:
         yield server.url
+
+
+@pytest.fixture(scope="session")
+def small_scenes_root(small_server: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data root holding the scenes stage's output for every period of the small world."""
+    from pipelines.scenes import find_scenes
+
+    root = tmp_path_factory.mktemp("root")
+    region = small_region()
+    for period in region.periods:
+        find_scenes(small_server, region, period, root, progress=lambda _m: None)
+    return root
+
+
+def write_band(path: Path, data: Any, epsg: int, transform: Any, nodata: int = 0) -> Path:
+    """A small tiled, deflated GeoTIFF (one band) for hand-made scenes."""
+    import rasterio
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(
+        path, "w", driver="GTiff", width=data.shape[1], height=data.shape[0], count=1,
+        dtype=str(data.dtype), crs=f"EPSG:{epsg}", transform=transform, nodata=nodata,
+        tiled=True, blockxsize=128, blockysize=128, compress="deflate",
+    ) as dst:  # fmt: skip
+        dst.write(data, 1)
+    return path
+
+
+def constant_scene(
+    directory: Path,
+    scene_id: str,
+    when: str,
+    epsg: int,
+    bounds: tuple[float, float, float, float],
+    dn: int,
+    scl: int = 4,
+    offset: float = 0.0,
+) -> dict[str, Any]:
+    """A canonical scene item whose reflectance bands all hold ``dn`` over ``bounds``.
+
+    10 m bands at 10 m, B11/B12/SCL at 20 m, as in real L2A; hrefs are file:// URLs.
+    """
+    import numpy as np
+    import shapely
+    import shapely.geometry
+    from affine import Affine
+    from pyproj import Transformer
+
+    from pipelines.stac.normalize import ROLE_BANDS, ROLE_RESOLUTION
+
+    x0, y0, x1, y1 = bounds
+    assets: dict[str, Any] = {}
+    for role, band in ROLE_BANDS.items():
+        res = ROLE_RESOLUTION[role]
+        shape = (round((y1 - y0) / res), round((x1 - x0) / res))
+        transform = Affine(res, 0, x0, 0, -res, y1)
+        value, dtype = (scl, np.uint8) if role == "scl" else (dn, np.uint16)
+        path = write_band(
+            directory / scene_id / f"{band}.tif", np.full(shape, value, dtype), epsg, transform
+        )
+        assets[role] = {
+            "href": path.resolve().as_uri(),
+            "type": "image/tiff; application=geotiff",
+            "roles": ["data"],
+            "raster:bands": [
+                {"nodata": 0, "data_type": str(np.dtype(dtype)), "spatial_resolution": res}
+                | ({} if role == "scl" else {"scale": 1e-4, "offset": offset})
+            ],
+            "proj:shape": list(shape),
+            "proj:transform": list(transform)[:6],
+        }
+    to_ll = Transformer.from_crs(epsg, 4326, always_xy=True).transform
+    footprint = shapely.transform(shapely.geometry.box(x0, y0, x1, y1), to_ll, interleaved=False)
+    return {
+        "type": "Feature",
+        "stac_version": "1.0.0",
+        "stac_extensions": [],
+        "id": scene_id,
+        "collection": "sentinel-2-l2a",
+        "geometry": shapely.geometry.mapping(footprint),
+        "bbox": list(footprint.bounds),
+        "properties": {"datetime": when, "proj:epsg": epsg, "eo:cloud_cover": 0.0},
+        "links": [],
+        "assets": assets,
+    }

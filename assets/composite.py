@@ -1,0 +1,109 @@
+"""The ``composite`` asset: a cloud-masked median composite per region and period.
+
+No ``from __future__ import annotations`` here: Dagster inspects the context annotation.
+"""
+
+import dagster as dg
+
+from assets.partitions import PARTITIONS, region_and_period
+from assets.resources import AsmwatchSettings, DaskResource
+from assets.scenes import scenes
+from pipelines.composite import OUTPUT_BANDS, CompositeResult, composite_for_region
+
+VALID_FRACTION_CHECK = "valid_fraction"
+
+
+def _metadata(res: CompositeResult, threshold: float) -> dict[str, dg.MetadataValue]:
+    skipped = "\n".join(f"| {s.id} | {s.reason} |" for s in res.skipped)
+    hist = "\n".join(f"| {k} | {v} |" for k, v in res.clear_count_histogram.items())
+    return {
+        "path": dg.MetadataValue.path(str(res.path)),
+        "empty": dg.MetadataValue.bool(res.empty),
+        "valid_fraction": dg.MetadataValue.float(round(res.valid_fraction, 6)),
+        "min_valid_fraction": dg.MetadataValue.float(threshold),
+        "scene_count": dg.MetadataValue.int(len(res.scenes_used)),
+        "observations": dg.MetadataValue.int(res.observations),
+        "skipped_count": dg.MetadataValue.int(len(res.skipped)),
+        "skipped_scenes": dg.MetadataValue.md(
+            "| scene | reason |\n|---|---|\n" + skipped if skipped else "_none_"
+        ),
+        "read_failures": dg.MetadataValue.json(res.read_failures),
+        "clear_count": dg.MetadataValue.json(res.clear_count_stats),
+        "clear_count_histogram": dg.MetadataValue.md(
+            "| clear observations | pixels |\n|---|---|\n" + hist
+        ),
+        "band_means": dg.MetadataValue.json(res.band_means),
+        "bands": dg.MetadataValue.json(list(OUTPUT_BANDS)),
+        "crs": dg.MetadataValue.text(f"EPSG:{res.epsg}"),
+        "shape": dg.MetadataValue.json(list(res.shape)),
+        "resolution_m": dg.MetadataValue.float(res.resolution),
+        "size_mb": dg.MetadataValue.float(round(res.size_bytes / 2**20, 2)),
+        "seconds": dg.MetadataValue.float(round(res.seconds, 2)),
+    }
+
+
+@dg.asset(
+    partitions_def=PARTITIONS,
+    group_name="ingest",
+    kinds={"dask", "cog", "sentinel2"},
+    owners=["team:asmwatch"],
+    deps=[scenes],
+    check_specs=[
+        dg.AssetCheckSpec(
+            VALID_FRACTION_CHECK,
+            asset="composite",
+            blocking=True,
+            description=(
+                "The share of AOI pixels with at least one clear observation must reach "
+                "the region's min_valid_fraction; a cloudier composite stops the "
+                "detections built on it."
+            ),
+        )
+    ],
+    description=(
+        "Cloud-masked (SCL 0, 1, 3, 8, 9, 10) per-period median of B02 B03 B04 B08 B11 "
+        "B12, a clear-observation count and NDVI, MNDWI and BSI, on the region's UTM "
+        "grid at 10 m, built with odc-stac and dask. Lands as a tiled COG with overviews "
+        "at composite/<region>/<period>.tif."
+    ),
+)
+def composite(
+    context: dg.AssetExecutionContext, settings: AsmwatchSettings, dask: DaskResource
+) -> dg.MaterializeResult:
+    config = settings.regions()
+    region, period = region_and_period(context, config)
+    client = dask.client(log=context.log)
+    res = composite_for_region(
+        region,
+        period,
+        settings.root(),
+        client=client,
+        chunk=dask.chunk_size,
+        progress=context.log.info,
+    )
+    threshold = region.min_valid_fraction
+    passed = res.valid_fraction >= threshold
+    if res.empty:
+        why = f"no usable scenes for {region.id} {period.id}: the composite is empty"
+    else:
+        why = (
+            f"{res.valid_fraction:.1%} of the AOI has a clear observation "
+            f"({'>=' if passed else '<'} min_valid_fraction {threshold:.0%})"
+        )
+    context.log.info(f"composite {region.id} {period.id}: {why}")
+    return dg.MaterializeResult(
+        metadata=_metadata(res, threshold),
+        check_results=[
+            dg.AssetCheckResult(
+                check_name=VALID_FRACTION_CHECK,
+                passed=passed,
+                severity=dg.AssetCheckSeverity.ERROR,
+                description=why,
+                metadata={
+                    "valid_fraction": dg.MetadataValue.float(round(res.valid_fraction, 6)),
+                    "min_valid_fraction": dg.MetadataValue.float(threshold),
+                    "empty": dg.MetadataValue.bool(res.empty),
+                },
+            )
+        ],
+    )

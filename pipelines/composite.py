@@ -1,0 +1,764 @@
+"""The composite stage: cloud-masked per-period median composites built with dask.
+
+Third step of the flow (STAC -> scenes -> **composite** -> probability -> sites). Input:
+the normalised scene items of a region and period (``scenes/<region>/<period>.parquet``).
+Output: one tiled, deflated COG with overviews at ``composite/<region>/<period>.tif`` on
+the region's UTM grid at 10 m, bands in this order:
+
+    B02 B03 B04 B08 B11 B12   median surface reflectance of the clear observations
+    clear_count               number of clear observations (0 where none)
+    NDVI MNDWI BSI            indices computed from the median bands
+
+How, and why this way:
+
+* odc-stac loads every scene onto one GeoBox (the UTM zone of the AOI's centre, so a
+  region spanning two zones or several MGRS tiles gets one grid). Reflectance bands are
+  resampled bilinearly (20 m B11/B12 to 10 m), SCL by nearest neighbour. Scenes of the
+  same pass (same solar day, same offset) are fused into one observation.
+* The mask is Sen2Cor's SCL: 0 nodata, 1 saturated/defective, 3 cloud shadow, 8 and 9
+  cloud, 10 thin cirrus are never used.
+* Raw DN stay uint16 through the reduction; each scene's scale/offset is applied by
+  shifting its DN onto one offset (``pipelines.median``), and reflectance is
+  ``median_dn * scale + offset`` at the end.
+* Chunks are square in space and whole in time, so each dask task holds one block of
+  every scene and memory stays bounded by the chunk size, not by the AOI.
+* A scene whose files are missing or unreadable is skipped, named in the result, and
+  the composite still lands; a period with no scenes writes an all-nodata composite
+  marked ``empty``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+import rasterio
+import rasterio.features
+import rasterio.shutil
+import rasterio.windows
+import shapely
+import shapely.geometry
+from pyproj import Transformer
+
+from pipelines.grid import window_for_bbox
+from pipelines.median import masked_median_dn, masked_median_float
+from pipelines.storage import atomic_path, partition_path
+
+if TYPE_CHECKING:
+    import dask.array
+    import xarray as xr
+    from distributed import Client
+    from odc.geo.geobox import GeoBox
+
+    from pipelines.regions import Period, Region
+
+log = logging.getLogger(__name__)
+# odc-loader warps 20 m bands into bare numpy buffers; GDAL then notes, harmlessly, that
+# the in-memory destination has no geotransform of its own.
+warnings.filterwarnings(
+    "ignore", category=rasterio.errors.NotGeoreferencedWarning, module="rasterio.warp"
+)
+
+#: Output reflectance bands and the canonical asset role each comes from.
+BAND_ROLES: dict[str, str] = {
+    "B02": "blue", "B03": "green", "B04": "red", "B08": "nir", "B11": "swir16", "B12": "swir22",
+}  # fmt: skip
+REFLECTANCE_BANDS: tuple[str, ...] = tuple(BAND_ROLES)
+COUNT_BAND = "clear_count"
+INDEX_BANDS: tuple[str, ...] = ("NDVI", "MNDWI", "BSI")
+OUTPUT_BANDS: tuple[str, ...] = (*REFLECTANCE_BANDS, COUNT_BAND, *INDEX_BANDS)
+#: SCL classes never used: nodata, saturated/defective, cloud shadow, cloud medium and
+#: high probability, thin cirrus.
+MASKED_SCL: tuple[int, ...] = (0, 1, 3, 8, 9, 10)
+LOAD_ROLES: tuple[str, ...] = (*BAND_ROLES.values(), "scl")
+DEFAULT_RESOLUTION = 10.0
+DEFAULT_CHUNK = 1024
+GROUP_PROPERTY = "asmwatch:observation"
+
+BAND_DESCRIPTIONS: dict[str, str] = {
+    "B02": "median surface reflectance, blue (B02)",
+    "B03": "median surface reflectance, green (B03)",
+    "B04": "median surface reflectance, red (B04)",
+    "B08": "median surface reflectance, NIR (B08)",
+    "B11": "median surface reflectance, SWIR 1.6 um (B11)",
+    "B12": "median surface reflectance, SWIR 2.2 um (B12)",
+    COUNT_BAND: "number of clear observations (SCL not 0, 1, 3, 8, 9, 10)",
+    "NDVI": "(B08 - B04) / (B08 + B04)",
+    "MNDWI": "(B03 - B11) / (B03 + B11)",
+    "BSI": "((B11 + B04) - (B08 + B02)) / ((B11 + B04) + (B08 + B02))",
+}
+
+
+class CompositeError(ValueError):
+    """A composite that cannot be built; the message names the input and the problem."""
+
+
+@dataclass(frozen=True)
+class SkippedScene:
+    id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One time step of the stack: the scenes of one pass, sharing scale and offset."""
+
+    key: str
+    date: dt.date
+    scene_ids: tuple[str, ...]
+    scale: Mapping[str, float]
+    offset: Mapping[str, float]
+
+
+@dataclass
+class CompositeResult:
+    path: Path
+    region: str
+    period: str
+    epsg: int
+    shape: tuple[int, int]
+    resolution: float
+    scenes_used: list[str]
+    skipped: list[SkippedScene]
+    observations: int
+    valid_fraction: float
+    clear_count_stats: dict[str, float]
+    clear_count_histogram: dict[int, int]
+    band_means: dict[str, float]
+    size_bytes: int
+    seconds: float
+    empty: bool
+    read_failures: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "region": self.region,
+            "period": self.period,
+            "epsg": self.epsg,
+            "shape": list(self.shape),
+            "resolution_m": self.resolution,
+            "scene_count": len(self.scenes_used),
+            "observations": self.observations,
+            "skipped": [{"id": s.id, "reason": s.reason} for s in self.skipped],
+            "valid_fraction": round(self.valid_fraction, 6),
+            "clear_count": self.clear_count_stats,
+            "size_bytes": self.size_bytes,
+            "seconds": round(self.seconds, 2),
+            "empty": self.empty,
+        }
+
+
+def composite_path(root: Path, region_id: str, period_id: str) -> Path:
+    return partition_path(root, "composite", region_id, period_id, ".tif")
+
+
+# --------------------------------------------------------------------------- grid
+
+
+def region_geobox(region: Region, resolution: float = DEFAULT_RESOLUTION) -> GeoBox:
+    """The region's composite grid: UTM zone of the AOI centre, snapped to the S2 grid."""
+    from affine import Affine
+    from odc.geo.geobox import GeoBox
+
+    w = window_for_bbox(region.bbox, resolution=resolution)
+    return GeoBox((w.height, w.width), Affine(*w.transform), f"EPSG:{w.epsg}")
+
+
+def aoi_mask(
+    geometry: Mapping[str, Any], geobox: GeoBox, window: rasterio.windows.Window | None = None
+) -> npt.NDArray[np.bool_]:
+    """True where a pixel of ``geobox`` (or of ``window`` in it) lies inside the AOI."""
+    epsg = geobox.crs.epsg if geobox.crs is not None else None
+    if epsg is None:
+        raise CompositeError(f"composite grid CRS {geobox.crs} has no EPSG code")
+    to_utm = Transformer.from_crs(4326, epsg, always_xy=True).transform
+    geom = shapely.transform(shapely.geometry.shape(geometry), to_utm, interleaved=False)
+    transform = geobox.affine
+    shape = geobox.shape.yx
+    if window is not None:
+        transform = rasterio.windows.transform(window, transform)
+        shape = (int(window.height), int(window.width))
+    return rasterio.features.geometry_mask(
+        [shapely.geometry.mapping(geom)], out_shape=shape, transform=transform, invert=True
+    )
+
+
+# --------------------------------------------------------------------------- scenes
+
+
+def read_scene_items(path: Path) -> list[dict[str, Any]]:
+    """The normalised items stored by the scenes stage (stac-geoparquet)."""
+    import asyncio
+
+    import rustac
+
+    if not path.exists():
+        raise FileNotFoundError(f"scenes file {path} does not exist")
+
+    async def _read() -> dict[str, Any]:
+        return await rustac.read(str(path))
+
+    return list(asyncio.run(_read())["features"])
+
+
+def _href_path(href: str) -> str:
+    return href.removeprefix("file://") if href.startswith("file://") else href
+
+
+def _check_asset(href: str, role: str) -> str | None:
+    """None if the asset opens and its last full-resolution block reads, else why not."""
+    try:
+        with rasterio.open(_href_path(href)) as src:
+            if src.crs is None:
+                return f"{role}: {href} has no CRS"
+            h, w = src.block_shapes[0]
+            win = rasterio.windows.Window(
+                (src.width - 1) // w * w, (src.height - 1) // h * h,
+                min(w, src.width - (src.width - 1) // w * w),
+                min(h, src.height - (src.height - 1) // h * h),
+            )  # fmt: skip
+            src.read(1, window=win)
+    except (rasterio.errors.RasterioError, OSError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return f"{role}: {href}: {first}"
+    return None
+
+
+def check_scene_files(
+    items: Sequence[Mapping[str, Any]], roles: Sequence[str] = LOAD_ROLES, workers: int = 8
+) -> tuple[list[Mapping[str, Any]], list[SkippedScene]]:
+    """Split items into readable ones and skipped ones (missing role, file or block).
+
+    Opening each file and reading its last block catches missing, truncated and
+    non-TIFF files before dask does; cheap next to the load itself.
+    """
+
+    def check(item: Mapping[str, Any]) -> str | None:
+        assets = item.get("assets", {})
+        missing = [r for r in roles if r not in assets]
+        if missing:
+            return f"no asset for {', '.join(missing)}"
+        problems = [p for r in roles if (p := _check_asset(assets[r]["href"], r))]
+        return "; ".join(problems) if problems else None
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        verdicts = list(pool.map(check, items))
+    ok = [it for it, v in zip(items, verdicts, strict=True) if v is None]
+    skipped = [
+        SkippedScene(str(it.get("id")), v) for it, v in zip(items, verdicts, strict=True) if v
+    ]
+    return ok, skipped
+
+
+def _band_scale_offset(item: Mapping[str, Any], role: str) -> tuple[float, float]:
+    bands = item["assets"][role].get("raster:bands") or [{}]
+    return float(bands[0].get("scale", 1e-4)), float(bands[0].get("offset", 0.0))
+
+
+def plan_observations(
+    items: Sequence[Mapping[str, Any]], lon: float
+) -> tuple[list[dict[str, Any]], list[Observation]]:
+    """Group items into observations: same solar day at ``lon`` and same scale/offset.
+
+    Returns copies of the items tagged with their group key (``asmwatch:observation``)
+    and the observations in the order odc-stac stacks them (sorted by key).
+    """
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    tagged: list[dict[str, Any]] = []
+    for item in items:
+        when = dt.datetime.fromisoformat(str(item["properties"]["datetime"]).replace("Z", "+00:00"))
+        solar_day = (when + dt.timedelta(hours=lon / 15.0)).date()
+        so = [_band_scale_offset(item, r) for r in BAND_ROLES.values()]
+        key = solar_day.isoformat() + "|" + ",".join(f"{s:.6g}:{o:.6g}" for s, o in so)
+        groups.setdefault(key, []).append(item)
+        copy = dict(item)
+        copy["properties"] = {**item["properties"], GROUP_PROPERTY: key}
+        tagged.append(copy)
+    observations = []
+    for key in sorted(groups):
+        first = groups[key][0]
+        observations.append(
+            Observation(
+                key=key,
+                date=dt.date.fromisoformat(key.split("|")[0]),
+                scene_ids=tuple(str(i["id"]) for i in groups[key]),
+                scale={b: _band_scale_offset(first, r)[0] for b, r in BAND_ROLES.items()},
+                offset={b: _band_scale_offset(first, r)[1] for b, r in BAND_ROLES.items()},
+            )
+        )
+    return tagged, observations
+
+
+# --------------------------------------------------------------------------- load
+
+
+def load_stack(
+    items: Sequence[Mapping[str, Any]],
+    geobox: GeoBox,
+    *,
+    chunk: int = DEFAULT_CHUNK,
+    resampling: str = "bilinear",
+) -> xr.Dataset:
+    """Lazy (time, y, x) DN stack of the reflectance roles and SCL on ``geobox``.
+
+    ``items`` must be tagged by ``plan_observations``; each time step is one observation.
+    Read errors become nodata (``fail_on_error=False``) and are logged by odc-loader;
+    ``build_composite`` collects those messages.
+    """
+    import odc.stac
+    import pystac
+
+    stac_items = []
+    for raw in items:
+        item = pystac.Item.from_dict(dict(raw), preserve_dict=True)
+        item.clear_links("self")
+        stac_items.append(item)
+    return odc.stac.load(
+        stac_items,
+        bands=list(LOAD_ROLES),
+        geobox=geobox,
+        groupby=GROUP_PROPERTY,
+        chunks={"time": 1, "y": chunk, "x": chunk},
+        resampling={"scl": "nearest", "*": resampling},
+        fail_on_error=False,
+    )
+
+
+# --------------------------------------------------------------------------- reduce
+
+
+def _dn_shifts(
+    observations: Sequence[Observation], band: str
+) -> tuple[list[int], float, float] | None:
+    """Per-observation DN shifts onto the lowest offset, or None if not whole DN."""
+    scales = {o.scale[band] for o in observations}
+    if len(scales) != 1:
+        return None
+    scale = scales.pop()
+    ref = min(o.offset[band] for o in observations)
+    shifts = []
+    for o in observations:
+        s = (o.offset[band] - ref) / scale
+        if abs(s - round(s)) > 1e-6:
+            return None
+        shifts.append(round(s))
+    return shifts, scale, ref
+
+
+def clear_mask(scl: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
+    """True where SCL says the observation is usable."""
+    return ~np.isin(scl, MASKED_SCL)
+
+
+def _ratio(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = (a - b) / (a + b)
+    out[~np.isfinite(out)] = np.nan
+    return out.astype(np.float32)
+
+
+def composite_block(
+    scl: npt.NDArray[np.uint8],
+    *bands: npt.NDArray[np.uint16],
+    observations: Sequence[Observation],
+) -> npt.NDArray[np.float32]:
+    """One spatial block: (t, y, x) SCL and DN per band -> (10, y, x) output bands."""
+    clear = clear_mask(scl)
+    out = np.empty((len(OUTPUT_BANDS), *scl.shape[1:]), dtype=np.float32)
+    for i, (name, dn) in enumerate(zip(REFLECTANCE_BANDS, bands, strict=True)):
+        plan = _dn_shifts(observations, name)
+        if plan is not None:
+            shifts, scale, ref = plan
+            try:
+                med, _ = masked_median_dn(dn, clear, shifts)
+                out[i] = med * np.float32(scale) + np.float32(ref)
+                continue
+            except OverflowError:
+                pass
+        scale_t = np.array([o.scale[name] for o in observations], np.float32)[:, None, None]
+        offset_t = np.array([o.offset[name] for o in observations], np.float32)[:, None, None]
+        med, _ = masked_median_float(dn * scale_t + offset_t, clear & (dn != 0))
+        out[i] = med
+    out[len(REFLECTANCE_BANDS)] = clear.sum(axis=0)
+    b02, b03, b04, b08, b11, _ = out[: len(REFLECTANCE_BANDS)]
+    j = len(REFLECTANCE_BANDS) + 1
+    out[j] = _ratio(b08, b04)
+    out[j + 1] = _ratio(b03, b11)
+    out[j + 2] = _ratio(b11 + b04, b08 + b02)
+    return out
+
+
+def composite_array(ds: xr.Dataset, observations: Sequence[Observation]) -> dask.array.Array:
+    """The lazy (10, y, x) float32 composite of a loaded stack."""
+    import dask.array as da
+
+    if ds.sizes["time"] != len(observations):
+        raise CompositeError(
+            f"stack has {ds.sizes['time']} time steps but {len(observations)} observations"
+        )
+    arrays: list[Any] = [ds["scl"].data]
+    arrays += [ds[role].data for role in BAND_ROLES.values()]
+    args: list[Any] = []
+    for a in arrays:
+        args += [a, "tyx"]
+    return da.blockwise(
+        composite_block,
+        "byx",
+        *args,
+        new_axes={"b": len(OUTPUT_BANDS)},
+        concatenate=True,
+        dtype=np.float32,
+        observations=list(observations),
+        meta=np.empty((0, 0, 0), dtype=np.float32),
+    )
+
+
+def naive_composite(ds: xr.Dataset, observations: Sequence[Observation]) -> xr.Dataset:
+    """What a user writes by hand: reflectance, ``where(clear)``, ``median("time")``.
+
+    The baseline of bench/composite.py; also a cross-check of ``composite_block``.
+    """
+    import xarray as xr
+
+    clear = ~ds["scl"].isin(list(MASKED_SCL))
+    out = {}
+    for band, role in BAND_ROLES.items():
+        scale = xr.DataArray([o.scale[band] for o in observations], dims="time")
+        offset = xr.DataArray([o.offset[band] for o in observations], dims="time")
+        dn = ds[role]
+        refl = (dn.astype("float32") * scale + offset).where(dn != 0)
+        out[band] = refl.where(clear).median("time")
+    return xr.Dataset(out)
+
+
+# --------------------------------------------------------------------------- write
+
+
+def _blocks(arr: dask.array.Array) -> list[tuple[rasterio.windows.Window, Any]]:
+    delayed = arr.to_delayed()
+    out = []
+    y0 = 0
+    for iy, h in enumerate(arr.chunks[1]):
+        x0 = 0
+        for ix, w in enumerate(arr.chunks[2]):
+            out.append((rasterio.windows.Window(x0, y0, w, h), delayed[0, iy, ix]))
+            x0 += w
+        y0 += h
+    return out
+
+
+def compute_blocks(
+    arr: dask.array.Array, client: Client | None = None, in_flight: int | None = None
+) -> Iterator[tuple[rasterio.windows.Window, npt.NDArray[np.float32]]]:
+    """Yield (window, block) as blocks finish, keeping a bounded number in flight."""
+    import dask
+
+    blocks = _blocks(arr)
+    if client is None:
+        n = in_flight or (os.cpu_count() or 2)
+        for i in range(0, len(blocks), n):
+            batch = blocks[i : i + n]
+            results = dask.compute(*[d for _, d in batch], scheduler="threads")
+            for (win, _), block in zip(batch, results, strict=True):
+                yield win, block
+        return
+
+    from distributed import as_completed
+
+    n = in_flight or max(2, 2 * sum(client.nthreads().values()))
+    pending = iter(blocks)
+    windows: dict[str, rasterio.windows.Window] = {}
+
+    def submit() -> Any:
+        try:
+            win, d = next(pending)
+        except StopIteration:
+            return None
+        fut = client.compute(d)
+        windows[fut.key] = win
+        return fut
+
+    first = [f for f in (submit() for _ in range(n)) if f is not None]
+    queue = as_completed(first)
+    for fut in queue:
+        block = fut.result()
+        win = windows.pop(fut.key)
+        fut.release()
+        nxt = submit()
+        if nxt is not None:
+            queue.add(nxt)
+        yield win, block
+
+
+@dataclass
+class _Stats:
+    aoi_pixels: int = 0
+    valid_pixels: int = 0
+    histogram: dict[int, int] = field(default_factory=dict)
+    band_sums: dict[str, float] = field(default_factory=dict)
+    band_counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, block: npt.NDArray[np.float32], inside: npt.NDArray[np.bool_]) -> None:
+        count = block[len(REFLECTANCE_BANDS)][inside]
+        self.aoi_pixels += int(inside.sum())
+        self.valid_pixels += int((count > 0).sum())
+        values, freq = np.unique(count.astype(np.int64), return_counts=True)
+        for v, f in zip(values.tolist(), freq.tolist(), strict=True):
+            self.histogram[v] = self.histogram.get(v, 0) + f
+        for i, name in enumerate(OUTPUT_BANDS):
+            if name == COUNT_BAND:
+                continue
+            vals = block[i][inside]
+            vals = vals[np.isfinite(vals)]
+            self.band_sums[name] = self.band_sums.get(name, 0.0) + float(vals.sum())
+            self.band_counts[name] = self.band_counts.get(name, 0) + int(vals.size)
+
+    def count_stats(self) -> dict[str, float]:
+        if not self.histogram:
+            return {"min": 0, "max": 0, "mean": 0.0, "median": 0.0}
+        keys = sorted(self.histogram)
+        total = sum(self.histogram.values())
+        mean = sum(k * f for k, f in self.histogram.items()) / total
+        acc, median = 0, keys[0]
+        for k in keys:
+            acc += self.histogram[k]
+            if acc * 2 >= total:
+                median = k
+                break
+        return {"min": keys[0], "max": keys[-1], "mean": round(mean, 3), "median": median}
+
+    def means(self) -> dict[str, float]:
+        return {
+            k: round(self.band_sums[k] / self.band_counts[k], 5)
+            for k in self.band_sums
+            if self.band_counts.get(k)
+        }
+
+
+def overview_levels(height: int, width: int, smallest: int = 128) -> int:
+    """Halvings until the smaller side is at most ``smallest`` px (GDAL's AUTO stops at
+    the block size, which leaves a small AOI without any overview)."""
+    levels, side = 0, min(height, width)
+    while side > smallest:
+        side = (side + 1) // 2
+        levels += 1
+    return levels
+
+
+def write_composite(
+    blocks: Iterator[tuple[rasterio.windows.Window, npt.NDArray[np.float32]]],
+    geobox: GeoBox,
+    target: Path,
+    *,
+    n_blocks: int,
+    aoi: Mapping[str, Any] | None,
+    tags: Mapping[str, str],
+    progress: Callable[[str], None] = log.info,
+) -> _Stats:
+    """Stream blocks into a tiled GTiff, then copy it to a COG with overviews, atomically."""
+    stats = _Stats()
+    h, w = geobox.shape.yx
+    profile = {
+        "driver": "GTiff",
+        "width": w,
+        "height": h,
+        "count": len(OUTPUT_BANDS),
+        "dtype": "float32",
+        "crs": str(geobox.crs),
+        "transform": geobox.affine,
+        "nodata": float("nan"),
+        "tiled": True,
+        "blockxsize": 512,
+        "blockysize": 512,
+        "compress": "deflate",
+        "predictor": 3,
+        "BIGTIFF": "IF_SAFER",
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Blocks arrive in any order, which the COG layout cannot take: stage a tiled GTiff
+    # beside the target, then let GDAL's COG driver lay it out with overviews.
+    stage = target.with_name(f".{target.stem}.{os.getpid()}.stage.tif")
+    try:
+        with rasterio.open(stage, "w", **profile) as dst:
+            for i, name in enumerate(OUTPUT_BANDS, start=1):
+                dst.set_band_description(i, name)
+                dst.update_tags(i, description=BAND_DESCRIPTIONS[name])
+            step = max(1, n_blocks // 10)
+            for done, (win, block) in enumerate(blocks, start=1):
+                dst.write(block, window=win)
+                inside = (
+                    aoi_mask(aoi, geobox, win)
+                    if aoi is not None
+                    else np.ones(block.shape[1:], dtype=bool)
+                )
+                stats.add(block, inside)
+                if done % step == 0 or done == n_blocks:
+                    progress(f"composite: {done}/{n_blocks} blocks written")
+            dst.update_tags(**tags)
+        with atomic_path(target) as tmp:
+            rasterio.shutil.copy(
+                stage,
+                tmp,
+                driver="COG",
+                COMPRESS="DEFLATE",
+                PREDICTOR="YES",
+                BLOCKSIZE=512,
+                OVERVIEW_RESAMPLING="AVERAGE",
+                OVERVIEW_COUNT=overview_levels(h, w),
+                BIGTIFF="IF_SAFER",
+                NUM_THREADS="ALL_CPUS",
+            )
+    finally:
+        stage.unlink(missing_ok=True)
+    return stats
+
+
+def _empty_blocks(
+    geobox: GeoBox, chunk: int
+) -> Iterator[tuple[rasterio.windows.Window, npt.NDArray[np.float32]]]:
+    h, w = geobox.shape.yx
+    for y0 in range(0, h, chunk):
+        for x0 in range(0, w, chunk):
+            bh, bw = min(chunk, h - y0), min(chunk, w - x0)
+            block = np.full((len(OUTPUT_BANDS), bh, bw), np.nan, dtype=np.float32)
+            block[len(REFLECTANCE_BANDS)] = 0
+            yield rasterio.windows.Window(x0, y0, bw, bh), block
+
+
+class _ReadFailures(logging.Handler):
+    """Collects odc-loader's 'Ignoring read failure reading <uri>' warnings."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if "read failure" in msg and msg not in self.messages:
+            self.messages.append(msg)
+
+
+def build_composite(
+    items: Sequence[Mapping[str, Any]],
+    geobox: GeoBox,
+    target: Path,
+    *,
+    region: str = "",
+    period: str = "",
+    aoi: Mapping[str, Any] | None = None,
+    client: Client | None = None,
+    chunk: int = DEFAULT_CHUNK,
+    resampling: str = "bilinear",
+    progress: Callable[[str], None] = log.info,
+) -> CompositeResult:
+    """Composite ``items`` on ``geobox`` into a COG at ``target``: the whole stage."""
+    if chunk < 64:
+        raise CompositeError(f"chunk must be at least 64 pixels, got {chunk}")
+    started = time.perf_counter()
+    ok, skipped = check_scene_files(items)
+    for s in skipped:
+        progress(f"composite: skipping scene {s.id}: {s.reason}")
+    lon = geobox.extent.to_crs("EPSG:4326").centroid.coords[0][0]
+    tagged, observations = plan_observations(ok, lon)
+    n_ch = math.ceil(geobox.shape.y / chunk) * math.ceil(geobox.shape.x / chunk)
+    failures = _ReadFailures()
+    empty = not observations
+    tags = {
+        "asmwatch_region": region,
+        "asmwatch_period": period,
+        "asmwatch_scenes": ",".join(str(i["id"]) for i in ok),
+        "asmwatch_skipped": ",".join(s.id for s in skipped),
+        "asmwatch_empty": str(empty).lower(),
+        "asmwatch_masked_scl": ",".join(map(str, MASKED_SCL)),
+    }
+    if empty:
+        progress(
+            f"composite: no usable scenes for {region or 'the AOI'} {period}; "
+            "writing an empty (all-nodata) composite"
+        )
+        stats = write_composite(
+            _empty_blocks(geobox, chunk), geobox, target,
+            n_blocks=n_ch, aoi=aoi, tags=tags, progress=progress,
+        )  # fmt: skip
+    else:
+        progress(
+            f"composite: {len(ok)} scenes in {len(observations)} observations onto "
+            f"{geobox.shape.x}x{geobox.shape.y} px ({geobox.crs}, {geobox.resolution.x:g} m), "
+            f"{n_ch} blocks of {chunk} px"
+        )
+        ds = load_stack(tagged, geobox, chunk=chunk, resampling=resampling)
+        arr = composite_array(ds, observations)
+        odc_log = logging.getLogger("odc.loader")
+        odc_log.addHandler(failures)
+        try:
+            if client is not None:
+                client.forward_logging("odc.loader", level=logging.WARNING)
+            stats = write_composite(
+                compute_blocks(arr, client), geobox, target,
+                n_blocks=n_ch, aoi=aoi, tags=tags, progress=progress,
+            )  # fmt: skip
+        finally:
+            odc_log.removeHandler(failures)
+        for msg in failures.messages:
+            progress(f"composite: {msg}")
+    return CompositeResult(
+        path=target,
+        region=region,
+        period=period,
+        epsg=int(geobox.crs.epsg or 0) if geobox.crs is not None else 0,
+        shape=(geobox.shape.y, geobox.shape.x),
+        resolution=float(geobox.resolution.x),
+        scenes_used=[str(i["id"]) for i in ok],
+        skipped=skipped,
+        observations=len(observations),
+        valid_fraction=stats.valid_pixels / stats.aoi_pixels if stats.aoi_pixels else 0.0,
+        clear_count_stats=stats.count_stats(),
+        clear_count_histogram=dict(sorted(stats.histogram.items())),
+        band_means=stats.means(),
+        size_bytes=target.stat().st_size,
+        seconds=time.perf_counter() - started,
+        empty=empty,
+        read_failures=list(failures.messages),
+    )
+
+
+def composite_for_region(
+    region: Region,
+    period: Period,
+    root: Path,
+    *,
+    client: Client | None = None,
+    chunk: int = DEFAULT_CHUNK,
+    resolution: float = DEFAULT_RESOLUTION,
+    progress: Callable[[str], None] = log.info,
+) -> CompositeResult:
+    """Composite a region's stored scenes for one period (no scenes file: empty)."""
+    from pipelines.scenes import scenes_path
+
+    src = scenes_path(root, region.id, period.id)
+    items = read_scene_items(src) if src.exists() else []
+    if not src.exists():
+        progress(f"composite: no scenes file {src} (the period has no scenes)")
+    return build_composite(
+        items,
+        region_geobox(region, resolution),
+        composite_path(root, region.id, period.id),
+        region=region.id,
+        period=period.id,
+        aoi=region.geometry,
+        client=client,
+        chunk=chunk,
+        progress=progress,
+    )
