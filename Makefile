@@ -35,7 +35,8 @@ ui: $(STAMP)
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 bench: $(STAMP)
-	@for f in bench/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+	@for f in bench/bench_normalize.py bench/composite.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+	@echo "(full-tile memory bound, about 10 min: $(BIN)/python bench/composite_memory.py)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

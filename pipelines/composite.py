@@ -443,6 +443,42 @@ def naive_composite(ds: xr.Dataset, observations: Sequence[Observation]) -> xr.D
     return xr.Dataset(out)
 
 
+def task_bytes(chunk: int, observations: int) -> int:
+    """Estimated peak bytes of one ``composite_block`` task on a ``chunk``-px block.
+
+    Per pixel: the 7 input stacks (uint16/uint8, counted at 2 bytes) held by dask and
+    their concatenated copies, the working copy, clear and valid masks of one band, and
+    the 10 float32 outputs with their temporaries.
+    """
+    per_pixel = observations * (7 * 2 * 2 + 2 + 1 + 1) + 10 * 4 * 2
+    return chunk * chunk * per_pixel
+
+
+def safe_chunk(
+    requested: int, observations: int, worker_memory: int | None, threads: int = 1
+) -> int:
+    """The largest chunk up to ``requested`` whose tasks fit in half the worker's memory.
+
+    The other half is headroom for the load tasks of the next blocks, GDAL's cache and
+    the worker itself. Never below 128 px (tiny blocks would drown in overhead).
+    """
+    if not worker_memory:
+        return requested
+    budget = worker_memory // 2 // max(1, threads)
+    chunk = requested
+    while chunk > 128 and task_bytes(chunk, observations) > budget:
+        chunk //= 2
+    return max(chunk, 128) if requested >= 128 else requested
+
+
+def _cluster_memory(client: Client) -> tuple[int | None, int]:
+    workers = client.scheduler_info().get("workers", {}).values()
+    limits = [int(w.get("memory_limit") or 0) for w in workers]
+    threads = [int(w.get("nthreads") or 1) for w in workers]
+    positive = [m for m in limits if m > 0]
+    return (min(positive) if positive else None), (max(threads) if threads else 1)
+
+
 # --------------------------------------------------------------------------- write
 
 
@@ -693,6 +729,18 @@ def build_composite(
             n_blocks=n_ch, aoi=aoi, tags=tags, progress=progress,
         )  # fmt: skip
     else:
+        if client is not None:
+            memory, threads = _cluster_memory(client)
+            fitted = safe_chunk(chunk, len(observations), memory, threads)
+            if fitted != chunk:
+                progress(
+                    f"composite: chunk {chunk} px would need about "
+                    f"{task_bytes(chunk, len(observations)) / 2**30:.1f} GiB per task with "
+                    f"{len(observations)} observations; using {fitted} px to stay within "
+                    f"the workers' {memory / 2**30 if memory else 0:.1f} GiB"
+                )
+                chunk = fitted
+                n_ch = math.ceil(geobox.shape.y / chunk) * math.ceil(geobox.shape.x / chunk)
         progress(
             f"composite: {len(ok)} scenes in {len(observations)} observations onto "
             f"{geobox.shape.x}x{geobox.shape.y} px ({geobox.crs}, {geobox.resolution.x:g} m), "

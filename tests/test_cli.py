@@ -47,6 +47,9 @@ def test_demo_runs_and_prints_where_results_are(
     for period, n in (("2019", 4), ("2020", 3), ("2021", 4)):
         assert f"  {period}: {n} scenes" in out
         assert (tmp_path / "scenes" / "demo-huepetuhe" / f"{period}.parquet").exists()
+        cog = tmp_path / "composite" / "demo-huepetuhe" / f"{period}.tif"
+        assert cog.exists() and str(cog) in out
+    assert out.count("% clear, mean ") == 3
     assert str(tmp_path / "asmwatch.duckdb") in out
     assert main(["sql", "SELECT count(*) AS n FROM scenes", "--data", str(tmp_path)]) == 0
     assert "11" in capsys.readouterr().out

@@ -323,3 +323,20 @@ def test_real_search_results_make_composite_plans() -> None:
     assert len(obs) == len({s.datetime.date() for s in kept})
     # Reprocessed (_1_, baseline 05.00) scenes carry the -0.1 offset even in 2020.
     assert {o.offset["B04"] for o in obs} == {-0.1}
+
+
+def test_chunks_shrink_to_fit_worker_memory() -> None:
+    from pipelines.composite import safe_chunk, task_bytes
+
+    gib = 2**30
+    # 20 observations fit 1024 px blocks in 4 GiB workers (the full-tile bench case).
+    assert task_bytes(1024, 20) < 1 * gib
+    assert safe_chunk(1024, 20, 4 * gib) == 1024
+    # A year of two overlapping tiles (140 observations) does not: blocks halve.
+    assert task_bytes(1024, 140) > 2 * gib
+    fitted = safe_chunk(1024, 140, 4 * gib)
+    assert fitted == 512 and task_bytes(fitted, 140) <= 2 * gib
+    # More threads per worker share its memory; unknown memory leaves the request alone.
+    assert safe_chunk(1024, 140, 4 * gib, threads=4) == 256
+    assert safe_chunk(1024, 140, None) == 1024
+    assert safe_chunk(1024, 5000, 1 * gib) == 128, "never below 128 px"
