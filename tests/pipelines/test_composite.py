@@ -340,3 +340,36 @@ def test_chunks_shrink_to_fit_worker_memory() -> None:
     assert safe_chunk(1024, 140, 4 * gib, threads=4) == 256
     assert safe_chunk(1024, 140, None) == 1024
     assert safe_chunk(1024, 5000, 1 * gib) == 128, "never below 128 px"
+
+
+@pytest.mark.parametrize("processes", [False, True])
+def test_a_corrupt_block_inside_a_cog_is_reported_not_fatal(
+    small_scenes_root: Path, tmp_path: Path, processes: bool
+) -> None:
+    """A damaged tile deep inside a file passes the scene check; the read failure is
+    logged (forwarded from worker processes too), that block is nodata for that scene,
+    and the composite lands."""
+    from distributed import Client, LocalCluster
+
+    region = small_region()
+    items = [json.loads(json.dumps(i)) for i in read_scene_items(scenes_path(small_scenes_root, region.id, "2021"))]  # fmt: skip
+    red = items[0]["assets"]["red"]
+    src = Path(red["href"].removeprefix("file://"))
+    dst = tmp_path / "B04.tif"
+    shutil.copy(src, dst)
+    with rasterio.open(dst) as r:
+        offset = int(r.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1))
+    raw = bytearray(dst.read_bytes())
+    raw[offset : offset + 64] = b"\xff" * 64  # the first full-resolution tile's deflate stream
+    dst.write_bytes(bytes(raw))
+    red["href"] = dst.as_uri()
+
+    kw: dict[str, Any] = {"n_workers": 1, "threads_per_worker": 1, "processes": processes,
+                          "dashboard_address": None}  # fmt: skip
+    if processes:
+        kw["host"] = "127.0.0.1"
+    with LocalCluster(**kw) as cluster, Client(cluster) as client:
+        res = build_composite(items, region_geobox(region), tmp_path / "c.tif", chunk=128, client=client)  # fmt: skip
+    assert res.skipped == [], "the file opens and its last block reads"
+    assert res.read_failures and all("B04.tif" in m for m in res.read_failures)
+    assert res.path.exists() and res.valid_fraction > 0.5
