@@ -213,6 +213,10 @@ def read_scene_items(path: Path) -> list[dict[str, Any]]:
     return list(asyncio.run(_read())["features"])
 
 
+def _is_local(href: str) -> bool:
+    return href.startswith("file://") or "://" not in href
+
+
 def _href_path(href: str) -> str:
     return href.removeprefix("file://") if href.startswith("file://") else href
 
@@ -320,6 +324,11 @@ def load_stack(
     import odc.stac
     import pystac
 
+    if any(not _is_local(a["href"]) for raw in items for a in raw["assets"].values()):
+        # Remote COGs (Earth Search on S3 over https, a blob store): GDAL settings for
+        # range reads (no directory listing, retries, unsigned S3). odc-stac captures
+        # them into the graph, so dask workers elsewhere read with them too.
+        odc.stac.configure_rio(cloud_defaults=True, aws={"aws_unsigned": True})
     stac_items = []
     for raw in items:
         item = pystac.Item.from_dict(dict(raw), preserve_dict=True)
