@@ -33,6 +33,7 @@ import datetime as dt
 import logging
 import math
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -236,8 +237,17 @@ def _check_asset(href: str, role: str) -> str | None:
             src.read(1, window=win)
     except (rasterio.errors.RasterioError, OSError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return f"{role}: {href}: {first}"
+        return redact(f"{role}: {href}: {first}")
     return None
+
+
+_QUERY = re.compile(r"(https?://[^\s?'\"]+)\?[^\s'\"]*")
+
+
+def redact(text: str) -> str:
+    """Drop URL query strings (SAS tokens, signatures) from a message: logs and
+    Dagster metadata are not the place for credentials."""
+    return _QUERY.sub(r"\1?<signed>", text)
 
 
 def check_scene_files(
@@ -264,6 +274,11 @@ def check_scene_files(
         SkippedScene(str(it.get("id")), v) for it, v in zip(items, verdicts, strict=True) if v
     ]
     return ok, skipped
+
+
+def _signed(item: Mapping[str, Any], sign: Callable[[str], str]) -> dict[str, Any]:
+    assets = {k: {**a, "href": sign(a["href"])} for k, a in item["assets"].items()}
+    return {**item, "assets": assets}
 
 
 def _band_scale_offset(item: Mapping[str, Any], role: str) -> tuple[float, float]:
@@ -690,7 +705,7 @@ class _ReadFailures(logging.Handler):
         self.messages: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        msg = record.getMessage()
+        msg = redact(record.getMessage())
         if "read failure" in msg and msg not in self.messages:
             self.messages.append(msg)
 
@@ -706,12 +721,19 @@ def build_composite(
     client: Client | None = None,
     chunk: int = DEFAULT_CHUNK,
     resampling: str = "bilinear",
+    sign: Callable[[str], str] | None = None,
     progress: Callable[[str], None] = log.info,
 ) -> CompositeResult:
-    """Composite ``items`` on ``geobox`` into a COG at ``target``: the whole stage."""
+    """Composite ``items`` on ``geobox`` into a COG at ``target``: the whole stage.
+
+    ``sign`` rewrites each asset href just before reading (Planetary Computer's SAS
+    tokens); the items passed in are not modified.
+    """
     if chunk < 64:
         raise CompositeError(f"chunk must be at least 64 pixels, got {chunk}")
     started = time.perf_counter()
+    if sign is not None:
+        items = [_signed(item, sign) for item in items]
     ok, skipped = check_scene_files(items)
     for s in skipped:
         progress(f"composite: skipping scene {s.id}: {s.reason}")
@@ -803,11 +825,16 @@ def composite_for_region(
 ) -> CompositeResult:
     """Composite a region's stored scenes for one period (no scenes file: empty)."""
     from pipelines.scenes import scenes_path
+    from pipelines.stac.signing import PlanetaryComputerSigner, needs_signing
 
     src = scenes_path(root, region.id, period.id)
     items = read_scene_items(src) if src.exists() else []
     if not src.exists():
         progress(f"composite: no scenes file {src} (the period has no scenes)")
+    signer = None
+    if any(needs_signing(a["href"]) for i in items for a in i["assets"].values()):
+        signer = PlanetaryComputerSigner()
+        progress(f"composite: signing Azure Blob hrefs with tokens from {signer.token_url}")
     return build_composite(
         items,
         region_geobox(region, resolution),
@@ -817,5 +844,6 @@ def composite_for_region(
         aoi=region.geometry,
         client=client,
         chunk=chunk,
+        sign=signer,
         progress=progress,
     )
