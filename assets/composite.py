@@ -28,6 +28,9 @@ def _metadata(res: CompositeResult, threshold: float) -> dict[str, dg.MetadataVa
             "| scene | reason |\n|---|---|\n" + skipped if skipped else "_none_"
         ),
         "read_failures": dg.MetadataValue.json(res.read_failures),
+        "cloud_mask": dg.MetadataValue.text(res.cloud_mask),
+        "l1c_scenes": dg.MetadataValue.int(res.l1c_scenes),
+        "l1c_notes": dg.MetadataValue.json(res.l1c_notes),
         "clear_count": dg.MetadataValue.json(res.clear_count_stats),
         "clear_count_histogram": dg.MetadataValue.md(
             "| clear observations | pixels |\n|---|---|\n" + hist
@@ -61,7 +64,7 @@ def _metadata(res: CompositeResult, threshold: float) -> dict[str, dg.MetadataVa
         )
     ],
     description=(
-        "Cloud-masked (SCL 0, 1, 3, 8, 9, 10) per-period median of B02 B03 B04 B08 B11 "
+        "Cloud-masked (SCL 0, 1, 3, 8, 9, 10; optionally s2cloudless on the L1C twins) per-period median of B02 B03 B04 B08 B11 "
         "B12, a clear-observation count and NDVI, MNDWI and BSI, on the region's UTM "
         "grid at 10 m, built with odc-stac and dask. Lands as a tiled COG with overviews "
         "at composite/<region>/<period>.tif."

@@ -54,6 +54,8 @@ def scenes(
             "tiles": dg.MetadataValue.json(s["tiles"]),
             "baselines": dg.MetadataValue.json(s["baselines"]),
             "server_side_filter": dg.MetadataValue.bool(s["server_filter"]),
+            "l1c_twins": dg.MetadataValue.int(s["l1c_twins"]),
+            "l1c_unmatched": dg.MetadataValue.json(s["l1c_unmatched"]),
             "stac_source": dg.MetadataValue.text(region.source),
             "path": dg.MetadataValue.path(s["path"] or "(no scenes)"),
             "catalog": dg.MetadataValue.json(views),

@@ -41,6 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import numpy.typing as npt
@@ -54,6 +55,7 @@ from pyproj import Transformer
 
 from pipelines.grid import window_for_bbox
 from pipelines.median import masked_median_dn, masked_median_float
+from pipelines.stac.l1c import S2CLOUDLESS_BANDS
 from pipelines.storage import atomic_path, partition_path
 
 if TYPE_CHECKING:
@@ -83,6 +85,9 @@ OUTPUT_BANDS: tuple[str, ...] = (*REFLECTANCE_BANDS, COUNT_BAND, *INDEX_BANDS)
 #: high probability, thin cirrus.
 MASKED_SCL: tuple[int, ...] = (0, 1, 3, 8, 9, 10)
 LOAD_ROLES: tuple[str, ...] = (*BAND_ROLES.values(), "scl")
+#: The L1C twin's bands for s2cloudless, as the scenes stage names them in an item.
+L1C_ROLES: tuple[str, ...] = tuple(f"l1c_{b}" for b in S2CLOUDLESS_BANDS)
+CLOUD_MASKS: tuple[str, ...] = ("scl", "scl+s2cloudless")
 DEFAULT_RESOLUTION = 10.0
 DEFAULT_CHUNK = 1024
 GROUP_PROPERTY = "asmwatch:observation"
@@ -120,6 +125,9 @@ class Observation:
     scene_ids: tuple[str, ...]
     scale: Mapping[str, float]
     offset: Mapping[str, float]
+    #: scale/offset of the L1C twin's bands (s2cloudless); empty without a twin.
+    l1c_scale: Mapping[str, float] = field(default_factory=dict)
+    l1c_offset: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -141,6 +149,9 @@ class CompositeResult:
     seconds: float
     empty: bool
     read_failures: list[str] = field(default_factory=list)
+    cloud_mask: str = "scl"
+    l1c_scenes: int = 0  # scenes whose L1C twin fed s2cloudless
+    l1c_notes: list[str] = field(default_factory=list)  # twins dropped, and why
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -158,6 +169,8 @@ class CompositeResult:
             "size_bytes": self.size_bytes,
             "seconds": round(self.seconds, 2),
             "empty": self.empty,
+            "cloud_mask": self.cloud_mask,
+            "l1c_scenes": self.l1c_scenes,
         }
 
 
@@ -219,7 +232,10 @@ def _is_local(href: str) -> bool:
 
 
 def _href_path(href: str) -> str:
-    return href.removeprefix("file://") if href.startswith("file://") else href
+    """A path rasterio opens: file:// URLs decoded (``%2B`` is ``+``), others as given."""
+    if href.startswith("file://"):
+        return unquote(urlsplit(href).path)
+    return href
 
 
 def _check_asset(href: str, role: str) -> str | None:
@@ -265,7 +281,10 @@ def check_scene_files(
         if missing:
             return f"no asset for {', '.join(missing)}"
         problems = [p for r in roles if (p := _check_asset(assets[r]["href"], r))]
-        return "; ".join(problems) if problems else None
+        if not problems:
+            return None
+        more = f" (and {len(problems) - 1} more unreadable)" if len(problems) > 1 else ""
+        return problems[0] + more
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         verdicts = list(pool.map(check, items))
@@ -274,6 +293,23 @@ def check_scene_files(
         SkippedScene(str(it.get("id")), v) for it, v in zip(items, verdicts, strict=True) if v
     ]
     return ok, skipped
+
+
+def _check_l1c(
+    items: Sequence[Mapping[str, Any]],
+) -> tuple[list[Mapping[str, Any]], list[str]]:
+    """Keep L1C twins whose files read; strip unreadable ones (SCL alone for that scene)."""
+    with_twin = [i for i in items if L1C_ROLES[0] in i["assets"]]
+    _, bad = check_scene_files(with_twin, roles=L1C_ROLES)
+    reasons = {b.id: b.reason for b in bad}
+    out: list[Mapping[str, Any]] = []
+    for item in items:
+        if str(item.get("id")) in reasons:
+            assets = {k: v for k, v in item["assets"].items() if k not in L1C_ROLES}
+            item = {**item, "assets": assets}
+        out.append(item)
+    notes = [f"L1C twin of {i} unusable, SCL only: {r}" for i, r in reasons.items()]
+    return out, notes
 
 
 def _signed(item: Mapping[str, Any], sign: Callable[[str], str]) -> dict[str, Any]:
@@ -308,6 +344,8 @@ def plan_observations(
     observations = []
     for key in sorted(groups):
         first = groups[key][0]
+        twin = next((i for i in groups[key] if L1C_ROLES[0] in i["assets"]), None)
+        l1c = {r: _band_scale_offset(twin, r) for r in L1C_ROLES} if twin else {}
         observations.append(
             Observation(
                 key=key,
@@ -315,6 +353,8 @@ def plan_observations(
                 scene_ids=tuple(str(i["id"]) for i in groups[key]),
                 scale={b: _band_scale_offset(first, r)[0] for b, r in BAND_ROLES.items()},
                 offset={b: _band_scale_offset(first, r)[1] for b, r in BAND_ROLES.items()},
+                l1c_scale={r: so[0] for r, so in l1c.items()},
+                l1c_offset={r: so[1] for r, so in l1c.items()},
             )
         )
     return tagged, observations
@@ -329,6 +369,7 @@ def load_stack(
     *,
     chunk: int = DEFAULT_CHUNK,
     resampling: str = "bilinear",
+    s2cloudless: bool = False,
 ) -> xr.Dataset:
     """Lazy (time, y, x) DN stack of the reflectance roles and SCL on ``geobox``.
 
@@ -344,14 +385,24 @@ def load_stack(
         # range reads (no directory listing, retries, unsigned S3). odc-stac captures
         # them into the graph, so dask workers elsewhere read with them too.
         odc.stac.configure_rio(cloud_defaults=True, aws={"aws_unsigned": True})
+    if s2cloudless:
+        # odc-stac takes the band list from the first item: start with one that has
+        # an L1C twin (grouping and fusing order do not depend on this order).
+        items = sorted(items, key=lambda i: L1C_ROLES[0] not in i["assets"])
     stac_items = []
     for raw in items:
-        item = pystac.Item.from_dict(dict(raw), preserve_dict=True)
+        # rasterio does not percent-decode file:// URLs (a data root with '+' or a space
+        # would not open): hand odc-stac plain paths for local files.
+        assets = {
+            k: {**a, "href": _href_path(a["href"])} if _is_local(a["href"]) else a
+            for k, a in raw["assets"].items()
+        }
+        item = pystac.Item.from_dict({**raw, "assets": assets}, preserve_dict=True)
         item.clear_links("self")
         stac_items.append(item)
     return odc.stac.load(
         stac_items,
-        bands=list(LOAD_ROLES),
+        bands=[*LOAD_ROLES, *(L1C_ROLES if s2cloudless else ())],
         geobox=geobox,
         groupby=GROUP_PROPERTY,
         chunks={"time": 1, "y": chunk, "x": chunk},
@@ -397,9 +448,17 @@ def composite_block(
     scl: npt.NDArray[np.uint8],
     *bands: npt.NDArray[np.uint16],
     observations: Sequence[Observation],
+    s2cloudless: bool = False,
 ) -> npt.NDArray[np.float32]:
-    """One spatial block: (t, y, x) SCL and DN per band -> (10, y, x) output bands."""
+    """One spatial block: (t, y, x) SCL and DN per band -> (10, y, x) output bands.
+
+    With ``s2cloudless``, ``bands`` continues with the ten L1C bands (``L1C_ROLES``).
+    """
     clear = clear_mask(scl)
+    if s2cloudless:
+        l1c_dn = bands[len(REFLECTANCE_BANDS) :]
+        bands = bands[: len(REFLECTANCE_BANDS)]
+        clear &= ~_s2cloudless_block(l1c_dn, observations)
     out = np.empty((len(OUTPUT_BANDS), *scl.shape[1:]), dtype=np.float32)
     for i, (name, dn) in enumerate(zip(REFLECTANCE_BANDS, bands, strict=True)):
         plan = _dn_shifts(observations, name)
@@ -424,7 +483,23 @@ def composite_block(
     return out
 
 
-def composite_array(ds: xr.Dataset, observations: Sequence[Observation]) -> dask.array.Array:
+def _s2cloudless_block(
+    l1c_dn: Sequence[npt.NDArray[np.uint16]], observations: Sequence[Observation]
+) -> npt.NDArray[np.bool_]:
+    from pipelines.cloudmask import s2cloudless_mask
+
+    toa = np.empty((l1c_dn[0].shape[0], len(L1C_ROLES), *l1c_dn[0].shape[1:]), np.float32)
+    for j, (role, dn) in enumerate(zip(L1C_ROLES, l1c_dn, strict=True)):
+        scale = np.array([o.l1c_scale.get(role, 1e-4) for o in observations], np.float32)
+        offset = np.array([o.l1c_offset.get(role, 0.0) for o in observations], np.float32)
+        toa[:, j] = dn * scale[:, None, None] + offset[:, None, None]
+    available = np.all([dn != 0 for dn in l1c_dn], axis=0)
+    return s2cloudless_mask(toa, available)
+
+
+def composite_array(
+    ds: xr.Dataset, observations: Sequence[Observation], s2cloudless: bool = False
+) -> dask.array.Array:
     """The lazy (10, y, x) float32 composite of a loaded stack."""
     import dask.array as da
 
@@ -434,6 +509,8 @@ def composite_array(ds: xr.Dataset, observations: Sequence[Observation]) -> dask
         )
     arrays: list[Any] = [ds["scl"].data]
     arrays += [ds[role].data for role in BAND_ROLES.values()]
+    if s2cloudless:
+        arrays += [ds[role].data for role in L1C_ROLES]
     args: list[Any] = []
     for a in arrays:
         args += [a, "tyx"]
@@ -445,6 +522,7 @@ def composite_array(ds: xr.Dataset, observations: Sequence[Observation]) -> dask
         concatenate=True,
         dtype=np.float32,
         observations=list(observations),
+        s2cloudless=s2cloudless,
         meta=np.empty((0, 0, 0), dtype=np.float32),
     )
 
@@ -467,19 +545,26 @@ def naive_composite(ds: xr.Dataset, observations: Sequence[Observation]) -> xr.D
     return xr.Dataset(out)
 
 
-def task_bytes(chunk: int, observations: int) -> int:
+def task_bytes(chunk: int, observations: int, s2cloudless: bool = False) -> int:
     """Estimated peak bytes of one ``composite_block`` task on a ``chunk``-px block.
 
     Per pixel: the 7 input stacks (uint16/uint8, counted at 2 bytes) held by dask and
     their concatenated copies, the working copy, clear and valid masks of one band, and
     the 10 float32 outputs with their temporaries.
     """
-    per_pixel = observations * (7 * 2 * 2 + 2 + 1 + 1) + 10 * 4 * 2
+    stacks = 7 + (len(L1C_ROLES) if s2cloudless else 0)
+    # s2cloudless adds its float32 TOA copy at 1/16 of the pixels, and its mask.
+    extra = (len(L1C_ROLES) * 4 // 16 + 1) if s2cloudless else 0
+    per_pixel = observations * (stacks * 2 * 2 + 2 + 1 + 1 + extra) + 10 * 4 * 2
     return chunk * chunk * per_pixel
 
 
 def safe_chunk(
-    requested: int, observations: int, worker_memory: int | None, threads: int = 1
+    requested: int,
+    observations: int,
+    worker_memory: int | None,
+    threads: int = 1,
+    s2cloudless: bool = False,
 ) -> int:
     """The largest chunk up to ``requested`` whose tasks fit in half the worker's memory.
 
@@ -490,7 +575,7 @@ def safe_chunk(
         return requested
     budget = worker_memory // 2 // max(1, threads)
     chunk = requested
-    while chunk > 128 and task_bytes(chunk, observations) > budget:
+    while chunk > 128 and task_bytes(chunk, observations, s2cloudless) > budget:
         chunk //= 2
     return max(chunk, 128) if requested >= 128 else requested
 
@@ -722,21 +807,35 @@ def build_composite(
     chunk: int = DEFAULT_CHUNK,
     resampling: str = "bilinear",
     sign: Callable[[str], str] | None = None,
+    cloud_mask: str = "scl",
     progress: Callable[[str], None] = log.info,
 ) -> CompositeResult:
     """Composite ``items`` on ``geobox`` into a COG at ``target``: the whole stage.
 
     ``sign`` rewrites each asset href just before reading (Planetary Computer's SAS
-    tokens); the items passed in are not modified.
+    tokens); the items passed in are not modified. ``cloud_mask="scl+s2cloudless"``
+    also masks what s2cloudless finds on each scene's L1C twin (where it has one).
     """
     if chunk < 64:
         raise CompositeError(f"chunk must be at least 64 pixels, got {chunk}")
+    if cloud_mask not in CLOUD_MASKS:
+        raise CompositeError(f"unknown cloud_mask {cloud_mask!r}: use one of {CLOUD_MASKS}")
     started = time.perf_counter()
     if sign is not None:
         items = [_signed(item, sign) for item in items]
     ok, skipped = check_scene_files(items)
     for s in skipped:
         progress(f"composite: skipping scene {s.id}: {s.reason}")
+    s2c = cloud_mask == "scl+s2cloudless"
+    l1c_notes: list[str] = []
+    if s2c:
+        ok, l1c_notes = _check_l1c(ok)
+        for note in l1c_notes:
+            progress(f"composite: {note}")
+        with_twin = sum(1 for i in ok if L1C_ROLES[0] in i["assets"])
+        progress(f"composite: s2cloudless on the L1C twins of {with_twin} of {len(ok)} scenes")
+        if ok and not with_twin:
+            s2c = False
     lon = geobox.extent.to_crs("EPSG:4326").centroid.coords[0][0]
     tagged, observations = plan_observations(ok, lon)
     n_ch = math.ceil(geobox.shape.y / chunk) * math.ceil(geobox.shape.x / chunk)
@@ -749,6 +848,7 @@ def build_composite(
         "asmwatch_skipped": ",".join(s.id for s in skipped),
         "asmwatch_empty": str(empty).lower(),
         "asmwatch_masked_scl": ",".join(map(str, MASKED_SCL)),
+        "asmwatch_cloud_mask": "scl+s2cloudless" if s2c else "scl",
     }
     if empty:
         progress(
@@ -762,11 +862,11 @@ def build_composite(
     else:
         if client is not None:
             memory, threads = _cluster_memory(client)
-            fitted = safe_chunk(chunk, len(observations), memory, threads)
+            fitted = safe_chunk(chunk, len(observations), memory, threads, s2c)
             if fitted != chunk:
                 progress(
                     f"composite: chunk {chunk} px would need about "
-                    f"{task_bytes(chunk, len(observations)) / 2**30:.1f} GiB per task with "
+                    f"{task_bytes(chunk, len(observations), s2c) / 2**30:.1f} GiB per task with "
                     f"{len(observations)} observations; using {fitted} px to stay within "
                     f"the workers' {memory / 2**30 if memory else 0:.1f} GiB"
                 )
@@ -777,8 +877,8 @@ def build_composite(
             f"{geobox.shape.x}x{geobox.shape.y} px ({geobox.crs}, {geobox.resolution.x:g} m), "
             f"{n_ch} blocks of {chunk} px"
         )
-        ds = load_stack(tagged, geobox, chunk=chunk, resampling=resampling)
-        arr = composite_array(ds, observations)
+        ds = load_stack(tagged, geobox, chunk=chunk, resampling=resampling, s2cloudless=s2c)
+        arr = composite_array(ds, observations, s2cloudless=s2c)
         odc_log = logging.getLogger("odc.loader")
         odc_log.addHandler(failures)
         try:
@@ -810,6 +910,9 @@ def build_composite(
         seconds=time.perf_counter() - started,
         empty=empty,
         read_failures=list(failures.messages),
+        cloud_mask="scl+s2cloudless" if s2c else "scl",
+        l1c_scenes=sum(1 for i in ok if L1C_ROLES[0] in i["assets"]) if s2c else 0,
+        l1c_notes=l1c_notes,
     )
 
 
@@ -845,5 +948,6 @@ def composite_for_region(
         client=client,
         chunk=chunk,
         sign=signer,
+        cloud_mask=region.cloud_mask,
         progress=progress,
     )

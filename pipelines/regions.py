@@ -31,6 +31,12 @@ SOURCE_URLS: dict[str, str] = {
     "planetary-computer": "https://planetarycomputer.microsoft.com/api/stac/v1",
 }
 DEFAULT_COLLECTION = "sentinel-2-l2a"
+DEFAULT_L1C_COLLECTION = "sentinel-2-l1c"
+
+#: Cloud masks a composite can use: Sen2Cor's SCL alone, or SCL plus s2cloudless run
+#: on the matching L1C scene (s2cloudless needs top-of-atmosphere bands, B10 among them,
+#: which L2A does not carry; Earth Search has them as ``sentinel-2-l1c``).
+CLOUD_MASKS: tuple[str, ...] = ("scl", "scl+s2cloudless")
 
 #: Context-layer kinds a region may bring (see docs/data-dictionary.md).
 CONTEXT_KINDS: tuple[str, ...] = (
@@ -99,6 +105,12 @@ class Region:
     embedded: EmbeddedSpec | None = None
     min_valid_fraction: float = 0.5
     description: str = ""
+    cloud_mask: str = "scl"
+    l1c_collection: str = DEFAULT_L1C_COLLECTION
+
+    @property
+    def uses_s2cloudless(self) -> bool:
+        return self.cloud_mask == "scl+s2cloudless"
 
     @property
     def stac_url(self) -> str | None:
@@ -215,7 +227,8 @@ def _parse_region(
     n_before = len(problems)
     known = {
         "id", "name", "description", "aoi", "periods", "source", "collection",
-        "max_cloud_cover", "context", "embedded", "min_valid_fraction",
+        "max_cloud_cover", "context", "embedded", "min_valid_fraction", "cloud_mask",
+        "l1c_collection",
     }  # fmt: skip
     for key in raw:
         if key not in known:
@@ -256,6 +269,21 @@ def _parse_region(
     if isinstance(mvf, bool) or not isinstance(mvf, int | float) or not 0 <= mvf <= 1:
         problems.append(f"{where}.min_valid_fraction: {mvf!r} must be a number from 0 to 1")
 
+    cloud_mask = raw.get("cloud_mask", "scl")
+    if cloud_mask not in CLOUD_MASKS:
+        problems.append(
+            f"{where}.cloud_mask: unknown cloud mask {cloud_mask!r}: use one of "
+            f"{', '.join(CLOUD_MASKS)}"
+        )
+    l1c = raw.get("l1c_collection", DEFAULT_L1C_COLLECTION)
+    if not isinstance(l1c, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", l1c):
+        problems.append(f"{where}.l1c_collection: {l1c!r} is not a valid collection id")
+    if cloud_mask == "scl+s2cloudless" and source == "planetary-computer":
+        problems.append(
+            f"{where}.cloud_mask: s2cloudless needs Sentinel-2 L1C scenes, which Planetary "
+            "Computer does not serve; use source earth-search (or a STAC API with L1C)"
+        )
+
     context = _parse_context(raw.get("context"), f"{where}.context", problems, base_dir)
     embedded = _parse_embedded(raw.get("embedded"), f"{where}.embedded", problems)
     if source == "embedded" and embedded is None and raw.get("embedded") is None:
@@ -277,6 +305,8 @@ def _parse_region(
         context=context,
         embedded=embedded,
         min_valid_fraction=float(mvf),
+        cloud_mask=str(cloud_mask),
+        l1c_collection=str(l1c),
     )
 
 

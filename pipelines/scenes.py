@@ -39,6 +39,8 @@ class ScenesOutput:
             "tiles": sorted({s.mgrs_tile for s in r.scenes}),
             "dates": [s.datetime.date().isoformat() for s in r.scenes],
             "baselines": sorted({s.processing_baseline for s in r.scenes}),
+            "l1c_twins": sum(1 for s in r.scenes if s.l1c_assets),
+            "l1c_unmatched": list(r.l1c_unmatched),
             "path": str(self.path) if self.path else None,
         }
 

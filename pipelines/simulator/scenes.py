@@ -116,6 +116,49 @@ def render(
     return Acquisition(reflectance=out, scl=scl, cloud_cover=round(cc, 4))
 
 
+#: L1C bands the simulator writes for s2cloudless, with their native resolution.
+L1C_BANDS: dict[str, int] = {
+    "B01": 60, "B02": 10, "B04": 10, "B05": 20, "B08": 10, "B8A": 20, "B09": 60,
+    "B10": 60, "B11": 20, "B12": 20,
+}  # fmt: skip
+
+
+def toa_bands(acq: Acquisition) -> dict[str, np.ndarray]:
+    """Top-of-atmosphere (L1C) reflectance of an acquisition, at native resolutions.
+
+    A simple tropical-atmosphere model: path radiance added mostly in the blue, water
+    vapour absorption in B09, and B10 (cirrus, 1.375 um) near zero over land but bright
+    over clouds. Enough for s2cloudless to see clouds as clouds; not radiative transfer.
+    """
+    r = acq.reflectance
+    h, w = r["B02"].shape
+    b11 = np.repeat(np.repeat(r["B11"], 2, 0), 2, 1)[:h, :w]
+    b12 = np.repeat(np.repeat(r["B12"], 2, 0), 2, 1)[:h, :w]
+    bright = np.clip((r["B02"] - 0.12) / 0.3, 0, 1)
+    toa10 = {
+        "B01": r["B02"] * 0.85 + 0.10,
+        "B02": r["B02"] * 0.92 + 0.07,
+        "B04": r["B04"] * 0.95 + 0.03,
+        "B05": (0.8 * r["B04"] + 0.2 * r["B08"]) * 0.97 + 0.025,
+        "B08": r["B08"] * 0.97 + 0.012,
+        "B8A": r["B08"] * 1.02 + 0.010,
+        "B09": r["B08"] * 0.35 + 0.004,
+        "B10": 0.002 + 0.06 * bright,
+        "B11": b11 * 0.98 + 0.004,
+        "B12": b12 * 0.98 + 0.002,
+    }
+    out = {}
+    for band, res in L1C_BANDS.items():
+        f = res // 10
+        a = toa10[band].astype(np.float32)
+        if f > 1:
+            ph, pw = -h % f, -w % f  # pad to whole coarse pixels (edge values)
+            a = np.pad(a, ((0, ph), (0, pw)), mode="edge")
+            a = a.reshape(a.shape[0] // f, f, a.shape[1] // f, f).mean(axis=(1, 3))
+        out[band] = a
+    return out
+
+
 def to_dn(reflectance: np.ndarray, offset: float, scale: float = 1e-4) -> np.ndarray:
     """Encode reflectance as L2A digital numbers (uint16, 0 reserved for no data)."""
     dn = np.round((reflectance - offset) / scale)

@@ -32,10 +32,24 @@ from pipelines.grid import Window, mgrs_tile, window_for_bbox
 from pipelines.regions import EmbeddedSpec, Period, Region
 from pipelines.simulator.context import write_context
 from pipelines.simulator.landscape import build_landscape
-from pipelines.simulator.scenes import BANDS, BANDS_20M, render, to_dn, write_cog
+from pipelines.simulator.scenes import (
+    BANDS,
+    BANDS_20M,
+    L1C_BANDS,
+    render,
+    to_dn,
+    toa_bands,
+    write_cog,
+)
 from pipelines.storage import atomic_dir
 
 COLLECTION = "sentinel-2-l2a"
+L1C_COLLECTION = "sentinel-2-l1c"
+#: Earth Search v1 asset keys of the L1C bands s2cloudless reads.
+L1C_ASSET_KEYS = {
+    "B01": "coastal", "B02": "blue", "B04": "red", "B05": "rededge1", "B08": "nir",
+    "B8A": "nir08", "B09": "nir09", "B10": "cirrus", "B11": "swir16", "B12": "swir22",
+}  # fmt: skip
 WORLD_VERSION = 1  # bump when the simulator's output changes, to rebuild cached worlds
 ASSET_KEYS = {
     "B02": "blue", "B03": "green", "B04": "red", "B08": "nir",
@@ -74,6 +88,8 @@ def spec_hash(region: Region) -> str:
         "periods": [(p.id, p.start.isoformat(), p.end.isoformat()) for p in region.periods],
         "spec": asdict(spec),
     }
+    if region.uses_s2cloudless:
+        doc["l1c"] = True  # only then, so existing worlds keep their hash
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -141,6 +157,11 @@ def simulate_world(region: Region, out: Path) -> WorldInfo:
                         tmp, acq, window, tile, date, platform, seq, baseline, footprint
                     )
                     item_ids.append(item["id"])
+                if region.uses_s2cloudless:
+                    l1c = _write_l1c(
+                        tmp, acq, window, tile, date, platform, versions[0][1], footprint
+                    )
+                    item_ids.append(l1c["id"])
         write_context(tmp / "context", region, window, land, to_lonlat)
         info = {
             "region": region.id,
@@ -272,6 +293,69 @@ def _write_scene(
             {"rel": "collection", "href": "../collection.json", "type": "application/json"},
             {"rel": "parent", "href": "../collection.json", "type": "application/json"},
         ],
+        "assets": assets,
+    }
+    (root / "items" / f"{item_id}.json").write_text(
+        json.dumps(item, indent=1, sort_keys=True) + "\n"
+    )
+    return item
+
+
+def _write_l1c(
+    root: Path,
+    acq: Any,
+    window: Window,
+    tile: str,
+    date: dt.date,
+    platform: str,
+    baseline: str,
+    footprint: dict[str, Any],
+) -> dict[str, Any]:
+    """The L1C twin of an acquisition (Earth Search v1 ``sentinel-2-l1c`` keys)."""
+    item_id = f"S2{platform[-1].upper()}_{tile}_{date:%Y%m%d}_0_L1C"
+    offset = -0.1 if float(baseline) >= 4.0 else 0.0
+    cog_dir = root / "cogs" / item_id
+    cog_dir.mkdir(parents=True)
+    assets: dict[str, Any] = {}
+    for band, toa in toa_bands(acq).items():
+        res = L1C_BANDS[band]
+        win = window.at(res)
+        win = Window(win.epsg, win.x0, win.y0, toa.shape[1], toa.shape[0], res)
+        write_cog(cog_dir / f"{band}.tif", to_dn(toa, offset), win)
+        assets[L1C_ASSET_KEYS[band]] = {
+            "href": f"../cogs/{item_id}/{band}.tif",
+            "type": "image/tiff; application=geotiff; profile=cloud-optimized",
+            "roles": ["data", "reflectance"],
+            "eo:bands": [{"name": band}],
+            "proj:shape": [win.height, win.width],
+            "proj:transform": list(win.transform),
+            "raster:bands": [
+                {"nodata": 0, "data_type": "uint16", "spatial_resolution": res,
+                 "scale": 0.0001, "offset": offset}
+            ],
+        }  # fmt: skip
+    when = dt.datetime.combine(date, SENSING_TIME, tzinfo=dt.UTC)
+    stamp = when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    item = {
+        "type": "Feature",
+        "stac_version": "1.0.0",
+        "stac_extensions": [],
+        "id": item_id,
+        "collection": L1C_COLLECTION,
+        "bbox": _bbox(footprint),
+        "geometry": footprint,
+        "properties": {
+            "datetime": stamp,
+            "platform": platform,
+            "constellation": "sentinel-2",
+            "eo:cloud_cover": acq.cloud_cover,
+            "proj:epsg": window.epsg,
+            "grid:code": f"MGRS-{tile}",
+            "s2:product_type": "S2MSI1C",
+            "s2:processing_baseline": baseline,
+            "asmwatch:simulated": True,
+        },
+        "links": [],
         "assets": assets,
     }
     (root / "items" / f"{item_id}.json").write_text(

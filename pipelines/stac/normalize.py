@@ -118,6 +118,10 @@ class Scene:
     bbox: tuple[float, ...]
     assets: Mapping[str, SceneAsset]
     properties: Mapping[str, Any] = field(default_factory=dict)
+    #: The matching L1C scene's top-of-atmosphere bands (band id -> asset), for
+    #: s2cloudless; empty unless the region asks for it (``pipelines.stac.l1c``).
+    l1c_assets: Mapping[str, SceneAsset] = field(default_factory=dict)
+    l1c_id: str | None = None
 
     @property
     def baseline_number(self) -> float:
@@ -158,6 +162,25 @@ class Scene:
             if a.proj_transform is not None:
                 asset["proj:transform"] = list(a.proj_transform)
             assets[role] = asset
+        for band_id, a in self.l1c_assets.items():
+            l1c_band: dict[str, Any] = {
+                "scale": a.scale, "offset": a.offset, "spatial_resolution": a.resolution,
+                "data_type": "uint16", "nodata": a.nodata if a.nodata is not None else 0,
+            }  # fmt: skip
+            l1c: dict[str, Any] = {
+                "href": a.href,
+                "type": a.media_type or "image/tiff; application=geotiff",
+                "roles": ["data", "toa-reflectance"],
+                "raster:bands": [l1c_band],
+                "eo:bands": [{"name": band_id}],
+            }
+            if a.proj_shape is not None:
+                l1c["proj:shape"] = list(a.proj_shape)
+            if a.proj_transform is not None:
+                l1c["proj:transform"] = list(a.proj_transform)
+            assets[f"l1c_{band_id}"] = l1c
+        if self.l1c_id:
+            props["asmwatch:l1c_id"] = self.l1c_id
         return {
             "type": "Feature",
             "stac_version": "1.0.0",

@@ -39,6 +39,7 @@ class SearchResult:
     too_cloudy: int = 0
     unknown_cloud: int = 0
     pages_s: float = 0.0
+    l1c_unmatched: list[str] = field(default_factory=list)  # L2A ids without an L1C twin
 
     @property
     def cloud_stats(self) -> dict[str, float]:
@@ -112,7 +113,44 @@ def search_scenes(
     except APIError as e:
         raise StacSearchError(f"STAC search at {url} failed: {e}") from e
     elapsed = time.monotonic() - t0
-    return _finish(items, region.max_cloud_cover, use_filter, elapsed)
+    result = _finish(items, region.max_cloud_cover, use_filter, elapsed)
+    if region.uses_s2cloudless and result.scenes:
+        attach_l1c(client, url, region, period, result, say)
+    return result
+
+
+def attach_l1c(
+    client: pystac_client.Client,
+    url: str,
+    region: Region,
+    period: Period,
+    result: SearchResult,
+    say: Callable[[str], None],
+) -> None:
+    """Find each kept scene's L1C twin (for s2cloudless) in ``region.l1c_collection``."""
+    from pipelines.stac.l1c import pair_l1c
+
+    say(f"searching {url} for the L1C twins ({region.l1c_collection}) for s2cloudless")
+    try:
+        search = client.search(
+            collections=[region.l1c_collection],
+            intersects=region.geometry,
+            datetime=period.datetime_range,
+            limit=PAGE_SIZE,
+        )
+        l1c = list(_pages(search.pages_as_dicts(), say))
+    except APIError as e:
+        raise StacSearchError(f"L1C search at {url} failed: {e}") from e
+    paired = pair_l1c(result.scenes, l1c)
+    result.scenes = paired.scenes
+    result.l1c_unmatched = paired.unmatched
+    for item_id, why in paired.skipped:
+        say(f"L1C item {item_id} unusable: {why}")
+    say(
+        f"L1C twins found for {len(result.scenes) - len(paired.unmatched)} of "
+        f"{len(result.scenes)} scenes"
+        + (f"; SCL only for {', '.join(paired.unmatched)}" if paired.unmatched else "")
+    )
 
 
 def _pages(
