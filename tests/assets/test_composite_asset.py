@@ -15,7 +15,7 @@ from assets.resources import AsmwatchSettings, DaskResource, StacResource
 from assets.scenes import scenes
 
 
-def _regions_file(tmp_path: Path, min_valid_fraction: float = 0.5) -> Path:
+def _regions_file(tmp_path: Path, min_valid_fraction: float = 0.5, cloud_mask: str = "scl") -> Path:
     doc = {
         "regions": [
             {
@@ -26,6 +26,7 @@ def _regions_file(tmp_path: Path, min_valid_fraction: float = 0.5) -> Path:
                 "periods": [2019, 2020],
                 "source": "embedded",
                 "min_valid_fraction": min_valid_fraction,
+                "cloud_mask": cloud_mask,
                 "embedded": {"seed": 7, "scenes_per_period": 3},
             }
         ]
@@ -119,3 +120,17 @@ def test_dask_resource_names_an_unreachable_scheduler() -> None:
     res = DaskResource(scheduler_address="tcp://127.0.0.1:9", connect_timeout_s=2)
     with pytest.raises(dg.Failure, match=r"cannot reach the scheduler at 'tcp://127.0.0.1:9'"):
         res.client()
+
+
+@pytest.mark.slow
+def test_s2cloudless_region_runs_through_both_assets(tmp_path: Path) -> None:
+    regions = _regions_file(tmp_path, cloud_mask="scl+s2cloudless")
+    result = dg.materialize(
+        [scenes, composite],
+        partition_key=partition_key("demo-huepetuhe", "2019"),
+        resources=_resources(tmp_path, regions),
+    )
+    assert result.success
+    sc, comp = _meta(result, "scenes"), _meta(result, "composite")
+    assert sc["l1c_twins"] == sc["scene_count"] and sc["l1c_unmatched"] == []
+    assert comp["cloud_mask"] == "scl+s2cloudless" and comp["l1c_scenes"] == sc["scene_count"]

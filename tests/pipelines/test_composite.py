@@ -393,3 +393,23 @@ def test_a_corrupt_block_inside_a_cog_is_reported_not_fatal(
     assert res.skipped == [], "the file opens and its last block reads"
     assert res.read_failures and all("B04.tif" in m for m in res.read_failures)
     assert res.path.exists() and res.valid_fraction > 0.5
+
+
+def test_data_root_with_space_and_plus_reads(tmp_path: Path) -> None:
+    """file:// hrefs are percent-encoded ('+' is %2B); the composite reads them anyway."""
+    import dataclasses
+
+    from pyproj import Transformer
+
+    region = dataclasses.replace(small_region(), bbox=(-70.55, -13.0, -70.54, -12.99),
+                                 geometry={"type": "Polygon", "coordinates": [[[-70.55, -13.0], [-70.54, -13.0], [-70.54, -12.99], [-70.55, -12.99], [-70.55, -13.0]]]})  # fmt: skip
+    t = Transformer.from_crs(4326, 32719, always_xy=True)
+    xs, ys = t.transform([-70.56, -70.53], [-13.01, -12.98])
+    bounds = (min(xs) // 20 * 20, min(ys) // 20 * 20, max(xs) // 20 * 20, max(ys) // 20 * 20)
+    odd = tmp_path / "my data+v2"
+    item = constant_scene(odd, "S2A_19LCF_20210701_0_L2A", "2021-07-01T14:56:00Z", 32719, bounds, dn=1234)  # fmt: skip
+    assert "%2B" in item["assets"]["red"]["href"] and "%20" in item["assets"]["red"]["href"]
+    res = build_composite([item], region_geobox(region), odd / "c.tif", chunk=128)
+    data, _ = _read(res.path)
+    assert res.skipped == [] and res.read_failures == []
+    assert np.allclose(data[BAND["B04"]], 0.1234, atol=1e-6)
