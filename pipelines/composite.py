@@ -486,14 +486,17 @@ def composite_block(
 def _s2cloudless_block(
     l1c_dn: Sequence[npt.NDArray[np.uint16]], observations: Sequence[Observation]
 ) -> npt.NDArray[np.bool_]:
-    from pipelines.cloudmask import s2cloudless_mask
+    from pipelines.cloudmask import decimate, s2cloudless_mask
 
-    toa = np.empty((l1c_dn[0].shape[0], len(L1C_ROLES), *l1c_dn[0].shape[1:]), np.float32)
-    for j, (role, dn) in enumerate(zip(L1C_ROLES, l1c_dn, strict=True)):
+    small = [decimate(dn) for dn in l1c_dn]  # the classifier runs at a coarser step
+    toa = np.empty((small[0].shape[0], len(L1C_ROLES), *small[0].shape[1:]), np.float32)
+    for j, (role, dn) in enumerate(zip(L1C_ROLES, small, strict=True)):
         scale = np.array([o.l1c_scale.get(role, 1e-4) for o in observations], np.float32)
         offset = np.array([o.l1c_offset.get(role, 0.0) for o in observations], np.float32)
         toa[:, j] = dn * scale[:, None, None] + offset[:, None, None]
-    available = np.all([dn != 0 for dn in l1c_dn], axis=0)
+    available = np.ones(l1c_dn[0].shape, dtype=bool)
+    for dn in l1c_dn:
+        available &= dn != 0
     return s2cloudless_mask(toa, available)
 
 
