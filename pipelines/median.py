@@ -94,6 +94,17 @@ def _read_median(
     return lo, hi
 
 
+def _median_of(
+    work: npt.NDArray[np.generic], count: npt.NDArray[np.uint8]
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
+    """Sort ``work`` (masked values already set to the sentinel) and read the medians."""
+    _sort_planes(work)
+    lo, hi = _read_median(work, count)
+    med = (lo.astype(np.float32) + hi.astype(np.float32)) * np.float32(0.5)
+    med[count == 0] = np.nan
+    return med, count
+
+
 def masked_median_dn(
     dn: npt.NDArray[np.uint16],
     clear: npt.NDArray[np.bool_],
@@ -117,12 +128,7 @@ def masked_median_dn(
         work = np.where(valid, shifted, np.int32(DN_SENTINEL)).astype(np.uint16)
     else:
         work = np.where(valid, dn, DN_SENTINEL)
-    count = valid.sum(axis=0, dtype=np.uint8)
-    _sort_planes(work)
-    lo, hi = _read_median(work, count)
-    med = (lo.astype(np.float32) + hi.astype(np.float32)) * np.float32(0.5)
-    med[count == 0] = np.nan
-    return med, count
+    return _median_of(work, valid.sum(axis=0, dtype=np.uint8))
 
 
 def masked_median_float(
@@ -135,9 +141,4 @@ def masked_median_float(
         )
     ok = valid & np.isfinite(values)
     work = np.where(ok, values.astype(np.float32), np.float32(np.inf))
-    count = ok.sum(axis=0, dtype=np.uint8)
-    _sort_planes(work)
-    lo, hi = _read_median(work, count)
-    med = (lo.astype(np.float32) + hi.astype(np.float32)) * np.float32(0.5)
-    med[count == 0] = np.nan
-    return med, count
+    return _median_of(work, ok.sum(axis=0, dtype=np.uint8))

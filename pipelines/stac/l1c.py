@@ -23,9 +23,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from pipelines.stac.normalize import (
-    BOA_OFFSET,
-    DEFAULT_SCALE,
-    OFFSET_BASELINE,
     TWIN_TOLERANCE,
     NormalizeError,
     Scene,
@@ -34,6 +31,7 @@ from pipelines.stac.normalize import (
     _nodata,
     mgrs_tile,
     processing_baseline,
+    scale_offset,
 )
 
 #: s2cloudless's input bands, in the order its model takes them.
@@ -89,11 +87,9 @@ def normalize_l1c_item(item: Mapping[str, Any]) -> L1CItem:
             continue
         a = raw_assets[key]
         rb = (a.get("raster:bands") or [{}])[0]
-        if "scale" in rb or "offset" in rb:
-            scale, offset = float(rb.get("scale", 1.0)), float(rb.get("offset", 0.0))
-        else:
-            scale = DEFAULT_SCALE
-            offset = BOA_OFFSET if baseline >= OFFSET_BASELINE else 0.0
+        # The L2A rule holds for L1C too: raster:bands, else -0.1 from baseline 04.00
+        # (there called RADIO_ADD_OFFSET).
+        scale, offset = scale_offset(a, band, baseline, props)
         shape = a.get("proj:shape")
         transform = a.get("proj:transform")
         out[band] = SceneAsset(
