@@ -201,6 +201,17 @@ def _footprint(window: Window, to_lonlat: Transformer) -> dict[str, Any]:
     return {"type": "Polygon", "coordinates": [ring]}
 
 
+def _new_product(
+    root: Path, platform: str, tile: str, date: dt.date, seq: int, level: str, baseline: str
+) -> tuple[str, float, Path]:
+    """Item id (Earth Search style), DN offset for the baseline, and a fresh COG folder."""
+    item_id = f"S2{platform[-1].upper()}_{tile}_{date:%Y%m%d}_{seq}_{level}"
+    offset = -0.1 if float(baseline) >= 4.0 else 0.0
+    cog_dir = root / "cogs" / item_id
+    cog_dir.mkdir(parents=True)
+    return item_id, offset, cog_dir
+
+
 def _write_scene(
     root: Path,
     acq: Any,
@@ -212,10 +223,7 @@ def _write_scene(
     baseline: str,
     footprint: dict[str, Any],
 ) -> dict[str, Any]:
-    item_id = f"S2{platform[-1].upper()}_{tile}_{date:%Y%m%d}_{seq}_L2A"
-    offset = -0.1 if float(baseline) >= 4.0 else 0.0
-    cog_dir = root / "cogs" / item_id
-    cog_dir.mkdir(parents=True)
+    item_id, offset, cog_dir = _new_product(root, platform, tile, date, seq, "L2A", baseline)
     assets: dict[str, Any] = {}
     for band in (*BANDS, "SCL"):
         res = 20 if band in BANDS_20M or band == "SCL" else 10
@@ -312,10 +320,7 @@ def _write_l1c(
     footprint: dict[str, Any],
 ) -> dict[str, Any]:
     """The L1C twin of an acquisition (Earth Search v1 ``sentinel-2-l1c`` keys)."""
-    item_id = f"S2{platform[-1].upper()}_{tile}_{date:%Y%m%d}_0_L1C"
-    offset = -0.1 if float(baseline) >= 4.0 else 0.0
-    cog_dir = root / "cogs" / item_id
-    cog_dir.mkdir(parents=True)
+    item_id, offset, cog_dir = _new_product(root, platform, tile, date, 0, "L1C", baseline)
     assets: dict[str, Any] = {}
     for band, toa in toa_bands(acq).items():
         res = L1C_BANDS[band]
