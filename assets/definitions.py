@@ -5,10 +5,23 @@ from __future__ import annotations
 import dagster as dg
 
 from assets.composite import composite
-from assets.resources import AsmwatchSettings, DaskResource, StacResource
+from assets.detection import mining_model, mining_probability
+from assets.resources import AsmwatchSettings, DaskResource, StacResource, TorchResource
 from assets.scenes import scenes
 
+#: Region x period work up to the composite; then the model (all regions at once);
+#: then the per-partition detections. `asmwatch demo` runs them in that order.
+ingest_job = dg.define_asset_job("ingest", selection=[scenes, composite])
+model_job = dg.define_asset_job("train_model", selection=[mining_model])
+detect_job = dg.define_asset_job("detect", selection=[mining_probability])
+
 defs = dg.Definitions(
-    assets=[scenes, composite],
-    resources={"settings": AsmwatchSettings(), "stac": StacResource(), "dask": DaskResource()},
+    assets=[scenes, composite, mining_model, mining_probability],
+    jobs=[ingest_job, model_job, detect_job],
+    resources={
+        "settings": AsmwatchSettings(),
+        "stac": StacResource(),
+        "dask": DaskResource(),
+        "torch_device": TorchResource(),
+    },
 )

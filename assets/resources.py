@@ -142,3 +142,13 @@ class DaskResource(dg.ConfigurableResource):
             self._cluster.close()
         self._client = None
         self._cluster = None
+
+
+class TorchResource(dg.ConfigurableResource):
+    """Where and how the model runs: CUDA when present (``device: auto``), else CPU."""
+
+    device: str = "auto"  # auto | cuda | cpu
+    tile: int = 256  # inference tile edge, pixels (a multiple of 32)
+    overlap: int = 32  # pixels shared by neighbouring tiles, blended
+    batch: int = 16  # tiles per forward pass
+    retrain: bool = False  # train even when a model for the same inputs is registered

@@ -126,6 +126,7 @@ def load_sql(name: str) -> str:
 # The tables the catalog knows: view name -> (sql file, glob relative to the data root).
 VIEWS: dict[str, tuple[str, str]] = {
     "scenes": ("scenes_view", "scenes/*/*.parquet"),
+    "models": ("models_view", "models/models.parquet"),
 }
 
 

@@ -8,6 +8,7 @@ instance under the data root so ``make ui`` shows the runs) and prints what land
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -63,31 +64,35 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from assets.definitions import defs
     from assets.partitions import partition_key
     from pipelines.composite import composite_path
+    from pipelines.detection import probability_path
     from pipelines.scenes import scenes_path
 
     print(f"asmwatch demo: region {region.id} ({region.name}), data root {root}")
     instance = dg.DagsterInstance.get()
-    job = defs.resolve_implicit_global_asset_job_def()
+    run_config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+
+    def run(job_name: str, label: str, key: Any = None, run_config_extra: Any = None) -> Any:
+        result = defs.get_job_def(job_name).execute_in_process(
+            instance=instance,
+            partition_key=key,
+            run_config={**run_config, **(run_config_extra or {})},
+            raise_on_error=False,
+        )
+        if not result.success:
+            print(f"  {label}: FAILED; see the run {result.run_id} in `make ui`", file=sys.stderr)
+            for ev in result.all_events:
+                if ev.is_failure and ev.step_failure_data is not None:
+                    err = ev.step_failure_data.error
+                    print(err.message if err else "", file=sys.stderr)
+            return None
+        return result
+
     t0 = time.monotonic()
     rows = []
     for period in region.periods:
         t = time.monotonic()
-        result = job.execute_in_process(
-            instance=instance,
-            partition_key=partition_key(region.id, period.id),
-            run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
-            raise_on_error=False,
-        )
-        if not result.success:
-            print(
-                f"  {period.id}: FAILED; see the run {result.run_id} in `make ui`", file=sys.stderr
-            )
-            for ev in result.all_events:
-                if ev.is_failure and ev.step_failure_data is not None:
-                    print(
-                        ev.step_failure_data.error.message if ev.step_failure_data.error else "",
-                        file=sys.stderr,
-                    )
+        result = run("ingest", period.id, partition_key(region.id, period.id))
+        if result is None:
             return 1
         meta: dict[str, Any] = {
             k: v.value
@@ -107,6 +112,42 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             f"NDVI {comp['band_means'].get('NDVI', float('nan')):.2f}  "
             f"[{time.monotonic() - t:.1f} s]"
         )
+    t = time.monotonic()
+    print("  training the mining model (U-Net, CPU unless a GPU is present) ...", flush=True)
+    train_cfg = {"max_epochs": args.train_epochs} if args.train_epochs else {}
+    trained = run(
+        "train_model",
+        "mining_model",
+        run_config_extra={"ops": {"mining_model": {"config": train_cfg}}},
+    )
+    if trained is None:
+        return 1
+    m = {
+        k: v.value
+        for k, v in trained.asset_materializations_for_node("mining_model")[0].metadata.items()
+    }
+    print(
+        f"  mining_model: {m['model_id']} ({'reused' if m['reused'] else 'trained'} on "
+        f"{m['device']}), held-out IoU {m['heldout_iou']:.3f} vs index baseline "
+        f"{m['baseline_heldout_iou']:.3f}  [{time.monotonic() - t:.1f} s]"
+    )
+    world = json.loads((root / "embedded" / region.id / "world.json").read_text())
+    for period in region.periods:
+        t = time.monotonic()
+        detected = run("detect", f"{period.id} detection", partition_key(region.id, period.id))
+        if detected is None:
+            return 1
+        p = {
+            k: v.value
+            for k, v in detected.asset_materializations_for_node("mining_probability")[
+                0
+            ].metadata.items()
+        }
+        truth_ha = world.get("mining_ha", {}).get(period.id)
+        print(
+            f"  {period.id}: mining {p['mining_ha']:.1f} ha detected (truth {truth_ha} ha), "
+            f"IoU {p.get('truth_iou', float('nan')):.3f}  [{time.monotonic() - t:.1f} s]"
+        )
     print(f"done in {time.monotonic() - t0:.1f} s\n")
     print("Results:")
     print(f"  scenes (stac-geoparquet): {root / 'scenes' / region.id}/<period>.parquet")
@@ -115,7 +156,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"  composites (COG):         {composite_path(root, region.id, '<period>')}")
     for period_id, _meta, _ in rows:
         print(f"    {composite_path(root, region.id, period_id)}")
-    print(f"  DuckDB catalog:           {root / 'asmwatch.duckdb'}  (view: scenes)")
+    print(f"  mining probability (COG): {probability_path(root, region.id, '<period>')}")
+    print(f"  models (registry):        {root / 'models'}  (view: models)")
+    print(f"  DuckDB catalog:           {root / 'asmwatch.duckdb'}  (views: scenes, models)")
     print(
         f"  embedded world:           {root / 'embedded' / region.id}  (COGs, STAC items, truth masks, context layers)"
     )
@@ -162,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--data", help="data root (default: $ASMWATCH_DATA or ./data)")
     d.add_argument("--regions", help="regions file (default: $ASMWATCH_REGIONS or regions.yaml)")
     d.add_argument("--region", help="region id (default: the first embedded region)")
+    d.add_argument(
+        "--train-epochs", type=int, default=0,
+        help="cap the model's training epochs (default: the asset's, 20 with early stopping)",
+    )  # fmt: skip
     d.set_defaults(func=_cmd_demo)
 
     s = sub.add_parser("sql", help="run a query against the DuckDB catalog (read-only)")

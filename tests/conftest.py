@@ -164,3 +164,20 @@ def constant_scene(
         "links": [],
         "assets": assets,
     }
+
+
+@pytest.fixture(scope="session")
+def small_composites_root(small_scenes_root: Path, small_world: Path) -> Path:
+    """The small world's scenes and composites for every period, with its truth masks
+    where the detection stage looks for them (embedded/<region>/truth)."""
+    import shutil
+
+    from pipelines.composite import composite_for_region
+
+    region = small_region()
+    for period in region.periods:
+        composite_for_region(region, period, small_scenes_root, chunk=256, progress=lambda _m: None)
+    truth = small_scenes_root / "embedded" / region.id / "truth"
+    if not truth.exists():
+        shutil.copytree(small_world / "truth", truth)
+    return small_scenes_root

@@ -42,7 +42,8 @@ def test_demo_runs_and_prints_where_results_are(
     monkeypatch.setenv("ASMWATCH_DATA", str(tmp_path))
     monkeypatch.setenv("ASMWATCH_REGIONS", str(ROOT / "regions.yaml"))
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
-    assert main(["demo", "--data", str(tmp_path), "--regions", str(ROOT / "regions.yaml")]) == 0
+    argv = ["demo", "--data", str(tmp_path), "--regions", str(ROOT / "regions.yaml")]
+    assert main([*argv, "--train-epochs", "2"]) == 0
     out = capsys.readouterr().out
     for period, n in (("2019", 4), ("2020", 3), ("2021", 4)):
         assert f"  {period}: {n} scenes" in out
@@ -50,6 +51,12 @@ def test_demo_runs_and_prints_where_results_are(
         cog = tmp_path / "composite" / "demo-huepetuhe" / f"{period}.tif"
         assert cog.exists() and str(cog) in out
     assert out.count("% clear, mean ") == 3
+    assert "mining_model: unet-" in out and "held-out IoU" in out
+    assert out.count("ha detected (truth") == 3
+    for period in ("2019", "2020", "2021"):
+        assert (tmp_path / "probability" / "demo-huepetuhe" / f"{period}.tif").exists()
     assert str(tmp_path / "asmwatch.duckdb") in out
     assert main(["sql", "SELECT count(*) AS n FROM scenes", "--data", str(tmp_path)]) == 0
     assert "11" in capsys.readouterr().out
+    assert main(["sql", "SELECT count(*) AS n FROM models", "--data", str(tmp_path)]) == 0
+    assert "1" in capsys.readouterr().out

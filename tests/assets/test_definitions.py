@@ -20,10 +20,11 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_definitions_load() -> None:
     repo = defs.get_repository_def()
     keys = {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()}
-    assert {"scenes", "composite"} <= keys
+    assert {"scenes", "composite", "mining_model", "mining_probability"} <= keys
     checks = {(k.asset_key.to_user_string(), k.name) for k in repo.asset_graph.asset_check_keys}
     assert ("composite", "valid_fraction") in checks
-    assert set(defs.resources or {}) >= {"settings", "stac", "dask"}
+    assert set(defs.resources or {}) >= {"settings", "stac", "dask", "torch_device"}
+    assert {j.name for j in repo.get_all_jobs()} >= {"ingest", "train_model", "detect"}
     dims = {d.name: d.partitions_def.get_partition_keys() for d in PARTITIONS.partitions_defs}
     assert "demo-huepetuhe" in dims["region"] and {"2019", "2020", "2021"} <= set(dims["period"])
 

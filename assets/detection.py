@@ -1,0 +1,141 @@
+"""The detection assets: ``mining_model`` (trained, versioned) and ``mining_probability``.
+
+No ``from __future__ import annotations`` here: Dagster inspects the context annotation.
+"""
+
+from typing import Any
+
+import dagster as dg
+
+from assets.composite import composite
+from assets.partitions import PARTITIONS, region_and_period
+from assets.resources import AsmwatchSettings, TorchResource
+from ml import registry
+from ml.train import TrainConfig
+from pipelines.catalog import refresh_views
+from pipelines.detection import map_probability, train_mining_model
+
+
+class MiningModelConfig(dg.Config):
+    """Training knobs (the defaults train the demo in a few minutes on 2 CPU cores)."""
+
+    chip: int = 128
+    batch: int = 16
+    steps_per_epoch: int = 12
+    max_epochs: int = 20
+    patience: int = 4
+    seed: int = 42
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(
+            chip=self.chip, batch=self.batch, steps_per_epoch=self.steps_per_epoch,
+            max_epochs=self.max_epochs, patience=self.patience, seed=self.seed,
+        )  # fmt: skip
+
+
+def _scores_md(metrics: dict[str, Any]) -> str:
+    h, b = metrics["heldout"], metrics["baseline_heldout"]
+    rows = "\n".join(
+        f"| {k} | {h[k]:.3f} | {b[k]:.3f} |"
+        for k in ("iou", "f1", "precision", "recall", "specificity")
+    )
+    return "| held-out metric | U-Net | index baseline |\n|---|---|---|\n" + rows
+
+
+@dg.asset(
+    group_name="detect",
+    kinds={"pytorch", "duckdb"},
+    owners=["team:asmwatch"],
+    deps=[dg.AssetDep(composite, partition_mapping=dg.AllPartitionMapping())],
+    description=(
+        "The mining segmentation model: a U-Net (segmentation-models-pytorch, ResNet-18 "
+        "encoder, no pretrained weights) trained on the composites of regions with ground "
+        "truth, the last period of each held out for evaluation. Reuses the registered "
+        "model when its inputs are unchanged. Checkpoints under models/<model_id>/, "
+        "records in the `models` view of the DuckDB catalog."
+    ),
+)
+def mining_model(
+    context: dg.AssetExecutionContext,
+    config: MiningModelConfig,
+    settings: AsmwatchSettings,
+    torch_device: TorchResource,
+) -> dg.MaterializeResult:
+    root = settings.root()
+    regions = settings.regions().regions
+    try:
+        out = train_mining_model(
+            root, regions, config=config.train_config(), device=torch_device.device,
+            force=torch_device.retrain,
+            progress=context.log.info,
+        )  # fmt: skip
+    except ValueError as e:
+        raise dg.Failure(description=str(e)) from e
+    views = refresh_views(root)
+    r = out.record
+    h, b = r.metrics["heldout"], r.metrics["baseline_heldout"]
+    return dg.MaterializeResult(
+        metadata={
+            "model_id": dg.MetadataValue.text(r.model_id),
+            "reused": dg.MetadataValue.bool(out.reused),
+            "heldout_iou": dg.MetadataValue.float(h["iou"]),
+            "heldout_f1": dg.MetadataValue.float(h["f1"]),
+            "heldout_precision": dg.MetadataValue.float(h["precision"]),
+            "heldout_recall": dg.MetadataValue.float(h["recall"]),
+            "baseline_heldout_iou": dg.MetadataValue.float(b["iou"]),
+            "scores": dg.MetadataValue.md(_scores_md(r.metrics)),
+            "validation_iou": dg.MetadataValue.float(r.metrics["validation"]["iou"]),
+            "epochs": dg.MetadataValue.int(r.metrics["epochs"]),
+            "best_epoch": dg.MetadataValue.int(r.metrics["best_epoch"]),
+            "device": dg.MetadataValue.text(r.device),
+            "training_seconds": dg.MetadataValue.float(r.seconds),
+            "train_data": dg.MetadataValue.json(r.train_data),
+            "input_hash": dg.MetadataValue.text(r.input_hash),
+            "path": dg.MetadataValue.path(r.path),
+            "catalog": dg.MetadataValue.json(views),
+        }
+    )
+
+
+@dg.asset(
+    partitions_def=PARTITIONS,
+    group_name="detect",
+    kinds={"pytorch", "cog"},
+    owners=["team:asmwatch"],
+    deps=[composite, mining_model],
+    description=(
+        "Per-pixel mining probability for a region and period: tiled, batched U-Net "
+        "inference with overlap and blending (CUDA bf16 channels-last when a GPU is "
+        "present, CPU otherwise), or the spectral-index baseline when no model is "
+        "registered. A float32 COG at probability/<region>/<period>.tif."
+    ),
+)
+def mining_probability(
+    context: dg.AssetExecutionContext, settings: AsmwatchSettings, torch_device: TorchResource
+) -> dg.MaterializeResult:
+    config = settings.regions()
+    region, period = region_and_period(context, config)
+    root = settings.root()
+    record = registry.latest(root)
+    try:
+        res = map_probability(
+            root, region, period.id, record=record, device=torch_device.device,
+            tile=torch_device.tile, overlap=torch_device.overlap, batch=torch_device.batch,
+            progress=context.log.info,
+        )  # fmt: skip
+    except ValueError as e:
+        raise dg.Failure(description=str(e)) from e
+    meta: dict[str, dg.MetadataValue] = {
+        "path": dg.MetadataValue.path(str(res.path)),
+        "detector": dg.MetadataValue.text(res.detector),
+        "device": dg.MetadataValue.text(res.device),
+        "mining_ha": dg.MetadataValue.float(res.mining_ha),
+        "mining_fraction": dg.MetadataValue.float(round(res.mining_fraction, 5)),
+        "mean_probability": dg.MetadataValue.float(round(res.mean_probability, 5)),
+        "valid_fraction": dg.MetadataValue.float(round(res.valid_fraction, 5)),
+        "seconds": dg.MetadataValue.float(round(res.seconds, 2)),
+    }
+    if res.metrics is not None:
+        meta["truth_iou"] = dg.MetadataValue.float(res.metrics["iou"])
+        meta["truth_metrics"] = dg.MetadataValue.json(res.metrics)
+    return dg.MaterializeResult(metadata=meta)

@@ -1,0 +1,87 @@
+"""Model inputs from a composite COG, and labels from a truth raster, on one grid.
+
+Fourth step of the flow (composite -> **probability**). The detector sees the composite's
+six median reflectance bands and its three indices (not the clear count, which says how
+often the sky was clear, not what is on the ground). Missing values (no clear look)
+become 0 after normalisation and are flagged in a validity mask, so a model never sees
+NaN and metrics skip those pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import rasterio
+import rasterio.warp
+from rasterio.enums import Resampling
+
+#: Composite bands the model reads, in channel order.
+FEATURE_BANDS: tuple[str, ...] = ("B02", "B03", "B04", "B08", "B11", "B12", "NDVI", "MNDWI", "BSI")
+IGNORE = 255  # label value that counts neither way
+
+
+@dataclass(frozen=True)
+class Normalizer:
+    """Per-channel mean and std, learned from training pixels and saved with the model."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def apply(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """(c, y, x) float with NaN -> normalised, NaN set to 0 (the mean)."""
+        m = np.asarray(self.mean, np.float32)[:, None, None]
+        s = np.asarray(self.std, np.float32)[:, None, None]
+        out = (x - m) / s
+        return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+
+    @classmethod
+    def fit(cls, arrays: list[npt.NDArray[np.float32]]) -> Normalizer:
+        stack = np.concatenate([a.reshape(a.shape[0], -1) for a in arrays], axis=1)
+        mean = np.nanmean(stack, axis=1)
+        std = np.nanstd(stack, axis=1)
+        std[~np.isfinite(std) | (std < 1e-6)] = 1.0
+        mean[~np.isfinite(mean)] = 0.0
+        return cls(tuple(float(v) for v in mean), tuple(float(v) for v in std))
+
+
+@dataclass
+class Scene:
+    """One composite as model input: features (c, y, x), validity, grid."""
+
+    features: npt.NDArray[np.float32]  # raw (not normalised), NaN where no data
+    valid: npt.NDArray[np.bool_]
+    transform: rasterio.Affine
+    crs: rasterio.crs.CRS
+
+
+def read_composite(path: Path) -> Scene:
+    """The feature bands of a composite COG, by band name."""
+    with rasterio.open(path) as src:
+        names = list(src.descriptions)
+        missing = [b for b in FEATURE_BANDS if b not in names]
+        if missing:
+            raise ValueError(f"composite {path} lacks band(s) {', '.join(missing)} (has {names})")
+        data = src.read([names.index(b) + 1 for b in FEATURE_BANDS]).astype(np.float32)
+        valid = np.isfinite(data).all(axis=0)
+        return Scene(features=data, valid=valid, transform=src.transform, crs=src.crs)
+
+
+def read_labels(
+    path: Path, like: Scene, mining_values: tuple[int, ...] = (1,)
+) -> npt.NDArray[np.uint8]:
+    """A truth raster on the scene's grid: 1 mining, 0 not, ``IGNORE`` unknown."""
+    out = np.full(like.valid.shape, IGNORE, dtype=np.uint8)
+    with rasterio.open(path) as src:
+        raw = np.full(like.valid.shape, IGNORE, dtype=np.uint8)
+        rasterio.warp.reproject(
+            src.read(1), raw, src_transform=src.transform, src_crs=src.crs,
+            src_nodata=src.nodata, dst_transform=like.transform, dst_crs=like.crs,
+            dst_nodata=IGNORE, resampling=Resampling.nearest,
+        )  # fmt: skip
+    known = raw != IGNORE
+    out[known] = np.isin(raw[known], mining_values).astype(np.uint8)
+    out[~like.valid] = IGNORE
+    return out

@@ -1,0 +1,285 @@
+"""The detection stage: train the mining model, and map mining probability per period.
+
+Fourth step of the flow (composite -> **probability** -> sites). Training data are the
+composites of regions that have ground truth: the embedded world's truth masks in the
+demo (``embedded/<region>/truth/<period>.tif``); label rasters or polygons of real
+regions come the same way. The last period of each such region is held out: the model
+never sees it, and its IoU, F1, precision and recall against the truth (with those of
+the index baseline beside them) are the figures the model is registered with. Within
+the training periods, the eastern quarter of the AOI is the validation strip that early
+stopping watches.
+
+Output of ``map_probability``: ``probability/<region>/<period>.tif``, a COG of float32
+mining probability (NaN where the composite has no clear look), from the latest
+registered U-Net, or from the index baseline when no model exists.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import rasterio
+
+from ml import registry
+from ml.features import IGNORE, Normalizer, read_composite, read_labels
+from ml.infer import pick_device, predict_tiled
+from ml.metrics import confusion, evaluate, scores
+from ml.models import index_baseline
+from ml.train import Labelled, TrainConfig, train_unet
+from pipelines.composite import composite_path
+from pipelines.embedded import world_dir
+from pipelines.regions import Region
+from pipelines.storage import atomic_path, partition_path
+
+VAL_FRACTION = 0.25  # eastern share of each training scene kept for early stopping
+THRESHOLD = 0.5
+
+
+class DetectionError(ValueError):
+    """Missing or unusable inputs; the message names them and what to run first."""
+
+
+@dataclass(frozen=True)
+class TrainingScene:
+    region: str
+    period: str
+    composite: Path
+    labels: Path
+    heldout: bool
+
+
+@dataclass
+class ModelOutcome:
+    record: registry.ModelRecord
+    reused: bool
+    messages: list[str] = field(default_factory=list)
+
+
+def probability_path(root: Path, region_id: str, period_id: str) -> Path:
+    return partition_path(root, "probability", region_id, period_id, ".tif")
+
+
+def training_scenes(root: Path, regions: Sequence[Region]) -> list[TrainingScene]:
+    """Composites with truth: every period of each embedded region, the last held out."""
+    out = []
+    for region in regions:
+        if region.source != "embedded" or len(region.periods) < 2:
+            continue
+        for i, period in enumerate(region.periods):
+            out.append(
+                TrainingScene(
+                    region=region.id,
+                    period=period.id,
+                    composite=composite_path(root, region.id, period.id),
+                    labels=world_dir(root, region) / "truth" / f"{period.id}.tif",
+                    heldout=i == len(region.periods) - 1,
+                )
+            )
+    if not out:
+        raise DetectionError(
+            "no labelled training data: the model trains on regions with ground truth "
+            "(source: embedded, at least two periods)"
+        )
+    missing = [s for s in out if not s.composite.exists() or not s.labels.exists()]
+    if missing:
+        names = ", ".join(f"{s.region}/{s.period}" for s in missing)
+        raise DetectionError(
+            f"training inputs missing for {names}: materialise `composite` for those "
+            "partitions first (labels come with the embedded world)"
+        )
+    return out
+
+
+def _describe(s: TrainingScene) -> dict[str, str]:
+    return {
+        "region": s.region,
+        "period": s.period,
+        "role": "heldout" if s.heldout else "train",
+        "composite": str(s.composite),
+        "labels": str(s.labels),
+    }
+
+
+def _labelled(
+    scene: TrainingScene, norm: Normalizer
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
+    comp = read_composite(scene.composite)
+    labels = read_labels(scene.labels, comp)
+    return norm.apply(comp.features), labels, comp.features
+
+
+def train_mining_model(
+    root: Path,
+    regions: Sequence[Region],
+    *,
+    config: TrainConfig | None = None,
+    device: str = "auto",
+    force: bool = False,
+    progress: Callable[[str], None] = print,
+) -> ModelOutcome:
+    """Train (or reuse) the U-Net on the labelled composites; register it with metrics."""
+    cfg = config or TrainConfig()
+    scenes = training_scenes(root, regions)
+    files = [p for s in scenes for p in (s.composite, s.labels)]
+    key = registry.input_hash(files, {**cfg.to_dict(), "val_fraction": VAL_FRACTION})
+    if not force and (hit := registry.find(root, key)) is not None:
+        progress(f"mining_model: inputs unchanged (hash {key}); reusing {hit.model_id}")
+        return ModelOutcome(record=hit, reused=True)
+
+    train_scenes = [s for s in scenes if not s.heldout]
+    test_scenes = [s for s in scenes if s.heldout]
+    raws = [read_composite(s.composite) for s in train_scenes]
+    norm = Normalizer.fit([r.features[:, r.valid] for r in raws])
+    train, val = [], []
+    for s in train_scenes:
+        x, y, _ = _labelled(s, norm)
+        cut = int(x.shape[2] * (1 - VAL_FRACTION))
+        y_train = y.copy()
+        y_train[:, cut:] = IGNORE
+        train.append(Labelled(f"{s.region}/{s.period}", x, y_train))
+        val.append(Labelled(f"{s.region}/{s.period}:val", x[:, :, cut:].copy(), y[:, cut:].copy()))
+    dev = pick_device(device)
+    progress(
+        f"mining_model: training a U-Net ({cfg.spec.encoder}) on {len(train)} composite(s) "
+        f"[{', '.join(t.name for t in train)}] on {dev}; held out: "
+        f"{', '.join(f'{s.region}/{s.period}' for s in test_scenes)}"
+    )
+    result = train_unet(train, val, cfg, device=dev, progress=progress)
+
+    unet_cm = np.zeros(4, np.int64)
+    base_cm = np.zeros(4, np.int64)
+    per_scene = {}
+    for s in test_scenes:
+        x, y, raw = _labelled(s, norm)
+        valid = np.asarray(np.isfinite(raw).all(axis=0), dtype=bool)
+        prob = predict_tiled(result.model, x, valid=valid, device=dev)
+        base = index_baseline(raw)
+        unet_cm += np.asarray(confusion(prob, y, THRESHOLD))
+        base_cm += np.asarray(confusion(base, y, THRESHOLD))
+        per_scene[f"{s.region}/{s.period}"] = {
+            "unet": evaluate(prob, y, THRESHOLD),
+            "baseline": evaluate(base, y, THRESHOLD),
+        }
+    metrics: dict[str, Any] = {
+        "heldout": scores(*(int(v) for v in unet_cm)),
+        "baseline_heldout": scores(*(int(v) for v in base_cm)),
+        "heldout_scenes": per_scene,
+        "validation": result.best_val,
+        "best_epoch": result.best_epoch,
+        "epochs": result.epochs,
+        "threshold": THRESHOLD,
+    }
+    record = registry.register(
+        root,
+        result.model,
+        cfg.spec,
+        norm,
+        input_hash_=key,
+        device=result.device,
+        seconds=result.seconds,
+        train_data=[_describe(s) for s in scenes],
+        metrics=metrics,
+        config={**cfg.to_dict(), "val_fraction": VAL_FRACTION},
+    )
+    h, b = record.metrics["heldout"], record.metrics["baseline_heldout"]
+    progress(
+        f"mining_model: {record.model_id} held-out IoU {h['iou']:.3f} (index baseline "
+        f"{b['iou']:.3f}), F1 {h['f1']:.3f}, trained in {result.seconds:.0f} s on {result.device}"
+    )
+    return ModelOutcome(record=record, reused=False)
+
+
+@dataclass
+class ProbabilityResult:
+    path: Path
+    detector: str  # a model id, or "index-baseline"
+    device: str
+    mean_probability: float
+    mining_fraction: float  # share of valid pixels >= THRESHOLD
+    mining_ha: float
+    valid_fraction: float
+    seconds: float
+    metrics: dict[str, Any] | None  # against truth, where the region has it
+
+
+def map_probability(
+    root: Path,
+    region: Region,
+    period_id: str,
+    *,
+    record: registry.ModelRecord | None,
+    device: str = "auto",
+    tile: int = 256,
+    overlap: int = 32,
+    batch: int = 16,
+    progress: Callable[[str], None] = print,
+) -> ProbabilityResult:
+    """Mining probability COG for one composite, from ``record`` or the index baseline."""
+    src = composite_path(root, region.id, period_id)
+    if not src.exists():
+        raise DetectionError(
+            f"no composite at {src}: materialise `composite` for {region.id}/{period_id} first"
+        )
+    started = time.perf_counter()
+    comp = read_composite(src)
+    dev = pick_device(device)
+    if record is None:
+        progress("mining_probability: no trained model registered; using the index baseline")
+        prob = index_baseline(comp.features)
+        prob[~comp.valid] = np.nan
+        detector, used = "index-baseline", "cpu"
+    else:
+        model, norm, _ = registry.load(record)
+        progress(
+            f"mining_probability: {record.model_id} on {dev}, tiles {tile} px, overlap {overlap}"
+        )
+        prob = predict_tiled(
+            model, norm.apply(comp.features), valid=comp.valid, tile=tile, overlap=overlap,
+            batch=batch, device=dev,
+        )  # fmt: skip
+        detector, used = record.model_id, str(dev)
+    target = probability_path(root, region.id, period_id)
+    _write_probability(target, prob, comp.transform, comp.crs, detector)
+    valid = np.isfinite(prob)
+    mining = valid & (prob >= THRESHOLD)
+    px_ha = abs(comp.transform.a * comp.transform.e) / 10_000
+    metrics = None
+    truth = (
+        world_dir(root, region) / "truth" / f"{period_id}.tif"
+        if region.source == "embedded"
+        else None
+    )
+    if truth is not None and truth.exists():
+        metrics = evaluate(prob, read_labels(truth, comp), THRESHOLD)
+    return ProbabilityResult(
+        path=target,
+        detector=detector,
+        device=used,
+        mean_probability=float(np.nanmean(prob)) if valid.any() else 0.0,
+        mining_fraction=float(mining.sum() / valid.sum()) if valid.any() else 0.0,
+        mining_ha=round(float(mining.sum()) * px_ha, 2),
+        valid_fraction=float(valid.mean()),
+        seconds=time.perf_counter() - started,
+        metrics=metrics,
+    )
+
+
+def _write_probability(
+    target: Path, prob: npt.NDArray[np.float32], transform: Any, crs: Any, detector: str
+) -> None:
+    profile = {
+        "driver": "COG", "width": prob.shape[1], "height": prob.shape[0], "count": 1,
+        "dtype": "float32", "crs": crs, "transform": transform, "nodata": float("nan"),
+        "compress": "DEFLATE", "predictor": "3", "blocksize": 512,
+        "overview_resampling": "average",
+    }  # fmt: skip
+    with atomic_path(target) as tmp, rasterio.open(tmp, "w", **profile) as dst:
+        dst.write(prob, 1)
+        dst.set_band_description(1, "mining_probability")
+        dst.update_tags(asmwatch_detector=detector, asmwatch_threshold=str(THRESHOLD))

@@ -1,0 +1,103 @@
+"""Training, the registry and probability maps on the small embedded world (CPU)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+from ml import registry
+from ml.train import TrainConfig
+from pipelines.catalog import connect, refresh_views
+from pipelines.detection import (
+    DetectionError,
+    map_probability,
+    train_mining_model,
+    training_scenes,
+)
+from tests.conftest import small_region
+
+TINY = TrainConfig(chip=64, batch=4, steps_per_epoch=2, max_epochs=2, patience=2, seed=3)
+
+
+@pytest.fixture
+def root(small_composites_root: Path, tmp_path: Path) -> Path:
+    """A private copy of the data root (the registry writes into it)."""
+    out = tmp_path / "root"
+    shutil.copytree(small_composites_root, out, ignore=shutil.ignore_patterns("models"))
+    return out
+
+
+def test_model_is_registered_reused_and_reloaded(root: Path) -> None:
+    region = small_region()
+    first = train_mining_model(root, [region], config=TINY, progress=lambda _m: None)
+    rec = first.record
+    assert not first.reused and Path(rec.path).exists() and rec.device == "cpu"
+    assert {d["role"] for d in rec.train_data} == {"train", "heldout"}
+    assert [d["period"] for d in rec.train_data if d["role"] == "heldout"] == ["2021"]
+    assert set(rec.metrics) >= {"heldout", "baseline_heldout", "validation", "epochs"}
+    assert rec.metrics["epochs"] == 2 and rec.seconds > 0
+
+    again = train_mining_model(root, [region], config=TINY, progress=lambda _m: None)
+    assert again.reused and again.record.model_id == rec.model_id
+    other = train_mining_model(
+        root, [region], config=TrainConfig(**{**TINY.__dict__, "seed": 4}), progress=lambda _m: None
+    )
+    assert not other.reused and other.record.model_id != rec.model_id, "new inputs, new model"
+    latest = registry.latest(root)
+    assert latest is not None and latest.model_id == other.record.model_id
+
+    refresh_views(root)
+    con = connect(root / "asmwatch.duckdb", read_only=True)
+    rows = con.execute(
+        "SELECT model_id, heldout_iou, device FROM models ORDER BY created_at"
+    ).fetchall()
+    con.close()
+    assert {r[0] for r in rows} == {rec.model_id, other.record.model_id}
+    assert all(0 <= r[1] <= 1 and r[2] == "cpu" for r in rows)
+
+    # The reloaded checkpoint predicts what the registered model predicted.
+    res = map_probability(
+        root, region, "2021", record=rec, tile=128, overlap=16, progress=lambda _m: None
+    )
+    assert res.metrics is not None and res.metrics["iou"] == pytest.approx(
+        rec.metrics["heldout"]["iou"], abs=1e-3
+    )
+    with rasterio.open(res.path) as src:
+        p = src.read(1)
+        assert src.tags()["asmwatch_detector"] == rec.model_id
+        assert src.dtypes[0] == "float32" and src.descriptions == ("mining_probability",)
+    assert np.nanmin(p) >= 0 and np.nanmax(p) <= 1
+
+
+def test_without_a_model_the_index_baseline_maps_probability(root: Path) -> None:
+    region = small_region()
+    res = map_probability(root, region, "2020", record=None, progress=lambda _m: None)
+    assert res.detector == "index-baseline" and res.metrics is not None
+    assert 0.3 < res.metrics["iou"] < 0.95 and res.mining_ha > 0
+    with pytest.raises(DetectionError, match="materialise `composite`"):
+        map_probability(root, region, "2018", record=None)
+
+
+def test_training_names_missing_inputs(root: Path) -> None:
+    region = small_region()
+    (root / "composite" / region.id / "2020.tif").unlink()
+    with pytest.raises(DetectionError, match=r"test-small/2020: materialise `composite`"):
+        training_scenes(root, [region])
+    import dataclasses
+
+    with pytest.raises(DetectionError, match="no labelled training data"):
+        training_scenes(root, [dataclasses.replace(region, source="earth-search")])
+
+
+@pytest.mark.slow
+def test_unet_beats_the_index_baseline_on_the_held_out_period(root: Path) -> None:
+    """Quality: held-out IoU >= 0.8 against the simulator's truth, above the baseline."""
+    cfg = TrainConfig(chip=64, batch=8, steps_per_epoch=10, max_epochs=12, patience=4, seed=7)
+    out = train_mining_model(root, [small_region()], config=cfg, progress=print)
+    h, b = out.record.metrics["heldout"], out.record.metrics["baseline_heldout"]
+    assert h["iou"] >= 0.8, h
+    assert h["iou"] > b["iou"] + 0.05, (h, b)
