@@ -137,5 +137,6 @@ def mining_probability(
     }
     if res.metrics is not None:
         meta["truth_iou"] = dg.MetadataValue.float(res.metrics["iou"])
+        meta["truth_ha"] = dg.MetadataValue.float(res.truth_ha or 0.0)
         meta["truth_metrics"] = dg.MetadataValue.json(res.metrics)
     return dg.MaterializeResult(metadata=meta)

@@ -8,7 +8,6 @@ instance under the data root so ``make ui`` shows the runs) and prints what land
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -131,7 +130,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         f"{m['device']}), held-out IoU {m['heldout_iou']:.3f} vs index baseline "
         f"{m['baseline_heldout_iou']:.3f}  [{time.monotonic() - t:.1f} s]"
     )
-    world = json.loads((root / "embedded" / region.id / "world.json").read_text())
     for period in region.periods:
         t = time.monotonic()
         detected = run("detect", f"{period.id} detection", partition_key(region.id, period.id))
@@ -143,9 +141,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 0
             ].metadata.items()
         }
-        truth_ha = world.get("mining_ha", {}).get(period.id)
         print(
-            f"  {period.id}: mining {p['mining_ha']:.1f} ha detected (truth {truth_ha} ha), "
+            f"  {period.id}: mining {p['mining_ha']:.1f} ha detected (truth {p.get('truth_ha', '?')} ha), "
             f"IoU {p.get('truth_iou', float('nan')):.3f}  [{time.monotonic() - t:.1f} s]"
         )
     print(f"done in {time.monotonic() - t0:.1f} s\n")

@@ -206,6 +206,7 @@ class ProbabilityResult:
     valid_fraction: float
     seconds: float
     metrics: dict[str, Any] | None  # against truth, where the region has it
+    truth_ha: float | None = None  # true mining area on the same grid, where known
 
 
 def map_probability(
@@ -249,14 +250,12 @@ def map_probability(
     valid = np.isfinite(prob)
     mining = valid & (prob >= THRESHOLD)
     px_ha = abs(comp.transform.a * comp.transform.e) / 10_000
-    metrics = None
-    truth = (
-        world_dir(root, region) / "truth" / f"{period_id}.tif"
-        if region.source == "embedded"
-        else None
-    )
-    if truth is not None and truth.exists():
-        metrics = evaluate(prob, read_labels(truth, comp), THRESHOLD)
+    metrics, truth_ha = None, None
+    truth = world_dir(root, region) / "truth" / f"{period_id}.tif"
+    if region.source == "embedded" and truth.exists():
+        labels = read_labels(truth, comp)
+        metrics = evaluate(prob, labels, THRESHOLD)
+        truth_ha = round(float((labels == 1).sum()) * px_ha, 2)
     return ProbabilityResult(
         path=target,
         detector=detector,
@@ -267,6 +266,7 @@ def map_probability(
         valid_fraction=float(valid.mean()),
         seconds=time.perf_counter() - started,
         metrics=metrics,
+        truth_ha=truth_ha,
     )
 
 
