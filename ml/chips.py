@@ -155,7 +155,10 @@ def train_and_evaluate(
         f"{', '.join(HELDOUT.values())}"
     )
     model = ChipNet()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=2e-3, total_steps=epochs * ((len(train) + 63) // 64)
+    )
     pos_weight = torch.tensor(
         float((chips.y[train] == 0).sum() / max(1, (chips.y[train] == 1).sum()))
     )
@@ -173,6 +176,7 @@ def train_and_evaluate(
             loss = loss_fn(model(_augment(xt[b], gen)), yt[b])
             loss.backward()
             opt.step()
+            sched.step()
         s = _scores(predict(model, chips.x[val]), chips.y[val])
         balanced = (s["sensitivity"] + s["specificity"]) / 2
         say(

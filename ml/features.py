@@ -69,10 +69,20 @@ def read_composite(path: Path) -> Scene:
         return Scene(features=data, valid=valid, transform=src.transform, crs=src.crs)
 
 
+VECTOR_SUFFIXES = (".geojson", ".json", ".gpkg", ".parquet", ".shp")
+
+
 def read_labels(
-    path: Path, like: Scene, mining_values: tuple[int, ...] = (1,)
+    path: Path, like: Scene, mining_values: tuple[int, ...] = (1,), period: str | None = None
 ) -> npt.NDArray[np.uint8]:
-    """A truth raster on the scene's grid: 1 mining, 0 not, ``IGNORE`` unknown."""
+    """Labels on the scene's grid: 1 mining, 0 not, ``IGNORE`` unknown.
+
+    ``path`` is a truth raster (the embedded world's: 1 mining, 2 re-vegetating, 255 no
+    data), or mining polygons (GeoJSON, GeoPackage, GeoParquet), rasterised by
+    ``rasterize_labels``.
+    """
+    if path.suffix.lower() in VECTOR_SUFFIXES:
+        return rasterize_labels(path, like, period)
     out = np.full(like.valid.shape, IGNORE, dtype=np.uint8)
     with rasterio.open(path) as src:
         raw = np.full(like.valid.shape, IGNORE, dtype=np.uint8)
@@ -83,5 +93,32 @@ def read_labels(
         )  # fmt: skip
     known = raw != IGNORE
     out[known] = np.isin(raw[known], mining_values).astype(np.uint8)
+    out[~like.valid] = IGNORE
+    return out
+
+
+def rasterize_labels(path: Path, like: Scene, period: str | None = None) -> npt.NDArray[np.uint8]:
+    """Mining polygons burnt onto the scene's grid: 1 inside, 0 outside, nodata ignored.
+
+    Polygons with a ``period`` property (AMW's "new mining by period" layers) count when
+    their period is not after ``period`` (same-year quarters included): mining that
+    appeared by then. Without ``period``, every polygon counts.
+    """
+    import geopandas as gpd
+    import rasterio.features
+
+    frame = gpd.read_parquet(path) if path.suffix.lower() == ".parquet" else gpd.read_file(path)
+    if frame.crs is None:
+        raise ValueError(f"label polygons {path} have no CRS")
+    if period is not None and "period" in frame.columns:
+        year = period[:4]
+        frame = frame[frame["period"].astype(str).str[:4] <= year]
+    frame = frame.to_crs(like.crs)
+    shapes = [(g, 1) for g in frame.geometry if g is not None and not g.is_empty]
+    out = np.zeros(like.valid.shape, dtype=np.uint8)
+    if shapes:
+        out = rasterio.features.rasterize(
+            shapes, out_shape=like.valid.shape, transform=like.transform, fill=0, dtype="uint8"
+        )
     out[~like.valid] = IGNORE
     return out

@@ -142,7 +142,7 @@ def train_unet(
             loss = _loss(model(x), y)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         sched.step()
         model.eval()
         scores = _val_scores(model, val, device)

@@ -71,7 +71,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     run_config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
     def run(job_name: str, label: str, key: Any = None, run_config_extra: Any = None) -> Any:
-        result = defs.get_job_def(job_name).execute_in_process(
+        result = defs.resolve_job_def(job_name).execute_in_process(
             instance=instance,
             partition_key=key,
             run_config={**run_config, **(run_config_extra or {})},
@@ -80,7 +80,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         if not result.success:
             print(f"  {label}: FAILED; see the run {result.run_id} in `make ui`", file=sys.stderr)
             for ev in result.all_events:
-                if ev.is_failure and ev.step_failure_data is not None:
+                if ev.is_step_failure and ev.step_failure_data is not None:
                     err = ev.step_failure_data.error
                     print(err.message if err else "", file=sys.stderr)
             return None

@@ -33,7 +33,7 @@ from ml.metrics import confusion, evaluate, scores
 from ml.models import index_baseline
 from ml.train import Labelled, TrainConfig, train_unet
 from pipelines.composite import composite_path
-from pipelines.embedded import world_dir
+from pipelines.embedded import context_path, world_dir
 from pipelines.regions import Region
 from pipelines.storage import atomic_path, partition_path
 
@@ -69,22 +69,25 @@ def training_scenes(root: Path, regions: Sequence[Region]) -> list[TrainingScene
     """Composites with truth: every period of each embedded region, the last held out."""
     out = []
     for region in regions:
-        if region.source != "embedded" or len(region.periods) < 2:
+        polygons = context_path(root, region, "mining_labels")
+        if (region.source != "embedded" and polygons is None) or len(region.periods) < 2:
             continue
         for i, period in enumerate(region.periods):
+            truth = world_dir(root, region) / "truth" / f"{period.id}.tif"
             out.append(
                 TrainingScene(
                     region=region.id,
                     period=period.id,
                     composite=composite_path(root, region.id, period.id),
-                    labels=world_dir(root, region) / "truth" / f"{period.id}.tif",
+                    labels=polygons if polygons is not None else truth,
                     heldout=i == len(region.periods) - 1,
                 )
             )
     if not out:
         raise DetectionError(
             "no labelled training data: the model trains on regions with ground truth "
-            "(source: embedded, at least two periods)"
+            "(source: embedded, or a `mining_labels` polygon layer in context) and at "
+            "least two periods"
         )
     missing = [s for s in out if not s.composite.exists() or not s.labels.exists()]
     if missing:
@@ -110,7 +113,7 @@ def _labelled(
     scene: TrainingScene, norm: Normalizer
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
     comp = read_composite(scene.composite)
-    labels = read_labels(scene.labels, comp)
+    labels = read_labels(scene.labels, comp, period=scene.period)
     return norm.apply(comp.features), labels, comp.features
 
 

@@ -47,6 +47,7 @@ CONTEXT_KINDS: tuple[str, ...] = (
     "rivers",
     "grievances",
     "detections",
+    "mining_labels",  # polygons of mining (e.g. by period) to train and evaluate on
 )
 
 # Ids become directory names, partition keys and SQL literals in views: keep them to a

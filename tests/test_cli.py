@@ -60,3 +60,26 @@ def test_demo_runs_and_prints_where_results_are(
     assert "11" in capsys.readouterr().out
     assert main(["sql", "SELECT count(*) AS n FROM models", "--data", str(tmp_path)]) == 0
     assert "1" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_demo_reports_a_failed_run_and_stops(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An impossible clear-sky threshold fails the composite check: the demo says where."""
+    import yaml
+
+    regions = tmp_path / "regions.yaml"
+    regions.write_text(
+        yaml.safe_dump(
+            {"regions": [{"id": "demo-huepetuhe", "aoi": {"bbox": [-70.55, -13.0, -70.525, -12.975]},
+                          "periods": [2019, 2020], "source": "embedded", "min_valid_fraction": 1.0,
+                          "embedded": {"seed": 7, "scenes_per_period": 3}}]}
+        )
+    )  # fmt: skip
+    monkeypatch.setenv("ASMWATCH_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("ASMWATCH_REGIONS", str(regions))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    assert main(["demo", "--data", str(tmp_path / "data"), "--regions", str(regions)]) == 1
+    err = capsys.readouterr().err
+    assert "2019: FAILED; see the run" in err and "make ui" in err

@@ -109,3 +109,33 @@ def test_normalizer_and_index_baseline() -> None:
     feats[8] = [-0.4, 0.2, -0.3]  # BSI
     p = index_baseline(feats)[0]
     assert p[1] > 0.9 > 0.1 > p[0] and p[2] < 0.5
+
+
+def test_real_mining_polygons_become_labels_by_period() -> None:
+    """AMW's Madre de Dios 'new mining by period' polygons, burnt onto a 100 m UTM grid:
+    the labelled mining area only grows with the period, as cumulative mining should."""
+    import rasterio
+    from affine import Affine
+
+    from ml.features import Scene, read_labels
+    from tests.conftest import shared
+
+    polys = shared(
+        "reference/amw_mdd_polygons/amw_mdd_bbox_new_mining_by_period_2018_2025Q4.geojson"
+    )
+    # Huepetuhe - Delta 1 - La Pampa, EPSG:32719 at 100 m (about 60 x 45 km).
+    shape = (450, 600)
+    scene = Scene(
+        features=np.zeros((9, *shape), np.float32),
+        valid=np.ones(shape, bool),
+        transform=Affine(100, 0, 300_000, 0, -100, 8_610_000),
+        crs=rasterio.crs.CRS.from_epsg(32719),
+    )
+    areas = {}
+    for period in ("2018", "2021", "2024"):
+        lab = read_labels(polys, scene, period=period)
+        assert set(np.unique(lab)) <= {0, 1}
+        areas[period] = int(lab.sum())
+    assert 0 < areas["2018"] < areas["2021"] < areas["2024"], areas
+    everything = read_labels(polys, scene)
+    assert everything.sum() >= areas["2024"]

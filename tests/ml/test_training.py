@@ -101,3 +101,24 @@ def test_unet_beats_the_index_baseline_on_the_held_out_period(root: Path) -> Non
     h, b = out.record.metrics["heldout"], out.record.metrics["baseline_heldout"]
     assert h["iou"] >= 0.8, h
     assert h["iou"] > b["iou"] + 0.05, (h, b)
+
+
+def test_real_regions_train_on_their_mining_label_polygons(tmp_path: Path) -> None:
+    import dataclasses
+
+    labels = tmp_path / "mdd_mining.geojson"
+    labels.write_text('{"type": "FeatureCollection", "features": []}')
+    region = dataclasses.replace(
+        small_region(), id="mdd", source="earth-search", context={"mining_labels": str(labels)}
+    )
+    for period in region.periods:
+        p = tmp_path / "composite" / "mdd" / f"{period.id}.tif"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.touch()
+    scenes = training_scenes(tmp_path, [region])
+    assert [(s.period, s.heldout) for s in scenes] == [
+        ("2019", False),
+        ("2020", False),
+        ("2021", True),
+    ]
+    assert {s.labels for s in scenes} == {labels}
