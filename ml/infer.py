@@ -75,11 +75,13 @@ def predict_tiled(
     device = device or pick_device()
     cuda = device.type == "cuda"
     h, w = x.shape[1:]
-    # Small scenes: pad (reflect) up to one tile.
+    # Small scenes: pad up to one tile.
     ph, pw = max(0, tile - h), max(0, tile - w)
     img = torch.from_numpy(np.ascontiguousarray(x))
     if ph or pw:
-        img = torch.nn.functional.pad(img[None], (0, pw, 0, ph), mode="reflect")[0]
+        # reflect where the scene is large enough, else repeat the edge
+        mode = "reflect" if ph < h and pw < w else "replicate"
+        img = torch.nn.functional.pad(img[None], (0, pw, 0, ph), mode=mode)[0]
     H, W = img.shape[1:]
     img = img.to(device, non_blocking=True)
     acc = torch.zeros((H, W), dtype=torch.float32, device=device)

@@ -42,3 +42,22 @@ def evaluate(
     prob: npt.NDArray[np.floating], labels: npt.NDArray[np.uint8], threshold: float = 0.5
 ) -> dict[str, float]:
     return scores(*confusion(prob, labels, threshold))
+
+
+THRESHOLDS: tuple[float, ...] = tuple(round(0.2 + 0.05 * k, 2) for k in range(13))  # 0.2-0.8
+
+
+def best_threshold(
+    pairs: list[tuple[npt.NDArray[np.floating], npt.NDArray[np.uint8]]],
+    candidates: tuple[float, ...] = THRESHOLDS,
+) -> tuple[float, float]:
+    """The threshold (of ``candidates``) with the best pooled IoU, and that IoU."""
+    best_t, best_iou = 0.5, -1.0
+    for t in candidates:
+        totals = np.zeros(4, dtype=np.int64)
+        for prob, labels in pairs:
+            totals += np.asarray(confusion(prob, labels, t))
+        iou = scores(*(int(v) for v in totals))["iou"]
+        if iou > best_iou:
+            best_t, best_iou = t, iou
+    return best_t, best_iou

@@ -29,7 +29,7 @@ import rasterio
 from ml import registry
 from ml.features import IGNORE, Normalizer, read_composite, read_labels
 from ml.infer import pick_device, predict_tiled
-from ml.metrics import confusion, evaluate, scores
+from ml.metrics import best_threshold, confusion, evaluate, scores
 from ml.models import index_baseline
 from ml.train import Labelled, TrainConfig, train_unet
 from pipelines.composite import composite_path
@@ -38,7 +38,7 @@ from pipelines.regions import Region
 from pipelines.storage import atomic_path, partition_path
 
 VAL_FRACTION = 0.25  # eastern share of each training scene kept for early stopping
-THRESHOLD = 0.5
+THRESHOLD = 0.5  # for the index baseline, and for models registered without one
 
 
 class DetectionError(ValueError):
@@ -154,6 +154,12 @@ def train_mining_model(
         f"{', '.join(f'{s.region}/{s.period}' for s in test_scenes)}"
     )
     result = train_unet(train, val, cfg, device=dev, progress=progress)
+    # The decision threshold is chosen on the validation strips, never on held-out data.
+    val_probs = [
+        (predict_tiled(result.model, v.x, tile=128, overlap=16, device=dev), v.y) for v in val
+    ]
+    threshold, val_iou = best_threshold(val_probs)
+    progress(f"mining_model: threshold {threshold} (validation IoU {val_iou:.3f})")
 
     unet_cm = np.zeros(4, np.int64)
     base_cm = np.zeros(4, np.int64)
@@ -163,10 +169,10 @@ def train_mining_model(
         valid = np.asarray(np.isfinite(raw).all(axis=0), dtype=bool)
         prob = predict_tiled(result.model, x, valid=valid, device=dev)
         base = index_baseline(raw)
-        unet_cm += np.asarray(confusion(prob, y, THRESHOLD))
+        unet_cm += np.asarray(confusion(prob, y, threshold))
         base_cm += np.asarray(confusion(base, y, THRESHOLD))
         per_scene[f"{s.region}/{s.period}"] = {
-            "unet": evaluate(prob, y, THRESHOLD),
+            "unet": evaluate(prob, y, threshold),
             "baseline": evaluate(base, y, THRESHOLD),
         }
     metrics: dict[str, Any] = {
@@ -176,7 +182,8 @@ def train_mining_model(
         "validation": result.best_val,
         "best_epoch": result.best_epoch,
         "epochs": result.epochs,
-        "threshold": THRESHOLD,
+        "threshold": threshold,
+        "baseline_threshold": THRESHOLD,
     }
     record = registry.register(
         root,
@@ -204,7 +211,8 @@ class ProbabilityResult:
     detector: str  # a model id, or "index-baseline"
     device: str
     mean_probability: float
-    mining_fraction: float  # share of valid pixels >= THRESHOLD
+    mining_fraction: float  # share of valid pixels >= threshold
+    threshold: float
     mining_ha: float
     valid_fraction: float
     seconds: float
@@ -237,7 +245,7 @@ def map_probability(
         progress("mining_probability: no trained model registered; using the index baseline")
         prob = index_baseline(comp.features)
         prob[~comp.valid] = np.nan
-        detector, used = "index-baseline", "cpu"
+        detector, used, threshold = "index-baseline", "cpu", THRESHOLD
     else:
         model, norm, _ = registry.load(record)
         progress(
@@ -248,16 +256,17 @@ def map_probability(
             batch=batch, device=dev,
         )  # fmt: skip
         detector, used = record.model_id, str(dev)
+        threshold = float(record.metrics.get("threshold", THRESHOLD))
     target = probability_path(root, region.id, period_id)
-    _write_probability(target, prob, comp.transform, comp.crs, detector)
+    _write_probability(target, prob, comp.transform, comp.crs, detector, threshold)
     valid = np.isfinite(prob)
-    mining = valid & (prob >= THRESHOLD)
+    mining = valid & (prob >= threshold)
     px_ha = abs(comp.transform.a * comp.transform.e) / 10_000
     metrics, truth_ha = None, None
     truth = world_dir(root, region) / "truth" / f"{period_id}.tif"
     if region.source == "embedded" and truth.exists():
         labels = read_labels(truth, comp)
-        metrics = evaluate(prob, labels, THRESHOLD)
+        metrics = evaluate(prob, labels, threshold)
         truth_ha = round(float((labels == 1).sum()) * px_ha, 2)
     return ProbabilityResult(
         path=target,
@@ -270,11 +279,17 @@ def map_probability(
         seconds=time.perf_counter() - started,
         metrics=metrics,
         truth_ha=truth_ha,
+        threshold=threshold,
     )
 
 
 def _write_probability(
-    target: Path, prob: npt.NDArray[np.float32], transform: Any, crs: Any, detector: str
+    target: Path,
+    prob: npt.NDArray[np.float32],
+    transform: Any,
+    crs: Any,
+    detector: str,
+    threshold: float,
 ) -> None:
     profile = {
         "driver": "COG", "width": prob.shape[1], "height": prob.shape[0], "count": 1,
@@ -285,4 +300,4 @@ def _write_probability(
     with atomic_path(target) as tmp, rasterio.open(tmp, "w", **profile) as dst:
         dst.write(prob, 1)
         dst.set_band_description(1, "mining_probability")
-        dst.update_tags(asmwatch_detector=detector, asmwatch_threshold=str(THRESHOLD))
+        dst.update_tags(asmwatch_detector=detector, asmwatch_threshold=str(threshold))
