@@ -5,7 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from assets.composite import composite
-from assets.detection import mining_model, mining_probability
+from assets.detection import asm_sites, mining_model, mining_probability
 from assets.resources import AsmwatchSettings, DaskResource, StacResource, TorchResource
 from assets.scenes import scenes
 
@@ -13,10 +13,10 @@ from assets.scenes import scenes
 #: then the per-partition detections. `asmwatch demo` runs them in that order.
 ingest_job = dg.define_asset_job("ingest", selection=[scenes, composite])
 model_job = dg.define_asset_job("train_model", selection=[mining_model])
-detect_job = dg.define_asset_job("detect", selection=[mining_probability])
+detect_job = dg.define_asset_job("detect", selection=[mining_probability, asm_sites])
 
 defs = dg.Definitions(
-    assets=[scenes, composite, mining_model, mining_probability],
+    assets=[scenes, composite, mining_model, mining_probability, asm_sites],
     jobs=[ingest_job, model_job, detect_job],
     resources={
         "settings": AsmwatchSettings(),

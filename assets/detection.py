@@ -13,7 +13,8 @@ from assets.resources import AsmwatchSettings, TorchResource
 from ml import registry
 from ml.train import TrainConfig
 from pipelines.catalog import refresh_views
-from pipelines.detection import map_probability, train_mining_model
+from pipelines.detection import map_probability, probability_path, train_mining_model
+from pipelines.sites import extract_sites, sites_path, write_sites
 
 
 class MiningModelConfig(dg.Config):
@@ -142,3 +143,58 @@ def mining_probability(
         meta["truth_ha"] = dg.MetadataValue.float(res.truth_ha or 0.0)
         meta["truth_metrics"] = dg.MetadataValue.json(res.metrics)
     return dg.MaterializeResult(metadata=meta)
+
+
+class AsmSitesConfig(dg.Config):
+    """Polygonisation knobs; the threshold comes with the probability raster."""
+
+    mmu_ha: float = 0.5  # minimum mapping unit, hectares
+
+
+@dg.asset(
+    partitions_def=PARTITIONS,
+    group_name="detect",
+    kinds={"geoparquet", "duckdb"},
+    owners=["team:asmwatch"],
+    deps=[mining_probability],
+    description=(
+        "ASM site polygons for a region and period: the probability thresholded at the "
+        "model's recorded threshold, cleaned (opening, closing), components under the "
+        "minimum mapping unit (0.5 ha) dropped, polygonised with rasterio.features. "
+        "GeoParquet (EPSG:4326, bbox covering) at sites/<region>/<period>.parquet and "
+        "the `asm_sites` view."
+    ),
+)
+def asm_sites(
+    context: dg.AssetExecutionContext, config: AsmSitesConfig, settings: AsmwatchSettings
+) -> dg.MaterializeResult:
+    regions = settings.regions()
+    region, period = region_and_period(context, regions)
+    root = settings.root()
+    src = probability_path(root, region.id, period.id)
+    if not src.exists():
+        raise dg.Failure(
+            description=f"no probability raster at {src}: materialise `mining_probability` "
+            f"for {region.id}/{period.id} first"
+        )
+    try:
+        frame = extract_sites(src, region.id, period.id, mmu_ha=config.mmu_ha)
+    except ValueError as e:
+        raise dg.Failure(description=str(e)) from e
+    target = write_sites(frame, sites_path(root, region.id, period.id))
+    views = refresh_views(root)
+    total = float(frame["area_ha"].sum()) if len(frame) else 0.0
+    context.log.info(f"asm_sites {region.id} {period.id}: {len(frame)} sites, {total:.1f} ha")
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(target)),
+            "site_count": dg.MetadataValue.int(len(frame)),
+            "total_area_ha": dg.MetadataValue.float(round(total, 2)),
+            "largest_site_ha": dg.MetadataValue.float(
+                float(frame["area_ha"].max()) if len(frame) else 0.0
+            ),
+            "mmu_ha": dg.MetadataValue.float(config.mmu_ha),
+            "empty": dg.MetadataValue.bool(len(frame) == 0),
+            "catalog": dg.MetadataValue.json(views),
+        }
+    )

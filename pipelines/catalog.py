@@ -127,6 +127,7 @@ def load_sql(name: str) -> str:
 VIEWS: dict[str, tuple[str, str]] = {
     "scenes": ("scenes_view", "scenes/*/*.parquet"),
     "models": ("models_view", "models/models.parquet"),
+    "asm_sites": ("asm_sites_view", "sites/*/*.parquet"),
 }
 
 

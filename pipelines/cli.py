@@ -141,8 +141,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 0
             ].metadata.items()
         }
+        sites = {
+            k: v.value
+            for k, v in detected.asset_materializations_for_node("asm_sites")[0].metadata.items()
+        }
         print(
-            f"  {period.id}: mining {p['mining_ha']:.1f} ha detected (truth {p.get('truth_ha', '?')} ha), "
+            f"  {period.id}: mining {p['mining_ha']:.1f} ha detected (truth {p.get('truth_ha', '?')} ha) "
+            f"in {sites['site_count']} sites ({sites['total_area_ha']:.1f} ha >= 0.5 ha), "
             f"IoU {p.get('truth_iou', float('nan')):.3f}  [{time.monotonic() - t:.1f} s]"
         )
     print(f"done in {time.monotonic() - t0:.1f} s\n")
@@ -155,7 +160,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"    {composite_path(root, region.id, period_id)}")
     print(f"  mining probability (COG): {probability_path(root, region.id, '<period>')}")
     print(f"  models (registry):        {root / 'models'}  (view: models)")
-    print(f"  DuckDB catalog:           {root / 'asmwatch.duckdb'}  (views: scenes, models)")
+    print(
+        f"  ASM sites (GeoParquet):   {root / 'sites' / region.id}/<period>.parquet  (view: asm_sites)"
+    )
+    print(
+        f"  DuckDB catalog:           {root / 'asmwatch.duckdb'}  (views: scenes, models, asm_sites)"
+    )
     print(
         f"  embedded world:           {root / 'embedded' / region.id}  (COGs, STAC items, truth masks, context layers)"
     )

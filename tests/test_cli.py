@@ -52,7 +52,7 @@ def test_demo_runs_and_prints_where_results_are(
         assert cog.exists() and str(cog) in out
     assert out.count("% clear, mean ") == 3
     assert "mining_model: unet-" in out and "held-out IoU" in out
-    assert out.count("ha detected (truth") == 3
+    assert out.count("ha detected (truth") == 3 and out.count(" ha >= 0.5 ha)") == 3
     for period in ("2019", "2020", "2021"):
         assert (tmp_path / "probability" / "demo-huepetuhe" / f"{period}.tif").exists()
     assert str(tmp_path / "asmwatch.duckdb") in out
@@ -60,6 +60,9 @@ def test_demo_runs_and_prints_where_results_are(
     assert "11" in capsys.readouterr().out
     assert main(["sql", "SELECT count(*) AS n FROM models", "--data", str(tmp_path)]) == 0
     assert "1" in capsys.readouterr().out
+    q = "SELECT count(DISTINCT period) AS periods FROM asm_sites"
+    assert main(["sql", q, "--data", str(tmp_path)]) == 0
+    assert "3" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_definitions_load() -> None:
     repo = defs.get_repository_def()
     keys = {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()}
-    assert {"scenes", "composite", "mining_model", "mining_probability"} <= keys
+    assert {"scenes", "composite", "mining_model", "mining_probability", "asm_sites"} <= keys
     checks = {(k.asset_key.to_user_string(), k.name) for k in repo.asset_graph.asset_check_keys}
     assert ("composite", "valid_fraction") in checks
     assert set(defs.resources or {}) >= {"settings", "stac", "dask", "torch_device"}

@@ -8,7 +8,7 @@ import dagster as dg
 import pytest
 
 from assets.composite import composite
-from assets.detection import mining_model, mining_probability
+from assets.detection import asm_sites, mining_model, mining_probability
 from assets.partitions import partition_key
 from assets.resources import TorchResource
 from assets.scenes import scenes
@@ -51,3 +51,9 @@ def test_model_then_probability(tmp_path: Path) -> None:
         "truth_iou" in p
         and (tmp_path / "data" / "probability" / "demo-huepetuhe" / "2020.tif").exists()
     )
+
+    sites = dg.materialize([asm_sites], partition_key=key, resources=res)
+    s = _meta(sites, "asm_sites")
+    assert sites.success and s["mmu_ha"] == 0.5
+    assert (tmp_path / "data" / "sites" / "demo-huepetuhe" / "2020.parquet").exists()
+    assert isinstance(s["site_count"], int) and isinstance(s["total_area_ha"], float)

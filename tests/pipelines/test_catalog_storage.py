@@ -31,7 +31,11 @@ def test_extension_directory_layout(tmp_path: Path) -> None:
 
 
 def test_refresh_views_without_files_drops_view(tmp_path: Path) -> None:
-    assert refresh_views(tmp_path) == {"scenes": "no files yet", "models": "no files yet"}
+    assert refresh_views(tmp_path) == {
+        "scenes": "no files yet",
+        "models": "no files yet",
+        "asm_sites": "no files yet",
+    }
     con = connect(tmp_path / "asmwatch.duckdb", read_only=True)
     assert con.execute(
         "SELECT count(*) FROM duckdb_views() WHERE view_name='scenes'"
