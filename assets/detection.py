@@ -1,20 +1,23 @@
-"""The detection assets: ``mining_model`` (trained, versioned) and ``mining_probability``.
+"""The detection assets: ``mining_model``, ``mining_probability`` and ``asm_sites``.
 
 No ``from __future__ import annotations`` here: Dagster inspects the context annotation.
 """
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 
 from assets.composite import composite
 from assets.partitions import PARTITIONS, region_and_period
 from assets.resources import AsmwatchSettings, TorchResource
-from ml import registry
-from ml.train import TrainConfig
 from pipelines.catalog import refresh_views
-from pipelines.detection import map_probability, probability_path, train_mining_model
+
+# torch and the detection stage load in the asset bodies, not at definition load (the
+# Dagster UI and every run's code location would otherwise pay about 2 s for torch).
 from pipelines.sites import extract_sites, sites_path, write_sites
+
+if TYPE_CHECKING:
+    from ml.train import TrainConfig
 
 
 class MiningModelConfig(dg.Config):
@@ -27,7 +30,9 @@ class MiningModelConfig(dg.Config):
     patience: int = 4
     seed: int = 42
 
-    def train_config(self) -> TrainConfig:
+    def train_config(self) -> "TrainConfig":
+        from ml.train import TrainConfig
+
         return TrainConfig(
             chip=self.chip, batch=self.batch, steps_per_epoch=self.steps_per_epoch,
             max_epochs=self.max_epochs, patience=self.patience, seed=self.seed,
@@ -62,6 +67,8 @@ def mining_model(
     settings: AsmwatchSettings,
     torch_device: TorchResource,
 ) -> dg.MaterializeResult:
+    from pipelines.detection import train_mining_model
+
     root = settings.root()
     regions = settings.regions().regions
     try:
@@ -115,6 +122,9 @@ def mining_model(
 def mining_probability(
     context: dg.AssetExecutionContext, settings: AsmwatchSettings, torch_device: TorchResource
 ) -> dg.MaterializeResult:
+    from ml import registry
+    from pipelines.detection import map_probability
+
     config = settings.regions()
     region, period = region_and_period(context, config)
     root = settings.root()
@@ -170,6 +180,8 @@ def asm_sites(
 ) -> dg.MaterializeResult:
     regions = settings.regions()
     region, period = region_and_period(context, regions)
+    from pipelines.detection import probability_path
+
     root = settings.root()
     src = probability_path(root, region.id, period.id)
     if not src.exists():

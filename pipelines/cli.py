@@ -37,6 +37,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _metadata(result: Any, node: str) -> dict[str, Any]:
+    """The first materialisation's metadata values of ``node`` in a run result."""
+    event = result.asset_materializations_for_node(node)[0]
+    return {k: v.value for k, v in event.metadata.items()}
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     root = data_root(args.data)
     os.environ["ASMWATCH_DATA"] = str(root)
@@ -93,14 +99,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         result = run("ingest", period.id, partition_key(region.id, period.id))
         if result is None:
             return 1
-        meta: dict[str, Any] = {
-            k: v.value
-            for k, v in result.asset_materializations_for_node("scenes")[0].metadata.items()
-        }
-        comp: dict[str, Any] = {
-            k: v.value
-            for k, v in result.asset_materializations_for_node("composite")[0].metadata.items()
-        }
+        meta: dict[str, Any] = _metadata(result, "scenes")
+        comp: dict[str, Any] = _metadata(result, "composite")
         rows.append((period.id, meta, time.monotonic() - t))
         cc = meta.get("cloud_cover") or {}
         print(
@@ -121,10 +121,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
     if trained is None:
         return 1
-    m = {
-        k: v.value
-        for k, v in trained.asset_materializations_for_node("mining_model")[0].metadata.items()
-    }
+    m = _metadata(trained, "mining_model")
     print(
         f"  mining_model: {m['model_id']} ({'reused' if m['reused'] else 'trained'} on "
         f"{m['device']}), held-out IoU {m['heldout_iou']:.3f} vs index baseline "
@@ -135,16 +132,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         detected = run("detect", f"{period.id} detection", partition_key(region.id, period.id))
         if detected is None:
             return 1
-        p = {
-            k: v.value
-            for k, v in detected.asset_materializations_for_node("mining_probability")[
-                0
-            ].metadata.items()
-        }
-        sites = {
-            k: v.value
-            for k, v in detected.asset_materializations_for_node("asm_sites")[0].metadata.items()
-        }
+        p = _metadata(detected, "mining_probability")
+        sites = _metadata(detected, "asm_sites")
         print(
             f"  {period.id}: mining {p['mining_ha']:.1f} ha detected (truth {p.get('truth_ha', '?')} ha) "
             f"in {sites['site_count']} sites ({sites['total_area_ha']:.1f} ha >= 0.5 ha), "

@@ -27,7 +27,7 @@ import numpy.typing as npt
 import rasterio
 
 from ml import registry
-from ml.features import IGNORE, Normalizer, read_composite, read_labels
+from ml.features import IGNORE, Normalizer, Scene, read_composite, read_labels
 from ml.infer import pick_device, predict_tiled
 from ml.metrics import best_threshold, confusion, evaluate, scores
 from ml.models import index_baseline
@@ -109,12 +109,8 @@ def _describe(s: TrainingScene) -> dict[str, str]:
     }
 
 
-def _labelled(
-    scene: TrainingScene, norm: Normalizer
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
-    comp = read_composite(scene.composite)
-    labels = read_labels(scene.labels, comp, period=scene.period)
-    return norm.apply(comp.features), labels, comp.features
+def _labels(scene: TrainingScene, comp: Scene) -> npt.NDArray[np.uint8]:
+    return read_labels(scene.labels, comp, period=scene.period)
 
 
 def train_mining_model(
@@ -137,11 +133,11 @@ def train_mining_model(
 
     train_scenes = [s for s in scenes if not s.heldout]
     test_scenes = [s for s in scenes if s.heldout]
-    raws = [read_composite(s.composite) for s in train_scenes]
-    norm = Normalizer.fit([r.features[:, r.valid] for r in raws])
+    comps = [read_composite(s.composite) for s in train_scenes]  # each file read once
+    norm = Normalizer.fit([c.features[:, c.valid] for c in comps])
     train, val = [], []
-    for s in train_scenes:
-        x, y, _ = _labelled(s, norm)
+    for s, comp in zip(train_scenes, comps, strict=True):
+        x, y = norm.apply(comp.features), _labels(s, comp)
         cut = int(x.shape[2] * (1 - VAL_FRACTION))
         y_train = y.copy()
         y_train[:, cut:] = IGNORE
@@ -165,10 +161,10 @@ def train_mining_model(
     base_cm = np.zeros(4, np.int64)
     per_scene = {}
     for s in test_scenes:
-        x, y, raw = _labelled(s, norm)
-        valid = np.asarray(np.isfinite(raw).all(axis=0), dtype=bool)
-        prob = predict_tiled(result.model, x, valid=valid, device=dev)
-        base = index_baseline(raw)
+        comp = read_composite(s.composite)
+        y = _labels(s, comp)
+        prob = predict_tiled(result.model, norm.apply(comp.features), valid=comp.valid, device=dev)
+        base = index_baseline(comp.features)
         unet_cm += np.asarray(confusion(prob, y, threshold))
         base_cm += np.asarray(confusion(base, y, THRESHOLD))
         per_scene[f"{s.region}/{s.period}"] = {

@@ -28,10 +28,9 @@ from pipelines.stac.normalize import (
     Scene,
     SceneAsset,
     _baseline_number,
-    _nodata,
     mgrs_tile,
     processing_baseline,
-    scale_offset,
+    scene_asset,
 )
 
 #: s2cloudless's input bands, in the order its model takes them.
@@ -85,24 +84,9 @@ def normalize_l1c_item(item: Mapping[str, Any]) -> L1CItem:
         if key is None:
             missing.append(band)
             continue
-        a = raw_assets[key]
-        rb = (a.get("raster:bands") or [{}])[0]
-        # The L2A rule holds for L1C too: raster:bands, else -0.1 from baseline 04.00
+        # The L2A rules hold for L1C too: raster:bands, else -0.1 from baseline 04.00
         # (there called RADIO_ADD_OFFSET).
-        scale, offset = scale_offset(a, band, baseline, props)
-        shape = a.get("proj:shape")
-        transform = a.get("proj:transform")
-        out[band] = SceneAsset(
-            role=band,
-            href=str(a["href"]),
-            scale=scale,
-            offset=offset,
-            nodata=_nodata(a),
-            resolution=float(rb.get("spatial_resolution") or L1C_RESOLUTION[band]),
-            proj_shape=tuple(shape) if shape else None,
-            proj_transform=tuple(transform)[:6] if transform else None,
-            media_type=a.get("type"),
-        )
+        out[band] = scene_asset(raw_assets[key], band, baseline, props, L1C_RESOLUTION[band])
     if missing:
         raise NormalizeError(f"{item_id}: no asset for {', '.join(missing)}")
     return L1CItem(id=item_id, datetime=when, mgrs_tile=tile, assets=out)

@@ -332,7 +332,7 @@ def _epsg(item: Mapping[str, Any], asset: Mapping[str, Any] | None = None) -> in
     return None
 
 
-def _resolution(asset: Mapping[str, Any], role: str) -> float:
+def _resolution(asset: Mapping[str, Any], default: float) -> float:
     bands = asset.get("raster:bands")
     if isinstance(bands, list) and bands and isinstance(bands[0], Mapping):
         r = bands[0].get("spatial_resolution")
@@ -341,7 +341,31 @@ def _resolution(asset: Mapping[str, Any], role: str) -> float:
     gsd = asset.get("gsd")
     if gsd:
         return float(gsd)
-    return float(ROLE_RESOLUTION[role])
+    return float(default)
+
+
+def scene_asset(
+    a: Mapping[str, Any],
+    role: str,
+    baseline: float,
+    props: Mapping[str, Any],
+    default_resolution: float,
+) -> SceneAsset:
+    """One asset normalised: href, scale/offset, nodata, resolution and grid."""
+    scale, offset = scale_offset(a, role, baseline, props)
+    shape = a.get("proj:shape")
+    transform = a.get("proj:transform")
+    return SceneAsset(
+        role=role,
+        href=str(a["href"]),
+        scale=scale,
+        offset=offset,
+        nodata=_nodata(a),
+        resolution=_resolution(a, default_resolution),
+        proj_shape=(int(shape[0]), int(shape[1])) if shape else None,
+        proj_transform=tuple(float(v) for v in transform[:6]) if transform else None,
+        media_type=a.get("type"),
+    )
 
 
 def normalize_item(item: Mapping[str, Any]) -> Scene:
@@ -390,20 +414,7 @@ def normalize_item(item: Mapping[str, Any]) -> Scene:
             continue
         _, a = found
         raw_by_role[role] = a
-        scale, offset = scale_offset(a, role, bnum, props)
-        shape = a.get("proj:shape")
-        transform = a.get("proj:transform")
-        assets[role] = SceneAsset(
-            role=role,
-            href=str(a["href"]),
-            scale=scale,
-            offset=offset,
-            nodata=_nodata(a),
-            resolution=_resolution(a, role),
-            proj_shape=tuple(int(v) for v in shape) if shape else None,  # type: ignore[arg-type]
-            proj_transform=tuple(float(v) for v in transform[:6]) if transform else None,
-            media_type=a.get("type"),
-        )
+        assets[role] = scene_asset(a, role, bnum, props, ROLE_RESOLUTION[role])
     if missing:
         raise NormalizeError(f"{item_id}: missing assets for {', '.join(missing)}")
     cc = props.get("eo:cloud_cover")
