@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import dagster as dg
 
+from assets.change import asm_change
 from assets.composite import composite
 from assets.detection import asm_sites, mining_model, mining_probability
 from assets.resources import AsmwatchSettings, DaskResource, StacResource, TorchResource
 from assets.scenes import scenes
 
 #: Region x period work up to the composite; then the model (all regions at once);
-#: then the per-partition detections. `asmwatch demo` runs them in that order.
+#: then the per-partition detections and change (periods in order: change compares with
+#: the previous period). `asmwatch demo` runs them in that order.
 ingest_job = dg.define_asset_job("ingest", selection=[scenes, composite])
 model_job = dg.define_asset_job("train_model", selection=[mining_model])
-detect_job = dg.define_asset_job("detect", selection=[mining_probability, asm_sites])
+detect_job = dg.define_asset_job("detect", selection=[mining_probability, asm_sites, asm_change])
 
 defs = dg.Definitions(
-    assets=[scenes, composite, mining_model, mining_probability, asm_sites],
+    assets=[scenes, composite, mining_model, mining_probability, asm_sites, asm_change],
     jobs=[ingest_job, model_job, detect_job],
     resources={
         "settings": AsmwatchSettings(),

@@ -133,7 +133,7 @@ def mining_probability(
         res = map_probability(
             root, region, period.id, record=record, device=torch_device.device,
             tile=torch_device.tile, overlap=torch_device.overlap, batch=torch_device.batch,
-            progress=context.log.info,
+            dtype=torch_device.dtype, compile=torch_device.compile, progress=context.log.info,
         )  # fmt: skip
     except ValueError as e:
         raise dg.Failure(description=str(e)) from e
@@ -172,7 +172,8 @@ class AsmSitesConfig(dg.Config):
         "model's recorded threshold, cleaned (opening, closing), components under the "
         "minimum mapping unit (0.5 ha) dropped, polygonised with rasterio.features. "
         "GeoParquet (EPSG:4326, bbox covering) at sites/<region>/<period>.parquet and "
-        "the `asm_sites` view."
+        "the `asm_sites` view. A region with `detections` in the regions file takes its "
+        "sites from that file of external polygons instead (validated, clipped to the AOI)."
     ),
 )
 def asm_sites(
@@ -183,16 +184,29 @@ def asm_sites(
     from pipelines.detection import probability_path
 
     root = settings.root()
-    src = probability_path(root, region.id, period.id)
-    if not src.exists():
-        raise dg.Failure(
-            description=f"no probability raster at {src}: materialise `mining_probability` "
-            f"for {region.id}/{period.id} first"
-        )
-    try:
-        frame = extract_sites(src, region.id, period.id, mmu_ha=config.mmu_ha)
-    except ValueError as e:
-        raise dg.Failure(description=str(e)) from e
+    notes: list[str] = []
+    if region.detections is not None:  # the region's sites come from a file
+        from pipelines.imports import imported_sites, read_detections
+
+        try:
+            detections = read_detections(region.detections)
+        except ValueError as e:
+            raise dg.Failure(description=str(e)) from e
+        notes = detections.notes
+        for note in notes:
+            context.log.warning(f"asm_sites {region.id}: {detections.path.name}: {note}")
+        frame = imported_sites(region, period.id, detections)
+    else:
+        src = probability_path(root, region.id, period.id)
+        if not src.exists():
+            raise dg.Failure(
+                description=f"no probability raster at {src}: materialise `mining_probability` "
+                f"for {region.id}/{period.id} first"
+            )
+        try:
+            frame = extract_sites(src, region.id, period.id, mmu_ha=config.mmu_ha)
+        except ValueError as e:
+            raise dg.Failure(description=str(e)) from e
     target = write_sites(frame, sites_path(root, region.id, period.id))
     views = refresh_views(root)
     total = float(frame["area_ha"].sum()) if len(frame) else 0.0
@@ -206,6 +220,13 @@ def asm_sites(
                 float(frame["area_ha"].max()) if len(frame) else 0.0
             ),
             "mmu_ha": dg.MetadataValue.float(config.mmu_ha),
+            "source": dg.MetadataValue.text(
+                "model" if region.detections is None else f"imported: {region.detections.path}"
+            ),
+            "mapped_area_ha": dg.MetadataValue.float(
+                round(float(frame["mapped_area_ha"].sum()), 2) if len(frame) else 0.0
+            ),
+            "import_notes": dg.MetadataValue.text("; ".join(notes) or "none"),
             "empty": dg.MetadataValue.bool(len(frame) == 0),
             "catalog": dg.MetadataValue.json(views),
         }

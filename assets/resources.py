@@ -148,7 +148,13 @@ class TorchResource(dg.ConfigurableResource):
     """Where and how the model runs: CUDA when present (``device: auto``), else CPU."""
 
     device: str = "auto"  # auto | cuda | cpu
-    tile: int = 256  # inference tile edge, pixels (a multiple of 32)
-    overlap: int = 32  # pixels shared by neighbouring tiles, blended
-    batch: int = 16  # tiles per forward pass
+    tile: int = 0  # largest inference tile edge, px (multiple of 32); 0: 256 CPU, 2048 GPU
+    overlap: int = 32  # pixels neighbouring tiles share at least, blended
+    batch: int = 0  # tiles per forward pass; 0: 16 CPU, 6 GPU
+    dtype: str = "float16"  # CUDA weights and activations: float16 | bfloat16 | float32
+    # CUDA: torch.compile mode: "" eager; "default" (about 15 s to compile, 920 Mpx/s on
+    # an H100); "max-autotune-no-cudagraphs" (about 3.5 min of autotuning the first time
+    # on a machine, 20 s once inductor's cache under <data root>/cache/inductor holds it;
+    # 1,000 Mpx/s). docs/performance.md has the figures.
+    compile: str = "max-autotune-no-cudagraphs"
     retrain: bool = False  # train even when a model for the same inputs is registered

@@ -128,6 +128,8 @@ VIEWS: dict[str, tuple[str, str]] = {
     "scenes": ("scenes_view", "scenes/*/*.parquet"),
     "models": ("models_view", "models/models.parquet"),
     "asm_sites": ("asm_sites_view", "sites/*/*.parquet"),
+    "asm_change": ("asm_change_view", "change/*/*.parquet"),
+    "region_summary": ("region_summary_view", "summary/*/*.parquet"),
 }
 
 

@@ -134,10 +134,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             return 1
         p = _metadata(detected, "mining_probability")
         sites = _metadata(detected, "asm_sites")
+        change = _metadata(detected, "asm_change")
+        growth = change["growth_vs_previous"]
         print(
             f"  {period.id}: mining {p['mining_ha']:.1f} ha detected (truth {p.get('truth_ha', '?')} ha) "
             f"in {sites['site_count']} sites ({sites['total_area_ha']:.1f} ha >= 0.5 ha), "
-            f"IoU {p.get('truth_iou', float('nan')):.3f}  [{time.monotonic() - t:.1f} s]"
+            f"IoU {p.get('truth_iou', float('nan')):.3f}; new {change['new_ha'] + change['expanded_ha']:.1f} ha, "
+            f"re-vegetating {change['revegetating_ha']:.1f} ha"
+            + (f", growth x{growth:.3f}" if growth is not None else "")
+            + f"  [{time.monotonic() - t:.1f} s]"
         )
     print(f"done in {time.monotonic() - t0:.1f} s\n")
     print("Results:")
@@ -153,17 +158,52 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         f"  ASM sites (GeoParquet):   {root / 'sites' / region.id}/<period>.parquet  (view: asm_sites)"
     )
     print(
-        f"  DuckDB catalog:           {root / 'asmwatch.duckdb'}  (views: scenes, models, asm_sites)"
+        f"  ASM change (GeoParquet):  {root / 'change' / region.id}/<period>.parquet  (views: asm_change, region_summary)"
+    )
+    print(
+        f"  DuckDB catalog:           {root / 'asmwatch.duckdb'}  (views: scenes, models, asm_sites, asm_change, region_summary)"
     )
     print(
         f"  embedded world:           {root / 'embedded' / region.id}  (COGs, STAC items, truth masks, context layers)"
     )
     print(f"  Dagster runs:             {os.environ['DAGSTER_HOME']}  (open with `make ui`)")
+    _print_summary(root, region.id)
     print("\nQuery it:")
     print(
         f"  .venv/bin/asmwatch sql \"SELECT period, count(*) AS scenes, round(avg(cloud_cover), 1) AS cloud FROM scenes WHERE region = '{region.id}' GROUP BY period ORDER BY period\""
     )
+    print(
+        f"  .venv/bin/asmwatch sql \"SELECT period, kind, round(sum(area_ha), 1) AS ha FROM asm_change WHERE region = '{region.id}' GROUP BY ALL ORDER BY ALL\""
+    )
     return 0
+
+
+def _print_summary(root: Path, region_id: str) -> None:
+    """The region_summary rows of ``region_id``: area, change and growth per period."""
+    from pipelines.catalog import CATALOG_FILE, connect
+
+    con = connect(root / CATALOG_FILE, read_only=True)
+    try:
+        rows = con.execute(
+            "SELECT period, mining_ha, new_ha + expanded_ha, revegetating_ha, abandoned_ha, "
+            "growth_vs_previous, growth_vs_first FROM region_summary WHERE region = ? "
+            "ORDER BY period_start",
+            [region_id],
+        ).fetchall()
+    finally:
+        con.close()
+    print("\nSummary (region_summary):")
+    print(
+        f"  {'period':8} {'mining ha':>10} {'new ha':>8} {'reveg ha':>9} {'aband ha':>9} {'x prev':>7} {'x first':>8}"
+    )
+
+    def fmt(v: float | None) -> str:
+        return f"{v:.3f}" if v is not None else "-"
+
+    for period, mining, new, reveg, aband, gp, gf in rows:
+        print(
+            f"  {period:8} {mining:10.1f} {new:8.1f} {reveg:9.1f} {aband:9.1f} {fmt(gp):>7} {fmt(gf):>8}"
+        )
 
 
 def _cmd_sql(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ registered U-Net, or from the index baseline when no model exists.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ import rasterio
 
 from ml import registry
 from ml.features import IGNORE, Normalizer, Scene, read_composite, read_labels
-from ml.infer import pick_device, predict_tiled
+from ml.infer import pick_device, plan_tiles, predict_tiled
 from ml.metrics import best_threshold, confusion, evaluate, scores
 from ml.models import index_baseline
 from ml.train import Labelled, TrainConfig, train_unet
@@ -39,6 +40,9 @@ from pipelines.storage import atomic_path, partition_path
 
 VAL_FRACTION = 0.25  # eastern share of each training scene kept for early stopping
 THRESHOLD = 0.5  # for the index baseline, and for models registered without one
+# (tile edge, tiles per forward pass) when not configured: small tiles keep CPU memory
+# low; on a GPU, large tiles waste less on overlap (docs/performance.md).
+INFER_DEFAULTS = {"cpu": (256, 16), "cuda": (2048, 6)}
 
 
 class DetectionError(ValueError):
@@ -163,7 +167,7 @@ def train_mining_model(
     for s in test_scenes:
         comp = read_composite(s.composite)
         y = _labels(s, comp)
-        prob = predict_tiled(result.model, norm.apply(comp.features), valid=comp.valid, device=dev)
+        prob = predict_tiled(result.model, comp.features, normalizer=norm, device=dev)
         base = index_baseline(comp.features)
         unet_cm += np.asarray(confusion(prob, y, threshold))
         base_cm += np.asarray(confusion(base, y, THRESHOLD))
@@ -223,9 +227,11 @@ def map_probability(
     *,
     record: registry.ModelRecord | None,
     device: str = "auto",
-    tile: int = 256,
+    tile: int = 0,
     overlap: int = 32,
-    batch: int = 16,
+    batch: int = 0,
+    dtype: str = "float16",
+    compile: bool | str = False,
     progress: Callable[[str], None] = print,
 ) -> ProbabilityResult:
     """Mining probability COG for one composite, from ``record`` or the index baseline."""
@@ -235,8 +241,10 @@ def map_probability(
             f"no composite at {src}: materialise `composite` for {region.id}/{period_id} first"
         )
     started = time.perf_counter()
-    comp = read_composite(src)
     dev = pick_device(device)
+    on_gpu = dev.type == "cuda" and record is not None
+    # On a GPU the scene is uploaded while the model runs: pinned, half precision.
+    comp = read_composite(src, pinned=on_gpu, dtype=np.float16 if on_gpu else np.float32)
     if record is None:
         progress("mining_probability: no trained model registered; using the index baseline")
         prob = index_baseline(comp.features)
@@ -244,13 +252,34 @@ def map_probability(
         detector, used, threshold = "index-baseline", "cpu", THRESHOLD
     else:
         model, norm, _ = registry.load(record)
+        tile = tile or INFER_DEFAULTS[dev.type][0]
+        batch = batch or INFER_DEFAULTS[dev.type][1]
+        height, width = comp.valid.shape
+        plan = plan_tiles(height, width, tile, overlap)
         progress(
-            f"mining_probability: {record.model_id} on {dev}, tiles {tile} px, overlap {overlap}"
+            f"mining_probability: {record.model_id} on {dev}: {plan.n_tiles} tiles of "
+            f"{plan.tile_h} x {plan.tile_w} px, overlap >= {overlap}, batch {batch}"
+            + (f", {dtype}{' compiled' if compile else ''}" if dev.type == "cuda" else "")
         )
+        if dev.type == "cuda" and compile:
+            # Compiled kernels and autotuning results survive the process: the first run
+            # on a machine pays for them, later ones load them.
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "cache" / "inductor"))
+        t_infer = time.perf_counter()
+
+        def rows_done(i: int, n: int) -> None:
+            if n > 1 and (i == n or i % max(1, n // 4) == 0):
+                left = (time.perf_counter() - t_infer) / i * (n - i)
+                progress(f"mining_probability: tile row {i}/{n}, about {left:.0f} s left")
+
         prob = predict_tiled(
-            model, norm.apply(comp.features), valid=comp.valid, tile=tile, overlap=overlap,
-            batch=batch, device=dev,
+            model, comp.features, normalizer=norm, tile=tile, overlap=overlap, batch=batch,
+            device=dev, dtype=dtype, compile=compile, progress=rows_done,
         )  # fmt: skip
+        progress(
+            f"mining_probability: {comp.valid.size / 1e6:.1f} Mpx in "
+            f"{time.perf_counter() - t_infer:.2f} s"
+        )
         detector, used = record.model_id, str(dev)
         threshold = float(record.metrics.get("threshold", THRESHOLD))
     target = probability_path(root, region.id, period_id)

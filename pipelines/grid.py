@@ -19,6 +19,12 @@ _ROWS = "ABCDEFGHJKLMNPQRSTUV"
 ALIGN_M = 20  # pixel edges of both 10 m and 20 m Sentinel-2 grids fall on multiples of 20 m
 
 
+def bbox_utm_epsg(bbox: tuple[float, float, float, float]) -> int:
+    """The UTM zone of a bbox's centre: the CRS of a region's composite grid and areas."""
+    west, south, east, north = bbox
+    return utm_epsg((west + east) / 2, (south + north) / 2)
+
+
 def utm_epsg(lon: float, lat: float) -> int:
     """EPSG code of the WGS 84 / UTM zone containing (lon, lat)."""
     zone = utm_zone(lon)

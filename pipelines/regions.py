@@ -92,6 +92,25 @@ class EmbeddedSpec:
     reprocessed_twins: bool = True
 
 
+DETECTION_MODES = ("presence", "new")
+
+
+@dataclass(frozen=True)
+class DetectionsSpec:
+    """A file of external ASM polygons that replaces the model's sites for a region.
+
+    ``mode``: ``presence`` (each feature is mining present in its period) or ``new``
+    (each feature is mining first seen in its period, as Amazon Mining Watch's "new
+    mining" layers: a period's sites are every feature of that period or earlier).
+    """
+
+    path: str
+    period_field: str = "period"
+    mapped_area_field: str | None = None  # the provider's own mined area (ha), if any
+    id_field: str | None = None
+    mode: str = "presence"
+
+
 @dataclass(frozen=True)
 class Region:
     id: str
@@ -108,6 +127,7 @@ class Region:
     description: str = ""
     cloud_mask: str = "scl"
     l1c_collection: str = DEFAULT_L1C_COLLECTION
+    detections: DetectionsSpec | None = None
 
     @property
     def uses_s2cloudless(self) -> bool:
@@ -229,7 +249,7 @@ def _parse_region(
     known = {
         "id", "name", "description", "aoi", "periods", "source", "collection",
         "max_cloud_cover", "context", "embedded", "min_valid_fraction", "cloud_mask",
-        "l1c_collection",
+        "l1c_collection", "detections",
     }  # fmt: skip
     for key in raw:
         if key not in known:
@@ -287,6 +307,7 @@ def _parse_region(
 
     context = _parse_context(raw.get("context"), f"{where}.context", problems, base_dir)
     embedded = _parse_embedded(raw.get("embedded"), f"{where}.embedded", problems)
+    detections = _parse_detections(raw.get("detections"), f"{where}.detections", problems, base_dir)
     if source == "embedded" and embedded is None and raw.get("embedded") is None:
         embedded = EmbeddedSpec()
 
@@ -308,6 +329,7 @@ def _parse_region(
         min_valid_fraction=float(mvf),
         cloud_mask=str(cloud_mask),
         l1c_collection=str(l1c),
+        detections=detections,
     )
 
 
@@ -410,6 +432,15 @@ def _parse_periods(value: Any, where: str, problems: list[str]) -> list[Period]:
     return out
 
 
+def parse_period(item: Any, where: str = "period") -> Period:
+    """A period from its id (2021, 2021Q3); ``RegionsError`` naming ``where`` if it is not."""
+    problems: list[str] = []
+    period = _parse_period(item, where, problems)
+    if period is None:
+        raise RegionsError(where, problems)
+    return period
+
+
 def _parse_period(item: Any, where: str, problems: list[str]) -> Period | None:
     if isinstance(item, int) and not isinstance(item, bool):
         item = str(item)
@@ -498,6 +529,44 @@ def _parse_context(
             p = base_dir / p
         out[kind] = str(p)
     return out
+
+
+def _parse_detections(
+    value: Any, where: str, problems: list[str], base_dir: Path | None
+) -> DetectionsSpec | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        problems.append(f"{where}: must be a mapping with at least 'file'")
+        return None
+    known = {"file", "period_field", "mapped_area_field", "id_field", "mode"}
+    n_before = len(problems)
+    for key in value:
+        if key not in known:
+            problems.append(f"{where}.{key}: unknown field (known: {', '.join(sorted(known))})")
+    path = value.get("file")
+    if not isinstance(path, str) or not path.strip():
+        problems.append(f"{where}.file: missing or not a file path")
+    for key in ("period_field", "mapped_area_field", "id_field"):
+        v = value.get(key)
+        if v is not None and (not isinstance(v, str) or not v.strip()):
+            problems.append(f"{where}.{key}: must be a column name")
+    mode = value.get("mode", "presence")
+    if mode not in DETECTION_MODES:
+        problems.append(f"{where}.mode: {mode!r} must be one of {', '.join(DETECTION_MODES)}")
+    if len(problems) > n_before:
+        return None
+    assert isinstance(path, str)
+    p = Path(path)
+    if not p.is_absolute() and base_dir is not None:
+        p = base_dir / p
+    return DetectionsSpec(
+        path=str(p),
+        period_field=str(value.get("period_field", "period")),
+        mapped_area_field=value.get("mapped_area_field"),
+        id_field=value.get("id_field"),
+        mode=str(mode),
+    )
 
 
 def _parse_embedded(value: Any, where: str, problems: list[str]) -> EmbeddedSpec | None:

@@ -28,7 +28,10 @@ from scipy import ndimage
 from pipelines.storage import atomic_path, partition_path
 
 DEFAULT_MMU_HA = 0.5
-COLUMNS = ("site_id", "region", "period", "area_ha", "mean_probability", "geometry")
+COLUMNS = (
+    "site_id", "region", "period", "area_ha", "mean_probability", "mapped_area_ha",
+    "first_seen_period", "source", "geometry",
+)  # fmt: skip
 
 
 def sites_path(root: Path, region_id: str, period_id: str) -> Path:
@@ -83,11 +86,23 @@ def extract_sites(
                 "period": period_id,
                 "area_ha": round(geom.area / 10_000, 4),
                 "mean_probability": round(float(mean_of[value]), 4),
+                "mapped_area_ha": np.nan,  # imported detections only
+                "first_seen_period": None,  # imported "new" layers only; see asm_change
+                "source": "model",
                 "geometry": geom,
             }
         )
     frame = gpd.GeoDataFrame(rows, columns=list(COLUMNS), geometry="geometry", crs=crs)
-    return frame.sort_values("site_id").reset_index(drop=True).to_crs(4326)
+    return conform(frame.sort_values("site_id").reset_index(drop=True).to_crs(4326))
+
+
+def conform(frame: Any) -> Any:
+    """Column types every sites file shares, whatever produced it (also when empty)."""
+    for col in ("area_ha", "mean_probability", "mapped_area_ha"):
+        frame[col] = frame[col].astype("float64")
+    for col in ("site_id", "region", "period", "first_seen_period", "source"):
+        frame[col] = frame[col].astype("string")
+    return frame
 
 
 def write_sites(frame: Any, target: Path) -> Path:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ml.features import IGNORE, Normalizer
-from ml.infer import blend_window, pick_device, predict_tiled, tile_starts
+from ml.infer import blend_window, even_starts, pick_device, plan_tiles, predict_tiled, tile_starts
 from ml.metrics import confusion, evaluate
 from ml.models import UnetSpec, build_unet, index_baseline
 
@@ -37,6 +37,29 @@ def test_tile_starts_cover_every_pixel() -> None:
     assert w.shape == (64, 64) and float(w.min()) > 0 and float(w[32, 32]) == 1.0
 
 
+def test_even_tiles_cover_with_the_overlap_and_little_waste() -> None:
+    for size in (40, 64, 100, 257, 1000, 10980):
+        for tile, overlap in ((64, 16), (256, 32), (2048, 64)):
+            edge, starts = even_starts(size, tile, overlap)
+            assert edge % 32 == 0 and edge <= max(tile, size + 31)
+            assert starts[0] == 0 and starts[-1] + edge == max(size, edge)
+            steps = np.diff(starts)
+            assert (steps <= edge - overlap).all(), "neighbours share at least the overlap"
+            if len(starts) > 1:  # not more tiles than a fixed stride would use
+                assert len(starts) <= len(tile_starts(size, tile, tile - overlap))
+    # A full Sentinel-2 tile: 36 tiles of 1888 px for 2048 px tiles, 6 % extra pixels.
+    plan = plan_tiles(10980, 10980, 2048, 64)
+    assert (plan.tile_h, plan.n_tiles) == (1888, 36)
+    assert plan.computed_pixels / 10980**2 < 1.07
+    # Normalised weights sum to one on every pixel.
+    for axis in (0, 1):
+        total = torch.zeros(plan.padded[axis])
+        starts = plan.ys if axis == 0 else plan.xs
+        for s, w in zip(starts, plan.weights(axis), strict=True):
+            total[s : s + w.shape[0]] += w
+        assert torch.allclose(total, torch.ones_like(total), atol=1e-6)
+
+
 def test_blending_is_exact_for_a_per_pixel_model() -> None:
     rng = np.random.default_rng(1)
     x = rng.standard_normal((9, 300, 410)).astype(np.float32)
@@ -49,6 +72,24 @@ def test_blending_is_exact_for_a_per_pixel_model() -> None:
     # Smaller than one tile: padded, then cropped back.
     small = predict_tiled(model, x[:, :40, :50], tile=64, overlap=16, device=torch.device("cpu"))
     assert small.shape == (40, 50) and np.abs(small - whole[:40, :50]).max() < 1e-5
+
+
+def test_raw_features_are_normalised_per_tile_and_nan_stays_nan() -> None:
+    """Passing the normaliser gives what normalising the whole scene first gives."""
+    rng = np.random.default_rng(3)
+    raw = (0.2 + 0.05 * rng.standard_normal((9, 200, 230))).astype(np.float32)
+    raw[3, 50:60, 70:90] = np.nan
+    norm = Normalizer(
+        tuple(0.2 + 0.01 * i for i in range(9)), tuple(0.05 + 0.001 * i for i in range(9))
+    )
+    torch.manual_seed(0)
+    model = build_unet(UnetSpec()).eval()
+    cpu = torch.device("cpu")
+    first = predict_tiled(model, norm.apply(raw), tile=128, overlap=32, device=cpu)
+    fused = predict_tiled(model, raw, normalizer=norm, tile=128, overlap=32, device=cpu)
+    hole = ~np.isfinite(raw).all(axis=0)
+    assert np.isnan(fused[hole]).all() and np.isfinite(fused[~hole]).all()
+    assert np.abs(fused[~hole] - first[~hole]).max() < 1e-5
 
 
 def test_unet_tiles_blend_without_seams() -> None:
@@ -67,7 +108,8 @@ def test_unet_tiles_blend_without_seams() -> None:
         whole = torch.sigmoid(model(torch.from_numpy(x)[None]))[0, 0].numpy()
     # Jumps between neighbouring columns at tile borders are no larger than elsewhere.
     jumps = np.abs(np.diff(p[20:], axis=1)).mean(axis=0)
-    borders = [s - 1 for s in tile_starts(320, 128, 96)[1:]] + [s + 127 for s in tile_starts(320, 128, 96)[:-1]]  # fmt: skip
+    plan = plan_tiles(320, 320, 128, 32)
+    borders = [s - 1 for s in plan.xs[1:]] + [s + plan.tile_w - 1 for s in plan.xs[:-1]]
     assert jumps[borders].max() < 3 * np.median(jumps) + 1e-6
     assert np.nanmean(np.abs(p - whole)[20:, 20:]) < 0.05
 
@@ -81,6 +123,8 @@ def test_bad_arguments_are_named() -> None:
         predict_tiled(m, x, tile=64, overlap=32)
     with pytest.raises(ValueError, match=r"\(channels, height, width\)"):
         predict_tiled(m, x[0], tile=64)
+    with pytest.raises(ValueError, match="normaliser has 2 channels, the image 3"):
+        predict_tiled(m, x, tile=64, normalizer=Normalizer((0.0, 0.0), (1.0, 1.0)))
     assert pick_device("cpu").type == "cpu"
     if not torch.cuda.is_available():
         assert pick_device("auto").type == "cpu"

@@ -102,6 +102,32 @@ def test_unet_beats_the_index_baseline_on_the_held_out_period(root: Path) -> Non
     assert h["iou"] >= 0.8, h
     assert h["iou"] > b["iou"] + 0.05, (h, b)
 
+    # Through sites and change: area per period within 10 % of the truth, growth within 0.1.
+    import geopandas as gpd
+
+    from pipelines.change import detect_change, summarise
+    from pipelines.sites import extract_sites, sites_path, write_sites
+
+    region = small_region()
+    previous, history, first, truth = None, None, None, {}
+    for period in ("2019", "2020", "2021"):
+        res = map_probability(root, region, period, record=out.record, progress=lambda _m: None)
+        assert res.truth_ha is not None
+        truth[period] = res.truth_ha
+        sites = extract_sites(res.path, region.id, period)
+        write_sites(sites, sites_path(root, region.id, period))
+        sites = gpd.read_parquet(sites_path(root, region.id, period))
+        change = detect_change(region, period, sites, previous, previous_change=history)
+        first = first or (period, change.summary["mining_ha"])
+        summary = summarise(
+            change.summary, None if previous is None else float(previous["area_ha"].sum()), first
+        )
+        print(period, summary["mining_ha"], res.truth_ha, summary["growth_vs_first"])
+        assert summary["mining_ha"] == pytest.approx(res.truth_ha, rel=0.10), period
+        previous, history = sites, change.frame
+    true_growth = truth["2021"] / truth["2019"]
+    assert summary["growth_vs_first"] == pytest.approx(true_growth, abs=0.1)
+
 
 def test_real_regions_train_on_their_mining_label_polygons(tmp_path: Path) -> None:
     import dataclasses

@@ -35,6 +35,8 @@ def test_refresh_views_without_files_drops_view(tmp_path: Path) -> None:
         "scenes": "no files yet",
         "models": "no files yet",
         "asm_sites": "no files yet",
+        "asm_change": "no files yet",
+        "region_summary": "no files yet",
     }
     con = connect(tmp_path / "asmwatch.duckdb", read_only=True)
     assert con.execute(

@@ -47,8 +47,12 @@ def test_sites_have_the_right_areas_and_stable_ids(tmp_path: Path) -> None:
         "period",
         "area_ha",
         "mean_probability",
+        "mapped_area_ha",
+        "first_seen_period",
+        "source",
         "geometry",
     ]
+    assert (a["source"] == "model").all() and a["mapped_area_ha"].isna().all()
     assert a.crs.to_epsg() == 4326 and len(a) == 2
     assert sorted(a["area_ha"]) == pytest.approx([30.0, 50.0])
     assert sorted(a["mean_probability"]) == pytest.approx([0.7, 0.9], abs=0.01)

@@ -1,0 +1,101 @@
+"""The change asset: ``asm_change`` and the ``region_summary`` table.
+
+No ``from __future__ import annotations`` here: Dagster inspects the context annotation.
+"""
+
+import dagster as dg
+
+from assets.composite import composite
+from assets.detection import asm_sites
+from assets.partitions import PARTITIONS, region_and_period
+from assets.resources import AsmwatchSettings
+from pipelines.catalog import refresh_views
+from pipelines.change import KINDS, detect_change, summarise, write_change
+from pipelines.composite import composite_path
+from pipelines.sites import sites_path
+
+
+@dg.asset(
+    partitions_def=PARTITIONS,
+    group_name="change",
+    kinds={"geoparquet", "duckdb"},
+    owners=["team:asmwatch"],
+    deps=[asm_sites, composite],
+    description=(
+        "Period-over-period ASM change for a region: new, expanded, stable, abandoned and "
+        "re-vegetating areas (re-vegetation: mean composite NDVI >= 0.5 on land mined the "
+        "period before), with first_seen_period. Needs asm_sites of this and the previous "
+        "period of the region (materialise periods in order). GeoParquet at "
+        "change/<region>/<period>.parquet and the `asm_change` view; one row per region "
+        "and period in the `region_summary` view (mining area, change by kind, growth "
+        "against the previous and the first period)."
+    ),
+)
+def asm_change(
+    context: dg.AssetExecutionContext, settings: AsmwatchSettings
+) -> dg.MaterializeResult:
+    import geopandas as gpd
+
+    from pipelines.change import change_path
+
+    region, period = region_and_period(context, settings.regions())
+    root = settings.root()
+    here = sites_path(root, region.id, period.id)
+    if not here.exists():
+        raise dg.Failure(
+            description=f"no sites at {here}: materialise `asm_sites` for {region.id}/{period.id} first"
+        )
+    current = gpd.read_parquet(here)
+    prev = region.previous_period(period.id)
+    previous = previous_change = None
+    if prev is not None:
+        there = sites_path(root, region.id, prev.id)
+        if not there.exists():
+            raise dg.Failure(
+                description=f"asm_change {region.id}/{period.id} compares with the previous "
+                f"period, {prev.id}, whose sites are missing ({there}): materialise "
+                f"`asm_sites` for {region.id}/{prev.id} first"
+            )
+        previous = gpd.read_parquet(there)
+        last = change_path(root, region.id, prev.id)
+        previous_change = gpd.read_parquet(last) if last.exists() else None
+    comp = composite_path(root, region.id, period.id)
+    result = detect_change(
+        region, period.id, current, previous,
+        previous_change=previous_change, composite=comp if comp.exists() else None,
+    )  # fmt: skip
+    first_period = region.periods[0]
+    first = None
+    if first_period.id == period.id:
+        first = (period.id, result.summary["mining_ha"])
+    elif (p := sites_path(root, region.id, first_period.id)).exists():
+        first = (first_period.id, float(gpd.read_parquet(p)["area_ha"].sum()))
+    prev_ha = float(previous["area_ha"].sum()) if previous is not None else None
+    result.summary = summarise(result.summary, prev_ha, first)
+    target = write_change(result, root, region.id, period.id)
+    views = refresh_views(root)
+    s = result.summary
+    context.log.info(
+        f"asm_change {region.id} {period.id}: mining {s['mining_ha']:.1f} ha, "
+        + ", ".join(f"{k} {s[f'{k}_ha']:.1f}" for k in KINDS)
+        + f"; growth vs previous {s['growth_vs_previous']}, vs first {s['growth_vs_first']}"
+    )
+    for note in result.notes:
+        context.log.info(f"asm_change {region.id} {period.id}: {note}")
+
+    def num(v: float | None) -> dg.MetadataValue:
+        return dg.MetadataValue.float(float(v)) if v is not None else dg.MetadataValue.null()
+
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(target)),
+            "rows": dg.MetadataValue.int(len(result.frame)),
+            "mining_ha": num(s["mining_ha"]),
+            **{f"{k}_ha": num(s[f"{k}_ha"]) for k in KINDS},
+            "growth_vs_previous": num(s["growth_vs_previous"]),
+            "growth_vs_first": num(s["growth_vs_first"]),
+            "previous_period": dg.MetadataValue.text(s["previous_period"] or "none"),
+            "notes": dg.MetadataValue.text(s["notes"] or "none"),
+            "catalog": dg.MetadataValue.json(views),
+        }
+    )

@@ -1,0 +1,227 @@
+"""Imported detections: external ASM polygons as the sites of a region and period.
+
+A region's ``detections`` (regions file) names a file of polygons from elsewhere, for
+example Amazon Mining Watch's yearly "new mining" layers, and ``asm_sites`` then takes
+the region's sites from it instead of from the model, so change, risk and reports run on
+third-party detections too.
+
+Reading validates like every other input, and each problem names the file (and the
+feature):
+- the formats are GeoJSON, GeoPackage, GeoParquet and zipped Shapefile;
+- the file must have a CRS (GeoJSON is EPSG:4326 by definition) and at least one feature;
+- geometries must be polygons. Points and lines are refused. Geometry collections keep
+  their polygonal parts. Invalid rings are repaired (``make_valid``) and counted.
+  Empty geometries are skipped and counted;
+- the period column must exist and hold period ids (2021, 2021Q3);
+- the optional mapped-area column must be numeric and not negative.
+
+Sites of a period are clipped to the region's AOI, and ``area_ha`` is the clipped
+polygon's area in the region's UTM zone. ``mapped_area_ha`` carries the provider's own
+figure for the whole polygon unchanged (AMW's ``mined_area_ha_whole_polygon``: the
+scarred area inside its detection polygon), so both kinds of total can be reproduced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import shapely
+import shapely.geometry
+from pyproj import Transformer
+
+from pipelines.grid import bbox_utm_epsg
+from pipelines.regions import DetectionsSpec, Region, RegionsError, parse_period
+
+SUFFIXES = (".geojson", ".json", ".gpkg", ".parquet", ".zip", ".shp")
+POLYGONAL = ("Polygon", "MultiPolygon")
+
+
+class DetectionsError(ValueError):
+    """An imported detections file that cannot be used; the message names it."""
+
+
+@dataclass
+class Detections:
+    """A validated detections file: polygons in EPSG:4326 with their period."""
+
+    frame: Any  # GeoDataFrame: geometry, period, period_start, mapped_area_ha, source_id
+    path: Path
+    repaired: int = 0
+    dropped_empty: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def _read_any(path: Path) -> Any:
+    import geopandas as gpd
+
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise DetectionsError(
+            f"detections file {path}: unsupported format {suffix!r} (use GeoJSON, GeoPackage, "
+            "GeoParquet or a zipped Shapefile)"
+        )
+    try:
+        if suffix == ".parquet":
+            return gpd.read_parquet(path)
+        if suffix == ".zip":
+            return gpd.read_file(f"zip://{path}")
+        return gpd.read_file(path)
+    except Exception as e:  # pyogrio/pyarrow raise many types for unreadable files
+        raise DetectionsError(f"detections file {path}: cannot be read ({e})") from e
+
+
+def read_detections(spec: DetectionsSpec) -> Detections:
+    """Read and validate ``spec``'s file; raise ``DetectionsError`` naming the problem."""
+    path = Path(spec.path)
+    if not path.exists():
+        raise DetectionsError(f"detections file {path} does not exist")
+    frame = _read_any(path)
+    if len(frame) == 0:
+        raise DetectionsError(f"detections file {path} has no features")
+    if frame.crs is None:
+        raise DetectionsError(
+            f"detections file {path} has no CRS: give it one (a .prj beside a Shapefile, the "
+            "crs of a GeoPackage layer) so its coordinates can be placed"
+        )
+    columns = [c for c in frame.columns if c != frame.geometry.name]
+    for key, name in (("period_field", spec.period_field), ("mapped_area_field", spec.mapped_area_field), ("id_field", spec.id_field)):  # fmt: skip
+        if name is not None and name not in frame.columns:
+            raise DetectionsError(
+                f"detections file {path}: no column {name!r} (detections.{key}); it has "
+                f"{', '.join(columns) or 'no attribute columns'}"
+            )
+    # Periods: ids the regions file understands, compared by their start dates.
+    periods = [
+        str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+        for v in frame[spec.period_field].tolist()
+    ]
+    starts: dict[str, Any] = {}
+    for i, key in enumerate(periods):
+        if key not in starts:
+            try:
+                starts[key] = parse_period(key, f"{path}: feature {i}: {spec.period_field}").start
+            except RegionsError as e:
+                raise DetectionsError("; ".join(e.problems)) from e
+    mapped = None
+    if spec.mapped_area_field is not None:
+        values = frame[spec.mapped_area_field]
+        try:
+            mapped = values.astype(float).to_numpy()
+        except (TypeError, ValueError) as e:
+            raise DetectionsError(
+                f"detections file {path}: column {spec.mapped_area_field!r} must hold numbers "
+                f"(hectares): {e}"
+            ) from e
+        bad = np.flatnonzero(mapped < 0)
+        if len(bad):
+            raise DetectionsError(
+                f"detections file {path}: feature {int(bad[0])}: {spec.mapped_area_field} is "
+                f"negative ({mapped[bad[0]]}); areas are hectares >= 0"
+            )
+
+    geoms, keep, repaired, empty = [], [], 0, 0
+    for i, geom in enumerate(frame.geometry.tolist()):
+        if geom is None or geom.is_empty:
+            empty += 1
+            continue
+        kind = geom.geom_type
+        if kind == "GeometryCollection":
+            parts = [g for g in shapely.get_parts(geom) if g.geom_type in POLYGONAL]
+            if not parts:
+                raise DetectionsError(
+                    f"detections file {path}: feature {i}: a geometry collection without "
+                    "polygons; detections must be polygons"
+                )
+            geom = shapely.union_all(parts)
+        elif kind not in POLYGONAL:
+            raise DetectionsError(
+                f"detections file {path}: feature {i} is a {kind}; detections must be "
+                "polygons (mined areas), not points or lines"
+            )
+        if not geom.is_valid:
+            geom = shapely.make_valid(geom)
+            polys = [g for g in shapely.get_parts(geom) if g.geom_type in POLYGONAL]
+            geom = shapely.union_all(polys) if polys else shapely.Polygon()
+            repaired += 1
+            if geom.is_empty:
+                empty += 1
+                continue
+        geoms.append(geom)
+        keep.append(i)
+    if not keep:
+        raise DetectionsError(f"detections file {path}: every geometry is empty")
+
+    import geopandas as gpd
+
+    ids = (
+        [str(v) for v in frame[spec.id_field].tolist()]
+        if spec.id_field is not None
+        else [str(i) for i in range(len(frame))]
+    )
+    out = gpd.GeoDataFrame(
+        {
+            "source_id": [ids[i] for i in keep],
+            "period": [periods[i] for i in keep],
+            "period_start": [starts[periods[i]] for i in keep],
+            "mapped_area_ha": [float(mapped[i]) if mapped is not None else np.nan for i in keep],
+        },
+        geometry=geoms,
+        crs=frame.crs,
+    ).to_crs(4326)
+    notes = []
+    if repaired:
+        notes.append(f"{repaired} invalid geometr{'y' if repaired == 1 else 'ies'} repaired")
+    if empty:
+        notes.append(f"{empty} empty geometr{'y' if empty == 1 else 'ies'} skipped")
+    return Detections(out, path, repaired=repaired, dropped_empty=empty, notes=notes)
+
+
+def imported_sites(region: Region, period_id: str, detections: Detections) -> Any:
+    """The sites of ``region`` in ``period_id`` from imported detections (EPSG:4326).
+
+    Columns as the model's sites (``mean_probability`` empty), plus ``mapped_area_ha``,
+    ``first_seen_period`` and ``source``.
+    """
+    import geopandas as gpd
+
+    from pipelines.sites import COLUMNS, conform
+
+    spec = region.detections
+    assert spec is not None, f"region {region.id} has no detections configured"
+    period = region.period(period_id)
+    frame = detections.frame
+    if spec.mode == "new":
+        chosen = frame[frame["period_start"] <= period.start]
+    else:
+        chosen = frame[frame["period"] == period_id]
+    aoi = shapely.geometry.shape(region.geometry)
+    chosen = chosen[chosen.intersects(aoi)]
+    clipped = shapely.intersection(chosen.geometry.to_numpy(), aoi)
+    epsg = bbox_utm_epsg(region.bbox)  # the composite grid's zone
+    to_utm = Transformer.from_crs(4326, epsg, always_xy=True).transform
+    areas = [shapely.transform(g, to_utm, interleaved=False).area / 10_000 for g in clipped]
+    rows = []
+    for (_, rec), geom, area in zip(chosen.iterrows(), clipped, areas, strict=True):
+        digest = hashlib.sha1(
+            f"{region.id}|{period_id}|{rec['source_id']}|".encode()
+            + shapely.to_wkb(shapely.set_precision(geom, 1e-7))
+        ).hexdigest()[:12]
+        rows.append(
+            {
+                "site_id": f"{region.id}-{period_id}-{digest}",
+                "region": region.id,
+                "period": period_id,
+                "area_ha": round(area, 4),
+                "mean_probability": np.nan,
+                "mapped_area_ha": rec["mapped_area_ha"],
+                "first_seen_period": rec["period"] if spec.mode == "new" else period_id,
+                "source": f"imported:{detections.path.name}",
+                "geometry": geom,
+            }
+        )
+    out = gpd.GeoDataFrame(rows, columns=list(COLUMNS), geometry="geometry", crs=4326)
+    return conform(out.sort_values("site_id").reset_index(drop=True))

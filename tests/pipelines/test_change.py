@@ -1,0 +1,160 @@
+"""Change between periods: new, expanded, stable, abandoned and re-vegetating areas, with
+first-seen periods and a summary with growth factors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import rasterio.features
+import shapely
+from rasterio.transform import from_origin
+
+from pipelines.change import MIN_PART_HA, detect_change, summarise
+from pipelines.grid import bbox_utm_epsg
+from pipelines.regions import parse_regions
+
+REGION = parse_regions(
+    {
+        "regions": [
+            {
+                "id": "chg",
+                "aoi": {"bbox": [-70.56, -13.01, -70.51, -12.965]},
+                "periods": [2019, 2020, 2021],
+            }
+        ]
+    }
+).regions[0]
+EPSG = bbox_utm_epsg(REGION.bbox)
+X0, Y0 = 300_000.0, 8_560_000.0  # a corner inside the region, UTM 19S
+
+
+def box(x: float, y: float, w: float, h: float) -> shapely.Polygon:
+    return shapely.box(X0 + x, Y0 + y, X0 + x + w, Y0 + y + h)
+
+
+def sites(period: str, geoms: dict[str, shapely.Polygon]) -> gpd.GeoDataFrame:
+    f = gpd.GeoDataFrame(
+        {
+            "site_id": list(geoms),
+            "region": "chg",
+            "period": period,
+            "area_ha": [g.area / 1e4 for g in geoms.values()],
+            "first_seen_period": [None] * len(geoms),
+        },
+        geometry=list(geoms.values()),
+        crs=EPSG,
+    )
+    return f.to_crs(4326)
+
+
+def composite_with_ndvi(path: Path, high: shapely.Polygon) -> Path:
+    """A 10 m grid over the test area: NDVI 0.8 inside ``high``, 0.2 elsewhere."""
+    transform = from_origin(X0 - 100, Y0 + 1100, 10, 10)
+    ndvi = np.full((130, 130), 0.2, np.float32)
+    inside = rasterio.features.geometry_mask([high], ndvi.shape, transform, invert=True)
+    ndvi[inside] = 0.8
+    profile = {"driver": "GTiff", "width": 130, "height": 130, "count": 2, "dtype": "float32", "crs": f"EPSG:{EPSG}", "transform": transform}  # fmt: skip
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(np.stack([ndvi * 0, ndvi]))
+        dst.set_band_description(1, "B04")
+        dst.set_band_description(2, "NDVI")
+    return path
+
+
+def by_kind(frame: Any) -> dict[str, float]:
+    return frame.groupby("kind")["area_ha"].sum().round(4).to_dict()
+
+
+def test_kinds_areas_first_seen_and_growth(tmp_path: Path) -> None:
+    a, b, d = box(0, 0, 200, 200), box(400, 0, 100, 100), box(0, 400, 100, 100)
+    s2019 = sites("2019", {"a": a, "b": b, "d": d})
+    first = detect_change(REGION, "2019", s2019, None)
+    assert by_kind(first.frame) == {"new": 6.0}
+    assert set(first.frame["first_seen_period"]) == {"2019"}
+    assert "baseline" in first.summary["notes"]
+
+    a2, c = box(0, 0, 300, 200), box(700, 700, 100, 200)  # a grew east by 100 m; c is new
+    s2020 = sites("2020", {"a2": a2, "c": c})
+    comp = composite_with_ndvi(tmp_path / "2020.tif", b)  # b's land greened, d's did not
+    res = detect_change(REGION, "2020", s2020, s2019, previous_change=first.frame, composite=comp)
+    areas = by_kind(res.frame)
+    assert areas == pytest.approx(
+        {"stable": 4.0, "expanded": 2.0, "new": 2.0, "revegetating": 1.0, "abandoned": 1.0},
+        abs=1e-3,
+    )
+    f = res.frame.set_index("kind")
+    assert f.loc["stable", "first_seen_period"] == "2019"
+    assert (
+        f.loc["expanded", "first_seen_period"] == "2020"
+        and f.loc["new", "first_seen_period"] == "2020"
+    )
+    assert f.loc["revegetating", "mean_ndvi"] == pytest.approx(0.8, abs=0.05)
+    assert f.loc["abandoned", "mean_ndvi"] == pytest.approx(0.2, abs=0.05)
+    assert f.loc["stable", "site_id"] == "a2" and pd_isna(f.loc["abandoned", "site_id"])
+    summary = summarise(
+        res.summary, first.summary["mining_ha"], ("2019", first.summary["mining_ha"])
+    )
+    assert summary["mining_ha"] == pytest.approx(8.0) and summary[
+        "growth_vs_previous"
+    ] == pytest.approx(8 / 6, abs=1e-4)
+    assert summary["new_ha"] == pytest.approx(2.0) and summary["revegetating_ha"] == pytest.approx(
+        1.0
+    )
+    # Same inputs, same rows and ids.
+    again = detect_change(REGION, "2020", s2020, s2019, previous_change=first.frame, composite=comp)
+    assert list(again.frame["change_id"]) == list(res.frame["change_id"])
+
+    # 2021: every site is gone (an empty mask), no composite: the whole footprint of
+    # earlier mining (2020's 8 ha and the 2 ha gone in 2020) is abandoned, noted.
+    empty = sites("2021", {})
+    gone = detect_change(REGION, "2021", empty, s2020, previous_change=res.frame)
+    assert by_kind(gone.frame) == pytest.approx({"abandoned": 10.0}, abs=1e-3)
+    assert "re-vegetation not assessed" in gone.summary["notes"]
+    # Re-vegetation is a state: d, abandoned in 2020, greens by 2021 and shows so then.
+    comp21 = composite_with_ndvi(tmp_path / "2021.tif", d)
+    later = detect_change(REGION, "2021", empty, s2020, previous_change=res.frame, composite=comp21)
+    assert by_kind(later.frame) == pytest.approx({"abandoned": 9.0, "revegetating": 1.0}, abs=1e-3)
+    assert set(gone.frame["first_seen_period"]) == {"2019", "2020"}
+    assert summarise(gone.summary, 8.0, ("2019", 6.0))["growth_vs_first"] == 0.0
+
+
+def test_without_previous_change_first_seen_is_a_bound_and_slivers_drop() -> None:
+    a = box(0, 0, 200, 200)
+    s2019 = sites("2019", {"a": a})
+    nudged = box(0, 0.001, 200, 200)  # a sliver of 0.2 m2 differs from 2019
+    res = detect_change(REGION, "2020", sites("2020", {"a": nudged}), s2019)
+    assert by_kind(res.frame) == pytest.approx({"stable": 4.0}, abs=1e-3)
+    assert res.frame["first_seen_period"].tolist() == ["2019"]
+    assert "first_seen_period of older mining is a bound" in res.summary["notes"]
+    assert MIN_PART_HA <= 0.01
+
+
+def test_nothing_before_means_no_growth_factor() -> None:
+    res = detect_change(
+        REGION, "2020", sites("2020", {"a": box(0, 0, 100, 100)}), sites("2019", {})
+    )
+    assert by_kind(res.frame) == {"new": 1.0}
+    assert summarise(res.summary, 0.0, ("2019", 0.0))["growth_vs_previous"] is None
+
+
+def pd_isna(value: Any) -> bool:
+    import pandas as pd
+
+    return bool(pd.isna(value))
+
+
+def test_gone_mining_outside_the_composite_is_abandoned(tmp_path: Path) -> None:
+    """A part beyond the composite's extent, or thinner than a pixel, has no NDVI."""
+    comp = composite_with_ndvi(tmp_path / "c.tif", box(0, 0, 1000, 1000))  # all green
+    far, thin = box(5000, 5000, 100, 100), box(300, 300, 100, 2)
+    res = detect_change(
+        REGION, "2020", sites("2020", {}), sites("2019", {"far": far, "thin": thin}), composite=comp
+    )
+    f = res.frame.sort_values("area_ha")
+    assert list(f["kind"]) == ["revegetating", "abandoned"]  # the thin one still has pixels
+    assert np.isnan(f["mean_ndvi"].iloc[1])
