@@ -1,9 +1,10 @@
 """Benchmark: end-to-end throughput of `mining_probability`'s tiled inference.
 
 A composite's nine feature bands (10980 x 10980 px by default, a full Sentinel-2 tile)
-are already in host memory as raw float32 features with NaN holes, the way
-``read_composite`` leaves them (page-locked when the device is CUDA, as
-``read_composite(pinned=True)`` reads them). The timed call is ``ml.infer.predict_tiled``
+are already in host memory as raw features with NaN holes, the way ``read_composite``
+leaves them: for the shipped variant in page-locked memory as float16, as
+``mining_probability`` reads them on a GPU (``read_composite(pinned=True,
+dtype=float16)``); other variants hold float32 or ordinary memory. The timed call is ``ml.infer.predict_tiled``
 with the shipped U-Net architecture (``ml.models.UnetSpec``; random weights, speed does
 not depend on them) and the model's normaliser: host-to-device copies, normalisation,
 tiling, overlap, batched forward passes, blending, stitching, NaN masking and the copy
