@@ -35,9 +35,7 @@ from pyproj import Transformer
 
 from pipelines.grid import bbox_utm_epsg
 from pipelines.regions import DetectionsSpec, Region, RegionsError, parse_period
-
-SUFFIXES = (".geojson", ".json", ".gpkg", ".parquet", ".zip", ".shp")
-POLYGONAL = ("Polygon", "MultiPolygon")
+from pipelines.vectors import POLYGONAL, check_geometry, read_vector, require_columns
 
 
 class DetectionsError(ValueError):
@@ -55,45 +53,17 @@ class Detections:
     notes: list[str] = field(default_factory=list)
 
 
-def _read_any(path: Path) -> Any:
-    import geopandas as gpd
-
-    suffix = path.suffix.lower()
-    if suffix not in SUFFIXES:
-        raise DetectionsError(
-            f"detections file {path}: unsupported format {suffix!r} (use GeoJSON, GeoPackage, "
-            "GeoParquet or a zipped Shapefile)"
-        )
-    try:
-        if suffix == ".parquet":
-            return gpd.read_parquet(path)
-        if suffix == ".zip":
-            return gpd.read_file(f"zip://{path}")
-        return gpd.read_file(path)
-    except Exception as e:  # pyogrio/pyarrow raise many types for unreadable files
-        raise DetectionsError(f"detections file {path}: cannot be read ({e})") from e
-
-
 def read_detections(spec: DetectionsSpec) -> Detections:
     """Read and validate ``spec``'s file; raise ``DetectionsError`` naming the problem."""
     path = Path(spec.path)
-    if not path.exists():
-        raise DetectionsError(f"detections file {path} does not exist")
-    frame = _read_any(path)
-    if len(frame) == 0:
-        raise DetectionsError(f"detections file {path} has no features")
-    if frame.crs is None:
-        raise DetectionsError(
-            f"detections file {path} has no CRS: give it one (a .prj beside a Shapefile, the "
-            "crs of a GeoPackage layer) so its coordinates can be placed"
-        )
-    columns = [c for c in frame.columns if c != frame.geometry.name]
-    for key, name in (("period_field", spec.period_field), ("mapped_area_field", spec.mapped_area_field), ("id_field", spec.id_field)):  # fmt: skip
-        if name is not None and name not in frame.columns:
-            raise DetectionsError(
-                f"detections file {path}: no column {name!r} (detections.{key}); it has "
-                f"{', '.join(columns) or 'no attribute columns'}"
-            )
+    what = f"detections file {path}"
+    frame = read_vector(path, "detections file", DetectionsError)
+    require_columns(
+        frame,
+        [("detections.period_field", spec.period_field), ("detections.mapped_area_field", spec.mapped_area_field), ("detections.id_field", spec.id_field)],
+        what,
+        DetectionsError,
+    )  # fmt: skip
     # Periods: ids the regions file understands, compared by their start dates.
     periods = [
         str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
@@ -124,32 +94,12 @@ def read_detections(spec: DetectionsSpec) -> Detections:
             )
 
     geoms, keep, repaired, empty = [], [], 0, 0
-    for i, geom in enumerate(frame.geometry.tolist()):
-        if geom is None or geom.is_empty:
+    for i, raw in enumerate(frame.geometry.tolist()):
+        geom, fixed = check_geometry(raw, POLYGONAL, f"{what}: feature {i}", DetectionsError)
+        repaired += fixed
+        if geom is None:
             empty += 1
             continue
-        kind = geom.geom_type
-        if kind == "GeometryCollection":
-            parts = [g for g in shapely.get_parts(geom) if g.geom_type in POLYGONAL]
-            if not parts:
-                raise DetectionsError(
-                    f"detections file {path}: feature {i}: a geometry collection without "
-                    "polygons; detections must be polygons"
-                )
-            geom = shapely.union_all(parts)
-        elif kind not in POLYGONAL:
-            raise DetectionsError(
-                f"detections file {path}: feature {i} is a {kind}; detections must be "
-                "polygons (mined areas), not points or lines"
-            )
-        if not geom.is_valid:
-            geom = shapely.make_valid(geom)
-            polys = [g for g in shapely.get_parts(geom) if g.geom_type in POLYGONAL]
-            geom = shapely.union_all(polys) if polys else shapely.Polygon()
-            repaired += 1
-            if geom.is_empty:
-                empty += 1
-                continue
         geoms.append(geom)
         keep.append(i)
     if not keep:

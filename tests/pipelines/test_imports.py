@@ -150,7 +150,7 @@ def test_good_file_in_each_format_and_a_projected_crs(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("case", "match"),
     [
-        ("points", r"feature 1 is a Point; detections must be polygons"),
+        ("points", r"feature 1 is a Point; this layer takes Polygon or MultiPolygon"),
         ("lines", r"feature 0 is a LineString"),
         ("no_crs", r"has no CRS"),
         ("no_period", r"no column 'period' \(detections.period_field\); it has"),
