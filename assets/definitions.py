@@ -6,8 +6,10 @@ import dagster as dg
 
 from assets.change import asm_change
 from assets.composite import composite
+from assets.context import context_layers
 from assets.detection import asm_sites, mining_model, mining_probability
 from assets.resources import AsmwatchSettings, DaskResource, StacResource, TorchResource
+from assets.risk import protected_area_pressure
 from assets.scenes import scenes
 
 #: Region x period work up to the composite; then the model (all regions at once);
@@ -15,11 +17,23 @@ from assets.scenes import scenes
 #: the previous period). `asmwatch demo` runs them in that order.
 ingest_job = dg.define_asset_job("ingest", selection=[scenes, composite])
 model_job = dg.define_asset_job("train_model", selection=[mining_model])
-detect_job = dg.define_asset_job("detect", selection=[mining_probability, asm_sites, asm_change])
+context_job = dg.define_asset_job("load_context", selection=[context_layers])
+detect_job = dg.define_asset_job(
+    "detect", selection=[mining_probability, asm_sites, asm_change, protected_area_pressure]
+)
 
 defs = dg.Definitions(
-    assets=[scenes, composite, mining_model, mining_probability, asm_sites, asm_change],
-    jobs=[ingest_job, model_job, detect_job],
+    assets=[
+        scenes,
+        composite,
+        mining_model,
+        mining_probability,
+        asm_sites,
+        asm_change,
+        context_layers,
+        protected_area_pressure,
+    ],
+    jobs=[ingest_job, model_job, detect_job, context_job],
     resources={
         "settings": AsmwatchSettings(),
         "stac": StacResource(),

@@ -38,3 +38,13 @@ def region_and_period(
 
 
 PARTITIONS = region_period_partitions()
+
+#: Region-only assets (context layers): one partition per region of the regions file.
+REGIONS = dg.StaticPartitionsDefinition(load_regions().ids)
+
+
+def region_of(context: dg.AssetExecutionContext, config: RegionsConfig) -> Region:
+    try:
+        return config.get(context.partition_key)
+    except KeyError as e:
+        raise dg.Failure(description=str(e.args[0])) from e

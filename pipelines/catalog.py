@@ -130,6 +130,21 @@ VIEWS: dict[str, tuple[str, str]] = {
     "asm_sites": ("asm_sites_view", "sites/*/*.parquet"),
     "asm_change": ("asm_change_view", "change/*/*.parquet"),
     "region_summary": ("region_summary_view", "summary/*/*.parquet"),
+    "protected_area_pressure": (
+        "protected_area_pressure_view",
+        "risk/protected_area_pressure/*/*.parquet",
+    ),
+    **{
+        layer: ("context_view", f"context/*/{layer}.parquet")
+        for layer in (
+            "protected_areas",
+            "indigenous_lands",
+            "concessions",
+            "settlements",
+            "rivers",
+            "grievances",
+        )
+    },
 }
 
 
@@ -150,6 +165,7 @@ def refresh_views(root: Path, database: Path | None = None) -> dict[str, Any]:
                 status[view] = "no files yet"
                 continue
             ddl = load_sql(sql_name).replace(":files", sql_literal(str(root / glob)))
+            ddl = ddl.replace(":view", view)  # a key of VIEWS above, not input
             con.execute(ddl)
             status[view] = f"{len(files)} file(s)"
     finally:

@@ -228,6 +228,7 @@ def detect_change(
         "previous_period": prev_period.id if previous is not None and prev_period else None,
         "notes": "; ".join(notes),
     }
+    summary = summarise(summary, None, None)  # the growth columns, filled by the caller
     return ChangeResult(frame=frame, summary=summary, notes=notes)
 
 

@@ -112,6 +112,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             f"[{time.monotonic() - t:.1f} s]"
         )
     t = time.monotonic()
+    layers = run("load_context", "context layers", region.id)
+    if layers is None:
+        return 1
+    counts = {k.removesuffix("_count"): v for k, v in _metadata(layers, "context_layers").items() if k.endswith("_count")}  # fmt: skip
+    print(
+        "  context layers: "
+        + ", ".join(f"{k} {v}" for k, v in counts.items())
+        + f"  [{time.monotonic() - t:.1f} s]"
+    )
+    t = time.monotonic()
     print("  training the mining model (U-Net, CPU unless a GPU is present) ...", flush=True)
     train_cfg = {"max_epochs": args.train_epochs} if args.train_epochs else {}
     trained = run(
@@ -135,6 +145,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         p = _metadata(detected, "mining_probability")
         sites = _metadata(detected, "asm_sites")
         change = _metadata(detected, "asm_change")
+        pressure = _metadata(detected, "protected_area_pressure")
         growth = change["growth_vs_previous"]
         print(
             f"  {period.id}: mining {p['mining_ha']:.1f} ha detected (truth {p.get('truth_ha', '?')} ha) "
@@ -142,7 +153,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             f"IoU {p.get('truth_iou', float('nan')):.3f}; new {change['new_ha'] + change['expanded_ha']:.1f} ha, "
             f"re-vegetating {change['revegetating_ha']:.1f} ha"
             + (f", growth x{growth:.3f}" if growth is not None else "")
-            + f"  [{time.monotonic() - t:.1f} s]"
+            + f"; ASM on {pressure['areas_with_asm']} of {pressure['areas']} protected/indigenous "
+            f"areas ({pressure['asm_area_ha']:.1f} ha inside)" + f"  [{time.monotonic() - t:.1f} s]"
         )
     print(f"done in {time.monotonic() - t0:.1f} s\n")
     print("Results:")
@@ -161,7 +173,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         f"  ASM change (GeoParquet):  {root / 'change' / region.id}/<period>.parquet  (views: asm_change, region_summary)"
     )
     print(
-        f"  DuckDB catalog:           {root / 'asmwatch.duckdb'}  (views: scenes, models, asm_sites, asm_change, region_summary)"
+        f"  context layers:           {root / 'context' / region.id}/<layer>.parquet  (views: protected_areas, indigenous_lands, concessions, settlements, rivers, grievances)"
+    )
+    print(
+        f"  DuckDB catalog:           {root / 'asmwatch.duckdb'}  (views: scenes, models, asm_sites, asm_change, region_summary and the context layers)"
     )
     print(
         f"  embedded world:           {root / 'embedded' / region.id}  (COGs, STAC items, truth masks, context layers)"

@@ -50,6 +50,19 @@ CONTEXT_KINDS: tuple[str, ...] = (
     "mining_labels",  # polygons of mining (e.g. by period) to train and evaluate on
 )
 
+#: Attribute roles a context layer's columns can be mapped to (regions file:
+#: ``context: {kind: {file: ..., <role>: <column>}}``); see pipelines/context.py.
+CONTEXT_ROLES: dict[str, tuple[str, ...]] = {
+    "protected_areas": ("id", "name", "category"),
+    "indigenous_lands": ("id", "name", "category"),
+    "concessions": ("id", "name", "category", "holder", "status"),
+    "settlements": ("id", "name", "category", "population", "lon", "lat"),
+    "rivers": ("id", "name", "category"),
+    "grievances": ("id", "date", "category", "status", "place", "concession", "lon", "lat"),
+    "detections": ("id",),
+    "mining_labels": ("period",),
+}
+
 # Ids become directory names, partition keys and SQL literals in views: keep them to a
 # safe alphabet so no id can escape the data root or break a statement.
 _ID_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
@@ -121,7 +134,9 @@ class Region:
     source: str  # a preset name or an http(s) URL
     collection: str
     max_cloud_cover: float
-    context: Mapping[str, str] = field(default_factory=dict)
+    context: Mapping[str, str] = field(default_factory=dict)  # layer kind -> file
+    # layer kind -> {role: column} (and "crs" for CSV coordinates), from the mapping form
+    context_fields: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     embedded: EmbeddedSpec | None = None
     min_valid_fraction: float = 0.5
     description: str = ""
@@ -305,7 +320,9 @@ def _parse_region(
             "Computer does not serve; use source earth-search (or a STAC API with L1C)"
         )
 
-    context = _parse_context(raw.get("context"), f"{where}.context", problems, base_dir)
+    context, context_fields = _parse_context(
+        raw.get("context"), f"{where}.context", problems, base_dir
+    )
     embedded = _parse_embedded(raw.get("embedded"), f"{where}.embedded", problems)
     detections = _parse_detections(raw.get("detections"), f"{where}.detections", problems, base_dir)
     if source == "embedded" and embedded is None and raw.get("embedded") is None:
@@ -325,6 +342,7 @@ def _parse_region(
         collection=str(collection),
         max_cloud_cover=float(mcc),
         context=context,
+        context_fields=context_fields,
         embedded=embedded,
         min_valid_fraction=float(mvf),
         cloud_mask=str(cloud_mask),
@@ -501,21 +519,41 @@ def _parse_date(value: Any, where: str, problems: list[str]) -> dt.date | None:
 
 def _parse_context(
     value: Any, where: str, problems: list[str], base_dir: Path | None
-) -> dict[str, str]:
+) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    """Layer kind -> file, and kind -> {role: column} for layers given as a mapping."""
     if value is None:
-        return {}
+        return {}, {}
     if not isinstance(value, Mapping):
-        problems.append(f"{where}: must be a mapping of layer kind to file path")
-        return {}
+        problems.append(f"{where}: must be a mapping of layer kind to a file or {{file: ...}}")
+        return {}, {}
     out: dict[str, str] = {}
-    for kind, path in value.items():
+    fields: dict[str, dict[str, str]] = {}
+    for kind, spec in value.items():
         if kind not in CONTEXT_KINDS:
             problems.append(
                 f"{where}.{kind}: unknown layer kind (known: {', '.join(CONTEXT_KINDS)})"
             )
             continue
+        path = spec
+        if isinstance(spec, Mapping):
+            path = spec.get("file")
+            roles = CONTEXT_ROLES[kind]
+            mapped: dict[str, str] = {}
+            for role, column in spec.items():
+                if role == "file":
+                    continue
+                if role not in (*roles, "crs"):
+                    problems.append(
+                        f"{where}.{kind}.{role}: unknown field (known: file, crs, "
+                        f"{', '.join(roles)})"
+                    )
+                elif not isinstance(column, str) or not column.strip():
+                    problems.append(f"{where}.{kind}.{role}: must be a column name")
+                else:
+                    mapped[role] = column
+            fields[kind] = mapped
         if not isinstance(path, str) or not path.strip():
-            problems.append(f"{where}.{kind}: must be a file path")
+            problems.append(f"{where}.{kind}: must be a file path (or {{file: path, ...}})")
             continue
         if path.startswith("embedded:"):
             rel = path.removeprefix("embedded:")
@@ -528,7 +566,7 @@ def _parse_context(
         if not p.is_absolute() and base_dir is not None:
             p = base_dir / p
         out[kind] = str(p)
-    return out
+    return out, fields
 
 
 def _parse_detections(

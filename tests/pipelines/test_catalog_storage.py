@@ -31,13 +31,10 @@ def test_extension_directory_layout(tmp_path: Path) -> None:
 
 
 def test_refresh_views_without_files_drops_view(tmp_path: Path) -> None:
-    assert refresh_views(tmp_path) == {
-        "scenes": "no files yet",
-        "models": "no files yet",
-        "asm_sites": "no files yet",
-        "asm_change": "no files yet",
-        "region_summary": "no files yet",
-    }
+    from pipelines.catalog import VIEWS
+
+    assert refresh_views(tmp_path) == dict.fromkeys(VIEWS, "no files yet")
+    assert {"scenes", "asm_change", "protected_areas", "protected_area_pressure"} <= set(VIEWS)
     con = connect(tmp_path / "asmwatch.duckdb", read_only=True)
     assert con.execute(
         "SELECT count(*) FROM duckdb_views() WHERE view_name='scenes'"

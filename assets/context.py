@@ -1,0 +1,77 @@
+"""The context asset: a region's reference layers as GeoParquet tables and DuckDB views.
+
+No ``from __future__ import annotations`` here: Dagster inspects the context annotation.
+"""
+
+import dagster as dg
+
+from assets.partitions import REGIONS, region_of
+from assets.resources import AsmwatchSettings
+from pipelines.catalog import refresh_views
+from pipelines.context import TABLE_KINDS, context_table_path, read_context, write_context
+from pipelines.embedded import context_path, ensure_world
+
+
+@dg.asset(
+    partitions_def=REGIONS,
+    group_name="context",
+    kinds={"geoparquet", "duckdb"},
+    owners=["team:asmwatch"],
+    description=(
+        "A region's context layers from the files its `context` names: protected areas, "
+        "indigenous lands, LSM concessions, settlements, rivers and grievance logs "
+        "(GeoJSON, GeoPackage, GeoParquet, zipped Shapefile; CSV with coordinates for "
+        "settlements and grievances). Columns mapped through the regions file, CRS "
+        "reprojected to EPSG:4326, invalid polygons repaired, anything else refused with "
+        "the file and feature named. GeoParquet at context/<region>/<layer>.parquet and one "
+        "DuckDB view per layer."
+    ),
+)
+def context_layers(
+    context: dg.AssetExecutionContext, settings: AsmwatchSettings
+) -> dg.MaterializeResult:
+    from pipelines.context import ContextError
+
+    region = region_of(context, settings.regions())
+    root = settings.root()
+    if region.source == "embedded":  # the demo's layers live in its simulated world
+        ensure_world(root, region, context.log.info)
+    layers = []
+    for kind in TABLE_KINDS:
+        path = context_path(root, region, kind)
+        if path is None:
+            continue
+        try:
+            layers.append(read_context(region, kind, path))
+        except ContextError as e:  # nothing is written unless every layer reads
+            raise dg.Failure(description=str(e)) from e
+    written = {}
+    for layer in layers:
+        written[layer.kind] = write_context(layer, root, region.id)
+        for note in layer.notes:
+            context.log.warning(f"context {region.id} {layer.kind}: {note}")
+        context.log.info(
+            f"context {region.id} {layer.kind}: {len(layer.frame)} feature(s) from {layer.path}"
+        )
+    for kind in TABLE_KINDS:  # a layer removed from the regions file leaves no stale table
+        stale = context_table_path(root, region.id, kind)
+        if kind not in written and stale.exists():
+            stale.unlink()
+    views = refresh_views(root)
+    return dg.MaterializeResult(
+        metadata={
+            "layers": dg.MetadataValue.json(
+                {
+                    layer.kind: {
+                        "features": len(layer.frame),
+                        "area_ha": round(float(layer.frame["area_ha"].sum()), 2),
+                        "file": str(layer.path),
+                        "notes": layer.notes,
+                    }
+                    for layer in layers
+                }
+            ),
+            **{f"{layer.kind}_count": dg.MetadataValue.int(len(layer.frame)) for layer in layers},
+            "catalog": dg.MetadataValue.json(views),
+        }
+    )
