@@ -9,7 +9,7 @@ from assets.composite import composite
 from assets.context import context_layers
 from assets.detection import asm_sites, mining_model, mining_probability
 from assets.resources import AsmwatchSettings, DaskResource, StacResource, TorchResource
-from assets.risk import protected_area_pressure
+from assets.risk import RISK_ASSETS
 from assets.scenes import scenes
 
 #: Region x period work up to the composite; then the model (all regions at once);
@@ -19,7 +19,7 @@ ingest_job = dg.define_asset_job("ingest", selection=[scenes, composite])
 model_job = dg.define_asset_job("train_model", selection=[mining_model])
 context_job = dg.define_asset_job("load_context", selection=[context_layers])
 detect_job = dg.define_asset_job(
-    "detect", selection=[mining_probability, asm_sites, asm_change, protected_area_pressure]
+    "detect", selection=[mining_probability, asm_sites, asm_change, *RISK_ASSETS]
 )
 
 defs = dg.Definitions(
@@ -31,7 +31,7 @@ defs = dg.Definitions(
         asm_sites,
         asm_change,
         context_layers,
-        protected_area_pressure,
+        *RISK_ASSETS,
     ],
     jobs=[ingest_job, model_job, detect_job, context_job],
     resources={

@@ -4,6 +4,8 @@ No ``from __future__ import annotations`` here: Dagster inspects the context ann
 """
 
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import dagster as dg
 
@@ -13,59 +15,190 @@ from assets.detection import asm_sites
 from assets.partitions import PARTITIONS, region_and_period
 from assets.resources import AsmwatchSettings
 from pipelines.catalog import refresh_views
-from pipelines.risk import RiskError, compute, write_table
+from pipelines.risk import (
+    DEFAULT_ALERT_DISTANCE_M,
+    DEFAULT_H3_RESOLUTION,
+    DEFAULT_MIN_ALERT_HA,
+    RiskError,
+    RiskSettings,
+    compute,
+    write_table,
+)
 
 with warnings.catch_warnings():  # beta in Dagster 1.13, and the mapping this graph needs
     warnings.simplefilter("ignore", dg.BetaWarning)
     BY_REGION = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="region")
+DEPS: list[dg.AssetsDefinition | dg.AssetDep] = [
+    asm_sites,
+    asm_change,
+    dg.AssetDep(context_layers, partition_mapping=BY_REGION),
+]
 
 
-@dg.asset(
-    partitions_def=PARTITIONS,
-    group_name="risk",
-    kinds={"duckdb", "parquet"},
-    owners=["team:asmwatch"],
-    deps=[asm_sites, asm_change, dg.AssetDep(context_layers, partition_mapping=BY_REGION)],
-    description=(
-        "ASM pressure on each protected area and indigenous land of a region in a period "
-        "(sql/protected_area_pressure.sql, bound parameters): sites touching it, ASM area "
-        "inside it and its share of the area, new ASM area inside it (new and expanded "
-        "change), measured in the region's UTM zone. Parquet at "
-        "risk/protected_area_pressure/<region>/<period>.parquet and the "
-        "`protected_area_pressure` view."
-    ),
-)
-def protected_area_pressure(
-    context: dg.AssetExecutionContext, settings: AsmwatchSettings
+class RiskConfig(dg.Config):
+    """Thresholds of the risk tables (run config; defaults suit 10 m Sentinel-2 sites)."""
+
+    alert_distance_m: float = DEFAULT_ALERT_DISTANCE_M  # new ASM this close to a concession
+    h3_resolution: int = DEFAULT_H3_RESOLUTION  # hotspot cells (7: about 5 km2)
+    min_alert_ha: float = DEFAULT_MIN_ALERT_HA  # smaller new areas raise no alert
+
+
+def _run(
+    table: str,
+    context: dg.AssetExecutionContext,
+    settings: AsmwatchSettings,
+    config: RiskConfig,
+    summary: Callable[[Any], dict[str, dg.MetadataValue]],
 ) -> dg.MaterializeResult:
+    """Compute one table for the partition, write it, refresh the views, report."""
     region, period = region_and_period(context, settings.regions())
     root = settings.root()
     try:
-        rows = compute(root, "protected_area_pressure", region, period.id)
+        rows = compute(
+            root,
+            table,
+            region,
+            period.id,
+            RiskSettings(config.alert_distance_m, config.h3_resolution, config.min_alert_ha),
+        )
     except RiskError as e:
         raise dg.Failure(description=str(e)) from e
-    target = write_table(rows, root, "protected_area_pressure", region.id, period.id)
+    target = write_table(rows, root, table, region.id, period.id)
     views = refresh_views(root)
-    table = rows.to_pandas()
-    pressed = table[table["site_count"] > 0]
-    context.log.info(
-        f"protected_area_pressure {region.id} {period.id}: {len(table)} area(s), "
-        f"{len(pressed)} with ASM, {table['asm_area_ha'].sum():.1f} ha inside"
-    )
+    frame = rows.drop_columns(["geometry"]) if "geometry" in rows.column_names else rows
+    df = frame.to_pandas()
+    context.log.info(f"{table} {region.id} {period.id}: {len(df)} row(s) -> {target}")
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(target)),
-            "areas": dg.MetadataValue.int(len(table)),
-            "areas_with_asm": dg.MetadataValue.int(len(pressed)),
-            "asm_area_ha": dg.MetadataValue.float(round(float(table["asm_area_ha"].sum()), 2)),
-            "new_asm_ha": dg.MetadataValue.float(round(float(table["new_asm_ha"].sum()), 2)),
-            "top": dg.MetadataValue.md(
-                pressed.head(5)[
-                    ["kind", "area_id", "name", "site_count", "asm_area_ha", "share_of_area"]
-                ].to_markdown(index=False)
-                if len(pressed)
-                else "no ASM on any protected area or indigenous land"
-            ),
+            "rows": dg.MetadataValue.int(len(df)),
+            **summary(df),
             "catalog": dg.MetadataValue.json(views),
         }
     )
+
+
+def _md(df: Any, columns: list[str], empty: str) -> dg.MetadataValue:
+    return dg.MetadataValue.md(df[columns].head(5).to_markdown(index=False) if len(df) else empty)
+
+
+@dg.asset(
+    partitions_def=PARTITIONS, group_name="risk", kinds={"duckdb", "parquet"},
+    owners=["team:asmwatch"], deps=DEPS,
+    description=(
+        "ASM-LSM conflict risk per concession (sql/concession_risk.sql): ASM inside and "
+        "at 0-1, 1-5 and 5-10 km, new ASM, growth against the previous period, nearest "
+        "ASM, settlements and indigenous lands within 5 km, open grievances; a 0-100 score "
+        "with each component stored beside it (docs/risk.md) and a band."
+    ),
+)  # fmt: skip
+def concession_risk(
+    context: dg.AssetExecutionContext, settings: AsmwatchSettings, config: RiskConfig
+) -> dg.MaterializeResult:
+    def summary(df: Any) -> dict[str, dg.MetadataValue]:
+        bands = df["band"].value_counts().to_dict() if len(df) else {}
+        return {
+            "bands": dg.MetadataValue.json({k: int(v) for k, v in bands.items()}),
+            "max_score": dg.MetadataValue.float(float(df["score"].max()) if len(df) else 0.0),
+            "top": _md(
+                df,
+                [
+                    "concession_id",
+                    "name",
+                    "score",
+                    "band",
+                    "score_inside",
+                    "score_proximity",
+                    "score_new",
+                    "score_growth",
+                    "score_people",
+                    "score_grievances",
+                ],
+                "no concessions",
+            ),
+        }
+
+    return _run("concession_risk", context, settings, config, summary)
+
+
+@dg.asset(
+    partitions_def=PARTITIONS, group_name="risk", kinds={"duckdb", "parquet"},
+    owners=["team:asmwatch"], deps=DEPS,
+    description=(
+        "ASM pressure on each protected area and indigenous land of a region in a period "
+        "(sql/protected_area_pressure.sql): sites touching it, ASM area inside it and its "
+        "share of the area, new ASM area inside it, in the region's UTM zone."
+    ),
+)  # fmt: skip
+def protected_area_pressure(
+    context: dg.AssetExecutionContext, settings: AsmwatchSettings, config: RiskConfig
+) -> dg.MaterializeResult:
+    def summary(df: Any) -> dict[str, dg.MetadataValue]:
+        pressed = df[df["site_count"] > 0] if len(df) else df
+        return {
+            "areas": dg.MetadataValue.int(len(df)),
+            "areas_with_asm": dg.MetadataValue.int(len(pressed)),
+            "asm_area_ha": dg.MetadataValue.float(
+                round(float(df["asm_area_ha"].sum()), 2) if len(df) else 0.0
+            ),
+            "new_asm_ha": dg.MetadataValue.float(
+                round(float(df["new_asm_ha"].sum()), 2) if len(df) else 0.0
+            ),
+            "top": _md(
+                pressed,
+                ["kind", "area_id", "name", "site_count", "asm_area_ha", "share_of_area"],
+                "no ASM on any protected area or indigenous land",
+            ),
+        }
+
+    return _run("protected_area_pressure", context, settings, config, summary)
+
+
+@dg.asset(
+    partitions_def=PARTITIONS, group_name="risk", kinds={"duckdb", "geoparquet"},
+    owners=["team:asmwatch"], deps=DEPS,
+    description=(
+        "H3 cells (resolution 7 by default) with their ASM area, new ASM area and site "
+        "count (sql/hotspots.sql; the h3 package's cells), as GeoParquet with cell polygons."
+    ),
+)  # fmt: skip
+def hotspots(
+    context: dg.AssetExecutionContext, settings: AsmwatchSettings, config: RiskConfig
+) -> dg.MaterializeResult:
+    def summary(df: Any) -> dict[str, dg.MetadataValue]:
+        return {
+            "cells": dg.MetadataValue.int(len(df)),
+            "top": _md(df, ["h3_cell", "asm_area_ha", "new_asm_ha", "site_count"], "no ASM"),
+        }
+
+    return _run("hotspots", context, settings, config, summary)
+
+
+@dg.asset(
+    partitions_def=PARTITIONS, group_name="risk", kinds={"duckdb", "geoparquet"},
+    owners=["team:asmwatch"], deps=DEPS,
+    description=(
+        "Early-warning alerts (sql/alerts.sql): new ASM within `alert_distance_m` of a "
+        "concession, or inside a protected area or indigenous land, with severity. Ids are "
+        "digests of what raised them and a re-run replaces the period, so alerts never "
+        "duplicate."
+    ),
+)  # fmt: skip
+def alerts(
+    context: dg.AssetExecutionContext, settings: AsmwatchSettings, config: RiskConfig
+) -> dg.MaterializeResult:
+    def summary(df: Any) -> dict[str, dg.MetadataValue]:
+        sev = df["severity"].value_counts().to_dict() if len(df) else {}
+        return {
+            "severity": dg.MetadataValue.json({k: int(v) for k, v in sev.items()}),
+            "latest": _md(
+                df,
+                ["severity", "kind", "feature_layer", "feature_name", "distance_m", "area_ha"],
+                "no alerts",
+            ),
+        }
+
+    return _run("alerts", context, settings, config, summary)
+
+
+RISK_ASSETS = [concession_risk, protected_area_pressure, hotspots, alerts]

@@ -130,10 +130,10 @@ VIEWS: dict[str, tuple[str, str]] = {
     "asm_sites": ("asm_sites_view", "sites/*/*.parquet"),
     "asm_change": ("asm_change_view", "change/*/*.parquet"),
     "region_summary": ("region_summary_view", "summary/*/*.parquet"),
-    "protected_area_pressure": (
-        "protected_area_pressure_view",
-        "risk/protected_area_pressure/*/*.parquet",
-    ),
+    **{
+        table: (f"{table}_view", f"risk/{table}/*/*.parquet")
+        for table in ("concession_risk", "protected_area_pressure", "hotspots", "alerts")
+    },
     **{
         layer: ("context_view", f"context/*/{layer}.parquet")
         for layer in (

@@ -146,6 +146,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         sites = _metadata(detected, "asm_sites")
         change = _metadata(detected, "asm_change")
         pressure = _metadata(detected, "protected_area_pressure")
+        risk = _metadata(detected, "concession_risk")
+        warned = _metadata(detected, "alerts")
         growth = change["growth_vs_previous"]
         print(
             f"  {period.id}: mining {p['mining_ha']:.1f} ha detected (truth {p.get('truth_ha', '?')} ha) "
@@ -154,7 +156,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             f"re-vegetating {change['revegetating_ha']:.1f} ha"
             + (f", growth x{growth:.3f}" if growth is not None else "")
             + f"; ASM on {pressure['areas_with_asm']} of {pressure['areas']} protected/indigenous "
-            f"areas ({pressure['asm_area_ha']:.1f} ha inside)" + f"  [{time.monotonic() - t:.1f} s]"
+            f"areas ({pressure['asm_area_ha']:.1f} ha inside); top concession score "
+            f"{risk['max_score']:.1f}, {warned['rows']} alert(s)"
+            + f"  [{time.monotonic() - t:.1f} s]"
         )
     print(f"done in {time.monotonic() - t0:.1f} s\n")
     print("Results:")
@@ -183,6 +187,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
     print(f"  Dagster runs:             {os.environ['DAGSTER_HOME']}  (open with `make ui`)")
     _print_summary(root, region.id)
+    _print_risk(root, region.id, region.periods[-1].id)
     print("\nQuery it:")
     print(
         f"  .venv/bin/asmwatch sql \"SELECT period, count(*) AS scenes, round(avg(cloud_cover), 1) AS cloud FROM scenes WHERE region = '{region.id}' GROUP BY period ORDER BY period\""
@@ -191,6 +196,39 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         f"  .venv/bin/asmwatch sql \"SELECT period, kind, round(sum(area_ha), 1) AS ha FROM asm_change WHERE region = '{region.id}' GROUP BY ALL ORDER BY ALL\""
     )
     return 0
+
+
+def _print_risk(root: Path, region_id: str, period_id: str) -> None:
+    """The riskiest concessions and the most severe alerts of the latest period."""
+    from pipelines.catalog import CATALOG_FILE, connect
+
+    con = connect(root / CATALOG_FILE, read_only=True)
+    try:
+        top = con.execute(
+            "SELECT concession_id, name, score, band, score_inside, score_proximity, score_new, "
+            "score_growth, score_people, score_grievances FROM concession_risk "
+            "WHERE region = ? AND period = ? ORDER BY score DESC LIMIT 5",
+            [region_id, period_id],
+        ).fetchall()
+        warned = con.execute(
+            "SELECT severity, kind, feature_name, distance_m, area_ha FROM alerts "
+            "WHERE region = ? AND period = ? ORDER BY CASE severity WHEN 'critical' THEN 0 "
+            "WHEN 'high' THEN 1 ELSE 2 END, area_ha DESC LIMIT 8",
+            [region_id, period_id],
+        ).fetchall()
+    finally:
+        con.close()
+    print(
+        f"\nConcession risk {period_id} (score = inside + proximity + new + growth + people + grievances):"
+    )
+    for cid, name, score, band, *parts in top:
+        print(
+            f"  {cid:10} {name[:28]:28} {score:5.1f} {band:8} = "
+            + " + ".join(f"{p:.1f}" for p in parts)
+        )
+    print(f"Alerts {period_id}:" + ("" if warned else " none"))
+    for severity, kind, feature, distance, area in warned:
+        print(f"  {severity:8} {kind:20} {feature or '':28} {distance:8.0f} m {area:7.2f} ha")
 
 
 def _print_summary(root: Path, region_id: str) -> None:

@@ -1,14 +1,19 @@
 """The risk stage: the SQL of sql/ run over the catalog's views, one region and period at
-a time, and its rows written as Parquet tables the catalog exposes as views.
+a time, and its rows written as (Geo)Parquet tables the catalog exposes as views.
 
-Each table is one SQL file (``sql/<table>.sql``) that takes bound parameters only
-(``$region``, ``$period``, ``$utm``): no value from a regions file or a context layer
-is ever pasted into SQL text. Areas are measured in the region's UTM zone, the CRS the
-composites and sites use.
+Each table is one SQL file (``sql/<table>.sql``). It takes bound parameters only
+(``$region``, ``$period``, ``$utm`` and the few its header lists), so no value from a
+regions file or a context layer is ever pasted into SQL text. Areas and distances are
+measured in the region's UTM zone, the CRS the composites and sites use. A region without
+some context layer gets an empty stand-in view of the same columns: concession risk for
+a region with no settlements layer simply counts none.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,71 +22,167 @@ from pipelines.grid import bbox_utm_epsg
 from pipelines.regions import Region
 from pipelines.storage import atomic_path
 
-TABLES = ("protected_area_pressure",)
+TABLES = ("concession_risk", "protected_area_pressure", "hotspots", "alerts")
+NEEDS: dict[str, tuple[str, ...]] = {
+    "concession_risk": (
+        "asm_sites",
+        "asm_change",
+        "concessions",
+        "settlements",
+        "indigenous_lands",
+        "grievances",
+    ),
+    "protected_area_pressure": ("asm_sites", "asm_change", "protected_areas", "indigenous_lands"),
+    "hotspots": ("asm_sites", "asm_change"),
+    "alerts": ("asm_change", "concessions", "protected_areas", "indigenous_lands"),
+}
+DEFAULT_ALERT_DISTANCE_M = 5000.0
+DEFAULT_H3_RESOLUTION = 7
+DEFAULT_MIN_ALERT_HA = 0.5  # the sites' minimum mapping unit
+
+# Column stand-ins for views a region lacks (names and types as the real views have).
+_CONTEXT = (
+    "NULL::VARCHAR AS region, NULL::VARCHAR AS layer, NULL::VARCHAR AS feature_id, "
+    "NULL::VARCHAR AS name, NULL::VARCHAR AS category, NULL::DOUBLE AS area_ha, "
+    "NULL::VARCHAR AS holder, NULL::VARCHAR AS status, NULL::DOUBLE AS population, "
+    "NULL::DATE AS date, NULL::VARCHAR AS place, NULL::VARCHAR AS concession_id"
+)
+_EMPTY = "ST_GeomFromText('POLYGON EMPTY') AS geometry"
+STAND_INS = {
+    "asm_sites": "NULL::VARCHAR AS region, NULL::VARCHAR AS period, NULL::VARCHAR AS site_id, NULL::DOUBLE AS area_ha",
+    "asm_change": "NULL::VARCHAR AS region, NULL::VARCHAR AS period, NULL::VARCHAR AS kind, NULL::VARCHAR AS change_id, NULL::DOUBLE AS area_ha",
+    **{
+        v: _CONTEXT
+        for v in ("concessions", "settlements", "indigenous_lands", "protected_areas", "grievances")
+    },
+}
 
 
 class RiskError(ValueError):
     """A risk table that cannot be computed; the message says what is missing."""
 
 
+@dataclass(frozen=True)
+class RiskSettings:
+    alert_distance_m: float = DEFAULT_ALERT_DISTANCE_M
+    h3_resolution: int = DEFAULT_H3_RESOLUTION
+    min_alert_ha: float = DEFAULT_MIN_ALERT_HA
+
+
 def risk_path(root: Path, table: str, region_id: str, period_id: str) -> Path:
     return root / "risk" / table / region_id / f"{period_id}.parquet"
 
 
-def needed_views(table: str) -> tuple[str, ...]:
-    return {
-        "protected_area_pressure": (
-            "asm_sites",
-            "asm_change",
-            "protected_areas",
-            "indigenous_lands",
-        ),
-    }[table]
+def _h3_function(con: Any) -> None:
+    """Register ``h3_cell(lat, lon, resolution)``, the h3 package's latlng_to_cell."""
+    import h3
+    import pyarrow as pa
+    from duckdb import sqltypes
+
+    def h3_cell(lat: Any, lon: Any, res: Any) -> Any:
+        cells = [
+            h3.latlng_to_cell(y, x, r) if y is not None and x is not None else None
+            for y, x, r in zip(lat.to_pylist(), lon.to_pylist(), res.to_pylist(), strict=True)
+        ]
+        return pa.array(cells, pa.string())
+
+    con.create_function(
+        "h3_cell", h3_cell, [sqltypes.DOUBLE, sqltypes.DOUBLE, sqltypes.INTEGER],
+        sqltypes.VARCHAR, type="arrow", null_handling="special",
+    )  # fmt: skip
 
 
-def compute(root: Path, table: str, region: Region, period_id: str) -> Any:
+def parameters(
+    table: str, region: Region, period_id: str, settings: RiskSettings, now: dt.datetime
+) -> dict[str, Any]:
+    """The bound parameters the table's SQL names, and no others."""
+    period = region.period(period_id)
+    previous = region.previous_period(period_id)
+    values: dict[str, Any] = {
+        "region": region.id,
+        "period": period_id,
+        "previous": previous.id if previous else None,
+        "period_end": period.end,
+        "utm": f"EPSG:{bbox_utm_epsg(region.bbox)}",
+        "alert_distance_m": float(settings.alert_distance_m),
+        "min_alert_ha": float(settings.min_alert_ha),
+        "created_at": now,
+        "resolution": int(settings.h3_resolution),
+    }
+    used = set(re.findall(r"\$([a-z_]+)", load_sql(table)))
+    unknown = used - set(values)
+    if unknown:
+        raise RiskError(f"sql/{table}.sql names unknown parameters: {', '.join(sorted(unknown))}")
+    return {k: v for k, v in values.items() if k in used}
+
+
+def compute(
+    root: Path,
+    table: str,
+    region: Region,
+    period_id: str,
+    settings: RiskSettings | None = None,
+    now: dt.datetime | None = None,
+) -> Any:
     """The rows of ``table`` for one region and period, as a pyarrow Table."""
     if table not in TABLES:
         raise RiskError(f"unknown risk table {table!r} (known: {', '.join(TABLES)})")
+    if not 0 < (settings or RiskSettings()).alert_distance_m <= 100_000:
+        raise RiskError("alert distance must be between 0 and 100 km")
+    if not 0 <= (settings or RiskSettings()).h3_resolution <= 15:
+        raise RiskError("H3 resolution must be 0 to 15")
     db = root / CATALOG_FILE
     if not db.exists():
         raise RiskError(f"no catalog at {db}: materialise asm_sites and context_layers first")
+    params = parameters(
+        table, region, period_id, settings or RiskSettings(), now or dt.datetime.now(dt.UTC)
+    )
     con = connect(db, read_only=True)
     try:
         have = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
-        missing = [v for v in needed_views(table) if v not in have]
-        for view in missing:  # an absent layer is an empty one: the same columns, no rows
-            con.execute(f"CREATE TEMP VIEW {view} AS {_empty(view)}")  # names from code
-        params = {"region": region.id, "period": period_id, "utm": f"EPSG:{bbox_utm_epsg(region.bbox)}"}  # fmt: skip
+        for view in NEEDS[table]:
+            if view not in have:  # names from this module, never input
+                con.execute(
+                    f"CREATE TEMP VIEW {view} AS SELECT {STAND_INS[view]}, {_EMPTY} WHERE false"
+                )
+        if table == "hotspots":
+            _h3_function(con)
         return con.execute(load_sql(table), params).to_arrow_table()
     finally:
         con.close()
 
 
-def _empty(view: str) -> str:
-    """A query with a view's columns and no rows, for layers a region does not have."""
-    geometry = "ST_GeomFromText('POLYGON EMPTY')"
-    if view in ("protected_areas", "indigenous_lands"):
-        return (
-            "SELECT NULL::VARCHAR AS region, NULL::VARCHAR AS feature_id, NULL::VARCHAR AS name, "
-            f"NULL::VARCHAR AS category, NULL::DOUBLE AS area_ha, {geometry} AS geometry WHERE false"
-        )
-    if view == "asm_change":
-        return (
-            "SELECT NULL::VARCHAR AS region, NULL::VARCHAR AS period, NULL::VARCHAR AS kind, "
-            f"NULL::VARCHAR AS change_id, {geometry} AS geometry WHERE false"
-        )
-    return (
-        "SELECT NULL::VARCHAR AS region, NULL::VARCHAR AS period, NULL::VARCHAR AS site_id, "
-        f"NULL::DOUBLE AS area_ha, {geometry} AS geometry WHERE false"
-    )
-
-
 def write_table(rows: Any, root: Path, table: str, region_id: str, period_id: str) -> Path:
-    """Parquet, atomically; re-running a period replaces its rows, never adds to them."""
+    """(Geo)Parquet, atomically; re-running a period replaces its rows, never adds to them.
+
+    Tables with a WKB ``geometry`` column (alerts) become GeoParquet in EPSG:4326 with a
+    bbox covering column; hotspots get their H3 cell polygons.
+    """
     import pyarrow.parquet as pq
 
     target = risk_path(root, table, region_id, period_id)
+    frame = None
+    if "geometry" in rows.column_names:
+        import geopandas as gpd
+
+        df = rows.to_pandas()
+        frame = gpd.GeoDataFrame(
+            df.drop(columns="geometry"), geometry=gpd.GeoSeries.from_wkb(df["geometry"]), crs=4326
+        )
+    elif table == "hotspots":
+        import geopandas as gpd
+        import h3
+        import shapely
+
+        df = rows.to_pandas()
+        cells = [
+            shapely.Polygon([(lon, lat) for lat, lon in h3.cell_to_boundary(c)])
+            for c in df["h3_cell"]
+        ]
+        frame = gpd.GeoDataFrame(df, geometry=cells, crs=4326)
     with atomic_path(target) as tmp:
-        pq.write_table(rows, tmp)
+        if frame is not None:
+            frame.to_parquet(tmp, write_covering_bbox=True, index=False)
+        else:
+            pq.write_table(rows, tmp)
     return target

@@ -1,0 +1,114 @@
+-- concession_risk: ASM-LSM conflict risk for each LSM concession of one region in one
+-- period, with every component of the score stored beside it (docs/risk.md gives the
+-- formula). Bound parameters only: $region, $period, $previous (the previous period id,
+-- or NULL for the first), $period_end (DATE: grievances reported up to then count), and
+-- $utm (the region's UTM CRS, in which distances and areas are measured).
+-- Distances use the GEOS functions: DuckDB spatial 1.5.5's own ST_Distance and ST_DWithin
+-- return 0 / true for some disjoint polygons (edges on one line; duckdb-spatial #657,
+-- #693), so the native ST_DWithin only pre-filters the join and ST_DWithin_GEOS decides.
+WITH conc AS (
+    SELECT feature_id AS concession_id, name, holder,
+           ST_Transform(geometry, 'EPSG:4326', $utm, true) AS g
+    FROM concessions WHERE region = $region
+),
+sites AS (
+    SELECT period, ST_Transform(geometry, 'EPSG:4326', $utm, true) AS g
+    FROM asm_sites WHERE region = $region AND (period = $period OR period = $previous)
+),
+fresh AS (
+    SELECT ST_Transform(geometry, 'EPSG:4326', $utm, true) AS g
+    FROM asm_change WHERE region = $region AND period = $period AND kind IN ('new', 'expanded')
+),
+-- ASM area within 0, 1, 5 and 10 km of each concession (cumulative), this period and last.
+reach AS (
+    SELECT c.concession_id,
+           sum(ST_Area(ST_Intersection(c.g, s.g))) FILTER (WHERE s.period = $period) AS a0,
+           sum(ST_Area(ST_Intersection(ST_Buffer(c.g, 1000), s.g))) FILTER (WHERE s.period = $period) AS a1,
+           sum(ST_Area(ST_Intersection(ST_Buffer(c.g, 5000), s.g))) FILTER (WHERE s.period = $period) AS a5,
+           sum(ST_Area(ST_Intersection(ST_Buffer(c.g, 10000), s.g))) FILTER (WHERE s.period = $period) AS a10,
+           sum(ST_Area(ST_Intersection(ST_Buffer(c.g, 10000), s.g))) FILTER (WHERE s.period = $previous) AS a10_previous
+    FROM conc c JOIN sites s ON (ST_DWithin(c.g, s.g, 10000) AND ST_DWithin_GEOS(c.g, s.g, 10000))
+    GROUP BY c.concession_id
+),
+nearest AS (
+    SELECT c.concession_id, min(ST_Distance_GEOS(c.g, s.g)) AS nearest_asm_m
+    FROM conc c JOIN sites s ON s.period = $period AND (ST_DWithin(c.g, s.g, 50000) AND ST_DWithin_GEOS(c.g, s.g, 50000))
+    GROUP BY c.concession_id
+),
+new_asm AS (
+    SELECT c.concession_id, sum(ST_Area(ST_Intersection(ST_Buffer(c.g, 10000), f.g))) AS new_m2
+    FROM conc c JOIN fresh f ON (ST_DWithin(c.g, f.g, 10000) AND ST_DWithin_GEOS(c.g, f.g, 10000))
+    GROUP BY c.concession_id
+),
+people AS (
+    SELECT c.concession_id, count(*) AS settlements_nearby
+    FROM conc c JOIN settlements s ON s.region = $region
+         AND (ST_DWithin(c.g, ST_Transform(s.geometry, 'EPSG:4326', $utm, true), 5000) AND ST_DWithin_GEOS(c.g, ST_Transform(s.geometry, 'EPSG:4326', $utm, true), 5000))
+    GROUP BY c.concession_id
+),
+communities AS (
+    SELECT c.concession_id, count(*) AS communities_nearby
+    FROM conc c JOIN indigenous_lands i ON i.region = $region
+         AND (ST_DWithin(c.g, ST_Transform(i.geometry, 'EPSG:4326', $utm, true), 5000) AND ST_DWithin_GEOS(c.g, ST_Transform(i.geometry, 'EPSG:4326', $utm, true), 5000))
+    GROUP BY c.concession_id
+),
+complaints AS (
+    SELECT c.concession_id, count(*) AS open_grievances
+    FROM conc c JOIN grievances g ON g.region = $region
+         AND lower(coalesce(g.status, 'open')) IN ('open', 'pending', 'unresolved', 'in progress')
+         AND (g.date IS NULL OR g.date <= $period_end)
+         AND (g.concession_id = c.concession_id
+              OR (g.concession_id IS NULL
+                  AND (ST_DWithin(c.g, ST_Transform(g.geometry, 'EPSG:4326', $utm, true), 5000) AND ST_DWithin_GEOS(c.g, ST_Transform(g.geometry, 'EPSG:4326', $utm, true), 5000))))
+    GROUP BY c.concession_id
+),
+facts AS (
+    SELECT c.concession_id, c.name, c.holder,
+           coalesce(r.a0, 0) / 1e4 AS asm_inside_ha,
+           (coalesce(r.a1, 0) - coalesce(r.a0, 0)) / 1e4 AS asm_0_1km_ha,
+           (coalesce(r.a5, 0) - coalesce(r.a1, 0)) / 1e4 AS asm_1_5km_ha,
+           (coalesce(r.a10, 0) - coalesce(r.a5, 0)) / 1e4 AS asm_5_10km_ha,
+           coalesce(n.new_m2, 0) / 1e4 AS new_asm_ha,
+           CASE WHEN coalesce(r.a10_previous, 0) > 0 THEN r.a10 / r.a10_previous END AS growth_rate,
+           d.nearest_asm_m,
+           coalesce(p.settlements_nearby, 0) AS settlements_nearby,
+           coalesce(m.communities_nearby, 0) AS communities_nearby,
+           coalesce(q.open_grievances, 0) AS open_grievances
+    FROM conc c
+    LEFT JOIN reach r USING (concession_id)
+    LEFT JOIN nearest d USING (concession_id)
+    LEFT JOIN new_asm n USING (concession_id)
+    LEFT JOIN people p USING (concession_id)
+    LEFT JOIN communities m USING (concession_id)
+    LEFT JOIN complaints q USING (concession_id)
+),
+scored AS (
+    SELECT *,
+           30 * least(1, asm_inside_ha / 10) AS score_inside,
+           20 * least(1, (asm_0_1km_ha + 0.5 * asm_1_5km_ha + 0.2 * asm_5_10km_ha) / 20) AS score_proximity,
+           20 * least(1, new_asm_ha / 5) AS score_new,
+           10 * greatest(0, least(1, coalesce(growth_rate, 1) - 1)) AS score_growth,
+           10 * least(1, (settlements_nearby + communities_nearby) / 3) AS score_people,
+           10 * least(1, open_grievances / 3) AS score_grievances
+    FROM facts
+)
+SELECT concession_id, $region AS region, $period AS period, name, holder,
+       round(asm_inside_ha, 4) AS asm_inside_ha, round(asm_0_1km_ha, 4) AS asm_0_1km_ha,
+       round(asm_1_5km_ha, 4) AS asm_1_5km_ha, round(asm_5_10km_ha, 4) AS asm_5_10km_ha,
+       round(new_asm_ha, 4) AS new_asm_ha, round(growth_rate, 4) AS growth_rate,
+       round(nearest_asm_m, 1) AS nearest_asm_m, settlements_nearby, communities_nearby,
+       open_grievances,
+       round(score_inside, 2) AS score_inside, round(score_proximity, 2) AS score_proximity,
+       round(score_new, 2) AS score_new, round(score_growth, 2) AS score_growth,
+       round(score_people, 2) AS score_people, round(score_grievances, 2) AS score_grievances,
+       round(score_inside + score_proximity + score_new + score_growth + score_people
+             + score_grievances, 1) AS score,
+       CASE WHEN score_inside + score_proximity + score_new + score_growth + score_people
+                 + score_grievances >= 75 THEN 'critical'
+            WHEN score_inside + score_proximity + score_new + score_growth + score_people
+                 + score_grievances >= 50 THEN 'high'
+            WHEN score_inside + score_proximity + score_new + score_growth + score_people
+                 + score_grievances >= 25 THEN 'medium'
+            ELSE 'low' END AS band
+FROM scored
+ORDER BY score DESC, concession_id;
