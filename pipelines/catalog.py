@@ -17,6 +17,8 @@ from typing import Any
 
 import duckdb
 
+from pipelines.context import TABLE_KINDS as CONTEXT_TABLES
+
 log = logging.getLogger(__name__)
 
 CATALOG_FILE = "asmwatch.duckdb"
@@ -134,17 +136,7 @@ VIEWS: dict[str, tuple[str, str]] = {
         table: (f"{table}_view", f"risk/{table}/*/*.parquet")
         for table in ("concession_risk", "protected_area_pressure", "hotspots", "alerts")
     },
-    **{
-        layer: ("context_view", f"context/*/{layer}.parquet")
-        for layer in (
-            "protected_areas",
-            "indigenous_lands",
-            "concessions",
-            "settlements",
-            "rivers",
-            "grievances",
-        )
-    },
+    **{layer: ("context_view", f"context/*/{layer}.parquet") for layer in CONTEXT_TABLES},
 }
 
 
