@@ -7,9 +7,11 @@
 -- return 0 / true for some disjoint polygons (edges on one line; duckdb-spatial #657,
 -- #693), so the native ST_DWithin only pre-filters the join and ST_DWithin_GEOS decides.
 WITH conc AS (
-    SELECT feature_id AS concession_id, name, holder,
-           ST_Transform(geometry, 'EPSG:4326', $utm, true) AS g
-    FROM concessions WHERE region = $region
+    SELECT concession_id, name, holder, g,
+           ST_Buffer(g, 1000) AS b1, ST_Buffer(g, 5000) AS b5, ST_Buffer(g, 10000) AS b10
+    FROM (SELECT feature_id AS concession_id, name, holder,
+                 ST_Transform(geometry, 'EPSG:4326', $utm, true) AS g
+          FROM concessions WHERE region = $region)
 ),
 sites AS (
     SELECT period, ST_Transform(geometry, 'EPSG:4326', $utm, true) AS g
@@ -23,10 +25,10 @@ fresh AS (
 reach AS (
     SELECT c.concession_id,
            sum(ST_Area(ST_Intersection(c.g, s.g))) FILTER (WHERE s.period = $period) AS a0,
-           sum(ST_Area(ST_Intersection(ST_Buffer(c.g, 1000), s.g))) FILTER (WHERE s.period = $period) AS a1,
-           sum(ST_Area(ST_Intersection(ST_Buffer(c.g, 5000), s.g))) FILTER (WHERE s.period = $period) AS a5,
-           sum(ST_Area(ST_Intersection(ST_Buffer(c.g, 10000), s.g))) FILTER (WHERE s.period = $period) AS a10,
-           sum(ST_Area(ST_Intersection(ST_Buffer(c.g, 10000), s.g))) FILTER (WHERE s.period = $previous) AS a10_previous
+           sum(ST_Area(ST_Intersection(c.b1, s.g))) FILTER (WHERE s.period = $period) AS a1,
+           sum(ST_Area(ST_Intersection(c.b5, s.g))) FILTER (WHERE s.period = $period) AS a5,
+           sum(ST_Area(ST_Intersection(c.b10, s.g))) FILTER (WHERE s.period = $period) AS a10,
+           sum(ST_Area(ST_Intersection(c.b10, s.g))) FILTER (WHERE s.period = $previous) AS a10_previous
     FROM conc c JOIN sites s ON (ST_DWithin(c.g, s.g, 10000) AND ST_DWithin_GEOS(c.g, s.g, 10000))
     GROUP BY c.concession_id
 ),
@@ -36,7 +38,7 @@ nearest AS (
     GROUP BY c.concession_id
 ),
 new_asm AS (
-    SELECT c.concession_id, sum(ST_Area(ST_Intersection(ST_Buffer(c.g, 10000), f.g))) AS new_m2
+    SELECT c.concession_id, sum(ST_Area(ST_Intersection(c.b10, f.g))) AS new_m2
     FROM conc c JOIN fresh f ON (ST_DWithin(c.g, f.g, 10000) AND ST_DWithin_GEOS(c.g, f.g, 10000))
     GROUP BY c.concession_id
 ),
