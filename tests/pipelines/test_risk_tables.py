@@ -19,6 +19,7 @@ from pipelines.regions import parse_regions
 from pipelines.risk import RiskError, RiskSettings, compute, write_table
 from pipelines.sites import COLUMNS, conform, sites_path, write_sites
 
+HOSTILE = "Reserva'); DROP VIEW asm_sites; --"  # a name as an attacker would write it
 X0, Y0 = 330_000.0, 8_560_000.0  # UTM 19S, near -70.56, -13.03
 TO_LL = Transformer.from_crs(32719, 4326, always_xy=True).transform
 
@@ -52,7 +53,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
             holder=["LSM Co"],
         ),
         "protected_areas": layer(
-            d / "p.geojson", [box(3900, -500, 1000, 1000)], area_id=["PA1"], name=["Reserva"]
+            d / "p.geojson", [box(3900, -500, 1000, 1000)], area_id=["PA1"], name=[HOSTILE]
         ),
         "indigenous_lands": layer(
             d / "i.geojson", [box(-3000, 0, 500, 500)], area_id=["IL1"], name=["Comunidad"]
@@ -183,6 +184,13 @@ def test_alerts_kinds_severity_and_no_duplicates(world: tuple[Path, Any]) -> Non
     ).fetchone()  # type: ignore[misc]
     con.close()
     assert n == distinct == 3
+    # Text from a context layer travels as data, never as SQL: the name comes back whole
+    # and the views are all still there.
+    assert HOSTILE in {r["feature_name"] for r in rows}
+    con = connect(root / "asmwatch.duckdb", read_only=True)
+    views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
+    con.close()
+    assert {"asm_sites", "asm_change", "alerts", "protected_areas"} <= views
     again = compute(root, "alerts", region, "2020").to_pylist()
     assert sorted(r["alert_id"] for r in again) == sorted(r["alert_id"] for r in rows)
     assert compute(root, "alerts", region, "2019").num_rows == 0  # the baseline period
