@@ -7,11 +7,9 @@
 -- return 0 / true for some disjoint polygons (edges on one line; duckdb-spatial #657,
 -- #693), so the native ST_DWithin only pre-filters the join and ST_DWithin_GEOS decides.
 WITH conc AS (
-    SELECT concession_id, name, holder, g,
-           ST_Buffer(g, 1000) AS b1, ST_Buffer(g, 5000) AS b5, ST_Buffer(g, 10000) AS b10
-    FROM (SELECT feature_id AS concession_id, name, holder,
-                 ST_Transform(geometry, 'EPSG:4326', $utm, true) AS g
-          FROM concessions WHERE region = $region)
+    SELECT feature_id AS concession_id, name, holder,
+           ST_Transform(geometry, 'EPSG:4326', $utm, true) AS g
+    FROM concessions WHERE region = $region
 ),
 sites AS (
     SELECT period, ST_Transform(geometry, 'EPSG:4326', $utm, true) AS g
@@ -21,24 +19,29 @@ fresh AS (
     SELECT ST_Transform(geometry, 'EPSG:4326', $utm, true) AS g
     FROM asm_change WHERE region = $region AND period = $period AND kind IN ('new', 'expanded')
 ),
--- ASM area within 0, 1, 5 and 10 km of each concession (cumulative), this period and last.
-reach AS (
-    SELECT c.concession_id,
-           sum(ST_Area(ST_Intersection(c.g, s.g))) FILTER (WHERE s.period = $period) AS a0,
-           sum(ST_Area(ST_Intersection(c.b1, s.g))) FILTER (WHERE s.period = $period) AS a1,
-           sum(ST_Area(ST_Intersection(c.b5, s.g))) FILTER (WHERE s.period = $period) AS a5,
-           sum(ST_Area(ST_Intersection(c.b10, s.g))) FILTER (WHERE s.period = $period) AS a10,
-           sum(ST_Area(ST_Intersection(c.b10, s.g))) FILTER (WHERE s.period = $previous) AS a10_previous
+-- Every site within 10 km of a concession, with its distance. The part of a site inside
+-- the concession is measured exactly; the rest of it counts in the band of its nearest
+-- point (sites are tens to hundreds of metres across, the bands kilometres wide).
+pairs AS (
+    SELECT c.concession_id, s.period, ST_Area(s.g) AS area,
+           ST_Distance_GEOS(c.g, s.g) AS d,
+           CASE WHEN ST_Intersects(c.g, s.g) THEN ST_Area(ST_Intersection(c.g, s.g)) ELSE 0 END AS inside
     FROM conc c JOIN sites s ON (ST_DWithin(c.g, s.g, 10000) AND ST_DWithin_GEOS(c.g, s.g, 10000))
-    GROUP BY c.concession_id
 ),
-nearest AS (
-    SELECT c.concession_id, min(ST_Distance_GEOS(c.g, s.g)) AS nearest_asm_m
-    FROM conc c JOIN sites s ON s.period = $period AND (ST_DWithin(c.g, s.g, 50000) AND ST_DWithin_GEOS(c.g, s.g, 50000))
-    GROUP BY c.concession_id
+reach AS (
+    SELECT concession_id,
+           sum(inside) FILTER (WHERE period = $period) AS a_in,
+           sum(area - inside) FILTER (WHERE period = $period AND d <= 1000) AS a1,
+           sum(area) FILTER (WHERE period = $period AND d > 1000 AND d <= 5000) AS a5,
+           sum(area) FILTER (WHERE period = $period AND d > 5000) AS a10,
+           sum(area) FILTER (WHERE period = $period) AS a_all,
+           sum(area) FILTER (WHERE period = $previous) AS a_all_previous,
+           min(d) FILTER (WHERE period = $period) AS nearest_asm_m
+    FROM pairs
+    GROUP BY concession_id
 ),
 new_asm AS (
-    SELECT c.concession_id, sum(ST_Area(ST_Intersection(c.b10, f.g))) AS new_m2
+    SELECT c.concession_id, sum(ST_Area(f.g)) AS new_m2
     FROM conc c JOIN fresh f ON (ST_DWithin(c.g, f.g, 10000) AND ST_DWithin_GEOS(c.g, f.g, 10000))
     GROUP BY c.concession_id
 ),
@@ -66,19 +69,18 @@ complaints AS (
 ),
 facts AS (
     SELECT c.concession_id, c.name, c.holder,
-           coalesce(r.a0, 0) / 1e4 AS asm_inside_ha,
-           (coalesce(r.a1, 0) - coalesce(r.a0, 0)) / 1e4 AS asm_0_1km_ha,
-           (coalesce(r.a5, 0) - coalesce(r.a1, 0)) / 1e4 AS asm_1_5km_ha,
-           (coalesce(r.a10, 0) - coalesce(r.a5, 0)) / 1e4 AS asm_5_10km_ha,
+           coalesce(r.a_in, 0) / 1e4 AS asm_inside_ha,
+           coalesce(r.a1, 0) / 1e4 AS asm_0_1km_ha,
+           coalesce(r.a5, 0) / 1e4 AS asm_1_5km_ha,
+           coalesce(r.a10, 0) / 1e4 AS asm_5_10km_ha,
            coalesce(n.new_m2, 0) / 1e4 AS new_asm_ha,
-           CASE WHEN coalesce(r.a10_previous, 0) > 0 THEN r.a10 / r.a10_previous END AS growth_rate,
-           d.nearest_asm_m,
+           CASE WHEN coalesce(r.a_all_previous, 0) > 0 THEN r.a_all / r.a_all_previous END AS growth_rate,
+           r.nearest_asm_m,
            coalesce(p.settlements_nearby, 0) AS settlements_nearby,
            coalesce(m.communities_nearby, 0) AS communities_nearby,
            coalesce(q.open_grievances, 0) AS open_grievances
     FROM conc c
     LEFT JOIN reach r USING (concession_id)
-    LEFT JOIN nearest d USING (concession_id)
     LEFT JOIN new_asm n USING (concession_id)
     LEFT JOIN people p USING (concession_id)
     LEFT JOIN communities m USING (concession_id)
