@@ -198,26 +198,33 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_risk(root: Path, region_id: str, period_id: str) -> None:
-    """The riskiest concessions and the most severe alerts of the latest period."""
+def _query(root: Path, sql: str, params: list[Any]) -> list[Any]:
+    """Rows of one bound query on a read-only connection to the catalog."""
     from pipelines.catalog import CATALOG_FILE, connect
 
     con = connect(root / CATALOG_FILE, read_only=True)
     try:
-        top = con.execute(
-            "SELECT concession_id, name, score, band, score_inside, score_proximity, score_new, "
-            "score_growth, score_people, score_grievances FROM concession_risk "
-            "WHERE region = ? AND period = ? ORDER BY score DESC LIMIT 5",
-            [region_id, period_id],
-        ).fetchall()
-        warned = con.execute(
-            "SELECT severity, kind, feature_name, distance_m, area_ha FROM alerts "
-            "WHERE region = ? AND period = ? ORDER BY CASE severity WHEN 'critical' THEN 0 "
-            "WHEN 'high' THEN 1 ELSE 2 END, area_ha DESC LIMIT 8",
-            [region_id, period_id],
-        ).fetchall()
+        return con.execute(sql, params).fetchall()
     finally:
         con.close()
+
+
+def _print_risk(root: Path, region_id: str, period_id: str) -> None:
+    """The riskiest concessions and the most severe alerts of the latest period."""
+    top = _query(
+        root,
+        "SELECT concession_id, name, score, band, score_inside, score_proximity, score_new, "
+        "score_growth, score_people, score_grievances FROM concession_risk "
+        "WHERE region = ? AND period = ? ORDER BY score DESC LIMIT 5",
+        [region_id, period_id],
+    )
+    warned = _query(
+        root,
+        "SELECT severity, kind, feature_name, distance_m, area_ha FROM alerts "
+        "WHERE region = ? AND period = ? ORDER BY CASE severity WHEN 'critical' THEN 0 "
+        "WHEN 'high' THEN 1 ELSE 2 END, area_ha DESC LIMIT 8",
+        [region_id, period_id],
+    )
     print(
         f"\nConcession risk {period_id} (score = inside + proximity + new + growth + people + grievances):"
     )
@@ -233,18 +240,13 @@ def _print_risk(root: Path, region_id: str, period_id: str) -> None:
 
 def _print_summary(root: Path, region_id: str) -> None:
     """The region_summary rows of ``region_id``: area, change and growth per period."""
-    from pipelines.catalog import CATALOG_FILE, connect
-
-    con = connect(root / CATALOG_FILE, read_only=True)
-    try:
-        rows = con.execute(
-            "SELECT period, mining_ha, new_ha + expanded_ha, revegetating_ha, abandoned_ha, "
-            "growth_vs_previous, growth_vs_first FROM region_summary WHERE region = ? "
-            "ORDER BY period_start",
-            [region_id],
-        ).fetchall()
-    finally:
-        con.close()
+    rows = _query(
+        root,
+        "SELECT period, mining_ha, new_ha + expanded_ha, revegetating_ha, abandoned_ha, "
+        "growth_vs_previous, growth_vs_first FROM region_summary WHERE region = ? "
+        "ORDER BY period_start",
+        [region_id],
+    )
     print("\nSummary (region_summary):")
     print(
         f"  {'period':8} {'mining ha':>10} {'new ha':>8} {'reveg ha':>9} {'aband ha':>9} {'x prev':>7} {'x first':>8}"

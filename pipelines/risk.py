@@ -127,16 +127,15 @@ def compute(
     """The rows of ``table`` for one region and period, as a pyarrow Table."""
     if table not in TABLES:
         raise RiskError(f"unknown risk table {table!r} (known: {', '.join(TABLES)})")
-    if not 0 < (settings or RiskSettings()).alert_distance_m <= 100_000:
+    settings = settings or RiskSettings()
+    if not 0 < settings.alert_distance_m <= 100_000:
         raise RiskError("alert distance must be between 0 and 100 km")
-    if not 0 <= (settings or RiskSettings()).h3_resolution <= 15:
+    if not 0 <= settings.h3_resolution <= 15:
         raise RiskError("H3 resolution must be 0 to 15")
     db = root / CATALOG_FILE
     if not db.exists():
         raise RiskError(f"no catalog at {db}: materialise asm_sites and context_layers first")
-    params = parameters(
-        table, region, period_id, settings or RiskSettings(), now or dt.datetime.now(dt.UTC)
-    )
+    params = parameters(table, region, period_id, settings, now or dt.datetime.now(dt.UTC))
     con = connect(db, read_only=True)
     try:
         have = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}

@@ -24,6 +24,30 @@ def shared(rel: str) -> Path:
     return p
 
 
+def mdd_department() -> dict[str, Any]:
+    """The Madre de Dios department outline (GeoJSON geometry), a real region AOI."""
+    doc = json.loads(shared("reference/boundaries/madre_de_dios_department.geojson").read_text())
+    geometry: dict[str, Any] = doc["features"][0]["geometry"]
+    return geometry
+
+
+def mdd_context() -> dict[str, Any]:
+    """The real SERNANP protected areas and native community lands, columns mapped."""
+    return {
+        "protected_areas": {
+            "file": str(shared("context/pe_mdd_anp_sernanp.geojson")),
+            "id": "codigo",
+            "name": "nombre",
+            "category": "categoria",
+        },
+        "indigenous_lands": {
+            "file": str(shared("context/pe_mdd_native_communities_amw.geojson")),
+            "id": "id",
+            "name": "name_field",
+        },
+    }
+
+
 def load_json(rel: str) -> Any:
     return json.loads(shared(rel).read_text())
 

@@ -17,7 +17,7 @@ import yaml
 
 from pipelines.context import ContextError, read_context
 from pipelines.regions import parse_regions
-from tests.conftest import shared
+from tests.conftest import mdd_context, mdd_department, shared
 
 BBOX = [-70.6, -13.1, -70.4, -12.9]
 
@@ -34,21 +34,9 @@ def region(
 
 
 def test_real_protected_areas_and_native_communities() -> None:
-    dept = json.loads(shared("reference/boundaries/madre_de_dios_department.geojson").read_text())
     anp = shared("context/pe_mdd_anp_sernanp.geojson")
     native = shared("context/pe_mdd_native_communities_amw.geojson")
-    r = region(
-        {
-            "protected_areas": {
-                "file": str(anp),
-                "id": "codigo",
-                "name": "nombre",
-                "category": "categoria",
-            },
-            "indigenous_lands": {"file": str(native), "id": "id", "name": "name_field"},
-        },
-        aoi={"geometry": dept["features"][0]["geometry"]},
-    )
+    r = region(mdd_context(), aoi={"geometry": mdd_department()})
     pa = read_context(r, "protected_areas", anp).frame
     source = gpd.read_file(anp).set_index("codigo")
     assert sorted(pa["feature_id"]) == ["PN03", "PN08", "PN11", "RC03", "RC06", "RN09"]

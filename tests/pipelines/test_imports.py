@@ -4,7 +4,6 @@ bad files are refused with errors that name the file and the feature."""
 from __future__ import annotations
 
 import csv
-import json
 import warnings
 import zipfile
 from pathlib import Path
@@ -17,19 +16,18 @@ import shapely.geometry
 
 from pipelines.imports import DetectionsError, imported_sites, read_detections
 from pipelines.regions import DetectionsSpec, RegionsError, parse_regions
-from tests.conftest import shared
+from tests.conftest import mdd_department, shared
 
 AMW = "reference/amw_mdd_polygons/amw_mdd_bbox_new_mining_by_period_2018_2025Q4.geojson"
 YEARS = ("2018", "2019", "2020", "2021", "2022", "2023")
 
 
 def mdd_region(mode: str) -> Any:
-    dept = json.loads(shared("reference/boundaries/madre_de_dios_department.geojson").read_text())
     doc = {
         "regions": [
             {
                 "id": "madre-de-dios",
-                "aoi": {"geometry": dept["features"][0]["geometry"]},
+                "aoi": {"geometry": mdd_department()},
                 "periods": [int(y) for y in YEARS],
                 "detections": {
                     "file": str(shared(AMW)),

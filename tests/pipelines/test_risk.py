@@ -4,7 +4,6 @@ against an independent geopandas computation."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import geopandas as gpd
@@ -17,32 +16,21 @@ from pipelines.imports import imported_sites, read_detections
 from pipelines.regions import parse_regions
 from pipelines.risk import compute, write_table
 from pipelines.sites import sites_path, write_sites
-from tests.conftest import shared
+from tests.conftest import mdd_context, mdd_department, shared
 
 PERIODS = ("2025Q2", "2025Q3", "2025Q4")
 
 
 @pytest.fixture(scope="module")
 def mdd(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
-    dept = json.loads(shared("reference/boundaries/madre_de_dios_department.geojson").read_text())
-    anp = shared("context/pe_mdd_anp_sernanp.geojson")
-    native = shared("context/pe_mdd_native_communities_amw.geojson")
     detections = shared("context/asm_detections_amw_2025_new_sa_aoi.geojson")
     doc = {
         "regions": [
             {
                 "id": "madre-de-dios",
-                "aoi": {"geometry": dept["features"][0]["geometry"]},
+                "aoi": {"geometry": mdd_department()},
                 "periods": list(PERIODS),
-                "context": {
-                    "protected_areas": {
-                        "file": str(anp),
-                        "id": "codigo",
-                        "name": "nombre",
-                        "category": "categoria",
-                    },
-                    "indigenous_lands": {"file": str(native), "id": "id", "name": "name_field"},
-                },
+                "context": mdd_context(),
                 "detections": {
                     "file": str(detections),
                     "period_field": "amw_period",
