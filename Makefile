@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.asmwatch-installed
 export ASMWATCH_DATA ?= $(CURDIR)/data
 export DAGSTER_HOME ?= $(ASMWATCH_DATA)/dagster_home
 
-.PHONY: demo test ui bench lint setup clean
+.PHONY: demo test ui bench lint setup clean browser
 
 setup: $(STAMP)
 
@@ -20,7 +20,16 @@ $(STAMP): pyproject.toml requirements.lock
 demo: $(STAMP)
 	$(BIN)/asmwatch demo
 
-test: $(STAMP)
+# Debian's Chromium for the web-map test (tests/test_reports.py drives it with Playwright,
+# which never downloads a browser of its own). Installed when missing and we are root.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian's chromium for the web-map test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium is missing (sudo apt-get install chromium); the web-map test will skip"; fi; }
+
+test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
@@ -31,8 +40,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 ui: $(STAMP)
-	@mkdir -p $(DAGSTER_HOME)
-	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+	$(BIN)/asmwatch ui
 
 bench: $(STAMP)
 	@for f in bench/bench_normalize.py bench/composite.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done

@@ -5,12 +5,13 @@ No ``from __future__ import annotations`` here: Dagster inspects the context ann
 
 import dagster as dg
 
+from assets.checks import specs, table_checks
 from assets.composite import composite
 from assets.detection import asm_sites
-from assets.partitions import PARTITIONS, region_and_period
+from assets.partitions import PARTITIONS, missing_partition, region_and_period
 from assets.resources import AsmwatchSettings
 from pipelines.catalog import refresh_views
-from pipelines.change import KINDS, detect_change, summarise, write_change
+from pipelines.change import KINDS, detect_change, summarise, summary_path, write_change
 from pipelines.composite import composite_path
 from pipelines.sites import sites_path
 
@@ -21,9 +22,10 @@ from pipelines.sites import sites_path
     kinds={"geoparquet", "duckdb"},
     owners=["team:asmwatch"],
     deps=[asm_sites, composite],
+    check_specs=specs("asm_change"),
     description=(
         "Period-over-period ASM change for a region: new, expanded, stable, abandoned and "
-        "re-vegetating areas (re-vegetation: mean composite NDVI >= 0.5 on land mined the "
+        "re-vegetating areas (re-vegetation: mean composite NDVI >= 0.35 on land mined the "
         "period before), with first_seen_period. Needs asm_sites of this and the previous "
         "period of the region (materialise periods in order). GeoParquet at "
         "change/<region>/<period>.parquet and the `asm_change` view; one row per region "
@@ -42,8 +44,9 @@ def asm_change(
     root = settings.root()
     here = sites_path(root, region.id, period.id)
     if not here.exists():
-        raise dg.Failure(
-            description=f"no sites at {here}: materialise `asm_sites` for {region.id}/{period.id} first"
+        raise missing_partition(
+            context,
+            f"no sites at {here}: materialise `asm_sites` for {region.id}/{period.id} first",
         )
     current = gpd.read_parquet(here)
     prev = region.previous_period(period.id)
@@ -51,10 +54,11 @@ def asm_change(
     if prev is not None:
         there = sites_path(root, region.id, prev.id)
         if not there.exists():
-            raise dg.Failure(
-                description=f"asm_change {region.id}/{period.id} compares with the previous "
+            raise missing_partition(
+                context,
+                f"asm_change {region.id}/{period.id} compares with the previous "
                 f"period, {prev.id}, whose sites are missing ({there}): materialise "
-                f"`asm_sites` for {region.id}/{prev.id} first"
+                f"`asm_sites` for {region.id}/{prev.id} first",
             )
         previous = gpd.read_parquet(there)
         last = change_path(root, region.id, prev.id)
@@ -86,7 +90,9 @@ def asm_change(
     def num(v: float | None) -> dg.MetadataValue:
         return dg.MetadataValue.float(float(v)) if v is not None else dg.MetadataValue.null()
 
+    tables = [("asm_change", target, None), ("region_summary", summary_path(root, region.id, period.id), None)]  # fmt: skip
     return dg.MaterializeResult(
+        check_results=table_checks(tables, region, context.log),
         metadata={
             "path": dg.MetadataValue.path(str(target)),
             "rows": dg.MetadataValue.int(len(result.frame)),
@@ -97,5 +103,5 @@ def asm_change(
             "previous_period": dg.MetadataValue.text(s["previous_period"] or "none"),
             "notes": dg.MetadataValue.text(s["notes"] or "none"),
             "catalog": dg.MetadataValue.json(views),
-        }
+        },
     )

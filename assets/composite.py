@@ -6,7 +6,7 @@ No ``from __future__ import annotations`` here: Dagster inspects the context ann
 import dagster as dg
 
 from assets.partitions import PARTITIONS, region_and_period
-from assets.resources import AsmwatchSettings, DaskResource
+from assets.resources import NETWORK_RETRY, AsmwatchSettings, DaskResource
 from assets.scenes import scenes
 from pipelines.composite import OUTPUT_BANDS, CompositeResult, composite_for_region
 
@@ -51,6 +51,7 @@ def _metadata(res: CompositeResult, threshold: float) -> dict[str, dg.MetadataVa
     kinds={"dask", "cog", "sentinel2"},
     owners=["team:asmwatch"],
     deps=[scenes],
+    retry_policy=NETWORK_RETRY,
     check_specs=[
         dg.AssetCheckSpec(
             VALID_FRACTION_CHECK,

@@ -5,6 +5,7 @@ No ``from __future__ import annotations`` here: Dagster inspects the context ann
 
 import dagster as dg
 
+from assets.checks import nothing_written, results, specs, table_checks
 from assets.partitions import REGIONS, region_of
 from assets.resources import AsmwatchSettings
 from pipelines.catalog import refresh_views
@@ -17,6 +18,7 @@ from pipelines.embedded import context_path, ensure_world
     group_name="context",
     kinds={"geoparquet", "duckdb"},
     owners=["team:asmwatch"],
+    check_specs=specs("context_layers"),
     description=(
         "A region's context layers from the files its `context` names: protected areas, "
         "indigenous lands, LSM concessions, settlements, rivers and grievance logs "
@@ -44,7 +46,7 @@ def context_layers(
         try:
             layers.append(read_context(region, kind, path))
         except ContextError as e:  # nothing is written unless every layer reads
-            raise dg.Failure(description=str(e)) from e
+            raise dg.Failure(allow_retries=False, description=str(e)) from e
     written = {}
     for layer in layers:
         written[layer.kind] = write_context(layer, root, region.id)
@@ -58,7 +60,11 @@ def context_layers(
         if kind not in written and stale.exists():
             stale.unlink()
     views = refresh_views(root)
+    tables = [("context", path, kind) for kind, path in written.items()]
     return dg.MaterializeResult(
+        check_results=table_checks(tables, region, context.log)
+        if tables
+        else results(nothing_written(f"region {region.id} lists no context layers")),
         metadata={
             "layers": dg.MetadataValue.json(
                 {
@@ -73,5 +79,5 @@ def context_layers(
             ),
             **{f"{layer.kind}_count": dg.MetadataValue.int(len(layer.frame)) for layer in layers},
             "catalog": dg.MetadataValue.json(views),
-        }
+        },
     )

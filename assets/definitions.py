@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import dagster as dg
 
+from assets.automation import (
+    RUN_RETRY_TAGS,
+    build_schedules,
+    new_scenes,
+    refresh_job,
+    report_job,
+    reports_after_alerts,
+)
 from assets.change import asm_change
 from assets.composite import composite
 from assets.context import context_layers
 from assets.detection import asm_sites, mining_model, mining_probability
+from assets.reports import region_report
 from assets.resources import AsmwatchSettings, DaskResource, StacResource, TorchResource
 from assets.risk import RISK_ASSETS
 from assets.scenes import scenes
@@ -15,12 +24,13 @@ from assets.scenes import scenes
 #: Region x period work up to the composite; then the model (all regions at once);
 #: then the per-partition detections and change (periods in order: change compares with
 #: the previous period). `asmwatch demo` runs them in that order.
-ingest_job = dg.define_asset_job("ingest", selection=[scenes, composite])
-model_job = dg.define_asset_job("train_model", selection=[mining_model])
-context_job = dg.define_asset_job("load_context", selection=[context_layers])
+ingest_job = dg.define_asset_job("ingest", selection=[scenes, composite], tags=RUN_RETRY_TAGS)
+model_job = dg.define_asset_job("train_model", selection=[mining_model], tags=RUN_RETRY_TAGS)
+context_job = dg.define_asset_job("load_context", selection=[context_layers], tags=RUN_RETRY_TAGS)
 detect_job = dg.define_asset_job(
-    "detect", selection=[mining_probability, asm_sites, asm_change, *RISK_ASSETS]
-)
+    "detect", selection=[mining_probability, asm_sites, asm_change, *RISK_ASSETS],
+    tags=RUN_RETRY_TAGS,
+)  # fmt: skip
 
 defs = dg.Definitions(
     assets=[
@@ -32,8 +42,11 @@ defs = dg.Definitions(
         asm_change,
         context_layers,
         *RISK_ASSETS,
+        region_report,
     ],
-    jobs=[ingest_job, model_job, detect_job, context_job],
+    jobs=[ingest_job, model_job, detect_job, context_job, refresh_job, report_job],
+    schedules=build_schedules(),
+    sensors=[new_scenes, reports_after_alerts],
     resources={
         "settings": AsmwatchSettings(),
         "stac": StacResource(),

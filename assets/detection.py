@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 
+from assets.checks import specs, table_checks
 from assets.composite import composite
 from assets.partitions import PARTITIONS, region_and_period
 from assets.resources import AsmwatchSettings, TorchResource
@@ -53,6 +54,7 @@ def _scores_md(metrics: dict[str, Any]) -> str:
     kinds={"pytorch", "duckdb"},
     owners=["team:asmwatch"],
     deps=[dg.AssetDep(composite, partition_mapping=dg.AllPartitionMapping())],
+    check_specs=specs("mining_model"),
     description=(
         "The mining segmentation model: a U-Net (segmentation-models-pytorch, ResNet-18 "
         "encoder, no pretrained weights) trained on the composites of regions with ground "
@@ -78,11 +80,13 @@ def mining_model(
             progress=context.log.info,
         )  # fmt: skip
     except ValueError as e:
-        raise dg.Failure(description=str(e)) from e
+        raise dg.Failure(allow_retries=False, description=str(e)) from e
     views = refresh_views(root)
     r = out.record
     h, b = r.metrics["heldout"], r.metrics["baseline_heldout"]
+    models = root / "models" / "models.parquet"
     return dg.MaterializeResult(
+        check_results=table_checks([("models", models, None)], regions[0], context.log),
         metadata={
             "model_id": dg.MetadataValue.text(r.model_id),
             "reused": dg.MetadataValue.bool(out.reused),
@@ -102,7 +106,7 @@ def mining_model(
             "input_hash": dg.MetadataValue.text(r.input_hash),
             "path": dg.MetadataValue.path(r.path),
             "catalog": dg.MetadataValue.json(views),
-        }
+        },
     )
 
 
@@ -136,7 +140,7 @@ def mining_probability(
             dtype=torch_device.dtype, compile=torch_device.compile, progress=context.log.info,
         )  # fmt: skip
     except ValueError as e:
-        raise dg.Failure(description=str(e)) from e
+        raise dg.Failure(allow_retries=False, description=str(e)) from e
     meta: dict[str, dg.MetadataValue] = {
         "path": dg.MetadataValue.path(str(res.path)),
         "detector": dg.MetadataValue.text(res.detector),
@@ -167,6 +171,7 @@ class AsmSitesConfig(dg.Config):
     kinds={"geoparquet", "duckdb"},
     owners=["team:asmwatch"],
     deps=[mining_probability],
+    check_specs=specs("asm_sites"),
     description=(
         "ASM site polygons for a region and period: the probability thresholded at the "
         "model's recorded threshold, cleaned (opening, closing), components under the "
@@ -191,7 +196,7 @@ def asm_sites(
         try:
             detections = read_detections(region.detections)
         except ValueError as e:
-            raise dg.Failure(description=str(e)) from e
+            raise dg.Failure(allow_retries=False, description=str(e)) from e
         notes = detections.notes
         for note in notes:
             context.log.warning(f"asm_sites {region.id}: {detections.path.name}: {note}")
@@ -206,12 +211,13 @@ def asm_sites(
         try:
             frame = extract_sites(src, region.id, period.id, mmu_ha=config.mmu_ha)
         except ValueError as e:
-            raise dg.Failure(description=str(e)) from e
+            raise dg.Failure(allow_retries=False, description=str(e)) from e
     target = write_sites(frame, sites_path(root, region.id, period.id))
     views = refresh_views(root)
     total = float(frame["area_ha"].sum()) if len(frame) else 0.0
     context.log.info(f"asm_sites {region.id} {period.id}: {len(frame)} sites, {total:.1f} ha")
     return dg.MaterializeResult(
+        check_results=table_checks([("asm_sites", target, None)], region, context.log),
         metadata={
             "path": dg.MetadataValue.path(str(target)),
             "site_count": dg.MetadataValue.int(len(frame)),
@@ -229,5 +235,5 @@ def asm_sites(
             "import_notes": dg.MetadataValue.text("; ".join(notes) or "none"),
             "empty": dg.MetadataValue.bool(len(frame) == 0),
             "catalog": dg.MetadataValue.json(views),
-        }
+        },
     )

@@ -34,7 +34,7 @@ def region_and_period(
         region = config.get(keys["region"])
         return region, region.period(keys["period"])
     except KeyError as e:
-        raise dg.Failure(description=str(e.args[0])) from e
+        raise dg.Failure(allow_retries=False, description=str(e.args[0])) from e
 
 
 PARTITIONS = region_period_partitions()
@@ -43,8 +43,26 @@ PARTITIONS = region_period_partitions()
 REGIONS = dg.StaticPartitionsDefinition(load_regions().ids)
 
 
+#: How often and how long a backfill run waits for another partition it needs.
+BACKFILL_WAIT_RETRIES = 6
+BACKFILL_WAIT_S = 60
+
+
+def missing_partition(context: dg.AssetExecutionContext, message: str) -> dg.Failure:
+    """The error for a partition that needs another partition's output that is not there.
+
+    Inside a backfill the other partition (the previous period) is likely running in a
+    parallel run, so the step asks to be retried a minute later, up to six times; in any
+    other run it fails at once, naming what to materialise first.
+    """
+    if context.run.tags.get("dagster/backfill") and context.retry_number < BACKFILL_WAIT_RETRIES:
+        context.log.info(f"{message}; part of backfill, retrying in {BACKFILL_WAIT_S} s")
+        raise dg.RetryRequested(max_retries=BACKFILL_WAIT_RETRIES, seconds_to_wait=BACKFILL_WAIT_S)
+    return dg.Failure(description=message, allow_retries=False)
+
+
 def region_of(context: dg.AssetExecutionContext, config: RegionsConfig) -> Region:
     try:
         return config.get(context.partition_key)
     except KeyError as e:
-        raise dg.Failure(description=str(e.args[0])) from e
+        raise dg.Failure(allow_retries=False, description=str(e.args[0])) from e

@@ -25,6 +25,15 @@ if TYPE_CHECKING:
     from distributed import Client, LocalCluster
 
 
+#: Op retries for steps that talk to remote services (STAC APIs, object stores, a dask
+#: scheduler): up to 3 more tries, 30 s, 60 s, 120 s apart (+-50 % jitter). Failures that
+#: retrying cannot fix (bad input, a broken contract) raise ``dg.Failure(allow_retries=False)``
+#: and are not retried.
+NETWORK_RETRY = dg.RetryPolicy(
+    max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
+)
+
+
 class AsmwatchSettings(dg.ConfigurableResource):
     """Where the data root and the regions file are (empty: the environment's defaults)."""
 

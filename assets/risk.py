@@ -10,6 +10,7 @@ from typing import Any
 import dagster as dg
 
 from assets.change import asm_change
+from assets.checks import specs, table_checks
 from assets.context import context_layers
 from assets.detection import asm_sites
 from assets.partitions import PARTITIONS, region_and_period
@@ -62,19 +63,20 @@ def _run(
             RiskSettings(config.alert_distance_m, config.h3_resolution, config.min_alert_ha),
         )
     except RiskError as e:
-        raise dg.Failure(description=str(e)) from e
+        raise dg.Failure(allow_retries=False, description=str(e)) from e
     target = write_table(rows, root, table, region.id, period.id)
     views = refresh_views(root)
     frame = rows.drop_columns(["geometry"]) if "geometry" in rows.column_names else rows
     df = frame.to_pandas()
     context.log.info(f"{table} {region.id} {period.id}: {len(df)} row(s) -> {target}")
     return dg.MaterializeResult(
+        check_results=table_checks([(table, target, None)], region, context.log),
         metadata={
             "path": dg.MetadataValue.path(str(target)),
             "rows": dg.MetadataValue.int(len(df)),
             **summary(df),
             "catalog": dg.MetadataValue.json(views),
-        }
+        },
     )
 
 
@@ -84,7 +86,7 @@ def _md(df: Any, columns: list[str], empty: str) -> dg.MetadataValue:
 
 @dg.asset(
     partitions_def=PARTITIONS, group_name="risk", kinds={"duckdb", "parquet"},
-    owners=["team:asmwatch"], deps=DEPS,
+    owners=["team:asmwatch"], deps=DEPS, check_specs=specs("concession_risk"),
     description=(
         "ASM-LSM conflict risk per concession (sql/concession_risk.sql): ASM inside and "
         "at 0-1, 1-5 and 5-10 km, new ASM, growth against the previous period, nearest "
@@ -123,7 +125,7 @@ def concession_risk(
 
 @dg.asset(
     partitions_def=PARTITIONS, group_name="risk", kinds={"duckdb", "parquet"},
-    owners=["team:asmwatch"], deps=DEPS,
+    owners=["team:asmwatch"], deps=DEPS, check_specs=specs("protected_area_pressure"),
     description=(
         "ASM pressure on each protected area and indigenous land of a region in a period "
         "(sql/protected_area_pressure.sql): sites touching it, ASM area inside it and its "
@@ -156,7 +158,7 @@ def protected_area_pressure(
 
 @dg.asset(
     partitions_def=PARTITIONS, group_name="risk", kinds={"duckdb", "geoparquet"},
-    owners=["team:asmwatch"], deps=DEPS,
+    owners=["team:asmwatch"], deps=DEPS, check_specs=specs("hotspots"),
     description=(
         "H3 cells (resolution 7 by default) with their ASM area, new ASM area and site "
         "count (sql/hotspots.sql; the h3 package's cells), as GeoParquet with cell polygons."
@@ -176,7 +178,7 @@ def hotspots(
 
 @dg.asset(
     partitions_def=PARTITIONS, group_name="risk", kinds={"duckdb", "geoparquet"},
-    owners=["team:asmwatch"], deps=DEPS,
+    owners=["team:asmwatch"], deps=DEPS, check_specs=specs("alerts"),
     description=(
         "Early-warning alerts (sql/alerts.sql): new ASM within `alert_distance_m` of a "
         "concession, or inside a protected area or indigenous land, with severity. Ids are "

@@ -3,10 +3,13 @@
 No ``from __future__ import annotations`` here: Dagster inspects the context annotation.
 """
 
+from pathlib import Path
+
 import dagster as dg
 
+from assets.checks import nothing_written, results, specs, table_checks
 from assets.partitions import PARTITIONS, region_and_period
-from assets.resources import AsmwatchSettings, StacResource
+from assets.resources import NETWORK_RETRY, AsmwatchSettings, StacResource
 from pipelines.catalog import refresh_views
 from pipelines.scenes import find_scenes
 
@@ -16,6 +19,8 @@ from pipelines.scenes import find_scenes
     group_name="ingest",
     kinds={"stac", "geoparquet", "duckdb"},
     owners=["team:asmwatch"],
+    check_specs=specs("scenes"),
+    retry_policy=NETWORK_RETRY,
     description=(
         "Sentinel-2 L2A scenes over the region's AOI in the period, from its STAC source "
         "(Earth Search, Planetary Computer, any STAC API or the embedded demo server): "
@@ -43,7 +48,13 @@ def scenes(
         f"{sc.cloud_cover if sc.cloud_cover is not None else '?'} | {sc.processing_baseline} |"
         for sc in out.result.scenes
     )
+    checks = (
+        table_checks([("scenes", Path(s["path"]), None)], region, context.log)
+        if s["path"]
+        else results(nothing_written(f"no scenes for {region.id} {period.id}: nothing written"))
+    )
     return dg.MaterializeResult(
+        check_results=checks,
         metadata={
             "scene_count": dg.MetadataValue.int(out.count),
             "returned": dg.MetadataValue.int(s["returned"]),
@@ -64,5 +75,5 @@ def scenes(
                 if rows
                 else "_no scenes in this period_"
             ),
-        }
+        },
     )

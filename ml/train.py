@@ -23,6 +23,7 @@ from torch import nn
 from ml.features import IGNORE
 from ml.infer import predict_tiled
 from ml.models import UnetSpec, build_unet
+from pipelines.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,7 @@ def train_unet(
     best_state: dict[str, Any] = {}
     best_epoch, history, stale = 0, [], 0
     started = time.perf_counter()
+    epochs = Progress("training", cfg.max_epochs, say, unit="epochs", steps=cfg.max_epochs)
     for epoch in range(1, cfg.max_epochs + 1):
         model.train()
         losses = []
@@ -147,9 +149,10 @@ def train_unet(
         model.eval()
         scores = _val_scores(model, val, device)
         history.append({"epoch": epoch, "loss": round(float(np.mean(losses)), 4), **scores})
-        say(
-            f"epoch {epoch}: loss {np.mean(losses):.3f}, val IoU {scores['iou']:.3f} "
-            f"(best {max(best['iou'], scores['iou']):.3f})"
+        epochs(
+            epoch,
+            f"loss {np.mean(losses):.3f}, val IoU {scores['iou']:.3f} "
+            f"(best {max(best['iou'], scores['iou']):.3f}); early stopping may end it sooner",
         )
         if scores["iou"] > best["iou"]:
             best, best_epoch, stale = scores, epoch, 0

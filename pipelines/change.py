@@ -42,6 +42,7 @@ from pyproj import Transformer
 from pipelines.grid import bbox_utm_epsg
 from pipelines.regions import Region, RegionsError, parse_period
 from pipelines.storage import atomic_path, partition_path
+from pipelines.vectors import polygonal_part
 
 KINDS = ("new", "expanded", "stable", "abandoned", "revegetating")
 # Mean composite NDVI at which formerly mined land counts as re-vegetating. Bare tailings,
@@ -52,6 +53,13 @@ MIN_PART_HA = 0.01
 COLUMNS = (
     "change_id", "region", "period", "kind", "area_ha", "first_seen_period", "site_id",
     "mean_ndvi", "geometry",
+)  # fmt: skip
+
+
+#: Summary columns that are DOUBLE in every file, null or not.
+SUMMARY_FLOATS = (
+    "mining_ha", *(f"{k}_ha" for k in KINDS), "previous_mining_ha", "growth_vs_previous",
+    "first_mining_ha", "growth_vs_first",
 )  # fmt: skip
 
 
@@ -97,10 +105,7 @@ def _clean(frame: Any, epsg: int) -> Any:
     """
     out = frame.to_crs(epsg)
     geoms = shapely.set_precision(shapely.make_valid(out.geometry.to_numpy()), 0.01)
-    polys = []
-    for g in geoms:
-        parts = [p for p in shapely.get_parts(g) if p.geom_type in ("Polygon", "MultiPolygon")]
-        polys.append(shapely.union_all(parts) if parts else shapely.Polygon())
+    polys = [polygonal_part(g) for g in geoms]
     return out.set_geometry(np.asarray(polys, dtype=object), crs=epsg)
 
 
@@ -143,6 +148,7 @@ def detect_change(
     rows: list[dict[str, Any]] = []
 
     def add(kind: str, geom: shapely.Geometry, first: str, site: str | None, ndvi: float) -> None:
+        geom = polygonal_part(geom)  # overlays can leave slivers of lines and points
         area = geom.area / 10_000
         if geom.is_empty or area < MIN_PART_HA:
             return
@@ -255,6 +261,12 @@ def write_change(result: ChangeResult, root: Path, region_id: str, period_id: st
     with atomic_path(target) as tmp:
         result.frame.to_parquet(tmp, write_covering_bbox=True, index=False)
     summary = pd.DataFrame([result.summary])
+    for col in SUMMARY_FLOATS:  # a first period's nulls must still be DOUBLE columns
+        if col in summary:
+            summary[col] = summary[col].astype("float64")
+    for col in ("previous_period", "first_period", "notes"):
+        if col in summary:
+            summary[col] = summary[col].astype("string")
     with atomic_path(summary_path(root, region_id, period_id)) as tmp:
         summary.to_parquet(tmp, index=False)
     return target

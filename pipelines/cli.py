@@ -37,6 +37,41 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+DAGSTER_YAML = """# Written by asmwatch (pipelines/cli.py); edit freely, it is not overwritten.
+telemetry:
+  enabled: false
+# Run retries: a run that dies (lost worker, killed process) is retried up to twice.
+# Jobs tag dagster/retry_on_asset_or_op_failure=false, so failing steps are not re-run
+# this way; they follow their own retry policies.
+run_retries:
+  enabled: true
+  max_retries: 2
+"""
+
+
+def ensure_dagster_home(home: Path) -> Path:
+    """Create DAGSTER_HOME with asmwatch's dagster.yaml unless one is there."""
+    home.mkdir(parents=True, exist_ok=True)
+    cfg = home / "dagster.yaml"
+    if not cfg.exists():
+        cfg.write_text(DAGSTER_YAML)
+    return cfg
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    """``dagster dev`` on 127.0.0.1 with the project's workspace and DAGSTER_HOME."""
+    root = data_root(args.data)
+    os.environ["ASMWATCH_DATA"] = str(root)
+    os.environ.setdefault("DAGSTER_HOME", str(root / "dagster_home"))
+    ensure_dagster_home(Path(os.environ["DAGSTER_HOME"]))
+    workspace = Path(__file__).resolve().parent.parent / "workspace.yaml"
+    cmd = [str(Path(sys.executable).parent / "dagster"), "dev", "-w", str(workspace),
+           "-h", "127.0.0.1", "-p", str(args.port)]  # fmt: skip
+    print(f"asmwatch ui: {' '.join(cmd)} (DAGSTER_HOME={os.environ['DAGSTER_HOME']})", flush=True)
+    os.execv(cmd[0], cmd)
+    return 0  # not reached
+
+
 def _metadata(result: Any, node: str) -> dict[str, Any]:
     """The first materialisation's metadata values of ``node`` in a run result."""
     event = result.asset_materializations_for_node(node)[0]
@@ -49,15 +84,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.regions:
         os.environ["ASMWATCH_REGIONS"] = str(Path(args.regions).resolve())
     os.environ.setdefault("DAGSTER_HOME", str(root / "dagster_home"))
-    home = Path(os.environ["DAGSTER_HOME"])
-    home.mkdir(parents=True, exist_ok=True)
-    if not (home / "dagster.yaml").exists():
-        (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    ensure_dagster_home(Path(os.environ["DAGSTER_HOME"]))
 
     config = load_regions(args.regions)
     embedded = [r for r in config.regions if r.source == "embedded"]
     if args.region:
-        region = config.get(args.region)
+        try:
+            region = config.get(args.region)
+        except KeyError as e:
+            print(str(e.args[0]), file=sys.stderr)
+            return 2
     elif embedded:
         region = embedded[0]
     else:
@@ -72,7 +108,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.detection import probability_path
     from pipelines.scenes import scenes_path
 
-    print(f"asmwatch demo: region {region.id} ({region.name}), data root {root}")
+    periods = list(region.periods)
+    if args.periods:
+        wanted = [p.strip() for p in args.periods.split(",") if p.strip()]
+        try:
+            periods = [region.period(p) for p in wanted]
+        except KeyError as e:
+            print(str(e.args[0]), file=sys.stderr)
+            return 2
+        periods.sort(key=lambda p: p.start)  # change compares each period with the one before
+
+    print(f"asmwatch {args.cmd}: region {region.id} ({region.name}), data root {root}")
     instance = dg.DagsterInstance.get()
     run_config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
@@ -90,11 +136,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                     err = ev.step_failure_data.error
                     print(err.message if err else "", file=sys.stderr)
             return None
+        for check in result.get_asset_check_evaluations():
+            warn = check.severity == dg.AssetCheckSeverity.WARN
+            outcome = "passed" if check.passed else "warning" if warn else "failed"
+            checks[outcome] += 1
+            if not check.passed:
+                name = f"{check.asset_key.to_user_string()}.{check.check_name}"
+                print(f"  check {name} ({label}): {outcome}: {check.description}", file=sys.stderr)
         return result
 
+    checks = {"passed": 0, "warning": 0, "failed": 0}
     t0 = time.monotonic()
     rows = []
-    for period in region.periods:
+    for period in periods:
         t = time.monotonic()
         result = run("ingest", period.id, partition_key(region.id, period.id))
         if result is None:
@@ -137,7 +191,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         f"{m['device']}), held-out IoU {m['heldout_iou']:.3f} vs index baseline "
         f"{m['baseline_heldout_iou']:.3f}  [{time.monotonic() - t:.1f} s]"
     )
-    for period in region.periods:
+    for period in periods:
         t = time.monotonic()
         detected = run("detect", f"{period.id} detection", partition_key(region.id, period.id))
         if detected is None:
@@ -160,6 +214,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             f"{risk['max_score']:.1f}, {warned['rows']} alert(s)"
             + f"  [{time.monotonic() - t:.1f} s]"
         )
+    t = time.monotonic()
+    reported = run("report", "region report", region.id)
+    if reported is None:
+        return 1
+    rep = _metadata(reported, "region_report")
+    print(f"  region report: periods {', '.join(rep['periods'])}  [{time.monotonic() - t:.1f} s]")
+    print(
+        f"  asset checks: {checks['passed']} passed, {checks['warning']} warning(s), "
+        f"{checks['failed']} failed"
+    )
     print(f"done in {time.monotonic() - t0:.1f} s\n")
     print("Results:")
     print(f"  scenes (stac-geoparquet): {root / 'scenes' / region.id}/<period>.parquet")
@@ -187,7 +251,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
     print(f"  Dagster runs:             {os.environ['DAGSTER_HOME']}  (open with `make ui`)")
     _print_summary(root, region.id)
-    _print_risk(root, region.id, region.periods[-1].id)
+    _print_risk(root, region.id, periods[-1].id)
+    print("\nReports (open in a browser; they work offline):")
+    print(f"  region report:  {rep['report']}")
+    print(f"  web map:        {rep['web_map']}")
+    print(f"  expansion map:  {rep['expansion_map']}")
     print("\nQuery it:")
     print(
         f"  .venv/bin/asmwatch sql \"SELECT period, count(*) AS scenes, round(avg(cloud_cover), 1) AS cloud FROM scenes WHERE region = '{region.id}' GROUP BY period ORDER BY period\""
@@ -300,7 +368,24 @@ def main(argv: list[str] | None = None) -> int:
         "--train-epochs", type=int, default=0,
         help="cap the model's training epochs (default: the asset's, 20 with early stopping)",
     )  # fmt: skip
+    d.add_argument("--periods", help="comma-separated period ids (default: all of the region's)")
     d.set_defaults(func=_cmd_demo)
+
+    b = sub.add_parser(
+        "backfill",
+        help="run every asset of one region, period by period in order, then its report",
+    )
+    b.add_argument("region", help="region id from the regions file")
+    b.add_argument("--periods", help="comma-separated period ids (default: all of the region's)")
+    b.add_argument("--data", help="data root (default: $ASMWATCH_DATA or ./data)")
+    b.add_argument("--regions", help="regions file (default: $ASMWATCH_REGIONS or regions.yaml)")
+    b.add_argument("--train-epochs", type=int, default=0, help="cap the model's training epochs")
+    b.set_defaults(func=_cmd_demo)
+
+    u = sub.add_parser("ui", help="start the Dagster UI (dagster dev) on 127.0.0.1")
+    u.add_argument("--data", help="data root (default: $ASMWATCH_DATA or ./data)")
+    u.add_argument("--port", type=int, default=3000)
+    u.set_defaults(func=_cmd_ui)
 
     s = sub.add_parser("sql", help="run a query against the DuckDB catalog (read-only)")
     s.add_argument("query")

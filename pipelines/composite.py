@@ -55,6 +55,7 @@ from pyproj import Transformer
 
 from pipelines.grid import window_for_bbox
 from pipelines.median import masked_median_dn, masked_median_float
+from pipelines.progress import Progress
 from pipelines.stac.l1c import S2CLOUDLESS_BANDS
 from pipelines.storage import atomic_path, partition_path
 
@@ -743,7 +744,7 @@ def write_composite(
             for i, name in enumerate(OUTPUT_BANDS, start=1):
                 dst.set_band_description(i, name)
                 dst.update_tags(i, description=BAND_DESCRIPTIONS[name])
-            step = max(1, n_blocks // 10)
+            report = Progress("composite", n_blocks, progress, unit="blocks written")
             for done, (win, block) in enumerate(blocks, start=1):
                 dst.write(block, window=win)
                 inside = (
@@ -752,8 +753,7 @@ def write_composite(
                     else np.ones(block.shape[1:], dtype=bool)
                 )
                 stats.add(block, inside)
-                if done % step == 0 or done == n_blocks:
-                    progress(f"composite: {done}/{n_blocks} blocks written")
+                report(done)
             dst.update_tags(**tags)
         with atomic_path(target) as tmp:
             rasterio.shutil.copy(

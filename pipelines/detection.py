@@ -35,6 +35,7 @@ from ml.models import index_baseline
 from ml.train import Labelled, TrainConfig, train_unet
 from pipelines.composite import composite_path
 from pipelines.embedded import context_path, world_dir
+from pipelines.progress import Progress
 from pipelines.regions import Region
 from pipelines.storage import atomic_path, partition_path
 
@@ -267,10 +268,12 @@ def map_probability(
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "cache" / "inductor"))
         t_infer = time.perf_counter()
 
+        reports: dict[int, Progress] = {}
+
         def rows_done(i: int, n: int) -> None:
-            if n > 1 and (i == n or i % max(1, n // 4) == 0):
-                left = (time.perf_counter() - t_infer) / i * (n - i)
-                progress(f"mining_probability: tile row {i}/{n}, about {left:.0f} s left")
+            if n not in reports:  # CPU: batches of tiles; CUDA: rows of tiles
+                reports[n] = Progress("mining_probability", n, progress, unit="tile batches done", steps=5)  # fmt: skip
+            reports[n](i)
 
         prob = predict_tiled(
             model, comp.features, normalizer=norm, tile=tile, overlap=overlap, batch=batch,

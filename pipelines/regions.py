@@ -109,6 +109,25 @@ DETECTION_MODES = ("presence", "new")
 
 
 @dataclass(frozen=True)
+class RefreshSpec:
+    """When Dagster refreshes a region (schedule ``refresh_<id>``, sensor ``new_scenes``).
+
+    ``cron``: the schedule's cadence (five-field cron, in ``timezone``); empty: no
+    schedule. ``watch_scenes``: the ``new_scenes`` sensor looks for scenes of the current
+    period that were not in its last run. ``period``: ``current`` refreshes the period
+    containing today (else the latest one), ``all`` every period.
+    """
+
+    cron: str = ""
+    timezone: str = "UTC"
+    watch_scenes: bool = True
+    period: str = "current"
+
+
+REFRESH_PERIODS = ("current", "all")
+
+
+@dataclass(frozen=True)
 class DetectionsSpec:
     """A file of external ASM polygons that replaces the model's sites for a region.
 
@@ -143,6 +162,7 @@ class Region:
     cloud_mask: str = "scl"
     l1c_collection: str = DEFAULT_L1C_COLLECTION
     detections: DetectionsSpec | None = None
+    refresh: RefreshSpec = field(default_factory=RefreshSpec)
 
     @property
     def uses_s2cloudless(self) -> bool:
@@ -161,6 +181,14 @@ class Region:
                 return p
         known = ", ".join(p.id for p in self.periods)
         raise KeyError(f"region {self.id!r} has no period {period_id!r} (it has: {known})")
+
+    def current_period(self, today: dt.date) -> Period:
+        """The period containing ``today``; else the latest one that has started; else the first."""
+        for p in self.periods:
+            if p.start <= today <= p.end:
+                return p
+        started = [p for p in self.periods if p.start <= today]
+        return max(started, key=lambda p: p.start) if started else self.periods[0]
 
     def previous_period(self, period_id: str) -> Period | None:
         ids = [p.id for p in self.periods]
@@ -264,7 +292,7 @@ def _parse_region(
     known = {
         "id", "name", "description", "aoi", "periods", "source", "collection",
         "max_cloud_cover", "context", "embedded", "min_valid_fraction", "cloud_mask",
-        "l1c_collection", "detections",
+        "l1c_collection", "detections", "refresh",
     }  # fmt: skip
     for key in raw:
         if key not in known:
@@ -325,6 +353,7 @@ def _parse_region(
     )
     embedded = _parse_embedded(raw.get("embedded"), f"{where}.embedded", problems)
     detections = _parse_detections(raw.get("detections"), f"{where}.detections", problems, base_dir)
+    refresh = _parse_refresh(raw.get("refresh"), f"{where}.refresh", problems)
     if source == "embedded" and embedded is None and raw.get("embedded") is None:
         embedded = EmbeddedSpec()
 
@@ -348,7 +377,48 @@ def _parse_region(
         cloud_mask=str(cloud_mask),
         l1c_collection=str(l1c),
         detections=detections,
+        refresh=refresh or RefreshSpec(),
     )
+
+
+def _parse_refresh(value: Any, where: str, problems: list[str]) -> RefreshSpec | None:
+    if value is None:
+        return RefreshSpec()
+    if not isinstance(value, Mapping):
+        problems.append(f"{where}: must be a mapping with cron, timezone, watch_scenes, period")
+        return None
+    n = len(problems)
+    for key in value:
+        if key not in ("cron", "timezone", "watch_scenes", "period"):
+            problems.append(f"{where}.{key}: unknown field (known: cron, period, timezone, watch_scenes)")  # fmt: skip
+    cron = value.get("cron", "")
+    if not isinstance(cron, str) or (cron and not _valid_cron(cron)):
+        problems.append(
+            f"{where}.cron: {cron!r} is not a five-field cron expression "
+            "(minute hour day-of-month month day-of-week, e.g. '0 6 * * 1')"
+        )
+    tz = value.get("timezone", "UTC")
+    try:
+        import zoneinfo
+
+        zoneinfo.ZoneInfo(str(tz))
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        problems.append(f"{where}.timezone: unknown time zone {tz!r} (an IANA name like 'UTC', 'America/Lima')")  # fmt: skip
+    watch = value.get("watch_scenes", True)
+    if not isinstance(watch, bool):
+        problems.append(f"{where}.watch_scenes: {watch!r} must be true or false")
+    period = value.get("period", "current")
+    if period not in REFRESH_PERIODS:
+        problems.append(f"{where}.period: {period!r}: use one of {', '.join(REFRESH_PERIODS)}")
+    if len(problems) > n:
+        return None
+    return RefreshSpec(str(cron), str(tz), bool(watch), str(period))
+
+
+def _valid_cron(cron: str) -> bool:
+    from dagster._utils.schedules import is_valid_cron_string
+
+    return len(cron.split()) == 5 and bool(is_valid_cron_string(cron))
 
 
 def _parse_aoi(

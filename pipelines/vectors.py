@@ -108,3 +108,14 @@ def check_geometry(
     if polygons:
         fixed = polygonal_part(fixed)
     return (None if fixed.is_empty else fixed), True
+
+
+def aoi_area_ha(region: Any) -> float:
+    """The area of a region's AOI, in hectares, measured in its UTM zone."""
+    from pyproj import Transformer
+
+    from pipelines.grid import bbox_utm_epsg
+
+    to_utm = Transformer.from_crs(4326, bbox_utm_epsg(region.bbox), always_xy=True).transform
+    aoi = shapely.geometry.shape(region.geometry)
+    return float(shapely.transform(aoi, to_utm, interleaved=False).area / 10_000)

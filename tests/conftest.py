@@ -205,3 +205,27 @@ def small_composites_root(small_scenes_root: Path, small_world: Path) -> Path:
     if not truth.exists():
         shutil.copytree(small_world / "truth", truth)
     return small_scenes_root
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """`asmwatch demo` once for the session (2 training epochs): (data root, stdout).
+
+    Tests of the CLI, the reports, the web map in Chromium and the table contracts read
+    this one run's outputs instead of materialising the pipeline again.
+    """
+    import contextlib
+    import io
+
+    from pipelines.cli import main
+
+    root = tmp_path_factory.mktemp("demo-run") / "data"
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+        mp.setenv("ASMWATCH_DATA", str(root))
+        mp.setenv("ASMWATCH_REGIONS", str(ROOT / "regions.yaml"))
+        mp.setenv("DAGSTER_HOME", str(root / "dagster_home"))
+        argv = ["demo", "--data", str(root), "--regions", str(ROOT / "regions.yaml")]
+        code = main([*argv, "--train-epochs", "2"])
+    assert code == 0, out.getvalue()[-4000:]
+    return root, out.getvalue()

@@ -36,15 +36,9 @@ def test_validate_prints_every_problem(tmp_path: Path, capsys: pytest.CaptureFix
 
 @pytest.mark.slow
 def test_demo_runs_and_prints_where_results_are(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    demo_run: tuple[Path, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # demo sets these for its Dagster runs; let monkeypatch restore them afterwards.
-    monkeypatch.setenv("ASMWATCH_DATA", str(tmp_path))
-    monkeypatch.setenv("ASMWATCH_REGIONS", str(ROOT / "regions.yaml"))
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
-    argv = ["demo", "--data", str(tmp_path), "--regions", str(ROOT / "regions.yaml")]
-    assert main([*argv, "--train-epochs", "2"]) == 0
-    out = capsys.readouterr().out
+    tmp_path, out = demo_run
     for period, n in (("2019", 4), ("2020", 3), ("2021", 4)):
         assert f"  {period}: {n} scenes" in out
         assert (tmp_path / "scenes" / "demo-huepetuhe" / f"{period}.parquet").exists()
@@ -56,6 +50,13 @@ def test_demo_runs_and_prints_where_results_are(
     for period in ("2019", "2020", "2021"):
         assert (tmp_path / "probability" / "demo-huepetuhe" / f"{period}.tif").exists()
     assert str(tmp_path / "asmwatch.duckdb") in out
+    # The summary the issue asks for: area per period, growth, top-risk concessions,
+    # alerts, and where the report and the web map are.
+    assert "Summary (region_summary):" in out and "Concession risk 2021" in out
+    assert "Alerts 2021:" in out
+    reports = tmp_path / "reports" / "demo-huepetuhe"
+    for name in ("report.html", "webmap.html", "expansion.png"):
+        assert str(reports / name) in out and (reports / name).stat().st_size > 10_000
     assert main(["sql", "SELECT count(*) AS n FROM scenes", "--data", str(tmp_path)]) == 0
     assert "11" in capsys.readouterr().out
     assert main(["sql", "SELECT count(*) AS n FROM models", "--data", str(tmp_path)]) == 0
@@ -63,6 +64,19 @@ def test_demo_runs_and_prints_where_results_are(
     q = "SELECT count(DISTINCT period) AS periods FROM asm_sites"
     assert main(["sql", q, "--data", str(tmp_path)]) == 0
     assert "3" in capsys.readouterr().out
+
+
+def test_backfill_refuses_an_unknown_region_or_period(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    regions = str(ROOT / "regions.yaml")
+    assert main(["backfill", "nowhere", "--data", str(tmp_path), "--regions", regions]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    argv = ["backfill", "demo-huepetuhe", "--periods", "2019,1999", "--data", str(tmp_path)]
+    assert main([*argv, "--regions", regions]) == 2
+    err = capsys.readouterr().err
+    assert "'1999'" in err and "2019, 2020, 2021" in err
+    assert not (tmp_path / "scenes").exists()  # nothing ran
 
 
 @pytest.mark.slow

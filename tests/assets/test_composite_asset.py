@@ -68,7 +68,9 @@ def test_composite_materialises_and_rematerialises_identically(tmp_path: Path) -
     assert isinstance(meta["valid_fraction"], float) and meta["valid_fraction"] > 0.5
     assert meta["crs"] == "EPSG:32719" and meta["resolution_m"] == 10.0
     assert meta["skipped_count"] == 0 and meta["clear_count"]["max"] >= 1  # type: ignore[index]
-    (check,) = result.get_asset_check_evaluations()
+    (check,) = [
+        c for c in result.get_asset_check_evaluations() if c.asset_key.path == ["composite"]
+    ]
     assert check.check_name == VALID_FRACTION_CHECK and check.passed and check.blocking
     first = path.read_bytes()
 
@@ -95,7 +97,9 @@ def test_blocking_check_stops_downstream_assets(tmp_path: Path) -> None:
         resources=_resources(tmp_path, regions),
         raise_on_error=False,
     )
-    (check,) = result.get_asset_check_evaluations()
+    (check,) = [
+        c for c in result.get_asset_check_evaluations() if c.asset_key.path == ["composite"]
+    ]
     assert not check.passed and check.severity == dg.AssetCheckSeverity.ERROR
     assert "min_valid_fraction 100%" in (check.description or "")
     assert ran == [] and not result.success

@@ -1,0 +1,182 @@
+"""Jobs, schedules and sensors: how asmwatch runs itself.
+
+- ``refresh`` (region x period): scenes to alerts for one partition. Its runs retry as a
+  whole up to twice when the run itself dies (a lost worker, a killed container: Dagster's
+  run retries, enabled in dagster.yaml); failing steps follow their own retry policies.
+- ``refresh_<region>`` schedules: one per region with ``refresh.cron`` in the regions
+  file, requesting the current period (or every period) of that region.
+- ``new_scenes`` sensor: searches each watched region's STAC source for the current
+  period and requests a ``refresh`` of the partition when it returns scenes that the
+  stored ``scenes`` table does not hold (run key: region, period and the scene set, so
+  the same scenes never trigger twice).
+- ``reports_after_alerts`` sensor: when ``alerts`` lands for a region, requests the
+  ``report`` job for that region, so the published map follows every refresh.
+
+Schedules and sensors start stopped: switch them on in the UI (Automation) or with
+``dagster schedule start`` / ``dagster sensor start``; the daemon (``make ui`` runs it)
+evaluates them. Backfills: select partitions of ``refresh`` in the UI (Launch backfill)
+or run ``asmwatch backfill``; asm_change waits for the previous period inside a backfill.
+
+No ``from __future__ import annotations`` here: Dagster inspects the annotations.
+"""
+
+import datetime as dt
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+
+import dagster as dg
+
+from assets.change import asm_change
+from assets.composite import composite
+from assets.detection import asm_sites, mining_probability
+from assets.partitions import PARTITIONS, partition_key
+from assets.reports import region_report
+from assets.resources import AsmwatchSettings, StacResource
+from assets.risk import RISK_ASSETS, alerts
+from assets.scenes import scenes
+from pipelines.regions import Region, RegionsConfig, load_regions
+
+#: Run-level retries (needs run_retries enabled in the instance's dagster.yaml): only
+#: for runs that die, not for steps that fail (those have their own retry policies).
+RUN_RETRY_TAGS = {"dagster/max_retries": "2", "dagster/retry_on_asset_or_op_failure": "false"}
+
+refresh_job = dg.define_asset_job(
+    "refresh",
+    selection=[scenes, composite, mining_probability, asm_sites, asm_change, *RISK_ASSETS],
+    tags=RUN_RETRY_TAGS,
+    description="Scenes to alerts for one region and period (what schedules and sensors run).",
+)
+report_job = dg.define_asset_job(
+    "report", selection=[region_report], tags=RUN_RETRY_TAGS,
+    description="The expansion map, region report and web map of one region.",
+)  # fmt: skip
+
+
+def schedule_name(region_id: str) -> str:
+    return "refresh_" + re.sub(r"[^A-Za-z0-9_]", "_", region_id)
+
+
+def refresh_periods(region: Region, today: dt.date) -> list[str]:
+    """The periods a scheduled refresh of ``region`` requests on ``today``."""
+    if region.refresh.period == "all":
+        return [p.id for p in region.periods]
+    return [region.current_period(today).id]
+
+
+def _schedule(region: Region) -> dg.ScheduleDefinition:
+    @dg.schedule(
+        name=schedule_name(region.id),
+        cron_schedule=region.refresh.cron,
+        execution_timezone=region.refresh.timezone,
+        job=refresh_job,
+        description=(
+            f"Refresh {region.name} ({region.id}): the {region.refresh.period} period(s), "
+            f"cron '{region.refresh.cron}' {region.refresh.timezone} (regions file)."
+        ),
+        default_status=dg.DefaultScheduleStatus.STOPPED,
+    )
+    def _refresh(context: dg.ScheduleEvaluationContext) -> Iterator[dg.RunRequest]:
+        when = context.scheduled_execution_time or dt.datetime.now(dt.UTC)
+        for period_id in refresh_periods(region, when.date()):
+            yield dg.RunRequest(
+                run_key=f"{region.id}|{period_id}|{when.isoformat()}",
+                partition_key=partition_key(region.id, period_id),
+                tags={"asmwatch/trigger": "schedule", "asmwatch/region": region.id},
+            )
+
+    return _refresh
+
+
+def build_schedules(config: RegionsConfig | None = None) -> list[dg.ScheduleDefinition]:
+    config = config or load_regions()
+    return [_schedule(r) for r in config.regions if r.refresh.cron]
+
+
+def stored_scene_ids(settings: AsmwatchSettings, region_id: str, period_id: str) -> set[str]:
+    import pyarrow.parquet as pq
+
+    from pipelines.scenes import scenes_path
+
+    path = scenes_path(settings.root(), region_id, period_id)
+    if not path.exists():
+        return set()
+    return {str(v) for v in pq.read_table(path, columns=["id"]).column("id").to_pylist()}
+
+
+@dg.sensor(
+    job=refresh_job,
+    minimum_interval_seconds=3600,
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    description=(
+        "Searches each region with refresh.watch_scenes for scenes of its current period "
+        "and requests a refresh of that partition when some are not in its scenes table."
+    ),
+)
+def new_scenes(
+    context: dg.SensorEvaluationContext, settings: AsmwatchSettings, stac: StacResource
+) -> dg.SensorResult:
+    from pipelines.stac.search import search_scenes
+
+    config = settings.regions()
+    today = dt.datetime.now(dt.UTC).date()
+    cursor = json.loads(context.cursor) if context.cursor else {}
+    requests = []
+    skipped = []
+    for region in config.regions:
+        if not region.refresh.watch_scenes:
+            continue
+        period = region.current_period(today)
+        try:
+            url = stac.url_for(region, settings.root(), log=context.log)
+            found = search_scenes(url, region, period, progress=context.log.debug)
+        except Exception as e:  # one unreachable source must not stop the others
+            context.log.warning(f"new_scenes {region.id} {period.id}: search failed: {e}")
+            skipped.append(f"{region.id}: search failed")
+            continue
+        ids = sorted(s.id for s in found.scenes)
+        new = sorted(set(ids) - stored_scene_ids(settings, region.id, period.id))
+        cursor[region.id] = {"period": period.id, "scenes": len(ids), "new": len(new)}
+        if not new:
+            skipped.append(f"{region.id} {period.id}: {len(ids)} scene(s), none new")
+            continue
+        digest = hashlib.sha1("\n".join(ids).encode()).hexdigest()[:16]
+        context.log.info(f"new_scenes {region.id} {period.id}: {len(new)} new scene(s): {', '.join(new[:5])}")  # fmt: skip
+        requests.append(
+            dg.RunRequest(
+                run_key=f"{region.id}|{period.id}|{digest}",
+                partition_key=partition_key(region.id, period.id),
+                tags={
+                    "asmwatch/trigger": "new_scenes",
+                    "asmwatch/region": region.id,
+                    "asmwatch/new_scenes": str(len(new)),
+                },
+            )
+        )
+    stac.stop_all()
+    return dg.SensorResult(
+        run_requests=requests,
+        skip_reason=None if requests else "; ".join(skipped) or "no region is watched",
+        cursor=json.dumps(cursor, sort_keys=True),
+    )
+
+
+@dg.asset_sensor(
+    asset_key=alerts.key,
+    job=report_job,
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    description="Requests the region's report when its alerts are materialised.",
+)
+def reports_after_alerts(
+    context: dg.SensorEvaluationContext, asset_event: dg.EventLogEntry
+) -> Iterator[dg.RunRequest]:
+    mat = asset_event.asset_materialization
+    if mat is None or mat.partition is None:
+        return
+    region_id = PARTITIONS.get_partition_key_from_str(mat.partition).keys_by_dimension["region"]
+    yield dg.RunRequest(
+        run_key=f"{region_id}|{asset_event.timestamp}",
+        partition_key=region_id,
+        tags={"asmwatch/trigger": "alerts", "asmwatch/region": region_id},
+    )

@@ -1,0 +1,112 @@
+"""Schedules from the regions file and the new_scenes sensor against the real embedded
+STAC API: it requests the partition when the source has scenes the table lacks."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+
+from assets.automation import build_schedules, new_scenes, refresh_periods, schedule_name
+from assets.definitions import defs
+from assets.partitions import partition_key
+from assets.resources import AsmwatchSettings, StacResource
+from assets.scenes import scenes
+from pipelines.regions import RegionsError, load_regions, parse_regions
+
+ROOT = Path(__file__).resolve().parents[2]
+UTC = dt.UTC
+
+
+def test_a_schedule_per_region_with_its_cadence() -> None:
+    config = load_regions(ROOT / "regions.yaml")
+    scheduled = {s.name: s for s in defs.schedules or []}
+    assert set(scheduled) == {schedule_name(r.id) for r in config.regions if r.refresh.cron}
+    demo = scheduled["refresh_demo_huepetuhe"]
+    assert demo.cron_schedule == "0 6 * * 1" and demo.job_name == "refresh"
+    assert demo.default_status == dg.DefaultScheduleStatus.STOPPED
+    for when, period in ((dt.datetime(2020, 3, 2, 6, tzinfo=UTC), "2020"),
+                         (dt.datetime(2026, 11, 23, 6, tzinfo=UTC), "2021")):  # fmt: skip
+        ctx = dg.build_schedule_context(
+            scheduled_execution_time=when, repository_def=defs.get_repository_def()
+        )
+        (req,) = list(demo.evaluate_tick(ctx).run_requests or [])
+        assert req.partition_key == partition_key("demo-huepetuhe", period)
+        assert req.tags["asmwatch/trigger"] == "schedule"
+
+
+def test_refresh_block_is_validated() -> None:
+    region = {"id": "r", "aoi": {"bbox": [0, 0, 1, 1]}, "periods": [2020, 2021]}
+    ok = parse_regions({"regions": [{**region, "refresh": {"cron": "30 2 * * *", "period": "all", "timezone": "America/Lima"}}]})  # fmt: skip
+    r = ok.regions[0]
+    assert refresh_periods(r, dt.date(2021, 5, 1)) == ["2020", "2021"]
+    (sched,) = build_schedules(ok)
+    assert sched.execution_timezone == "America/Lima"
+    with pytest.raises(RegionsError) as e:
+        parse_regions({"regions": [{**region, "refresh": {"cron": "every monday", "timezone": "Mars/Olympus", "watch_scenes": "yes", "period": "latest", "when": 1}}]})  # fmt: skip
+    text = str(e.value)
+    for part in ("refresh.cron: 'every monday' is not a five-field cron", "refresh.timezone: unknown time zone 'Mars/Olympus'",
+                 "refresh.watch_scenes: 'yes' must be true or false", "refresh.period: 'latest'", "refresh.when: unknown field"):  # fmt: skip
+        assert part in text
+    assert build_schedules(parse_regions({"regions": [region]})) == []  # no cron, no schedule
+
+
+def _settings(tmp_path: Path, regions: Path) -> AsmwatchSettings:
+    return AsmwatchSettings(data_root=str(tmp_path / "data"), regions_file=str(regions))
+
+
+def _evaluate(tmp_path: Path, regions: Path, instance: dg.DagsterInstance) -> dg.SensorResult:
+    with dg.build_sensor_context(
+        instance=instance,
+        resources={"settings": _settings(tmp_path, regions), "stac": StacResource()},
+    ) as ctx:
+        result = new_scenes(ctx)
+    assert isinstance(result, dg.SensorResult)
+    return result
+
+
+@pytest.mark.slow
+def test_new_scenes_sensor_requests_the_partition_with_new_scenes(tmp_path: Path) -> None:
+    doc = yaml.safe_load((ROOT / "regions.yaml").read_text())
+    demo = next(r for r in doc["regions"] if r["id"] == "demo-huepetuhe")
+    unreachable = {"id": "offline", "aoi": {"bbox": [-70.6, -13.1, -70.5, -13.0]},
+                   "periods": [2021], "source": "http://127.0.0.1:9/stac"}  # fmt: skip
+    regions = tmp_path / "regions.yaml"
+    regions.write_text(yaml.safe_dump({"defaults": doc["defaults"], "regions": [demo, unreachable]}))  # fmt: skip
+    instance = dg.DagsterInstance.ephemeral()
+
+    first = _evaluate(tmp_path, regions, instance)
+    (req,) = first.run_requests or []
+    assert req.partition_key == partition_key("demo-huepetuhe", "2021")  # the current period
+    assert req.tags["asmwatch/new_scenes"] == "4"  # never ingested: every scene is new
+    assert json.loads(first.cursor or "{}")["demo-huepetuhe"] == {"period": "2021", "scenes": 4, "new": 4}  # fmt: skip
+
+    settings = _settings(tmp_path, regions)
+    done = dg.materialize(
+        [scenes], partition_key=partition_key("demo-huepetuhe", "2021"),
+        resources={"settings": settings, "stac": StacResource()},
+    )  # fmt: skip
+    assert done.success
+    second = _evaluate(tmp_path, regions, instance)
+    assert not second.run_requests
+    skipped = second.skip_reason.skip_message if second.skip_reason else ""
+    assert "demo-huepetuhe 2021: 4 scene(s), none new" in (skipped or "")
+    assert "offline: search failed" in (skipped or "")  # and the sensor lives on
+
+    # A new acquisition lands on the source: the same partition is requested again.
+    items = tmp_path / "data" / "embedded" / "demo-huepetuhe" / "items"
+    src = items / "S2A_19LCF_20210620_0_L2A.json"
+    item = json.loads(src.read_text())
+    item["id"] = "S2A_19LCF_20210705_0_L2A"
+    item["properties"]["datetime"] = "2021-07-05T14:56:21.024Z"
+    (items / f"{item['id']}.json").write_text(json.dumps(item))
+    third = _evaluate(tmp_path, regions, instance)
+    (again,) = third.run_requests or []
+    assert again.partition_key == req.partition_key and again.tags["asmwatch/new_scenes"] == "1"
+    assert again.run_key != req.run_key
+    shutil.rmtree(tmp_path / "data" / "embedded" / ".serve", ignore_errors=True)
