@@ -9,6 +9,7 @@ from assets.partitions import PARTITIONS, region_and_period
 from assets.resources import NETWORK_RETRY, AsmwatchSettings, DaskResource
 from assets.scenes import scenes
 from pipelines.composite import OUTPUT_BANDS, CompositeResult, composite_for_region
+from pipelines.reports import composite_preview, markdown_image
 
 VALID_FRACTION_CHECK = "valid_fraction"
 
@@ -16,8 +17,16 @@ VALID_FRACTION_CHECK = "valid_fraction"
 def _metadata(res: CompositeResult, threshold: float) -> dict[str, dg.MetadataValue]:
     skipped = "\n".join(f"| {s.id} | {s.reason} |" for s in res.skipped)
     hist = "\n".join(f"| {k} | {v} |" for k, v in res.clear_count_histogram.items())
+    preview = (
+        dg.MetadataValue.md(
+            markdown_image(composite_preview(res.path), "true colour (B04 B03 B02)")
+        )
+        if not res.empty and res.path.exists()
+        else dg.MetadataValue.text("empty composite")
+    )
     return {
         "path": dg.MetadataValue.path(str(res.path)),
+        "preview": preview,
         "empty": dg.MetadataValue.bool(res.empty),
         "valid_fraction": dg.MetadataValue.float(round(res.valid_fraction, 6)),
         "min_valid_fraction": dg.MetadataValue.float(threshold),

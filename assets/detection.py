@@ -141,8 +141,13 @@ def mining_probability(
         )  # fmt: skip
     except ValueError as e:
         raise dg.Failure(allow_retries=False, description=str(e)) from e
+    from pipelines.reports import markdown_image, probability_preview
+
     meta: dict[str, dg.MetadataValue] = {
         "path": dg.MetadataValue.path(str(res.path)),
+        "preview": dg.MetadataValue.md(
+            markdown_image(probability_preview(res.path), "mining probability (magma, 0-1)")
+        ),
         "detector": dg.MetadataValue.text(res.detector),
         "device": dg.MetadataValue.text(res.device),
         "mining_ha": dg.MetadataValue.float(res.mining_ha),

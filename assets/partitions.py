@@ -7,6 +7,8 @@ region asked for a period it does not list fails with a message naming its perio
 
 from __future__ import annotations
 
+import os
+
 import dagster as dg
 
 from pipelines.regions import Period, Region, RegionsConfig, load_regions
@@ -43,9 +45,10 @@ PARTITIONS = region_period_partitions()
 REGIONS = dg.StaticPartitionsDefinition(load_regions().ids)
 
 
-#: How often and how long a backfill run waits for another partition it needs.
+#: How often and how long a backfill run waits for another partition it needs
+#: (``ASMWATCH_BACKFILL_WAIT_S`` overrides the wait, in seconds).
 BACKFILL_WAIT_RETRIES = 6
-BACKFILL_WAIT_S = 60
+BACKFILL_WAIT_S = 60.0
 
 
 def missing_partition(context: dg.AssetExecutionContext, message: str) -> dg.Failure:
@@ -55,10 +58,18 @@ def missing_partition(context: dg.AssetExecutionContext, message: str) -> dg.Fai
     parallel run, so the step asks to be retried a minute later, up to six times; in any
     other run it fails at once, naming what to materialise first.
     """
-    if context.run.tags.get("dagster/backfill") and context.retry_number < BACKFILL_WAIT_RETRIES:
-        context.log.info(f"{message}; part of backfill, retrying in {BACKFILL_WAIT_S} s")
-        raise dg.RetryRequested(max_retries=BACKFILL_WAIT_RETRIES, seconds_to_wait=BACKFILL_WAIT_S)
-    return dg.Failure(description=message, allow_retries=False)
+    backfill = context.run.tags.get("dagster/backfill")
+    if backfill and context.retry_number < BACKFILL_WAIT_RETRIES:
+        wait = float(os.environ.get("ASMWATCH_BACKFILL_WAIT_S", BACKFILL_WAIT_S))
+        context.log.info(
+            f"{message}; backfill {backfill}: try {context.retry_number + 1} of "
+            f"{BACKFILL_WAIT_RETRIES}, waiting {wait:g} s for that partition"
+        )
+        raise dg.RetryRequested(max_retries=BACKFILL_WAIT_RETRIES, seconds_to_wait=wait)
+    return dg.Failure(
+        description=message + (f" (waited {BACKFILL_WAIT_RETRIES} times)" if backfill else ""),
+        allow_retries=False,
+    )
 
 
 def region_of(context: dg.AssetExecutionContext, config: RegionsConfig) -> Region:

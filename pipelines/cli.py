@@ -244,7 +244,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         f"  context layers:           {root / 'context' / region.id}/<layer>.parquet  (views: protected_areas, indigenous_lands, concessions, settlements, rivers, grievances)"
     )
     print(
-        f"  DuckDB catalog:           {root / 'asmwatch.duckdb'}  (views: scenes, models, asm_sites, asm_change, region_summary and the context layers)"
+        f"  risk tables (GeoParquet): {root / 'risk'}/<table>/{region.id}/<period>.parquet  (views: concession_risk, protected_area_pressure, hotspots, alerts)"
+    )
+    print(
+        f"  DuckDB catalog:           {root / 'asmwatch.duckdb'}  (views: scenes, models, asm_sites, asm_change, region_summary, the risk tables and the context layers)"
     )
     print(
         f"  embedded world:           {root / 'embedded' / region.id}  (COGs, STAC items, truth masks, context layers)"

@@ -239,6 +239,26 @@ def true_colour(cog: Path, max_px: int = BACKDROP_PX, dst_crs: str | None = None
     return rgba, (left, bottom, right, top), str(crs)
 
 
+def composite_preview(cog: Path, max_px: int = 320) -> bytes:
+    """A small true-colour PNG of a composite, for the Dagster UI."""
+    return _png(true_colour(cog, max_px=max_px)[0])
+
+
+def probability_preview(cog: Path, max_px: int = 320) -> bytes:
+    """A small PNG of a probability raster (magma, 0 dark to 1 bright; no-data transparent)."""
+    import rasterio
+    from matplotlib import colormaps
+    from rasterio.enums import Resampling
+
+    with rasterio.open(cog) as src:
+        scale = max(1.0, max(src.width, src.height) / max_px)
+        shape = (max(1, round(src.height / scale)), max(1, round(src.width / scale)))
+        p = src.read(1, out_shape=shape, resampling=Resampling.average).astype("float32")
+    rgba = (colormaps["magma"](np.clip(np.nan_to_num(p), 0, 1)) * 255).astype("uint8")
+    rgba[..., 3] = np.where(np.isfinite(p), 255, 0)
+    return _png(rgba)
+
+
 def _png(rgba: np.ndarray) -> bytes:
     from PIL import Image
 
@@ -414,33 +434,24 @@ def _feature(geom: Any, props: dict[str, Any]) -> dict[str, Any]:
     return {"type": "Feature", "geometry": json.loads(shapely.to_geojson(shapely.set_precision(g, 1e-6))), "properties": clean}  # fmt: skip
 
 
+CHANGE_PROPERTIES = ("change_id", "kind", "area_ha", "first_seen_period", "mean_ndvi")
+
+
+def _change_features(rows: list[dict[str, Any]], kinds: tuple[str, ...]) -> list[dict[str, Any]]:
+    return [
+        _feature(r["geometry"], {k: r[k] for k in CHANGE_PROPERTIES})
+        for r in rows
+        if r["kind"] in kinds
+    ]
+
+
 def web_data(data: RegionData) -> dict[str, Any]:
     """The JSON document the web map draws: layers per period and context layers."""
     colours = period_colours(len(data.periods))
     periods = []
     for p, colour in zip(data.periods, colours, strict=True):
-        mining = [
-            _feature(
-                r["geometry"],
-                {
-                    k: r[k]
-                    for k in ("change_id", "kind", "area_ha", "first_seen_period", "mean_ndvi")
-                },
-            )
-            for r in data.change[p]
-            if r["kind"] in ("new", "expanded", "stable")
-        ]
-        reveg = [
-            _feature(
-                r["geometry"],
-                {
-                    k: r[k]
-                    for k in ("change_id", "kind", "area_ha", "first_seen_period", "mean_ndvi")
-                },
-            )
-            for r in data.change[p]
-            if r["kind"] in ("abandoned", "revegetating")
-        ]
+        mining = _change_features(data.change[p], ("new", "expanded", "stable"))
+        reveg = _change_features(data.change[p], ("abandoned", "revegetating"))
         alerts = [
             _feature(
                 r["geometry"].representative_point(),

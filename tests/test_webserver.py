@@ -55,6 +55,21 @@ query Run($id: ID!) {
 }
 """
 
+BACKFILL = """
+mutation Backfill($params: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $params) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on PythonError { message }
+  }
+}
+"""
+BACKFILL_STATUS = """
+query Backfill($id: String!) {
+  partitionBackfillOrError(backfillId: $id) { ... on PartitionBackfill { status } }
+}
+"""
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -150,6 +165,25 @@ def test_ui_serves_the_graph_and_launches_a_partition(tmp_path: Path) -> None:
         assert (tmp_path / "data" / "scenes" / "demo-huepetuhe" / "2021.parquet").exists()
         tags = {t["key"]: t["value"] for t in run["tags"]}
         assert tags.get("dagster/max_retries") == "2"  # the job's run-retry policy
+
+        # A backfill over two periods of the region x period grid, run by the daemon.
+        wanted = ["2019|demo-huepetuhe", "2020|demo-huepetuhe"]
+        params = {"assetSelection": [{"path": ["scenes"]}], "partitionNames": wanted}
+        backfill = _gql(url, BACKFILL, {"params": params})["launchPartitionBackfill"]
+        assert backfill["__typename"] == "LaunchBackfillSuccess", backfill
+        deadline = time.monotonic() + 300
+        while True:
+            status = _gql(url, BACKFILL_STATUS, {"id": backfill["backfillId"]})
+            state = status["partitionBackfillOrError"]["status"]
+            if state not in ("REQUESTED", "CANCELING", "FAILING"):
+                break
+            assert time.monotonic() < deadline, f"backfill still {state}"
+            time.sleep(3)
+        assert state in ("COMPLETED", "COMPLETED_SUCCESS"), (tmp_path / "ui.log").read_text()[
+            -3000:
+        ]
+        for p in ("2019", "2020"):
+            assert (tmp_path / "data" / "scenes" / "demo-huepetuhe" / f"{p}.parquet").exists()
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -10,7 +10,7 @@ import pytest
 
 from assets.composite import composite
 from assets.detection import asm_sites, mining_model, mining_probability
-from assets.partitions import partition_key
+from assets.partitions import BACKFILL_WAIT_RETRIES, partition_key
 from assets.resources import TorchResource
 from assets.scenes import scenes
 from tests.assets.test_composite_asset import _meta, _regions_file, _resources
@@ -144,6 +144,18 @@ def test_change_and_region_summary_from_imported_detections(tmp_path: Path) -> N
     assert not early.success
     error = str(early.get_step_failure_events()[0].event_specific_data.error)  # type: ignore[union-attr]
     assert "previous period, 2019, whose sites are missing" in error
+    assert len([e for e in early.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]) == 0
+    # Inside a backfill the previous period may still be running: the step waits and
+    # tries again (here 0 s apart) before failing with the same message.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ASMWATCH_BACKFILL_WAIT_S", "0")
+        waited = dg.materialize(
+            [asm_change], partition_key=k2020, resources=res, raise_on_error=False,
+            tags={"dagster/backfill": "testbf"},
+        )  # fmt: skip
+    assert not waited.success
+    retries = [e for e in waited.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+    assert len(retries) == BACKFILL_WAIT_RETRIES
     for key in (k2019, k2020):
         assert dg.materialize([asm_sites, asm_change], partition_key=key, resources=res).success
     con = connect(tmp_path / "data" / "asmwatch.duckdb", read_only=True)
