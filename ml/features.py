@@ -112,6 +112,10 @@ def read_labels(
     return out
 
 
+class LabelsError(ValueError):
+    """A mining labels file that cannot be used; the message names the file and feature."""
+
+
 def rasterize_labels(path: Path, like: Scene, period: str | None = None) -> npt.NDArray[np.uint8]:
     """Mining polygons burnt onto the scene's grid: 1 inside, 0 outside, nodata ignored.
 
@@ -119,12 +123,25 @@ def rasterize_labels(path: Path, like: Scene, period: str | None = None) -> npt.
     their period is not after ``period`` (same-year quarters included): mining that
     appeared by then. Without ``period``, every polygon counts.
     """
-    import geopandas as gpd
     import rasterio.features
 
-    frame = gpd.read_parquet(path) if path.suffix.lower() == ".parquet" else gpd.read_file(path)
-    if frame.crs is None:
-        raise ValueError(f"label polygons {path} have no CRS")
+    from pipelines.regions import parse_period
+    from pipelines.vectors import POLYGONAL, check_geometry, read_vector
+
+    frame = read_vector(path, "mining labels file", LabelsError)
+    geoms = [
+        check_geometry(g, POLYGONAL, f"mining labels file {path}: feature {i}", LabelsError)[0]
+        for i, g in enumerate(frame.geometry)
+    ]
+    frame = frame.set_geometry(geoms, crs=frame.crs)
+    if "period" in frame.columns:
+        for i, v in enumerate(frame["period"].tolist()):
+            try:
+                parse_period(v if isinstance(v, (dict, int)) else str(v))
+            except ValueError as e:
+                raise LabelsError(
+                    f"mining labels file {path}: feature {i}: period {v!r} is not a period ({e})"
+                ) from None
     if period is not None and "period" in frame.columns:
         year = period[:4]
         frame = frame[frame["period"].astype(str).str[:4] <= year]

@@ -9,9 +9,13 @@ path: nothing is ever downloaded (``autoinstall_known_extensions`` is off).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -147,19 +151,46 @@ def refresh_views(root: Path, database: Path | None = None) -> dict[str, Any]:
     substituted as a quoted literal (DDL takes no bound parameters).
     """
     db = database or root / CATALOG_FILE
+    db.parent.mkdir(parents=True, exist_ok=True)
     status: dict[str, Any] = {}
-    con = connect(db)
-    try:
-        for view, (sql_name, glob) in VIEWS.items():
-            files = sorted(root.glob(glob))
-            if not files:
-                con.execute(f"DROP VIEW IF EXISTS {view}")
-                status[view] = "no files yet"
-                continue
-            ddl = load_sql(sql_name).replace(":files", sql_literal(str(root / glob)))
-            ddl = ddl.replace(":view", view)  # a key of VIEWS above, not input
-            con.execute(ddl)
-            status[view] = f"{len(files)} file(s)"
-    finally:
+    # The catalog is rebuilt in a new file and renamed over the old one, so a reader
+    # (an analyst's read-only session, a risk or report step) never blocks the writer
+    # and never sees half a catalog: open connections keep the file they opened.
+    # Writers take turns through a lock file.
+    with _writer_lock(db):
+        tmp = db.with_name(f".{db.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        for stale in (tmp, tmp.with_name(tmp.name + ".wal")):
+            stale.unlink(missing_ok=True)
+        con = connect(tmp)
+        try:
+            for view, (sql_name, glob) in VIEWS.items():
+                files = sorted(root.glob(glob))
+                if not files:
+                    status[view] = "no files yet"
+                    continue
+                ddl = load_sql(sql_name).replace(":files", sql_literal(str(root / glob)))
+                ddl = ddl.replace(":view", view)  # a key of VIEWS above, not input
+                con.execute(ddl)
+                status[view] = f"{len(files)} file(s)"
+            con.execute("CHECKPOINT")
+        except BaseException:
+            con.close()
+            tmp.unlink(missing_ok=True)
+            raise
         con.close()
+        os.replace(tmp, db)
+        db.with_name(db.name + ".wal").unlink(missing_ok=True)  # from a pre-rename writer
     return status
+
+
+@contextlib.contextmanager
+def _writer_lock(db: Path) -> Iterator[None]:
+    """Serialise catalog writers across processes (``<catalog>.lock``, flock)."""
+    import fcntl
+
+    with open(db.with_name(db.name + ".lock"), "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

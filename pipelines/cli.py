@@ -105,7 +105,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from assets.definitions import defs
     from assets.partitions import partition_key
     from pipelines.composite import composite_path
-    from pipelines.detection import probability_path
     from pipelines.scenes import scenes_path
 
     periods = list(region.periods)
@@ -229,10 +228,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"  scenes (stac-geoparquet): {root / 'scenes' / region.id}/<period>.parquet")
     for period_id, _meta, _ in rows:
         print(f"    {scenes_path(root, region.id, period_id)}")
-    print(f"  composites (COG):         {composite_path(root, region.id, '<period>')}")
+    print(f"  composites (COG):         {root / 'composite' / region.id}/<period>.tif")
     for period_id, _meta, _ in rows:
         print(f"    {composite_path(root, region.id, period_id)}")
-    print(f"  mining probability (COG): {probability_path(root, region.id, '<period>')}")
+    print(f"  mining probability (COG): {root / 'probability' / region.id}/<period>.tif")
     print(f"  models (registry):        {root / 'models'}  (view: models)")
     print(
         f"  ASM sites (GeoParquet):   {root / 'sites' / region.id}/<period>.parquet  (view: asm_sites)"

@@ -57,7 +57,7 @@ from pipelines.grid import window_for_bbox
 from pipelines.median import masked_median_dn, masked_median_float
 from pipelines.progress import Progress
 from pipelines.stac.l1c import S2CLOUDLESS_BANDS
-from pipelines.storage import atomic_path, partition_path
+from pipelines.storage import atomic_path, partition_path, remove_orphans
 
 if TYPE_CHECKING:
     import dask.array
@@ -738,6 +738,7 @@ def write_composite(
     target.parent.mkdir(parents=True, exist_ok=True)
     # Blocks arrive in any order, which the COG layout cannot take: stage a tiled GTiff
     # beside the target, then let GDAL's COG driver lay it out with overviews.
+    remove_orphans(target.parent, target.stem)  # stages of runs killed mid-write
     stage = target.with_name(f".{target.stem}.{os.getpid()}.stage.tif")
     try:
         with rasterio.open(stage, "w", **profile) as dst:

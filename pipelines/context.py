@@ -35,7 +35,7 @@ import shapely.geometry
 
 from pipelines.grid import bbox_utm_epsg
 from pipelines.regions import CONTEXT_ROLES, Region
-from pipelines.storage import atomic_path
+from pipelines.storage import atomic_path, confined
 from pipelines.vectors import (
     LINEAR,
     POLYGONAL,
@@ -99,7 +99,7 @@ class ContextLayer:
 
 
 def context_table_path(root: Path, region_id: str, kind: str) -> Path:
-    return root / "context" / region_id / f"{kind}.parquet"
+    return confined(root, "context", region_id, f"{kind}.parquet", names=(region_id, kind))
 
 
 ID_COLUMNS = {

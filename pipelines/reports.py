@@ -63,7 +63,9 @@ class ReportError(ValueError):
 
 
 def report_dir(root: Path, region_id: str) -> Path:
-    return root / "reports" / region_id
+    from pipelines.storage import confined
+
+    return confined(root, "reports", region_id)
 
 
 def period_colours(n: int) -> list[str]:

@@ -20,7 +20,7 @@ from typing import Any
 from pipelines.catalog import CATALOG_FILE, connect, load_sql
 from pipelines.grid import bbox_utm_epsg
 from pipelines.regions import Region
-from pipelines.storage import atomic_path
+from pipelines.storage import atomic_path, confined
 
 TABLES = ("concession_risk", "protected_area_pressure", "hotspots", "alerts")
 NEEDS: dict[str, tuple[str, ...]] = {
@@ -70,7 +70,7 @@ class RiskSettings:
 
 
 def risk_path(root: Path, table: str, region_id: str, period_id: str) -> Path:
-    return root / "risk" / table / region_id / f"{period_id}.parquet"
+    return confined(root, "risk", table, region_id, f"{period_id}.parquet", names=(table, region_id, period_id))  # fmt: skip
 
 
 def _h3_function(con: Any) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -26,9 +27,38 @@ def data_root(path: str | os.PathLike[str] | None = None) -> Path:
     return Path(raw).expanduser().resolve()
 
 
+_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+
+
+class UnsafePathError(ValueError):
+    """A name that would put a file outside the data root (or is not a plain name)."""
+
+
 def partition_path(root: Path, table: str, region: str, period: str, suffix: str) -> Path:
-    """``<root>/<table>/<region>/<period><suffix>``; ids were validated as path-safe."""
-    return root / table / region / f"{period}{suffix}"
+    """``<root>/<table>/<region>/<period><suffix>``, refused unless it stays under ``root``.
+
+    Region and period ids are validated by the regions file already; this is the second
+    line: every part must be a plain name (letters, digits, '-', '_'), so no id from a
+    partition key, a sensor or the command line can reach outside the data root.
+    """
+    return confined(root, table, region, f"{period}{suffix}", names=(table, region, period))
+
+
+def confined(root: Path, *parts: str, names: tuple[str, ...] | None = None) -> Path:
+    """``root / parts``, refused unless each name is plain and the result stays in ``root``.
+
+    ``names``: the parts to check as plain names (default: all of them).
+    """
+    for value in parts if names is None else names:
+        if not isinstance(value, str) or not _SAFE.match(value):
+            raise UnsafePathError(
+                f"{value!r} is not a plain name (letters, digits, '-', '_'): refusing to "
+                f"build a path from it under the data root {root}"
+            )
+    path = root.joinpath(*parts)
+    if not path.resolve().is_relative_to(root.resolve()):  # e.g. a symlinked folder
+        raise UnsafePathError(f"{path} resolves outside the data root {root}")
+    return path
 
 
 @contextlib.contextmanager
@@ -39,7 +69,10 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    remove_orphans(target.parent, target.name)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent
+    )
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -48,6 +81,40 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_orphans(directory: Path, name: str) -> list[Path]:
+    """Delete the temporary files that killed writers of ``name`` left in ``directory``.
+
+    Writers name their temporary files ``.<name>.<pid>.*``; a file whose process is gone
+    is an orphan (a run killed mid-write). Files of live processes are left alone, so
+    concurrent writers never lose each other's work. Returns what was removed.
+    """
+    removed: list[Path] = []
+    if not directory.is_dir():
+        return removed
+    prefix = f".{name}."
+    for p in directory.iterdir():
+        if not p.name.startswith(prefix):
+            continue
+        pid = p.name[len(prefix) :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 @contextlib.contextmanager
@@ -59,7 +126,10 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    remove_orphans(target.parent, target.name)
+    tmp = Path(
+        tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
+    )
     try:
         yield tmp
         old: Path | None = None

@@ -13,6 +13,7 @@ Every error names the file, and the feature or row where there is one.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,16 @@ def read_vector(path: Path, what: str, error: type[ValueError]) -> Any:
         raise error(
             f"{what} {path} has no CRS: give it one (a .prj beside a Shapefile, the crs of a "
             "GeoPackage layer) so its coordinates can be placed"
+        )
+    x0, y0, x1, y1 = (float(v) for v in frame.total_bounds)
+    lonlat = -180.5 <= x0 <= x1 <= 360.5 and -90.5 <= y0 <= y1 <= 90.5
+    finite = all(map(math.isfinite, (x0, y0, x1, y1)))  # NaN when every geometry is empty
+    if frame.crs.is_geographic and finite and not lonlat:
+        raise error(
+            f"{what} {path}: coordinates span x {x0:.6g} to {x1:.6g}, y {y0:.6g} to "
+            f"{y1:.6g}, which is not longitude/latitude as its CRS "
+            f"({frame.crs.to_string()}) says: the file's CRS is wrong (projected metres "
+            "in a GeoJSON?); reproject it or give it its real CRS"
         )
     return frame
 

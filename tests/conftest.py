@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,10 @@ from typing import Any
 import pytest
 
 from pipelines.regions import EmbeddedSpec, Period, Region, load_regions
+
+# Unreachable STAC APIs are part of several tests: retry them quickly (the retry
+# behaviour itself is tested in tests/pipelines/test_faults.py with its own settings).
+os.environ.setdefault("ASMWATCH_STAC_BACKOFF_S", "0.05")
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"

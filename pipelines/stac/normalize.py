@@ -332,6 +332,32 @@ def _epsg(item: Mapping[str, Any], asset: Mapping[str, Any] | None = None) -> in
     return None
 
 
+def _tile_epsg(item_id: str, tile: str, declared: int | None) -> int:
+    """The scene's UTM EPSG code: as declared, checked against its MGRS tile.
+
+    Sentinel-2 tiles are UTM by construction: zone = the tile's first digits, north for
+    latitude bands N-X. Without projection information the code comes from the tile; a
+    declared code that is not that zone's is refused (a wrong CRS would put every pixel
+    in the wrong place).
+    """
+    m = re.match(r"^(\d{1,2})([C-HJ-NP-X])[A-Z]{2}$", tile.upper())
+    if m is None:
+        if declared is None:
+            raise NormalizeError(f"{item_id}: no projection information (proj:epsg, proj:code) and no MGRS tile to derive it from")  # fmt: skip
+        return declared
+    zone, band = int(m.group(1)), m.group(2)
+    expected = (32600 if band >= "N" else 32700) + zone
+    if declared is None:
+        return expected
+    if declared != expected:
+        raise NormalizeError(
+            f"{item_id}: proj:epsg {declared} does not match MGRS tile {tile} (UTM zone "
+            f"{zone}{'N' if band >= 'N' else 'S'}, EPSG:{expected}); the item's projection "
+            "information is wrong"
+        )
+    return declared
+
+
 def _resolution(asset: Mapping[str, Any], default: float) -> float:
     bands = asset.get("raster:bands")
     if isinstance(bands, list) and bands and isinstance(bands[0], Mapping):
@@ -423,7 +449,7 @@ def normalize_item(item: Mapping[str, Any]) -> Scene:
         collection=str(item.get("collection") or ""),
         datetime=when,
         mgrs_tile=tile,
-        epsg=_epsg(item, raw_by_role["red"]),
+        epsg=_tile_epsg(item_id, tile, _epsg(item, raw_by_role["red"])),
         cloud_cover=float(cc) if cc is not None else None,
         processing_baseline=baseline,
         platform=props.get("platform"),

@@ -10,6 +10,7 @@ is handled the same way everywhere).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from typing import Any
 import pystac_client
 from pystac_client.conformance import ConformanceClasses
 from pystac_client.exceptions import APIError
+from pystac_client.stac_api_io import StacApiIO
+from urllib3.util.retry import Retry
 
 from pipelines.regions import Period, Region
 from pipelines.stac.normalize import NormalizeResult, Scene, normalize_items
@@ -59,11 +62,54 @@ class StacSearchError(RuntimeError):
     """The STAC API could not be searched; the message names the URL and the cause."""
 
 
-def open_client(url: str, *, accepts_filter: bool = False) -> pystac_client.Client:
+#: Transient HTTP answers worth retrying (rate limit, server errors, gateways).
+RETRY_STATUSES = (429, 500, 502, 503, 504)
+
+
+@dataclass(frozen=True)
+class RetrySettings:
+    """How hard to try each STAC request before the search fails.
+
+    Each request (landing page, every search page) is retried on connection errors,
+    read timeouts and the statuses above, ``retries`` times with exponential backoff
+    (urllib3's: the first retry at once, then ``backoff_s`` x 2, 4, 8, ... capped at 60 s;
+    a Retry-After header is honoured).
+    ``ASMWATCH_STAC_RETRIES``, ``ASMWATCH_STAC_BACKOFF_S`` and ``ASMWATCH_STAC_TIMEOUT_S``
+    override the defaults.
+    """
+
+    retries: int = 5
+    backoff_s: float = 1.0
+    timeout_s: float = 60.0
+
+    @classmethod
+    def from_env(cls) -> RetrySettings:
+        d = cls()
+        return cls(
+            int(os.environ.get("ASMWATCH_STAC_RETRIES", d.retries)),
+            float(os.environ.get("ASMWATCH_STAC_BACKOFF_S", d.backoff_s)),
+            float(os.environ.get("ASMWATCH_STAC_TIMEOUT_S", d.timeout_s)),
+        )
+
+    def stac_io(self) -> StacApiIO:
+        retry = Retry(
+            total=self.retries, connect=self.retries, read=self.retries, status=self.retries,
+            backoff_factor=self.backoff_s, backoff_max=60.0, status_forcelist=RETRY_STATUSES,
+            allowed_methods=None,  # searches are POSTs; they only read, so retry them too
+            respect_retry_after_header=True, raise_on_status=True,
+        )  # fmt: skip
+        return StacApiIO(timeout=self.timeout_s, max_retries=retry)
+
+
+def open_client(
+    url: str, *, accepts_filter: bool = False, retry: RetrySettings | None = None
+) -> pystac_client.Client:
+    retry = retry or RetrySettings.from_env()
     try:
-        client = pystac_client.Client.open(url, timeout=60)
+        # open() re-applies its own timeout to the StacApiIO, so pass it here too.
+        client = pystac_client.Client.open(url, stac_io=retry.stac_io(), timeout=retry.timeout_s)
     except (APIError, OSError, ValueError) as e:
-        raise StacSearchError(f"cannot open STAC API {url}: {e}") from e
+        raise StacSearchError(f"cannot open STAC API {url}: {_why(e)}") from e
     if not client.conforms_to(ConformanceClasses.ITEM_SEARCH):
         # Legacy servers (Earth Search v0) search fine but do not say so.
         log.warning("%s does not declare item-search conformance; searching anyway", url)
@@ -110,8 +156,8 @@ def search_scenes(
     try:
         search = client.search(**kwargs)
         items = list(_pages(search.pages_as_dicts(), say))
-    except APIError as e:
-        raise StacSearchError(f"STAC search at {url} failed: {e}") from e
+    except (APIError, OSError) as e:
+        raise StacSearchError(f"STAC search at {url} failed: {_why(e)}") from e
     elapsed = time.monotonic() - t0
     result = _finish(items, region.max_cloud_cover, use_filter, elapsed)
     if region.uses_s2cloudless and result.scenes:
@@ -139,8 +185,8 @@ def attach_l1c(
             limit=PAGE_SIZE,
         )
         l1c = list(_pages(search.pages_as_dicts(), say))
-    except APIError as e:
-        raise StacSearchError(f"L1C search at {url} failed: {e}") from e
+    except (APIError, OSError) as e:
+        raise StacSearchError(f"L1C search at {url} failed: {_why(e)}") from e
     paired = pair_l1c(result.scenes, l1c)
     result.scenes = paired.scenes
     result.l1c_unmatched = paired.unmatched
@@ -151,6 +197,15 @@ def attach_l1c(
         f"{len(result.scenes)} scenes"
         + (f"; SCL only for {', '.join(paired.unmatched)}" if paired.unmatched else "")
     )
+
+
+def _why(e: BaseException) -> str:
+    """The cause in one line: after retries, which request failed and how."""
+    text = str(e)
+    if "Max retries exceeded" in text:
+        reason = text.split("(Caused by ", 1)[-1].rstrip(")")
+        return f"gave up after retries ({reason})"
+    return text
 
 
 def _pages(

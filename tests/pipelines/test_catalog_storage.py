@@ -69,3 +69,96 @@ def test_atomic_dir_replaces_whole_or_not_at_all(tmp_path: Path) -> None:
         (d / "c").write_text("3")
     assert sorted(os.listdir(target)) == ["c"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["world"]
+
+
+ANALYST = """
+import sys, time
+from pipelines.catalog import connect
+con = connect(sys.argv[1], read_only=True)
+print(con.execute("SELECT count(*) FROM asm_sites").fetchone()[0], flush=True)
+sys.stdin.readline()  # hold the connection open until told
+print(con.execute("SELECT count(*) FROM asm_sites").fetchone()[0], flush=True)
+"""
+
+
+def _sites(root: Path, period: str, n: int) -> None:
+    import geopandas as gpd
+    import shapely
+
+    from pipelines.sites import COLUMNS, conform, sites_path, write_sites
+
+    frame = gpd.GeoDataFrame(
+        {"site_id": [f"s{i}" for i in range(n)], "region": "r", "period": period,
+         "area_ha": 1.0, "mean_probability": 0.9, "mapped_area_ha": float("nan"),
+         "first_seen_period": period, "source": "test"},
+        geometry=[shapely.box(i, 0, i + 0.001, 0.001) for i in range(n)], crs=4326,
+    )  # fmt: skip
+    write_sites(conform(frame[list(COLUMNS)]), sites_path(root, "r", period))
+
+
+def test_an_analysts_open_session_never_blocks_a_run(tmp_path: Path) -> None:
+    """A read-only connection held by another process while a run refreshes the views:
+    the run goes through at once, the analyst keeps a consistent catalog, and the next
+    connection sees the new table."""
+    import subprocess
+    import sys
+    import time
+
+    _sites(tmp_path, "2020", 2)
+    refresh_views(tmp_path)
+    db = tmp_path / "asmwatch.duckdb"
+    analyst = subprocess.Popen(
+        [sys.executable, "-c", ANALYST, str(db)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True, cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    try:
+        assert analyst.stdout is not None and analyst.stdin is not None
+        assert analyst.stdout.readline().strip() == "2"
+        _sites(tmp_path, "2021", 3)
+        t0 = time.monotonic()
+        status = refresh_views(tmp_path)
+        assert time.monotonic() - t0 < 5  # not the 30 s lock wait of a shared file
+        assert status["asm_sites"] == "2 file(s)"
+        con = connect(db, read_only=True)
+        assert con.execute("SELECT count(*) FROM asm_sites").fetchone() == (5,)
+        con.close()
+        analyst.stdin.write("\n")
+        analyst.stdin.flush()
+        # The analyst's view is a glob over the files, so it sees the new file as well,
+        # and the connection it opened before the refresh still works.
+        assert analyst.stdout.readline().strip() == "5"
+        assert analyst.wait(timeout=30) == 0
+    finally:
+        analyst.kill()
+    assert not list(tmp_path.glob(".asmwatch.duckdb.*.tmp*"))
+
+
+def test_concurrent_refreshes_take_turns(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    _sites(tmp_path, "2020", 1)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _i: refresh_views(tmp_path), range(8)))
+    assert all(r["asm_sites"] == "1 file(s)" for r in results)
+    con = connect(tmp_path / "asmwatch.duckdb", read_only=True)
+    assert con.execute("SELECT count(*) FROM asm_sites").fetchone() == (1,)
+    con.close()
+
+
+def test_orphans_of_dead_writers_go_and_live_ones_stay(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)  # fmt: skip
+    dead_pid = int(dead.stdout)
+    orphan = tmp_path / f".2021.parquet.{dead_pid}.abc.tmp"
+    live = tmp_path / f".2021.parquet.{os.getpid()}.def.tmp"  # a concurrent writer's
+    other = tmp_path / f".2020.parquet.{dead_pid}.ghi.tmp"  # another target's
+    for p in (orphan, live, other):
+        p.write_text("half")
+    (tmp_path / "2021.parquet").write_text("old")
+    with atomic_path(tmp_path / "2021.parquet") as tmp:
+        assert tmp.name.startswith(f".2021.parquet.{os.getpid()}.")
+        tmp.write_text("new")
+    assert not orphan.exists() and live.exists() and other.exists()
+    assert (tmp_path / "2021.parquet").read_text() == "new"

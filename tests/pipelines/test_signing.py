@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -100,7 +101,10 @@ def test_token_service_failure_names_the_href_and_url(tokens: TokenService) -> N
 
 
 def test_composite_signs_planetary_computer_hrefs_before_reading(
-    tokens: TokenService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tokens: TokenService,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The stored scenes keep unsigned hrefs; the composite signs them, then reads.
 
@@ -128,8 +132,19 @@ def test_composite_signs_planetary_computer_hrefs_before_reading(
     write_geoparquet([s.to_item() for s in scenes], scenes_path(tmp_path, region.id, "2020"))
     monkeypatch.setenv("ASMWATCH_PC_TOKEN_URL", tokens.url)
     monkeypatch.setenv("GDAL_HTTP_TIMEOUT", "2")
+    secret = "pc-subscription-key-6f1e"  # a credential: only from the environment
+    monkeypatch.setenv("PC_SDK_SUBSCRIPTION_KEY", secret)
     messages: list[str] = []
-    res = composite_for_region(region, region.periods[0], tmp_path, chunk=128, progress=messages.append)  # fmt: skip
+    with caplog.at_level(logging.DEBUG):
+        res = composite_for_region(region, region.periods[0], tmp_path, chunk=128, progress=messages.append)  # fmt: skip
+    assert tokens.keys == [secret]  # sent to the token service, as a header
+    # ... and never written anywhere else: logs, messages, skip reasons, the COG's tags.
+    written = "\n".join([*messages, caplog.text, *(s.reason for s in res.skipped)])
+    assert secret not in written and "sig=" not in written
+    import rasterio
+
+    with rasterio.open(res.path) as src:
+        assert secret not in str(src.tags()) and "sig=" not in str(src.tags())
     assert tokens.paths == ["/api/sas/v1/token/sentinel2l2a01/sentinel2-l2"]
     assert any("signing Azure Blob hrefs" in m for m in messages)
     assert len(res.skipped) == 2 and res.empty

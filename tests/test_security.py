@@ -1,0 +1,82 @@
+"""Security: loopback-only servers, paths confined to the data root, a read-only SQL
+command for analysts. (Credentials: tests/pipelines/test_signing.py; SQL parameters
+with hostile names: tests/pipelines/test_risk_tables.py and tests/test_reports.py.)"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+from pipelines.cli import main
+from pipelines.context import context_table_path
+from pipelines.reports import report_dir
+from pipelines.risk import risk_path
+from pipelines.sites import sites_path
+from pipelines.storage import UnsafePathError, partition_path
+
+
+def _external_ip() -> str:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))
+            ip = str(s.getsockname()[0])
+        except OSError:
+            pytest.skip("no non-loopback address to probe")
+    if ip.startswith("127."):
+        pytest.skip("no non-loopback address to probe")
+    return ip
+
+
+def test_the_stac_server_listens_on_loopback_only(small_server: str) -> None:
+    url = urlparse(small_server)
+    assert url.hostname == "127.0.0.1"
+    with socket.create_connection(("127.0.0.1", url.port), timeout=5):
+        pass
+    with pytest.raises(OSError), socket.create_connection((_external_ip(), url.port), timeout=2):
+        pass
+
+
+@pytest.mark.parametrize(
+    "region, period",
+    [("../etc", "2021"), ("demo", "../../x"), ("a/b", "2021"), ("demo", "2021/.."),
+     ("", "2021"), ("demo", ".hidden"), ("demo", "2021\x00"), ("..", "2021")],
+)  # fmt: skip
+def test_ids_cannot_leave_the_data_root(tmp_path: Path, region: str, period: str) -> None:
+    for build in (
+        lambda: sites_path(tmp_path, region, period),
+        lambda: risk_path(tmp_path, "alerts", region, period),
+        lambda: partition_path(tmp_path, "composite", region, period, ".tif"),
+    ):
+        with pytest.raises(UnsafePathError, match="not a plain name"):
+            build()
+    with pytest.raises(UnsafePathError):
+        context_table_path(tmp_path, region or "..", "../concessions")
+    with pytest.raises(UnsafePathError):
+        report_dir(tmp_path, "../" + region)
+
+
+def test_a_symlink_out_of_the_root_is_refused(tmp_path: Path) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (root / "sites").symlink_to(outside)
+    with pytest.raises(UnsafePathError, match="resolves outside the data root"):
+        sites_path(root, "demo", "2021")
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    assert sites_path(clean / ".." / "clean", "demo", "2021").name == "2021.parquet"
+
+
+@pytest.mark.slow
+def test_the_sql_command_cannot_change_the_catalog(
+    demo_run: tuple[Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = demo_run[0]
+    for statement in ("DROP VIEW scenes", "CREATE TABLE x AS SELECT 1", "CREATE VIEW y AS SELECT 1"):  # fmt: skip
+        with pytest.raises(Exception, match=r"read-only|read only"):
+            main(["sql", statement, "--data", str(root)])
+    assert main(["sql", "SELECT count(*) AS n FROM scenes", "--data", str(root)]) == 0
+    assert "11" in capsys.readouterr().out
