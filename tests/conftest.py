@@ -234,3 +234,18 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
         code = main([*argv, "--train-epochs", "2"])
     assert code == 0, out.getvalue()[-4000:]
     return root, out.getvalue()
+
+
+def external_ip() -> str:
+    """This machine's address on its default route (not loopback); skips when none."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))
+            ip = str(s.getsockname()[0])
+        except OSError:
+            pytest.skip("no non-loopback address to probe")
+    if ip.startswith("127."):
+        pytest.skip("no non-loopback address to probe")
+    return ip

@@ -16,18 +16,7 @@ from pipelines.reports import report_dir
 from pipelines.risk import risk_path
 from pipelines.sites import sites_path
 from pipelines.storage import UnsafePathError, partition_path
-
-
-def _external_ip() -> str:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("10.255.255.255", 1))
-            ip = str(s.getsockname()[0])
-        except OSError:
-            pytest.skip("no non-loopback address to probe")
-    if ip.startswith("127."):
-        pytest.skip("no non-loopback address to probe")
-    return ip
+from tests.conftest import external_ip
 
 
 def test_the_stac_server_listens_on_loopback_only(small_server: str) -> None:
@@ -35,7 +24,7 @@ def test_the_stac_server_listens_on_loopback_only(small_server: str) -> None:
     assert url.hostname == "127.0.0.1"
     with socket.create_connection(("127.0.0.1", url.port), timeout=5):
         pass
-    with pytest.raises(OSError), socket.create_connection((_external_ip(), url.port), timeout=2):
+    with pytest.raises(OSError), socket.create_connection((external_ip(), url.port), timeout=2):
         pass
 
 

@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import requests
 
+from tests.conftest import external_ip
+
 ROOT = Path(__file__).resolve().parent.parent
 ASSET_GRAPH = """
 {
@@ -114,7 +116,7 @@ def test_ui_serves_the_graph_and_launches_a_partition(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "dagster dev did not come up in 180 s"
             time.sleep(2)
         # Bound to loopback only.
-        with pytest.raises(OSError), socket.create_connection((_external_ip(), port), timeout=2):
+        with pytest.raises(OSError), socket.create_connection((external_ip(), port), timeout=2):
             pass
 
         nodes = {"/".join(n["assetKey"]["path"]): n for n in data["assetNodes"]}
@@ -192,16 +194,3 @@ def test_ui_serves_the_graph_and_launches_a_partition(tmp_path: Path) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
         log.close()
-
-
-def _external_ip() -> str:
-    """This machine's address on its default route (not loopback)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("10.255.255.255", 1))
-            ip = str(s.getsockname()[0])
-        except OSError:
-            pytest.skip("no non-loopback address to probe")
-    if ip.startswith("127."):
-        pytest.skip("no non-loopback address to probe")
-    return ip
