@@ -6,7 +6,7 @@ No ``from __future__ import annotations`` here: Dagster inspects the context ann
 import dagster as dg
 
 from assets.partitions import PARTITIONS, region_and_period
-from assets.resources import NETWORK_RETRY, AsmwatchSettings, DaskResource
+from assets.resources import NETWORK_RETRY, AsmwatchSettings, DaskResource, StacResource
 from assets.scenes import scenes
 from pipelines.composite import OUTPUT_BANDS, CompositeResult, composite_for_region
 from pipelines.reports import composite_preview, markdown_image
@@ -81,7 +81,10 @@ def _metadata(res: CompositeResult, threshold: float) -> dict[str, dg.MetadataVa
     ),
 )
 def composite(
-    context: dg.AssetExecutionContext, settings: AsmwatchSettings, dask: DaskResource
+    context: dg.AssetExecutionContext,
+    settings: AsmwatchSettings,
+    dask: DaskResource,
+    stac: StacResource,
 ) -> dg.MaterializeResult:
     config = settings.regions()
     region, period = region_and_period(context, config)
@@ -93,6 +96,7 @@ def composite(
         client=client,
         chunk=dask.chunk_size,
         progress=context.log.info,
+        pc_subscription_key=stac.pc_subscription_key or None,
     )
     threshold = region.min_valid_fraction
     passed = res.valid_fraction >= threshold

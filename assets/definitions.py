@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import dagster as dg
 
 from assets.automation import (
@@ -32,6 +34,17 @@ detect_job = dg.define_asset_job(
     tags=RUN_RETRY_TAGS,
 )  # fmt: skip
 
+PC_KEY_VAR = "PC_SDK_SUBSCRIPTION_KEY"
+
+
+def stac_resource() -> StacResource:
+    """The STAC resource; a Planetary Computer key only as a Dagster EnvVar, so the UI
+    and run config show the variable's name, never its value."""
+    if os.environ.get(PC_KEY_VAR):
+        return StacResource(pc_subscription_key=dg.EnvVar(PC_KEY_VAR))
+    return StacResource()
+
+
 defs = dg.Definitions(
     assets=[
         scenes,
@@ -49,7 +62,7 @@ defs = dg.Definitions(
     sensors=[new_scenes, reports_after_alerts],
     resources={
         "settings": AsmwatchSettings(),
-        "stac": StacResource(),
+        "stac": stac_resource(),
         "dask": DaskResource(),
         "torch_device": TorchResource(),
     },

@@ -48,9 +48,15 @@ class AsmwatchSettings(dg.ConfigurableResource):
 
 
 class StacResource(dg.ConfigurableResource):
-    """STAC API access; starts the embedded server for embedded regions."""
+    """STAC API access; starts the embedded server for embedded regions.
+
+    ``pc_subscription_key`` is a credential: give it only as
+    ``dg.EnvVar("PC_SDK_SUBSCRIPTION_KEY")`` (the definitions do when that variable is
+    set), so the UI and the run config show the variable's name, never its value.
+    """
 
     startup_timeout_s: float = 60.0
+    pc_subscription_key: str = ""
     _servers: dict[str, EmbeddedStacServer] = PrivateAttr(default_factory=dict)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:

@@ -929,8 +929,13 @@ def composite_for_region(
     chunk: int = DEFAULT_CHUNK,
     resolution: float = DEFAULT_RESOLUTION,
     progress: Callable[[str], None] = log.info,
+    pc_subscription_key: str | None = None,
 ) -> CompositeResult:
-    """Composite a region's stored scenes for one period (no scenes file: empty)."""
+    """Composite a region's stored scenes for one period (no scenes file: empty).
+
+    ``pc_subscription_key``: Planetary Computer key for the SAS token API (default:
+    ``$PC_SDK_SUBSCRIPTION_KEY``); never logged.
+    """
     from pipelines.scenes import scenes_path
     from pipelines.stac.signing import PlanetaryComputerSigner, needs_signing
 
@@ -940,7 +945,7 @@ def composite_for_region(
         progress(f"composite: no scenes file {src} (the period has no scenes)")
     signer = None
     if any(needs_signing(a["href"]) for i in items for a in i["assets"].values()):
-        signer = PlanetaryComputerSigner()
+        signer = PlanetaryComputerSigner(subscription_key=pc_subscription_key or None)
         progress(f"composite: signing Azure Blob hrefs with tokens from {signer.token_url}")
     return build_composite(
         items,

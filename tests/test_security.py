@@ -10,6 +10,7 @@ from urllib.parse import urlparse
 
 import pytest
 
+from assets.resources import StacResource
 from pipelines.cli import main
 from pipelines.context import context_table_path
 from pipelines.reports import report_dir
@@ -69,3 +70,26 @@ def test_the_sql_command_cannot_change_the_catalog(
             main(["sql", statement, "--data", str(root)])
     assert main(["sql", "SELECT count(*) AS n FROM scenes", "--data", str(root)]) == 0
     assert "11" in capsys.readouterr().out
+
+
+def test_the_planetary_computer_key_is_a_dagster_envvar(monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import dagster as dg
+
+    from assets.definitions import PC_KEY_VAR, stac_resource
+
+    monkeypatch.delenv(PC_KEY_VAR, raising=False)
+    assert stac_resource().pc_subscription_key == ""
+    secret = "pc-key-0b7d"
+    monkeypatch.setenv(PC_KEY_VAR, secret)
+    stac = stac_resource()
+    assert isinstance(stac.pc_subscription_key, dg.EnvVar)
+    assert stac.pc_subscription_key.env_var_name == PC_KEY_VAR  # the name, not the value
+
+    @dg.asset
+    def probe(stac: StacResource) -> bool:
+        return stac.pc_subscription_key == secret  # resolved inside the run only
+
+    result = dg.materialize([probe], resources={"stac": stac})
+    assert result.output_for_node("probe") is True
+    logged = "\n".join(str(e) for e in result.all_events)
+    assert secret not in logged and secret not in str(result.dagster_run.run_config)
