@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -161,3 +162,36 @@ def test_server_down_at_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(StacSearchError, match=rf"cannot open STAC API http://127.0.0.1:{port}/"):
         _search(f"http://127.0.0.1:{port}/", monkeypatch)
     assert time.monotonic() - t0 >= 0.2 * (2 + 4) * 0.9  # 3 retries: 0, 0.4 and 0.8 s apart
+
+
+def test_a_cog_truncated_while_the_run_reads_it(small_scenes_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The file passes the scene check, then loses its second half before the blocks are
+    read (a sync cut short, a disk filling up): the failed reads are reported with the
+    file named, that scene is no data there, and the composite still lands."""
+    import json
+    import shutil
+
+    import pipelines.composite as comp
+    from pipelines.composite import build_composite, read_scene_items, region_geobox
+    from pipelines.scenes import scenes_path
+
+    region = small_region()
+    items = [json.loads(json.dumps(i)) for i in read_scene_items(scenes_path(small_scenes_root, region.id, "2021"))]  # fmt: skip
+    red = items[0]["assets"]["red"]
+    victim = tmp_path / "B04.tif"
+    shutil.copy(Path(red["href"].removeprefix("file://")), victim)
+    red["href"] = victim.as_uri()
+    real_check = comp.check_scene_files
+
+    def check_then_truncate(*a: Any, **kw: Any) -> Any:
+        out = real_check(*a, **kw)
+        size = victim.stat().st_size
+        with victim.open("r+b") as f:
+            f.truncate(size // 2)
+        return out
+
+    monkeypatch.setattr(comp, "check_scene_files", check_then_truncate)
+    res = build_composite(items, region_geobox(region), tmp_path / "c.tif", chunk=128)
+    assert res.skipped == []  # it was fine when checked
+    assert res.read_failures and all("B04.tif" in m for m in res.read_failures)
+    assert res.path.exists() and res.valid_fraction > 0.5
