@@ -55,6 +55,12 @@ CONTEXT_STYLES = {  # layer -> (label, colour): the same on the PNG and the web 
     "indigenous_lands": ("Indigenous lands", "#984ea3"),
     "concessions": ("LSM concessions", "#222222"),
 }
+#: Layers drawn only on the web map: rivers as lines, people and grievances as points.
+WEB_ONLY_STYLES = {
+    "rivers": ("Rivers", "#2b83ba"),
+    "settlements": ("Settlements", "#404040"),
+    "grievances": ("Grievances", "#e66101"),
+}
 COMPONENTS = ("inside", "proximity", "new", "growth", "people", "grievances")
 
 
@@ -174,7 +180,7 @@ def gather(root: Path, region: Region) -> RegionData:
         }
         context = {
             layer: geo_rows(layer, "region = ?", [region.id], "ORDER BY feature_id")
-            for layer in CONTEXT_STYLES
+            for layer in (*CONTEXT_STYLES, *WEB_ONLY_STYLES)
         }
         alerts = {
             p: geo_rows(
@@ -501,17 +507,29 @@ def web_data(data: RegionData) -> dict[str, Any]:
             }
         )
     context = {}
-    for layer, (label, colour) in CONTEXT_STYLES.items():
+    for layer, (label, colour) in {**CONTEXT_STYLES, **WEB_ONLY_STYLES}.items():
         feats = [
             _feature(
                 r["geometry"],
                 {
                     k: r.get(k)
-                    for k in ("feature_id", "name", "category", "holder", "status", "area_ha")
+                    for k in (
+                        "feature_id",
+                        "name",
+                        "category",
+                        "holder",
+                        "status",
+                        "area_ha",
+                        "population",
+                        "date",
+                        "concession_id",
+                    )
                 },
             )
             for r in data.context.get(layer, [])
         ]
+        if not feats and layer in WEB_ONLY_STYLES:
+            continue  # optional layers the region does not have
         context[layer] = {"label": label, "colour": colour, "data": {"type": "FeatureCollection", "features": feats}}  # fmt: skip
     w, s_, e, n = data.region.bbox
     return {

@@ -117,6 +117,8 @@ def _open(page_path: Path, screenshot: Path) -> dict[str, Any]:
                     "protected_areas",
                     "indigenous_lands",
                     "concessions",
+                    "settlements",
+                    "grievances",
                 )
             }
             seen["backdrops"] = page.locator("img.asm-backdrop").count()
@@ -151,10 +153,16 @@ def test_web_map_renders_offline_in_chromium(demo_run: tuple[Path, str]) -> None
     assert latest["mining"] == n(mining_sql, "2021") > 0
     assert latest["revegetating"] == n(former_sql, "2021") > 0
     assert latest["alerts"] == n(alerts_sql, "2021") > 0
-    for layer in ("protected_areas", "indigenous_lands", "concessions"):
+    for layer in (
+        "protected_areas",
+        "indigenous_lands",
+        "concessions",
+        "settlements",
+        "grievances",
+    ):
         want = _rows(root, f"SELECT count(*) FROM {layer} WHERE region = ?", [REGION])[0][0]
         assert latest[layer] == want > 0
-        assert seen["dom"][layer] == want  # drawn as SVG paths
+        assert seen["dom"][layer] == want  # drawn as SVG paths (points: circle markers)
     # Every feature is drawn (a feature is one SVG path, or more for collections).
     assert seen["dom"]["mining"] >= latest["mining"] and seen["dom"]["alerts"] == latest["alerts"]
     assert seen["backdrops"] == 1
