@@ -170,7 +170,15 @@ def refresh_views(root: Path, database: Path | None = None) -> dict[str, Any]:
                     continue
                 ddl = load_sql(sql_name).replace(":files", sql_literal(str(root / glob)))
                 ddl = ddl.replace(":view", view)  # a key of VIEWS above, not input
-                con.execute(ddl)
+                try:
+                    con.execute(ddl)
+                except duckdb.Error as e:
+                    # One table's files that the view cannot read (written by an older
+                    # version, damaged) must not take the other views down with it.
+                    first = str(e).splitlines()[0]
+                    log.warning("catalog: view %s not created from %s: %s", view, glob, first)
+                    status[view] = f"error: {first} (re-materialise its asset)"
+                    continue
                 status[view] = f"{len(files)} file(s)"
             con.execute("CHECKPOINT")
         except BaseException:

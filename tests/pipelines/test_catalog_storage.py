@@ -162,3 +162,30 @@ def test_orphans_of_dead_writers_go_and_live_ones_stay(tmp_path: Path) -> None:
         tmp.write_text("new")
     assert not orphan.exists() and live.exists() and other.exists()
     assert (tmp_path / "2021.parquet").read_text() == "new"
+
+
+def test_a_table_from_an_older_version_does_not_take_the_catalog_down(tmp_path: Path) -> None:
+    """Sites written before a column existed: that one view is reported, the others stay."""
+    import geopandas as gpd
+
+    _sites(tmp_path, "2021", 2)
+    path = tmp_path / "sites" / "r" / "2021.parquet"
+    old = gpd.read_parquet(path).drop(columns=["source", "first_seen_period", "mapped_area_ha"])
+    old.to_parquet(path, write_covering_bbox=True, index=False)
+    (tmp_path / "models").mkdir()
+    import pandas as pd
+
+    pd.DataFrame(
+        {"model_id": ["m1"], "created_at": ["2026-11-22T00:00:00Z"], "kind": ["unet"],
+         "input_hash": ["h"], "path": ["p"], "device": ["cpu"], "seconds": [1.0],
+         "train_data": ["[]"], "metrics": ['{"heldout": {"iou": 0.9}, "baseline_heldout": {"iou": 0.7}}'],
+         "config": ["{}"]}
+    ).to_parquet(tmp_path / "models" / "models.parquet")  # fmt: skip
+    status = refresh_views(tmp_path)
+    assert status["asm_sites"].startswith("error: ") and "re-materialise" in status["asm_sites"]
+    con = connect(tmp_path / "asmwatch.duckdb", read_only=True)
+    views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}  # fmt: skip
+    heldout = con.execute("SELECT heldout_iou FROM models").fetchone()
+    con.close()
+    assert "asm_sites" not in views and "models" in views and status["models"] == "1 file(s)"
+    assert heldout == (0.9,)
