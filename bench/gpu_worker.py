@@ -28,18 +28,15 @@ def infer_once(size: int, compile_mode: str, repeats: int) -> dict[str, Any]:
     import numpy as np
     import torch
 
+    sys.path.insert(0, str(ROOT / "bench"))  # also inside a worker process
+    from probability import scene  # the same synthetic scene as bench/probability.py
+
     from ml import infer
-    from ml.features import FEATURE_BANDS, Normalizer
     from ml.models import UnetSpec, build_unet
 
     torch.manual_seed(0)
     model = build_unet(UnetSpec()).eval()
-    c = len(FEATURE_BANDS)
-    x = infer.pinned_empty((c, size, size), "float16")
-    rng = np.random.default_rng(0)
-    for i in range(c):
-        x[i] = rng.uniform(0.02, 0.4, (size, size)).astype(np.float16)
-    norm = Normalizer(tuple([0.2] * 6 + [0.0] * 3), tuple([0.1] * 6 + [0.5] * 3))
+    x, norm = scene(size, pinned=True, dtype="float16")
 
     def run() -> Any:
         return infer.predict_tiled(

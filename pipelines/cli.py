@@ -281,6 +281,8 @@ def _query(root: Path, sql: str, params: list[Any]) -> list[Any]:
 
 def _print_risk(root: Path, region_id: str, period_id: str) -> None:
     """The riskiest concessions and the most severe alerts of the latest period."""
+    from pipelines.risk import SEVERITY_ORDER
+
     top = _query(
         root,
         "SELECT concession_id, name, score, band, score_inside, score_proximity, score_new, "
@@ -291,8 +293,7 @@ def _print_risk(root: Path, region_id: str, period_id: str) -> None:
     warned = _query(
         root,
         "SELECT severity, kind, feature_name, distance_m, area_ha FROM alerts "
-        "WHERE region = ? AND period = ? ORDER BY CASE severity WHEN 'critical' THEN 0 "
-        "WHEN 'high' THEN 1 ELSE 2 END, area_ha DESC LIMIT 8",
+        f"WHERE region = ? AND period = ? ORDER BY {SEVERITY_ORDER}, area_ha DESC LIMIT 8",
         [region_id, period_id],
     )
     print(

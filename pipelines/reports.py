@@ -49,7 +49,6 @@ BACKDROP_PX = 1200
 WEB_SIMPLIFY_DEG = 1e-5
 #: Alerts listed in the HTML report (the web map shows them all).
 REPORT_ALERTS = 25
-SEVERITY_ORDER = "CASE severity WHEN 'critical' THEN 0 WHEN 'high' THEN 1 ELSE 2 END"
 CONTEXT_STYLES = {  # layer -> (label, colour): the same on the PNG and the web map
     "protected_areas": ("Protected areas", "#1a9850"),
     "indigenous_lands": ("Indigenous lands", "#984ea3"),
@@ -124,6 +123,7 @@ def gather(root: Path, region: Region) -> RegionData:
 
     from pipelines.catalog import CATALOG_FILE, connect
     from pipelines.composite import composite_path
+    from pipelines.risk import SEVERITY_ORDER
 
     db = root / CATALOG_FILE
     if not db.exists():

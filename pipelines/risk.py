@@ -36,6 +36,8 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "hotspots": ("asm_sites", "asm_change"),
     "alerts": ("asm_change", "concessions", "protected_areas", "indigenous_lands"),
 }
+#: Alerts most severe first (the order sql/alerts.sql writes them in).
+SEVERITY_ORDER = "CASE severity WHEN 'critical' THEN 0 WHEN 'high' THEN 1 ELSE 2 END"
 DEFAULT_ALERT_DISTANCE_M = 5000.0
 DEFAULT_H3_RESOLUTION = 7
 DEFAULT_MIN_ALERT_HA = 0.5  # the sites' minimum mapping unit
