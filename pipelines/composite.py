@@ -91,6 +91,18 @@ L1C_ROLES: tuple[str, ...] = tuple(f"l1c_{b}" for b in S2CLOUDLESS_BANDS)
 CLOUD_MASKS: tuple[str, ...] = ("scl", "scl+s2cloudless")
 DEFAULT_RESOLUTION = 10.0
 DEFAULT_CHUNK = 1024
+#: GDAL settings for remote COGs (Earth Search's bucket over https, a blob store), for
+#: the scene check and the block reads alike: no directory listing on open (S3 answers
+#: it with an error, one wasted round trip per file), 10 retries with a growing delay
+#: on 429/500/502/503/504 (S3's "SlowDown"), unsigned S3 requests. odc-stac's
+#: ``configure_rio(cloud_defaults=True)`` sets the first three; naming them here keeps
+#: the check's reads and the load's the same.
+REMOTE_GDAL: dict[str, str] = {
+    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+    "GDAL_HTTP_MAX_RETRY": "10",
+    "GDAL_HTTP_RETRY_DELAY": "0.5",
+    "AWS_NO_SIGN_REQUEST": "YES",
+}
 GROUP_PROPERTY = "asmwatch:observation"
 
 BAND_DESCRIPTIONS: dict[str, str] = {
@@ -242,7 +254,7 @@ def _href_path(href: str) -> str:
 def _check_asset(href: str, role: str) -> str | None:
     """None if the asset opens and its last full-resolution block reads, else why not."""
     try:
-        with rasterio.open(_href_path(href)) as src:
+        with rasterio.Env(**({} if _is_local(href) else REMOTE_GDAL)), rasterio.open(_href_path(href)) as src:  # fmt: skip
             if src.crs is None:
                 return f"{role}: {href} has no CRS"
             h, w = src.block_shapes[0]
@@ -385,7 +397,7 @@ def load_stack(
         # Remote COGs (Earth Search on S3 over https, a blob store): GDAL settings for
         # range reads (no directory listing, retries, unsigned S3). odc-stac captures
         # them into the graph, so dask workers elsewhere read with them too.
-        odc.stac.configure_rio(cloud_defaults=True, aws={"aws_unsigned": True})
+        odc.stac.configure_rio(cloud_defaults=True, aws={"aws_unsigned": True}, **REMOTE_GDAL)  # type: ignore[arg-type]
     if s2cloudless:
         # odc-stac takes the band list from the first item: start with one that has
         # an L1C twin (grouping and fusing order do not depend on this order).

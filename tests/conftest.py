@@ -29,6 +29,50 @@ def shared(rel: str) -> Path:
     return p
 
 
+#: Where Earth Search serves the real 29RKH scene whose decimated files are in ../shared.
+ES_COGS = "https://sentinel-cogs.s3.us-west-2.amazonaws.com"
+REAL_TILE = "raster/earthsearch_S2A_29RKH_20200219_0_L2A_decimated"
+
+
+def real_tile_items(
+    resolution: float, base_url: str | None = None
+) -> tuple[list[dict[str, Any]], Any]:
+    """The real 29RKH item pointed at the decimated files as they are (100 m / 200 m).
+
+    ``base_url``: serve them from there (a local HTTP server standing in for Earth
+    Search's bucket, same paths) instead of ``file://`` hrefs.
+    """
+    import rasterio
+    from affine import Affine
+    from odc.geo.geobox import GeoBox
+
+    from pipelines.stac.normalize import normalize_item
+
+    d = shared(REAL_TILE)
+    raw = json.loads((d / "S2A_29RKH_20200219_0_L2A.json").read_text())
+    # The item describes the full 10 m grid (10980 px); the files are decimated.
+    assert raw["assets"]["red"]["proj:shape"] == [10980, 10980]
+    for asset in raw["assets"].values():
+        name = Path(asset["href"]).name
+        if (d / name).exists() and not asset["href"].startswith("s3://"):
+            with rasterio.open(d / name) as src:
+                asset["href"] = (
+                    asset["href"].replace(ES_COGS, base_url)
+                    if base_url
+                    else (d / name).resolve().as_uri()
+                )
+                asset["proj:shape"] = [src.height, src.width]
+                asset["proj:transform"] = list(src.transform)[:6]
+    item = normalize_item(raw).to_item()
+    # A window over the cloudy north-east corner of the tile.
+    geobox = GeoBox(
+        (round(40_000 / resolution), round(49_800 / resolution)),
+        Affine(resolution, 0, 259_980, 0, -resolution, 2_800_020),
+        "EPSG:32629",
+    )
+    return [item], geobox
+
+
 def mdd_department() -> dict[str, Any]:
     """The Madre de Dios department outline (GeoJSON geometry), a real region AOI."""
     doc = json.loads(shared("reference/boundaries/madre_de_dios_department.geojson").read_text())

@@ -29,7 +29,7 @@ from pipelines.composite import (
     region_geobox,
 )
 from pipelines.scenes import scenes_path
-from tests.conftest import constant_scene, shared, small_region
+from tests.conftest import constant_scene, real_tile_items, shared, small_region
 
 BAND = {name: i for i, name in enumerate(OUTPUT_BANDS)}
 
@@ -223,34 +223,6 @@ def test_region_across_two_utm_zones_gets_one_grid(tmp_path: Path) -> None:
     assert set(np.unique(data[BAND[COUNT_BAND]])) == {1.0, 2.0}
 
 
-def _real_tile_items(resolution: float) -> tuple[list[dict[str, Any]], Any]:
-    """The real 29RKH item pointed at the decimated files as they are (100 m / 200 m)."""
-    from affine import Affine
-    from odc.geo.geobox import GeoBox
-
-    from pipelines.stac.normalize import normalize_item
-
-    d = shared("raster/earthsearch_S2A_29RKH_20200219_0_L2A_decimated")
-    raw = json.loads((d / "S2A_29RKH_20200219_0_L2A.json").read_text())
-    # The item describes the full 10 m grid (10980 px); the files are decimated.
-    assert raw["assets"]["red"]["proj:shape"] == [10980, 10980]
-    for asset in raw["assets"].values():
-        name = Path(asset["href"]).name
-        if (d / name).exists() and not asset["href"].startswith("s3://"):
-            with rasterio.open(d / name) as src:
-                asset["href"] = (d / name).resolve().as_uri()
-                asset["proj:shape"] = [src.height, src.width]
-                asset["proj:transform"] = list(src.transform)[:6]
-    item = normalize_item(raw).to_item()
-    # A window over the cloudy north-east corner of the tile.
-    geobox = GeoBox(
-        (round(40_000 / resolution), round(49_800 / resolution)),
-        Affine(resolution, 0, 259_980, 0, -resolution, 2_800_020),
-        "EPSG:32629",
-    )
-    return [item], geobox
-
-
 def region_geobox_for(item: dict[str, Any]) -> Any:
     """A 10 m GeoBox over the middle of an item's footprint (5 km square)."""
     import dataclasses
@@ -272,7 +244,7 @@ def _file_on(geobox: Any, name: str) -> np.ndarray:
 def test_real_earth_search_tile_composites_to_scaled_dn_where_clear(
     resolution: float, tmp_path: Path
 ) -> None:
-    items, geobox = _real_tile_items(resolution)
+    items, geobox = real_tile_items(resolution)
     res = build_composite(items, geobox, tmp_path / "c.tif", chunk=128)
     data, _ = _read(res.path)
     scl = _file_on(geobox, "SCL.tif")
