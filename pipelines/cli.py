@@ -1,4 +1,4 @@
-"""The ``asmwatch`` command: ``demo``, ``validate``, ``sql``.
+"""The ``asmwatch`` command: ``demo``, ``backfill``, ``validate``, ``probe``, ``ui``, ``sql``.
 
 ``asmwatch demo`` is what ``make demo`` runs: it materialises the pipeline for every
 period of the embedded demo region through Dagster (in-process, recorded in the Dagster
@@ -332,6 +332,40 @@ def _print_summary(root: Path, region_id: str) -> None:
         )
 
 
+def _cmd_probe(args: argparse.Namespace) -> int:
+    """Search one period of a region and read-check its clearest scenes."""
+    from pipelines.probe import probe
+    from pipelines.stac.search import StacSearchError
+    from pipelines.stac.signing import SigningError
+
+    config = load_regions(Path(args.regions) if args.regions else None)
+    try:
+        region = config.get(args.region)
+        period = region.period(args.period) if args.period else region.periods[-1]
+    except KeyError as e:
+        print(f"asmwatch probe: {e.args[0]}", file=sys.stderr)
+        return 2
+    server = None
+    if region.source == "embedded":
+        from pipelines.embedded import start_server
+
+        server = start_server(data_root(args.data), region, say=print)
+        url = server.url
+    else:
+        assert region.stac_url is not None
+        url = region.stac_url
+    try:
+        report = probe(url, region, period, scenes=args.scenes, progress=print)
+    except (StacSearchError, SigningError) as e:
+        print(f"FAILED: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if server is not None:
+            server.stop()
+    print("\n".join(report.lines()))
+    return 0 if report.ok else 1
+
+
 def _cmd_sql(args: argparse.Namespace) -> int:
     from pipelines.catalog import CATALOG_FILE, connect
 
@@ -389,6 +423,17 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--data", help="data root (default: $ASMWATCH_DATA or ./data)")
     u.add_argument("--port", type=int, default=3000)
     u.set_defaults(func=_cmd_ui)
+
+    p = sub.add_parser(
+        "probe",
+        help="before a first run: search one period of a region and read-check its clearest scenes",
+    )
+    p.add_argument("region", help="region id from the regions file")
+    p.add_argument("--period", help="period id (default: the region's latest)")
+    p.add_argument("--scenes", type=int, default=2, help="scenes to read-check (default 2)")
+    p.add_argument("--regions", help="regions file (default: $ASMWATCH_REGIONS or regions.yaml)")
+    p.add_argument("--data", help="data root, for embedded regions (default: $ASMWATCH_DATA or ./data)")  # fmt: skip
+    p.set_defaults(func=_cmd_probe)
 
     s = sub.add_parser("sql", help="run a query against the DuckDB catalog (read-only)")
     s.add_argument("query")

@@ -325,7 +325,8 @@ def _check_l1c(
     return out, notes
 
 
-def _signed(item: Mapping[str, Any], sign: Callable[[str], str]) -> dict[str, Any]:
+def signed_item(item: Mapping[str, Any], sign: Callable[[str], str]) -> dict[str, Any]:
+    """The item with every asset href passed through ``sign`` (Planetary Computer SAS)."""
     assets = {k: {**a, "href": sign(a["href"])} for k, a in item["assets"].items()}
     return {**item, "assets": assets}
 
@@ -838,7 +839,7 @@ def build_composite(
         raise CompositeError(f"unknown cloud_mask {cloud_mask!r}: use one of {CLOUD_MASKS}")
     started = time.perf_counter()
     if sign is not None:
-        items = [_signed(item, sign) for item in items]
+        items = [signed_item(item, sign) for item in items]
     ok, skipped = check_scene_files(items)
     for s in skipped:
         progress(f"composite: skipping scene {s.id}: {s.reason}")

@@ -100,3 +100,77 @@ def test_demo_reports_a_failed_run_and_stops(
     assert main(["demo", "--data", str(tmp_path / "data"), "--regions", str(regions)]) == 1
     err = capsys.readouterr().err
     assert "2019: FAILED; see the run" in err and "make ui" in err
+
+
+def _probe_regions(tmp_path: Path, source: str) -> Path:
+    import yaml
+
+    from tests.conftest import small_region
+
+    r = small_region()
+    doc = {"regions": [{
+        "id": r.id, "name": r.name, "aoi": {"bbox": list(r.bbox)},
+        "periods": [p.id for p in r.periods], "source": source, "max_cloud_cover": r.max_cloud_cover,
+    }]}  # fmt: skip
+    path = tmp_path / "regions.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_probe_searches_and_read_checks_the_clearest_scenes(
+    small_server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipelines.stac.search import search_scenes
+    from tests.conftest import small_region
+
+    regions = _probe_regions(tmp_path, small_server)
+    data = tmp_path / "data"
+    rc = main(["probe", "test-small", "--period", "2020", "--regions", str(regions), "--data", str(data)])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    expected = search_scenes(small_server, small_region(), small_region().period("2020"))
+    assert f"{expected.returned} item(s) returned, {len(expected.scenes)} scene(s) kept" in out
+    clearest = sorted(expected.scenes, key=lambda s: (s.cloud_cover or 0.0, s.id))[:2]
+    for s in clearest:
+        assert any(line.strip().startswith(s.id) and line.endswith("OK") for line in out.splitlines()), s.id  # fmt: skip
+    assert f"OK: test-small can be materialised from {small_server}" in out
+    assert not data.exists()  # a probe writes nothing
+
+
+def test_probe_names_an_unreadable_band(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipelines.simulator import load_items, simulate_world
+    from pipelines.stac.geoparquet import write_geoparquet
+    from pipelines.stac.server import EmbeddedStacServer
+    from tests.conftest import small_region
+
+    world = tmp_path / "world"
+    simulate_world(small_region(periods=("2020",)), world)
+    items = load_items(world)
+    with EmbeddedStacServer(write_geoparquet(items, tmp_path / "serve" / "items.parquet"), tmp_path / "serve") as server:  # fmt: skip
+        regions = _probe_regions(tmp_path, server.url)
+        # Every scene kept (a reprocessed _1_ twin replaces its _0_) is read-checked:
+        # damage one band of the clearest.
+        ids = {i["id"] for i in items}
+        kept = [i for i in items if "_1_" in i["id"] or i["id"].replace("_0_", "_1_") not in ids]
+        clearest = min(kept, key=lambda i: (i["properties"]["eo:cloud_cover"], i["id"]))
+        swir = Path(clearest["assets"]["swir16"]["href"].removeprefix("file://"))
+        swir.write_bytes(swir.read_bytes()[:300])  # truncated
+        rc = main(["probe", "test-small", "--period", "2020", "--scenes", "9", "--regions", str(regions)])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 1, out
+    (bad,) = [line for line in out.splitlines() if "UNREADABLE" in line]
+    assert bad.strip().startswith(clearest["id"]) and f"swir16: {swir.as_uri()}" in bad
+    assert sum(line.endswith("  OK") for line in out.splitlines()) == len(kept) - 1
+    assert "FAILED: some scenes of test-small cannot be read from here" in out
+
+
+def test_probe_fails_clearly_on_an_unreachable_api_or_unknown_period(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    regions = _probe_regions(tmp_path, "http://127.0.0.1:9/")
+    assert main(["probe", "test-small", "--regions", str(regions)]) == 1
+    assert "FAILED: cannot open STAC API http://127.0.0.1:9/" in capsys.readouterr().err
+    assert main(["probe", "test-small", "--period", "1999", "--regions", str(regions)]) == 2
+    assert "has no period '1999' (it has: 2019, 2020, 2021)" in capsys.readouterr().err
+    assert main(["probe", "nowhere", "--regions", str(regions)]) == 2
+    assert "no region 'nowhere'" in capsys.readouterr().err
