@@ -63,7 +63,7 @@ class ProbeReport:
         if not s.scenes:
             out.append(f"FAILED: no scenes for {self.region} in {self.period} at {self.url}")
         elif self.ok:
-            out.append(f"OK: {self.region} can be materialised from {self.url} (nothing was written)")  # fmt: skip
+            out.append(f"OK: {self.region} can be materialised from {self.url} (no table or composite was written)")  # fmt: skip
         else:
             out.append(f"FAILED: some scenes of {self.region} cannot be read from here")
         return out
