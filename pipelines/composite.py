@@ -91,18 +91,38 @@ L1C_ROLES: tuple[str, ...] = tuple(f"l1c_{b}" for b in S2CLOUDLESS_BANDS)
 CLOUD_MASKS: tuple[str, ...] = ("scl", "scl+s2cloudless")
 DEFAULT_RESOLUTION = 10.0
 DEFAULT_CHUNK = 1024
-#: GDAL settings for remote COGs (Earth Search's bucket over https, a blob store), for
-#: the scene check and the block reads alike: no directory listing on open (S3 answers
-#: it with an error, one wasted round trip per file), 10 retries with a growing delay
-#: on 429/500/502/503/504 (S3's "SlowDown"), unsigned S3 requests. odc-stac's
-#: ``configure_rio(cloud_defaults=True)`` sets the first three; naming them here keeps
-#: the check's reads and the load's the same.
+#: GDAL settings for remote COGs (Earth Search's bucket over https, a blob store, S3),
+#: for the scene check and the block reads alike: no directory listing on open (S3
+#: answers it with an error, one wasted round trip per file) and 10 retries with a
+#: growing delay on 429/500/502/503/504 (S3's "SlowDown"). odc-stac's
+#: ``configure_rio(cloud_defaults=True)`` sets the same; naming them here keeps the
+#: check's reads and the load's alike.
 REMOTE_GDAL: dict[str, str] = {
     "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
     "GDAL_HTTP_MAX_RETRY": "10",
     "GDAL_HTTP_RETRY_DELAY": "0.5",
-    "AWS_NO_SIGN_REQUEST": "YES",
 }
+
+
+def aws_signed() -> bool:
+    """Whether s3:// reads are signed: when the environment carries AWS credentials
+    (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``) or agrees to pay for requests
+    (``AWS_REQUEST_PAYER=requester``, for Earth Search's requester-pays L1C bucket).
+    Otherwise they are unsigned: public buckets need no credentials, and GDAL does not
+    wait on the EC2 metadata service looking for some. GDAL reads the credentials and
+    the payer header from the environment itself (of every dask worker, too)."""
+    return bool(
+        os.environ.get("AWS_ACCESS_KEY_ID")
+        or os.environ.get("AWS_PROFILE")
+        or os.environ.get("AWS_REQUEST_PAYER") == "requester"
+    )
+
+
+def remote_gdal() -> dict[str, str]:
+    """``REMOTE_GDAL``, plus unsigned S3 requests unless ``aws_signed()``."""
+    return REMOTE_GDAL if aws_signed() else {**REMOTE_GDAL, "AWS_NO_SIGN_REQUEST": "YES"}
+
+
 GROUP_PROPERTY = "asmwatch:observation"
 
 BAND_DESCRIPTIONS: dict[str, str] = {
@@ -254,7 +274,7 @@ def _href_path(href: str) -> str:
 def _check_asset(href: str, role: str) -> str | None:
     """None if the asset opens and its last full-resolution block reads, else why not."""
     try:
-        with rasterio.Env(**({} if _is_local(href) else REMOTE_GDAL)), rasterio.open(_href_path(href)) as src:  # fmt: skip
+        with rasterio.Env(**({} if _is_local(href) else remote_gdal())), rasterio.open(_href_path(href)) as src:  # fmt: skip
             if src.crs is None:
                 return f"{role}: {href} has no CRS"
             h, w = src.block_shapes[0]
@@ -396,9 +416,11 @@ def load_stack(
 
     if any(not _is_local(a["href"]) for raw in items for a in raw["assets"].values()):
         # Remote COGs (Earth Search on S3 over https, a blob store): GDAL settings for
-        # range reads (no directory listing, retries, unsigned S3). odc-stac captures
-        # them into the graph, so dask workers elsewhere read with them too.
-        odc.stac.configure_rio(cloud_defaults=True, aws={"aws_unsigned": True}, **REMOTE_GDAL)  # type: ignore[arg-type]
+        # range reads (no directory listing, retries; S3 unsigned unless the environment
+        # has credentials). odc-stac captures them into the graph, so dask workers
+        # elsewhere read with them too.
+        aws = None if aws_signed() else {"aws_unsigned": True}
+        odc.stac.configure_rio(cloud_defaults=True, aws=aws, **REMOTE_GDAL)  # type: ignore[arg-type]
     if s2cloudless:
         # odc-stac takes the band list from the first item: start with one that has
         # an L1C twin (grouping and fusing order do not depend on this order).

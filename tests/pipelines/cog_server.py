@@ -1,8 +1,10 @@
 """A static COG server for tests: one directory over HTTP/1.1 on 127.0.0.1, with HEAD
 and single byte ranges (what GDAL's /vsicurl/ asks of S3 or a blob store), injected
-error statuses per request, and a JSON-lines log of every request.
+error statuses per request, headers it insists on (403 without them, as S3 answers an
+unsigned request to a requester-pays bucket), and a JSON-lines log of every request.
 
-``python -m tests.pipelines.cog_server DIR PREFIX FAULTS_JSON LOG``; prints its URL.
+``python -m tests.pipelines.cog_server DIR PREFIX FAULTS_JSON LOG [REQUIRED_JSON]``;
+prints its URL.
 """
 
 from __future__ import annotations
@@ -16,7 +18,13 @@ from pathlib import Path
 from typing import Any
 
 
-def serve(directory: Path, prefix: str, faults: dict[str, dict[str, int]], log: Path) -> None:
+def serve(
+    directory: Path,
+    prefix: str,
+    faults: dict[str, dict[str, int]],
+    log: Path,
+    required: list[str] | None = None,
+) -> None:
     counts: dict[str, int] = {}
     lock = threading.Lock()
     out = log.open("a", buffering=1)
@@ -44,6 +52,8 @@ def serve(directory: Path, prefix: str, faults: dict[str, dict[str, int]], log: 
             with lock:
                 counts[name] = n = counts.get(name, 0) + 1
             status = faults.get(name, {}).get(str(n))
+            if status is None and any(not self.headers.get(h) for h in required or ()):
+                status = 403
             f = directory / name
             if status is None and (not path.startswith(prefix) or "/" in name or not f.is_file()):  # fmt: skip
                 status = 404
@@ -68,4 +78,5 @@ def serve(directory: Path, prefix: str, faults: dict[str, dict[str, int]], log: 
 
 
 if __name__ == "__main__":
-    serve(Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3]), Path(sys.argv[4]))
+    required = json.loads(sys.argv[5]) if len(sys.argv) > 5 else None
+    serve(Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3]), Path(sys.argv[4]), required)

@@ -12,6 +12,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,14 +29,21 @@ class CogServer:
     separate process: GDAL holds the interpreter while it opens a remote file, so a
     server thread in the test's own process could deadlock with it.
 
-    ``faults``: {file name: {n-th request for it: HTTP status to answer instead}}.
+    ``faults``: {file name: {n-th request for it: HTTP status to answer instead}};
+    ``required``: request headers without which it answers 403.
     """
 
-    def __init__(self, directory: Path, faults: dict[str, dict[int, int]] | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        faults: dict[str, dict[int, int]] | None = None,
+        prefix: str = PREFIX,
+        required: list[str] | None = None,
+    ) -> None:
         self.log_path = Path(tempfile.mkstemp(suffix=".jsonl")[1])
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.pipelines.cog_server", str(directory), PREFIX,
-             json.dumps(faults or {}), str(self.log_path)],
+            [sys.executable, "-m", "tests.pipelines.cog_server", str(directory), prefix,
+             json.dumps(faults or {}), str(self.log_path), json.dumps(required or [])],
             stdout=subprocess.PIPE, cwd=Path(__file__).resolve().parents[2],
         )  # fmt: skip
         assert self.proc.stdout is not None
@@ -61,8 +69,8 @@ class CogServer:
 def cog_server() -> Iterator[Callable[..., CogServer]]:
     started: list[CogServer] = []
 
-    def start(faults: dict[str, dict[int, int]] | None = None) -> CogServer:
-        started.append(CogServer(shared(REAL_TILE), faults))
+    def start(faults: dict[str, dict[int, int]] | None = None, **kw: Any) -> CogServer:
+        started.append(CogServer(shared(REAL_TILE), faults, **kw))
         return started[-1]
 
     yield start
@@ -125,3 +133,68 @@ def test_a_missing_remote_band_skips_the_scene_naming_the_url(
     assert not ok and len(skipped) == 1
     assert skipped[0].id == "S2A_29RKH_20200219_0_L2A"
     assert f"swir16: {cogs.url}{PREFIX}B11.tif" in skipped[0].reason
+
+
+def _s3_stand_in(monkeypatch: pytest.MonkeyPatch, cogs: CogServer) -> None:
+    """Point GDAL's /vsis3/ at ``cogs`` (path-style, plain http), no AWS settings."""
+    monkeypatch.setenv("AWS_S3_ENDPOINT", cogs.url.removeprefix("http://"))
+    monkeypatch.setenv("AWS_HTTPS", "NO")
+    monkeypatch.setenv("AWS_VIRTUAL_HOSTING", "FALSE")
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_REQUEST_PAYER"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def _pay_for_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-real-secret")
+    monkeypatch.setenv("AWS_REQUEST_PAYER", "requester")
+
+
+def test_requester_pays_s3_reads_are_signed_only_when_the_environment_asks(
+    cog_server: Callable[..., CogServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Earth Search's L1C twins are in the requester-pays bucket s3://sentinel-s2-l1c.
+
+    An S3 stand-in on 127.0.0.1 (GDAL's /vsis3/ pointed at it with AWS_S3_ENDPOINT)
+    refuses requests without a signature and the payer header, as S3 does. With no AWS
+    settings the reads are unsigned and refused, and the scene is skipped naming the
+    href; with credentials and ``AWS_REQUEST_PAYER=requester`` they are signed, carry
+    the header, and read. (The files are the L2A tile's, served under the L1C key.)
+    """
+    key = "/sentinel-s2-l1c/tiles/29/R/KH/2020/2/19/0/"
+    cogs = cog_server(prefix=key, required=["Authorization", "x-amz-request-payer"])
+    _s3_stand_in(monkeypatch, cogs)
+
+    def twin(band: str) -> dict[str, Any]:
+        href = f"s3:/{key}{band}.tif"
+        return {"id": f"S2A_29RKH_20200219_0_L1C_{band}", "assets": {"l1c_B04": {"href": href}}}
+
+    # Different files each time: GDAL caches what it learnt about a URL.
+    ok, skipped = check_scene_files([twin("B04")], roles=("l1c_B04",))
+    assert not ok and "l1c_B04: s3://sentinel-s2-l1c/tiles/29/R/KH/2020/2/19/0/B04.tif" in skipped[0].reason  # fmt: skip
+    assert {r[2] for r in cogs.log} == {403}
+
+    _pay_for_requests(monkeypatch)
+    ok, skipped = check_scene_files([twin("B03")], roles=("l1c_B04",))
+    assert not skipped and len(ok) == 1
+    assert {r[2] for r in cogs.log if r[0] == "B03.tif"} <= {200, 206}
+
+
+def test_the_load_signs_s3_reads_when_the_environment_has_credentials(
+    cog_server: Callable[..., CogServer],
+    local_composite: np.ndarray,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """The block reads (odc-stac's load, not only the scene check) take the credentials
+    and the payer header from the environment: s3:// hrefs on a stand-in that refuses
+    unsigned requests give the same composite as the local files."""
+    cogs = cog_server(prefix=f"/sentinel-cogs{PREFIX}", required=["Authorization", "x-amz-request-payer"])  # fmt: skip
+    _s3_stand_in(monkeypatch, cogs)
+    _pay_for_requests(monkeypatch)
+    items, geobox = real_tile_items(200.0, base_url="s3://sentinel-cogs")
+    assert items[0]["assets"]["red"]["href"] == f"s3://sentinel-cogs{PREFIX}B04.tif"
+    res = build_composite(items, geobox, tmp_path / "c.tif", chunk=128)
+    assert not res.skipped and not res.read_failures
+    np.testing.assert_array_equal(_bands(res.path), local_composite)
+    assert cogs.served(206) and not cogs.served(403)
