@@ -66,6 +66,7 @@ if TYPE_CHECKING:
     from odc.geo.geobox import GeoBox
 
     from pipelines.regions import Period, Region
+    from pipelines.stac.signing import PlanetaryComputerSigner
 
 log = logging.getLogger(__name__)
 # odc-loader warps 20 m bands into bare numpy buffers; GDAL then notes, harmlessly, that
@@ -343,6 +344,17 @@ def _check_l1c(
         out.append(item)
     notes = [f"L1C twin of {i} unusable, SCL only: {r}" for i, r in reasons.items()]
     return out, notes
+
+
+def signer_for(
+    items: Sequence[Mapping[str, Any]], subscription_key: str | None = None
+) -> PlanetaryComputerSigner | None:
+    """A Planetary Computer signer when any of the items' hrefs needs one, else None."""
+    from pipelines.stac.signing import PlanetaryComputerSigner, needs_signing
+
+    if any(needs_signing(a["href"]) for i in items for a in i["assets"].values()):
+        return PlanetaryComputerSigner(subscription_key=subscription_key or None)
+    return None
 
 
 def signed_item(item: Mapping[str, Any], sign: Callable[[str], str]) -> dict[str, Any]:
@@ -972,15 +984,13 @@ def composite_for_region(
     ``$PC_SDK_SUBSCRIPTION_KEY``); never logged.
     """
     from pipelines.scenes import scenes_path
-    from pipelines.stac.signing import PlanetaryComputerSigner, needs_signing
 
     src = scenes_path(root, region.id, period.id)
     items = read_scene_items(src) if src.exists() else []
     if not src.exists():
         progress(f"composite: no scenes file {src} (the period has no scenes)")
-    signer = None
-    if any(needs_signing(a["href"]) for i in items for a in i["assets"].values()):
-        signer = PlanetaryComputerSigner(subscription_key=pc_subscription_key or None)
+    signer = signer_for(items, pc_subscription_key)
+    if signer is not None:
         progress(f"composite: signing Azure Blob hrefs with tokens from {signer.token_url}")
     return build_composite(
         items,

@@ -4,8 +4,8 @@ scenes' pixels be read from here? (``asmwatch probe``.)
 It searches one period as the ``scenes`` asset would, then opens the clearest scenes'
 bands as the composite would (signed for Planetary Computer, with the remote GDAL
 settings) and reads each band's last block. Nothing is written under the data root,
-except the embedded world an embedded region is served from. The timings are what the
-cost model in docs/operations.md wants from a first live run.
+except the embedded world an embedded region is served from. Its timings (search, and
+opening each scene's bands) are a first look at the latencies a live run will see.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pipelines.composite import LOAD_ROLES, check_scene_files, signed_item
+from pipelines.composite import LOAD_ROLES, check_scene_files, signed_item, signer_for
 from pipelines.regions import Period, Region
 from pipelines.stac.search import SearchResult, search_scenes
 
@@ -83,20 +83,17 @@ def probe(
     Raises ``StacSearchError`` when the API cannot be searched and ``SigningError`` when
     Planetary Computer tokens cannot be had; an unreadable scene is reported, not raised.
     """
-    from pipelines.stac.signing import PlanetaryComputerSigner, needs_signing
-
     t = time.perf_counter()
     found = search_scenes(url, region, period, progress=progress)
     report = ProbeReport(url, region.id, period.id, time.perf_counter() - t, found)
     clearest = sorted(
         found.scenes, key=lambda s: (s.cloud_cover is None, s.cloud_cover or 0.0, s.id)
     )[: max(0, scenes)]
-    signer = None
-    for scene in clearest:
-        item = scene.to_item()
-        if any(needs_signing(a["href"]) for a in item["assets"].values()):
-            signer = signer or PlanetaryComputerSigner(subscription_key=pc_subscription_key)
-            item = signed_item(item, signer)
+    items = [s.to_item() for s in clearest]
+    sign = signer_for(items, pc_subscription_key)
+    for scene, item in zip(clearest, items, strict=True):
+        if sign is not None:
+            item = signed_item(item, sign)
         t = time.perf_counter()
         _, skipped = check_scene_files([item], workers=len(LOAD_ROLES))
         report.scenes.append(
