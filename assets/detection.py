@@ -69,6 +69,7 @@ def mining_model(
     settings: AsmwatchSettings,
     torch_device: TorchResource,
 ) -> dg.MaterializeResult:
+    from ml import registry
     from pipelines.detection import train_mining_model
 
     root = settings.root()
@@ -79,7 +80,7 @@ def mining_model(
             force=torch_device.retrain,
             progress=context.log.info,
         )  # fmt: skip
-    except ValueError as e:
+    except (ValueError, registry.RegistryError) as e:
         raise dg.Failure(allow_retries=False, description=str(e)) from e
     views = refresh_views(root)
     r = out.record
@@ -104,7 +105,7 @@ def mining_model(
             "training_seconds": dg.MetadataValue.float(r.seconds),
             "train_data": dg.MetadataValue.json(r.train_data),
             "input_hash": dg.MetadataValue.text(r.input_hash),
-            "path": dg.MetadataValue.path(r.path),
+            "path": dg.MetadataValue.path(str(registry.checkpoint_file(root, r))),
             "catalog": dg.MetadataValue.json(views),
         },
     )
@@ -133,13 +134,19 @@ def mining_probability(
     region, period = region_and_period(context, config)
     root = settings.root()
     record = registry.latest(root)
+    if record is None:
+        context.log.warning(
+            f"mining_probability {region.id}/{period.id}: no model is registered; the "
+            "spectral-index baseline maps this period (detector: index-baseline). "
+            "Materialise `mining_model` for the U-Net."
+        )
     try:
         res = map_probability(
             root, region, period.id, record=record, device=torch_device.device,
             tile=torch_device.tile, overlap=torch_device.overlap, batch=torch_device.batch,
             dtype=torch_device.dtype, compile=torch_device.compile, progress=context.log.info,
         )  # fmt: skip
-    except ValueError as e:
+    except (ValueError, registry.RegistryError) as e:
         raise dg.Failure(allow_retries=False, description=str(e)) from e
     from pipelines.reports import markdown_image, probability_preview
 
@@ -234,8 +241,11 @@ def asm_sites(
             "source": dg.MetadataValue.text(
                 "model" if region.detections is None else f"imported: {region.detections.path}"
             ),
-            "mapped_area_ha": dg.MetadataValue.float(
-                round(float(frame["mapped_area_ha"].sum()), 2) if len(frame) else 0.0
+            # The provider's own figure; unknown (null), not 0, when the file has none.
+            "mapped_area_ha": (
+                dg.MetadataValue.float(round(float(frame["mapped_area_ha"].sum()), 2))
+                if region.detections is not None and region.detections.mapped_area_field is not None
+                else dg.MetadataValue.null()
             ),
             "import_notes": dg.MetadataValue.text("; ".join(notes) or "none"),
             "empty": dg.MetadataValue.bool(len(frame) == 0),

@@ -11,10 +11,12 @@ input finds its model instead of training again.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,8 @@ from torch import nn
 from ml.features import Normalizer
 from ml.models import UnetSpec, build_unet
 from pipelines.storage import atomic_dir, atomic_path
+
+log = logging.getLogger(__name__)
 
 MODELS_DIR = "models"
 TABLE = "models.parquet"
@@ -76,27 +80,116 @@ def models_dir(root: Path) -> Path:
     return root / MODELS_DIR
 
 
-def records(root: Path) -> list[ModelRecord]:
-    table = models_dir(root) / TABLE
-    if not table.exists():
-        return []
-    out = []
-    for row in pq.read_table(table).to_pylist():
-        for k in ("train_data", "metrics", "config"):
+class RegistryError(RuntimeError):
+    """The registry or a registered checkpoint cannot be used; the message says what to do."""
+
+
+RETRAIN_HINT = (
+    "restore models/ from a backup, or retrain: materialise `mining_model` with the "
+    "resource torch_device.retrain=true (Launchpad), or delete the model's folder and "
+    "its row will go with `asmwatch doctor --fix`"
+)
+
+
+def checkpoint_file(root: Path, record: ModelRecord) -> Path:
+    """Where ``record``'s checkpoint is under ``root`` (from its id, wherever the root is)."""
+    return models_dir(root) / record.model_id / "model.pt"
+
+
+def checkpoint_problem(root: Path, record: ModelRecord) -> str | None:
+    """Why the registered checkpoint of ``record`` cannot be used, or None."""
+    path = checkpoint_file(root, record)
+    if not path.exists():
+        return f"model {record.model_id} is registered but its checkpoint {path} is missing"
+    try:
+        load(root, record)
+    except RegistryError as e:
+        return str(e)
+    return None
+
+
+@contextlib.contextmanager
+def _lock(root: Path) -> Iterator[None]:
+    """Registry writers take turns (``models/.registry.lock``, flock across processes)."""
+    import fcntl
+
+    d = models_dir(root)
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / ".registry.lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _from_row(row: dict[str, Any]) -> ModelRecord:
+    for k in ("train_data", "metrics", "config"):
+        if isinstance(row[k], str):
             row[k] = json.loads(row[k])
-        out.append(ModelRecord(**row))
+    return ModelRecord(**{f: row[f] for f in ModelRecord.__dataclass_fields__})
+
+
+def _scan(root: Path) -> list[ModelRecord]:
+    """The records that the model folders' ``metadata.json`` files hold."""
+    out = []
+    for meta in sorted(models_dir(root).glob("*/metadata.json")):
+        try:
+            out.append(_from_row(json.loads(meta.read_text(encoding="utf-8"))))
+        except (ValueError, KeyError, TypeError) as e:
+            raise RegistryError(f"{meta} is damaged ({e}); {RETRAIN_HINT}") from e
     return out
+
+
+def _write_table(root: Path, recs: list[ModelRecord]) -> None:
+    rows = [r.row() for r in sorted(recs, key=lambda r: (r.created_at, r.model_id))]
+    with atomic_path(models_dir(root) / TABLE) as tmp_table:
+        pq.write_table(pa.Table.from_pylist(rows), tmp_table)
+
+
+def rebuild(root: Path) -> list[ModelRecord]:
+    """Rewrite ``models.parquet`` from the model folders' ``metadata.json`` files."""
+    with _lock(root):
+        recs = _scan(root)
+        if recs:
+            _write_table(root, recs)
+        else:
+            (models_dir(root) / TABLE).unlink(missing_ok=True)
+    return recs
+
+
+def records(root: Path, say: Callable[[str], None] | None = None) -> list[ModelRecord]:
+    """Every registered model. A damaged or missing ``models.parquet`` beside model
+    folders is rebuilt from their ``metadata.json`` (``say`` gets a line saying so)."""
+    table = models_dir(root) / TABLE
+    warn = say or log.warning
+    if not table.exists():
+        if not any(models_dir(root).glob("*/metadata.json")):
+            return []
+        warn(f"model registry {table} is missing; rebuilding it from models/*/metadata.json")
+        return rebuild(root)
+    try:
+        rows = pq.read_table(table).to_pylist()
+        return [_from_row(row) for row in rows]
+    except Exception as e:  # pyarrow raises several types on a damaged file
+        warn(f"model registry {table} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}); rebuilding it from models/*/metadata.json")  # fmt: skip
+        return rebuild(root)
 
 
 def find(root: Path, input_hash_: str) -> ModelRecord | None:
     """The newest registered model trained on exactly these inputs, if its file is there."""
-    hits = [r for r in records(root) if r.input_hash == input_hash_ and Path(r.path).exists()]
+    hits = [
+        r for r in records(root)
+        if r.input_hash == input_hash_ and checkpoint_file(root, r).exists()
+    ]  # fmt: skip
     return max(hits, key=lambda r: r.created_at) if hits else None
 
 
 def latest(root: Path, kind: str = "unet") -> ModelRecord | None:
-    hits = [r for r in records(root) if r.kind == kind and Path(r.path).exists()]
-    return max(hits, key=lambda r: r.created_at) if hits else None
+    """The newest registered model of ``kind``, whether or not its file is there
+    (``load`` then fails naming the file: never a silent fall back to another model)."""
+    hits = [r for r in records(root) if r.kind == kind]
+    return max(hits, key=lambda r: (r.created_at, r.model_id)) if hits else None
 
 
 def register(
@@ -112,44 +205,69 @@ def register(
     metrics: dict[str, Any],
     config: dict[str, Any],
 ) -> ModelRecord:
-    """Store the checkpoint and its record; the table is rewritten atomically."""
-    created = dt.datetime.now(dt.UTC)
-    model_id = f"unet-{created:%Y%m%dT%H%M%S}-{input_hash_[:8]}"
-    target = models_dir(root) / model_id
-    record = ModelRecord(
-        model_id=model_id,
-        created_at=created.isoformat(timespec="seconds"),
-        kind="unet",
-        input_hash=input_hash_,
-        path=str(target / "model.pt"),
-        device=device,
-        seconds=round(seconds, 2),
-        train_data=train_data,
-        metrics=metrics,
-        config=config,
-    )
-    with atomic_dir(target) as tmp:
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        torch.save(
-            {"state_dict": state, "spec": spec.to_dict(), "normalizer": asdict(normalizer)},
-            tmp / "model.pt",
+    """Store the checkpoint and its record, under the registry lock.
+
+    Concurrent registrations (several runs, several processes) each get their own model
+    id and row; the table is rewritten atomically from the model folders' metadata.
+    """
+    with _lock(root):
+        created = dt.datetime.now(dt.UTC)
+        base = f"unet-{created:%Y%m%dT%H%M%S}-{input_hash_[:8]}"
+        model_id, n = base, 1
+        while (models_dir(root) / model_id).exists():
+            n += 1
+            model_id = f"{base}-{n}"
+        target = models_dir(root) / model_id
+        record = ModelRecord(
+            model_id=model_id,
+            created_at=created.isoformat(timespec="seconds"),
+            kind="unet",
+            input_hash=input_hash_,
+            path=f"{MODELS_DIR}/{model_id}/model.pt",  # relative to the data root
+            device=device,
+            seconds=round(seconds, 2),
+            train_data=train_data,
+            metrics=metrics,
+            config=config,
         )
-        (tmp / "metadata.json").write_text(json.dumps(asdict(record), indent=2) + "\n")
-    rows = [r.row() for r in records(root) if r.model_id != model_id] + [record.row()]
-    with atomic_path(models_dir(root) / TABLE) as tmp_table:
-        pq.write_table(pa.Table.from_pylist(rows), tmp_table)
+        with atomic_dir(target) as tmp:
+            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            torch.save(
+                {"state_dict": state, "spec": spec.to_dict(), "normalizer": asdict(normalizer)},
+                tmp / "model.pt",
+            )
+            (tmp / "metadata.json").write_text(json.dumps(asdict(record), indent=2) + "\n")
+        # The table is the model folders' records: every model on disk, this one too.
+        _write_table(root, _scan(root))
     return record
 
 
-def load(record: ModelRecord | str | Path) -> tuple[nn.Module, Normalizer, UnetSpec]:
-    """Rebuild a registered model (weights, architecture, normaliser) on the CPU."""
-    path = Path(record.path if isinstance(record, ModelRecord) else record)
+def load(root: Path, record: ModelRecord | str | Path) -> tuple[nn.Module, Normalizer, UnetSpec]:
+    """Rebuild a registered model (weights, architecture, normaliser) on the CPU.
+
+    ``record``: a registry record (its checkpoint under ``root``) or a checkpoint path.
+    A missing or damaged file raises ``RegistryError`` naming it and how to restore or
+    retrain; torch's own advice (to load with ``weights_only=False``, which would run
+    code from the file) is never passed on.
+    """
+    if isinstance(record, ModelRecord):
+        path, what = checkpoint_file(root, record), f"model {record.model_id}"
+    else:
+        path, what = Path(record), "model"
     if not path.exists():
-        raise FileNotFoundError(f"model checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    spec = UnetSpec.from_dict(ckpt["spec"])
-    model = build_unet(spec)
-    model.load_state_dict(ckpt["state_dict"])
+        raise RegistryError(f"{what} is registered but its checkpoint {path} is missing; {RETRAIN_HINT}")  # fmt: skip
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        spec = UnetSpec.from_dict(ckpt["spec"])
+        model = build_unet(spec)
+        model.load_state_dict(ckpt["state_dict"])
+        norm = Normalizer(tuple(ckpt["normalizer"]["mean"]), tuple(ckpt["normalizer"]["std"]))
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, KeyError, ...
+        first = (str(e).strip().splitlines() or [""])[0]
+        reason = type(e).__name__ if ("weights_only" in str(e) or not first) else first
+        raise RegistryError(
+            f"the checkpoint of {what}, {path}, is damaged and cannot be loaded "
+            f"({reason[:200]}); {RETRAIN_HINT}"
+        ) from None
     model.eval()
-    norm = Normalizer(tuple(ckpt["normalizer"]["mean"]), tuple(ckpt["normalizer"]["std"]))
     return model, norm, spec

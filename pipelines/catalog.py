@@ -13,9 +13,11 @@ import contextlib
 import logging
 import os
 import re
+import shutil
+import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,11 +91,14 @@ def connect(
     *,
     read_only: bool = False,
     lock_timeout_s: float = 30.0,
+    root: Path | None = None,
 ) -> duckdb.DuckDBPyConnection:
     """Open DuckDB with the spatial extension loaded from its package, by path.
 
     A catalog file held by another writer (another Dagster run, an analyst's session) is
-    retried for ``lock_timeout_s`` seconds before a clear error.
+    retried for ``lock_timeout_s`` seconds before a clear error. For a database file,
+    DuckDB's ``home_directory`` is the data root (``root``, default: the file's folder):
+    the catalog's views name their files ``~/<table>/<region>/<period>.parquet``.
     """
     config: dict[str, str | bool | int | float | list[str]] = {
         "autoinstall_known_extensions": False,
@@ -106,15 +111,90 @@ def connect(
             con = duckdb.connect(str(database), read_only=read_only, config=config)
             break
         except duckdb.IOException as e:
-            if "lock" not in str(e).lower() or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"cannot open the DuckDB catalog {database}: {e}. Close other sessions "
-                    "that hold it for writing (analysts can open it with read_only=True)."
+            if not _held(e):
+                raise CatalogError(f"cannot open the DuckDB catalog {database}: {e}") from e
+            if time.monotonic() > deadline:
+                raise CatalogError(
+                    f"cannot open the DuckDB catalog {database}: another process holds it "
+                    f"for writing ({e}). Close other sessions that hold it (analysts can "
+                    "open it with read_only=True)."
                 ) from e
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
     con.execute(f"LOAD {sql_literal(str(extension_path('spatial')))}")
+    if str(database) != ":memory:":
+        home = Path(root) if root is not None else Path(database).resolve().parent
+        con.execute(f"SET home_directory = {sql_literal(glob_escape(str(home.resolve())))}")
     return con
+
+
+def _held(e: Exception) -> bool:
+    """Whether DuckDB refused a file because another process holds its lock (not, say,
+    because a damaged file "could not read block")."""
+    text = str(e).lower()
+    return "could not set lock" in text or "conflicting lock" in text
+
+
+class CatalogError(RuntimeError):
+    """The catalog cannot be opened or built; the message says why and what to do."""
+
+
+def glob_escape(path: str) -> str:
+    """``path`` with DuckDB's glob characters taken literally (``[`` as ``[[]``, ...).
+
+    DuckDB expands ``*``, ``?`` and ``[...]`` in every file name it reads, also in a
+    list of files and after ``~`` expansion: a data root named ``data [ab]`` would read
+    ``data a``. A one-character class matches exactly that character.
+    """
+    return "".join(f"[{c}]" if c in "[*?{" else c for c in path)
+
+
+#: What an analyst's connection may run: statements that only read.
+ANALYST_STATEMENTS = ("SELECT", "EXPLAIN")
+
+
+def connect_analyst(
+    root: Path, *, lock_timeout_s: float = 30.0, say: Callable[[str], None] | None = None
+) -> duckdb.DuckDBPyConnection:
+    """A read-only catalog connection that cannot touch files outside the data root.
+
+    The catalog file is opened read-only; external access is switched off except for the
+    data root (``allowed_directories``), and the configuration is locked,
+    so a query can neither read ``/etc/passwd`` nor switch the protection off. Writing
+    into the data root (``COPY ... TO``) is refused by ``run_analyst_query``, which runs
+    only SELECT and EXPLAIN statements.
+    """
+    db = ensure_catalog(root, say)
+    con = connect(db, read_only=True, lock_timeout_s=lock_timeout_s, root=root)
+    # The views name their files under ~ (the data root); DuckDB checks the name as given.
+    con.execute("SET allowed_directories = $1", [["~/", str(Path(root).resolve()) + "/"]])
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+class AnalystQueryError(ValueError):
+    """A query ``asmwatch sql`` refuses or cannot parse; the message says why."""
+
+
+def run_analyst_query(con: duckdb.DuckDBPyConnection, query: str) -> duckdb.DuckDBPyRelation | None:
+    """Run ``query`` if every statement in it only reads (SELECT, EXPLAIN)."""
+    try:
+        statements = con.extract_statements(query)
+    except duckdb.ParserException as e:
+        raise AnalystQueryError(str(e)) from None
+    for st in statements:
+        kind = st.type.name
+        if kind not in ANALYST_STATEMENTS:
+            raise AnalystQueryError(
+                f"{kind} statements are refused: the catalog is read-only for queries "
+                f"(only {' and '.join(ANALYST_STATEMENTS)}); to export a result, "
+                "use `asmwatch sql --format csv` and redirect its output"
+            )
+    rel = None
+    for st in statements:
+        rel = con.sql(st.query)
+    return rel
 
 
 def sql_literal(value: str) -> str:
@@ -144,12 +224,37 @@ VIEWS: dict[str, tuple[str, str]] = {
 }
 
 
-def refresh_views(root: Path, database: Path | None = None) -> dict[str, Any]:
+def view_files(root: Path, glob: str) -> list[str]:
+    """The files of a view, as paths relative to the data root (sorted)."""
+    return sorted(p.relative_to(root).as_posix() for p in root.glob(glob))
+
+
+def files_literal(files: list[str]) -> str:
+    """A DuckDB list literal of file names (for ``read_parquet``), glob characters
+    escaped; relative names (of ``view_files``) are taken under ``~``, the data root."""
+    names = [f if f.startswith("/") else f"~/{f}" for f in files]
+    return "[" + ", ".join(sql_literal(glob_escape(f)) for f in names) + "]"
+
+
+def refresh_views(
+    root: Path, database: Path | None = None, *, say: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     """(Re)create every view whose files exist; returns {view: status}.
 
-    The view DDL comes from ``sql/<view>_view.sql`` with the glob of the GeoParquet files
-    substituted as a quoted literal (DDL takes no bound parameters).
+    Each view reads an explicit list of its files relative to the data root
+    (``~/sites/<region>/<period>.parquet``, with DuckDB's ``home_directory`` set to the
+    root by ``connect``): no character of the root's own path is taken as a glob, the
+    working directory plays no part, and a data root that is moved or copied keeps a
+    working catalog that reads its own files. A file that
+    cannot be read, or lacks a column of its table's contract, is left out of its view,
+    logged and named in the status (``asmwatch doctor`` says what to re-materialise).
+    The view DDL comes from ``sql/<view>_view.sql`` with the file list substituted as
+    literals (DDL takes no bound parameters).
     """
+    from pipelines.integrity import parquet_problem
+
+    warn = say or log.warning
+    root = Path(root)
     db = database or root / CATALOG_FILE
     db.parent.mkdir(parents=True, exist_ok=True)
     status: dict[str, Any] = {}
@@ -161,34 +266,116 @@ def refresh_views(root: Path, database: Path | None = None) -> dict[str, Any]:
         tmp = db.with_name(f".{db.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         for stale in (tmp, tmp.with_name(tmp.name + ".wal")):
             stale.unlink(missing_ok=True)
-        con = connect(tmp)
+        staged = tmp
+        if "?" in str(db.parent):
+            # DuckDB names its write-ahead log by cutting the path at a '?' (as if it
+            # were a URL's query): build elsewhere, then copy beside the target.
+            tmp = Path(tempfile.mkdtemp(prefix="asmwatch-catalog-")) / tmp.name
+        con = connect(tmp, root=root)
         try:
             for view, (sql_name, glob) in VIEWS.items():
-                files = sorted(root.glob(glob))
+                files = view_files(root, glob)
                 if not files:
                     status[view] = "no files yet"
                     continue
-                ddl = load_sql(sql_name).replace(":files", sql_literal(str(root / glob)))
-                ddl = ddl.replace(":view", view)  # a key of VIEWS above, not input
+                good: list[str] = []
+                bad: list[str] = []
+                for f in files:
+                    problem = parquet_problem(root / f)
+                    if problem is None:
+                        good.append(f)
+                    else:
+                        bad.append(f"{f} ({problem})")
                 try:
-                    con.execute(ddl)
-                except duckdb.Error as e:
-                    # One table's files that the view cannot read (written by an older
-                    # version, damaged) must not take the other views down with it.
-                    first = str(e).splitlines()[0]
-                    log.warning("catalog: view %s not created from %s: %s", view, glob, first)
-                    status[view] = f"error: {first} (re-materialise its asset)"
+                    if good:
+                        _create_view(con, view, sql_name, good)
+                except duckdb.Error:
+                    # Some file lacks a column the view needs (written by an older
+                    # version, or damaged): find which, leave it out, keep the rest.
+                    keep = []
+                    for f in good:
+                        try:
+                            _create_view(con, view, sql_name, [f])
+                            keep.append(f)
+                        except duckdb.Error as e:
+                            bad.append(f"{f} ({str(e).splitlines()[0]})")
+                    good = keep
+                    con.execute(f"DROP VIEW IF EXISTS {view}")
+                    if good:
+                        _create_view(con, view, sql_name, good)
+                for b in bad:
+                    warn(f"catalog: view {view} leaves out {b}; re-materialise it (`asmwatch doctor` lists what)")  # fmt: skip
+                left_out = f"; left out {len(bad)}: {'; '.join(bad)}" if bad else ""
+                if not good:
+                    status[view] = f"error: no usable file{left_out} (re-materialise its asset)"
                     continue
-                status[view] = f"{len(files)} file(s)"
+                status[view] = f"{len(good)} file(s){left_out}"
             con.execute("CHECKPOINT")
         except BaseException:
             con.close()
             tmp.unlink(missing_ok=True)
+            if staged != tmp:
+                shutil.rmtree(tmp.parent, ignore_errors=True)
             raise
         con.close()
-        os.replace(tmp, db)
+        if staged != tmp:
+            shutil.copyfile(tmp, staged)
+            shutil.rmtree(tmp.parent, ignore_errors=True)
+        _match_umask(staged)
+        os.replace(staged, db)
         db.with_name(db.name + ".wal").unlink(missing_ok=True)  # from a pre-rename writer
     return status
+
+
+def _create_view(
+    con: duckdb.DuckDBPyConnection, view: str, sql_name: str, files: list[str]
+) -> None:
+    ddl = load_sql(sql_name).replace(":files", files_literal(files))
+    con.execute(ddl.replace(":view", view))  # a key of VIEWS, not input
+
+
+def _match_umask(path: Path) -> None:
+    from pipelines.storage import chmod_for_umask
+
+    chmod_for_umask(path)
+
+
+def catalog_problem(db: Path) -> str | None:
+    """Why the catalog file cannot be used (missing, empty, damaged), or None."""
+    if not db.exists():
+        return "it is missing"
+    if db.stat().st_size == 0:
+        return "it is empty (0 bytes)"
+    try:
+        con = duckdb.connect(str(db), read_only=True)
+    except duckdb.IOException as e:
+        if _held(e):
+            return None  # held by a writer: usable once it lets go, not damaged
+        return f"it is damaged ({str(e).splitlines()[0]})"
+    except duckdb.Error as e:
+        return f"it is damaged ({str(e).splitlines()[0]})"
+    con.close()
+    return None
+
+
+def ensure_catalog(root: Path, say: Callable[[str], None] | None = None) -> Path:
+    """The catalog of ``root``, rebuilt from the files first when it is missing or damaged.
+
+    The catalog holds only views over the GeoParquet files, so rebuilding it loses
+    nothing; ``say`` (default: a logged warning) gets one line saying that it happened.
+    """
+    root = Path(root)
+    db = root / CATALOG_FILE
+    problem = catalog_problem(db)
+    if problem is not None:
+        (say or log.warning)(f"catalog {db}: {problem}; rebuilding it from the files under {root}")
+        refresh_views(root, say=say)
+    return db
+
+
+def open_catalog(root: Path, say: Callable[[str], None] | None = None) -> duckdb.DuckDBPyConnection:
+    """A read-only connection to the catalog of ``root`` (rebuilt first if damaged)."""
+    return connect(ensure_catalog(root, say), read_only=True, root=root)
 
 
 @contextlib.contextmanager

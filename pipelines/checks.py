@@ -279,14 +279,16 @@ def check_table(path: Path, contract: Contract, region: Region, *, view: str | N
     ``view`` names the catalog view (default: the contract's table; a context layer's
     name for context tables).
     """
-    from pipelines.catalog import VIEWS, connect, load_sql, sql_literal
+    from pipelines.catalog import VIEWS, connect, files_literal, load_sql
 
     name = view or contract.table
     con = connect()
     try:
-        raw = f"CREATE TEMP VIEW t AS SELECT * FROM read_parquet({sql_literal(str(path))})"
+        # Glob characters escaped: a data root named "data [ab]" is read, not "data a".
+        files = files_literal([str(path.resolve())])
+        raw = f"CREATE TEMP VIEW t AS SELECT * FROM read_parquet({files})"
         if name in VIEWS:
-            ddl = load_sql(VIEWS[name][0]).replace(":files", sql_literal(str(path)))
+            ddl = load_sql(VIEWS[name][0]).replace(":files", files)
             try:
                 con.execute(ddl.replace(":view", name))  # a key of VIEWS, not input
                 con.execute(f"CREATE TEMP VIEW t AS SELECT * FROM {name}")

@@ -270,9 +270,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _query(root: Path, sql: str, params: list[Any]) -> list[Any]:
     """Rows of one bound query on a read-only connection to the catalog."""
-    from pipelines.catalog import CATALOG_FILE, connect
+    from pipelines.catalog import open_catalog
 
-    con = connect(root / CATALOG_FILE, read_only=True)
+    con = open_catalog(root, say=lambda m: print(m, file=sys.stderr))
     try:
         return con.execute(sql, params).fetchall()
     finally:
@@ -367,19 +367,49 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 
 def _cmd_sql(args: argparse.Namespace) -> int:
-    from pipelines.catalog import CATALOG_FILE, connect
+    """A query against the catalog: read-only, no file access outside the data root."""
+    import duckdb
+
+    from pipelines.catalog import (
+        AnalystQueryError,
+        CatalogError,
+        connect_analyst,
+        run_analyst_query,
+    )
 
     root = data_root(args.data)
-    db = root / CATALOG_FILE
-    if not db.exists():
-        print(f"no catalog at {db}: run `make demo` or materialise an asset first", file=sys.stderr)
+    if not root.is_dir():
+        print(f"no data root at {root}: run `make demo` or materialise an asset first", file=sys.stderr)  # fmt: skip
         return 2
-    con = connect(db, read_only=True)
     try:
-        rel = con.sql(args.query)
+        con = connect_analyst(root, say=lambda m: print(m, file=sys.stderr))
+    except CatalogError as e:
+        print(f"asmwatch sql: {e}", file=sys.stderr)
+        return 2
+    try:
+        rel = run_analyst_query(con, args.query)
         if rel is None:
             return 0
-        rel.show(max_rows=args.max_rows, max_width=200)
+        if args.format == "box":
+            rel.show(max_rows=args.max_rows, max_width=200)
+        else:
+            import csv
+            import json
+
+            rows = rel.fetchmany(args.max_rows) if args.max_rows > 0 else rel.fetchall()
+            if args.format == "csv":
+                w = csv.writer(sys.stdout)
+                w.writerow(rel.columns)
+                w.writerows(rows)
+            else:
+                for row in rows:
+                    print(json.dumps(dict(zip(rel.columns, row, strict=True)), default=str, ensure_ascii=False))  # fmt: skip
+    except AnalystQueryError as e:
+        print(f"asmwatch sql: {e}", file=sys.stderr)
+        return 2
+    except duckdb.Error as e:
+        print(f"asmwatch sql: {type(e).__name__.removesuffix('Exception')} error: {e}", file=sys.stderr)  # fmt: skip
+        return 1
     finally:
         con.close()
     return 0
@@ -438,7 +468,13 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("sql", help="run a query against the DuckDB catalog (read-only)")
     s.add_argument("query")
     s.add_argument("--data", help="data root (default: $ASMWATCH_DATA or ./data)")
-    s.add_argument("--max-rows", type=int, default=50)
+    s.add_argument("--max-rows", type=int, default=50, help="rows shown (0: all, csv/json only)")
+    s.add_argument(
+        "--format",
+        choices=("box", "csv", "json"),
+        default="box",
+        help="box (default), csv, or json lines",
+    )
     s.set_defaults(func=_cmd_sql)
 
     args = ap.parse_args(argv)

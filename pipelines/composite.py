@@ -247,7 +247,11 @@ def aoi_mask(
 
 
 def read_scene_items(path: Path) -> list[dict[str, Any]]:
-    """The normalised items stored by the scenes stage (stac-geoparquet)."""
+    """The normalised items stored by the scenes stage (stac-geoparquet).
+
+    Relative asset hrefs (the embedded world's files, stored relative to the scenes
+    file so the data root can move) come back as absolute paths beside it.
+    """
     import asyncio
 
     import rustac
@@ -258,7 +262,14 @@ def read_scene_items(path: Path) -> list[dict[str, Any]]:
     async def _read() -> dict[str, Any]:
         return await rustac.read(str(path))
 
-    return list(asyncio.run(_read())["features"])
+    items = list(asyncio.run(_read())["features"])
+    base = path.resolve().parent
+    for item in items:
+        for asset in item["assets"].values():
+            href = asset["href"]
+            if "://" not in href and not href.startswith("/"):
+                asset["href"] = str((base / href).resolve())
+    return items
 
 
 def _is_local(href: str) -> bool:

@@ -84,6 +84,74 @@ COLUMNS = (
 KEEP_WITHIN_DEG = 0.1
 CSV_SUFFIXES = (".csv",)
 
+#: Grievance status words (English, Spanish, French, Portuguese), as ``status_key``
+#: normalises them, and what they mean for the risk score: open grievances count.
+#: A region's file may use others: map them with ``context.grievances.status_values``.
+GRIEVANCE_STATUS: dict[str, str] = {
+    **dict.fromkeys((
+        "open", "opened", "pending", "unresolved", "in progress", "ongoing", "new",
+        "received", "under review", "escalated", "reopened",
+        "abierto", "abierta", "pendiente", "en proceso", "en tramite", "en curso",
+        "sin resolver", "no resuelto", "no resuelta", "nuevo", "nueva", "recibido",
+        "recibida", "en revision", "reabierto", "reabierta",
+        "ouvert", "ouverte", "en cours", "en attente", "non resolu", "non resolue",
+        "nouveau", "nouvelle", "recu", "recue", "en examen", "rouvert", "rouverte",
+        "aberto", "aberta", "pendente", "em andamento", "em analise", "em curso",
+        "nao resolvido", "nao resolvida", "novo", "nova", "recebido", "recebida",
+        "reaberto", "reaberta",
+    ), "open"),
+    **dict.fromkeys((
+        "closed", "resolved", "settled", "dismissed", "withdrawn", "rejected", "done",
+        "cerrado", "cerrada", "resuelto", "resuelta", "archivado", "archivada",
+        "desestimado", "desestimada", "retirado", "retirada", "rechazado", "rechazada",
+        "ferme", "fermee", "resolu", "resolue", "clos", "close", "classe", "classee",
+        "rejete", "rejetee", "retire", "retiree",
+        "fechado", "fechada", "resolvido", "resolvida", "encerrado", "encerrada",
+        "arquivado", "arquivada", "rejeitado", "rejeitada",
+    ), "closed"),
+}  # fmt: skip
+
+
+def status_key(value: str) -> str:
+    """A status as compared: Unicode-normalised, no accents, case-folded, single spaces
+    (``' Abierta\u00a0'`` and ``'abierta'`` are the same; so are ``'en_proceso'`` and
+    ``'en proceso'``)."""
+    import re
+    import unicodedata
+
+    text = unicodedata.normalize("NFKD", value)
+    text = "".join(c for c in text if not unicodedata.combining(c))
+    return re.sub(r"[\s_\-]+", " ", text.casefold()).strip()
+
+
+def grievance_states(
+    values: list[str | None], mapping: dict[str, str], what: str, column: str
+) -> tuple[list[str], int]:
+    """Each grievance's status as ``open`` or ``closed``, and how many were blank.
+
+    ``mapping`` (the regions file's ``status_values``) comes before the built-in words.
+    A value neither knows is an error naming the row and the value: a grievance
+    silently counted as closed would lower a concession's risk score.
+    """
+    known = dict(GRIEVANCE_STATUS)
+    known.update({status_key(k): v for k, v in mapping.items()})
+    out, blank = [], 0
+    for i, v in enumerate(values):
+        if v is None or not status_key(v):
+            out.append("open")
+            blank += 1
+            continue
+        state = known.get(status_key(v))
+        if state is None:
+            raise ContextError(
+                f"{what}: row {i + 2}: status {v!r} ({column}) is not a known grievance "
+                "status; map it in the regions file, e.g. context.grievances.status_values: "
+                f"{{{v.strip()!r}: open}} (or closed). Known: open, pending, in progress, "
+                "closed, resolved and their Spanish, French and Portuguese forms"
+            )
+        out.append(state)
+    return out, blank
+
 
 class ContextError(ValueError):
     """A context layer that cannot be used; the message names the file and feature or row."""
@@ -235,6 +303,7 @@ def read_context(region: Region, kind: str, path: Path) -> ContextLayer:
         return [None if (v is None or (isinstance(v, float) and math.isnan(v)) or v == "") else str(v) for v in frame[col].tolist()]  # fmt: skip
 
     dates: list[dt.date | None] = [None] * len(frame)
+    states: list[str] = []
     if kind == "grievances":
         for i, v in enumerate(text("date")):
             try:
@@ -243,6 +312,12 @@ def read_context(region: Region, kind: str, path: Path) -> ContextLayer:
                 raise ContextError(f"{what}: row {i + 2}: date {v!r} is not an ISO date (YYYY-MM-DD)") from None  # fmt: skip
         if cols["status"] is None:
             notes.append("no status column: every grievance is taken as open")
+        else:
+            states, blank = grievance_states(
+                text("status"), dict(region.status_values), what, str(cols["status"])
+            )
+            if blank:
+                notes.append(f"{blank} grievance(s) with an empty status taken as open")
     population: list[float | None] = [None] * len(frame)
     if cols["population"] is not None:
         for i, v in enumerate(text("population")):
@@ -252,6 +327,8 @@ def read_context(region: Region, kind: str, path: Path) -> ContextLayer:
                 raise ContextError(f"{what}: feature {i}: population {v!r} is not a number") from None  # fmt: skip
 
     used = {c for c in cols.values() if c is not None} | {frame.geometry.name}
+    if kind == "grievances" and cols["status"] is not None:
+        used.discard(cols["status"])  # the file's own wording stays in attributes
     rest = [c for c in frame.columns if c not in used]
     attributes = [_json(r) for r in frame[rest].to_dict("records")] if rest else ["{}"] * len(frame)
     epsg = bbox_utm_epsg(region.bbox)
@@ -269,7 +346,9 @@ def read_context(region: Region, kind: str, path: Path) -> ContextLayer:
             "category": text("category"),
             "area_ha": areas,
             "holder": text("holder"),
-            "status": text("status", "open" if kind == "grievances" else None),
+            "status": states
+            if kind == "grievances" and cols["status"] is not None
+            else text("status", "open" if kind == "grievances" else None),
             "population": population,
             "date": pd.array(dates, dtype="object"),
             "place": text("place"),

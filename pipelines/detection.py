@@ -104,13 +104,16 @@ def training_scenes(root: Path, regions: Sequence[Region]) -> list[TrainingScene
     return out
 
 
-def _describe(s: TrainingScene) -> dict[str, str]:
+def _describe(root: Path, s: TrainingScene) -> dict[str, str]:
+    def rel(p: Path) -> str:  # relative to the data root where it lies inside it
+        return p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p)
+
     return {
         "region": s.region,
         "period": s.period,
         "role": "heldout" if s.heldout else "train",
-        "composite": str(s.composite),
-        "labels": str(s.labels),
+        "composite": rel(s.composite),
+        "labels": rel(s.labels),
     }
 
 
@@ -194,7 +197,7 @@ def train_mining_model(
         input_hash_=key,
         device=result.device,
         seconds=result.seconds,
-        train_data=[_describe(s) for s in scenes],
+        train_data=[_describe(root, s) for s in scenes],
         metrics=metrics,
         config={**cfg.to_dict(), "val_fraction": VAL_FRACTION},
     )
@@ -252,7 +255,7 @@ def map_probability(
         prob[~comp.valid] = np.nan
         detector, used, threshold = "index-baseline", "cpu", THRESHOLD
     else:
-        model, norm, _ = registry.load(record)
+        model, norm, _ = registry.load(root, record)
         tile = tile or INFER_DEFAULTS[dev.type][0]
         batch = batch or INFER_DEFAULTS[dev.type][1]
         height, width = comp.valid.shape

@@ -12,8 +12,20 @@ feature):
 - geometries must be polygons. Points and lines are refused. Geometry collections keep
   their polygonal parts. Invalid rings are repaired (``make_valid``) and counted.
   Empty geometries are skipped and counted;
-- the period column must exist and hold period ids (2021, 2021Q3);
-- the optional mapped-area column must be numeric and not negative.
+- the period column must exist and hold period ids (2021, 2021Q3), unless the regions
+  file gives one ``period`` for the whole file (Amazon Mining Watch's Guinea file has no
+  period column);
+- the optional mapped-area column must be numeric and not negative. Without one,
+  ``mapped_area_ha`` is null (unknown), never 0.
+
+Which detections belong to a region's period (``belongs``): a detection whose own period
+lies within the region's period belongs to it (the quarters 2025Q2..2025Q4 all belong
+to the year 2025). A detection of a longer period than the region's belongs to each
+region period it overlaps (a 2024 detection belongs to 2024Q1..2024Q4): the only
+information is that it was there during the year. In ``mode: new`` (each detection is
+new mining of its period), a region period's sites are every detection that belongs to
+it or to an earlier period; ``first_seen_period`` is the first region period it belongs
+to.
 
 Sites of a period are clipped to the region's AOI, and ``area_ha`` is the clipped
 polygon's area in the region's UTM zone. ``mapped_area_ha`` carries the provider's own
@@ -34,7 +46,7 @@ import shapely.geometry
 from pyproj import Transformer
 
 from pipelines.grid import bbox_utm_epsg
-from pipelines.regions import DetectionsSpec, Region, RegionsError, parse_period
+from pipelines.regions import DetectionsSpec, Period, Region, RegionsError, parse_period
 from pipelines.vectors import POLYGONAL, check_geometry, read_vector, require_columns
 
 
@@ -58,22 +70,33 @@ def read_detections(spec: DetectionsSpec) -> Detections:
     path = Path(spec.path)
     what = f"detections file {path}"
     frame = read_vector(path, "detections file", DetectionsError)
+    period_column = None if spec.period is not None else spec.period_field
+    if period_column is not None and period_column not in frame.columns:
+        others = ", ".join(str(c) for c in frame.columns if c != frame.geometry.name)
+        raise DetectionsError(
+            f"{what}: no period column {period_column!r} (detections.period_field); name "
+            f"the column that holds each feature's period, or give the whole file one "
+            f"period with detections.period (columns: {others})"
+        )
     require_columns(
         frame,
-        [("detections.period_field", spec.period_field), ("detections.mapped_area_field", spec.mapped_area_field), ("detections.id_field", spec.id_field)],
+        [("detections.mapped_area_field", spec.mapped_area_field), ("detections.id_field", spec.id_field)],
         what,
         DetectionsError,
     )  # fmt: skip
-    # Periods: ids the regions file understands, compared by their start dates.
-    periods = [
-        str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
-        for v in frame[spec.period_field].tolist()
-    ]
-    starts: dict[str, Any] = {}
+    # Periods: ids the regions file understands, compared by their dates.
+    if spec.period is not None:
+        periods = [spec.period] * len(frame)
+    else:
+        periods = [
+            str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+            for v in frame[spec.period_field].tolist()
+        ]
+    spans: dict[str, Period] = {}
     for i, key in enumerate(periods):
-        if key not in starts:
+        if key not in spans:
             try:
-                starts[key] = parse_period(key, f"{path}: feature {i}: {spec.period_field}").start
+                spans[key] = parse_period(key, f"{path}: feature {i}: {spec.period_field}")
             except RegionsError as e:
                 raise DetectionsError("; ".join(e.problems)) from e
     mapped = None
@@ -116,8 +139,9 @@ def read_detections(spec: DetectionsSpec) -> Detections:
         {
             "source_id": [ids[i] for i in keep],
             "period": [periods[i] for i in keep],
-            "period_start": [starts[periods[i]] for i in keep],
-            "mapped_area_ha": [float(mapped[i]) if mapped is not None else np.nan for i in keep],
+            "period_start": [spans[periods[i]].start for i in keep],
+            "period_end": [spans[periods[i]].end for i in keep],
+            "mapped_area_ha": [float(mapped[i]) if mapped is not None else None for i in keep],
         },
         geometry=geoms,
         crs=frame.crs,
@@ -128,6 +152,14 @@ def read_detections(spec: DetectionsSpec) -> Detections:
     if empty:
         notes.append(f"{empty} empty geometr{'y' if empty == 1 else 'ies'} skipped")
     return Detections(out, path, repaired=repaired, dropped_empty=empty, notes=notes)
+
+
+def belongs(start: Any, end: Any, period: Period) -> bool:
+    """Whether a detection of the period ``start``..``end`` belongs to ``period``: its own
+    period lies within it, or is longer than it and overlaps it."""
+    within = start >= period.start and end <= period.end
+    longer = (end - start) > (period.end - period.start)
+    return bool(within or (longer and start <= period.end and end >= period.start))
 
 
 def imported_sites(region: Region, period_id: str, detections: Detections) -> Any:
@@ -144,10 +176,18 @@ def imported_sites(region: Region, period_id: str, detections: Detections) -> An
     assert spec is not None, f"region {region.id} has no detections configured"
     period = region.period(period_id)
     frame = detections.frame
+    spans = list(zip(frame["period_start"], frame["period_end"], strict=True))
     if spec.mode == "new":
-        chosen = frame[frame["period_start"] <= period.start]
+        # New mining of this period or of any before it: present now.
+        mask = [belongs(a, b, period) or b < period.start for a, b in spans]
     else:
-        chosen = frame[frame["period"] == period_id]
+        mask = [belongs(a, b, period) for a, b in spans]
+    chosen = frame[np.asarray(mask, dtype=bool)] if len(frame) else frame
+
+    def first_seen(start: Any, end: Any, own: str) -> str:
+        hit = next((p.id for p in region.periods if belongs(start, end, p)), None)
+        return hit or own
+
     aoi = shapely.geometry.shape(region.geometry)
     chosen = chosen[chosen.intersects(aoi)]
     clipped = shapely.intersection(chosen.geometry.to_numpy(), aoi)
@@ -168,7 +208,11 @@ def imported_sites(region: Region, period_id: str, detections: Detections) -> An
                 "area_ha": round(area, 4),
                 "mean_probability": np.nan,
                 "mapped_area_ha": rec["mapped_area_ha"],
-                "first_seen_period": rec["period"] if spec.mode == "new" else period_id,
+                "first_seen_period": (
+                    first_seen(rec["period_start"], rec["period_end"], rec["period"])
+                    if spec.mode == "new"
+                    else period_id
+                ),
                 "source": f"imported:{detections.path.name}",
                 "geometry": geom,
             }

@@ -139,6 +139,7 @@ class DetectionsSpec:
     path: str
     period_field: str = "period"
     mapped_area_field: str | None = None  # the provider's own mined area (ha), if any
+    period: str | None = None  # one period for every feature (a file with no period column)
     id_field: str | None = None
     mode: str = "presence"
 
@@ -156,6 +157,8 @@ class Region:
     context: Mapping[str, str] = field(default_factory=dict)  # layer kind -> file
     # layer kind -> {role: column} (and "crs" for CSV coordinates), from the mapping form
     context_fields: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    # grievance status values of the region's file -> open | closed (beside the defaults)
+    status_values: Mapping[str, str] = field(default_factory=dict)
     embedded: EmbeddedSpec | None = None
     min_valid_fraction: float = 0.5
     description: str = ""
@@ -348,7 +351,7 @@ def _parse_region(
             "Computer does not serve; use source earth-search (or a STAC API with L1C)"
         )
 
-    context, context_fields = _parse_context(
+    context, context_fields, status_values = _parse_context(
         raw.get("context"), f"{where}.context", problems, base_dir
     )
     embedded = _parse_embedded(raw.get("embedded"), f"{where}.embedded", problems)
@@ -372,6 +375,7 @@ def _parse_region(
         max_cloud_cover=float(mcc),
         context=context,
         context_fields=context_fields,
+        status_values=status_values,
         embedded=embedded,
         min_valid_fraction=float(mvf),
         cloud_mask=str(cloud_mask),
@@ -587,17 +591,23 @@ def _parse_date(value: Any, where: str, problems: list[str]) -> dt.date | None:
     return None
 
 
+#: What a grievance's status may mean: open grievances count in the risk score.
+GRIEVANCE_STATES = ("open", "closed")
+
+
 def _parse_context(
     value: Any, where: str, problems: list[str], base_dir: Path | None
-) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
-    """Layer kind -> file, and kind -> {role: column} for layers given as a mapping."""
+) -> tuple[dict[str, str], dict[str, dict[str, str]], dict[str, str]]:
+    """Layer kind -> file, kind -> {role: column} for layers given as a mapping, and the
+    grievance status values the file uses -> open | closed (``status_values``)."""
     if value is None:
-        return {}, {}
+        return {}, {}, {}
     if not isinstance(value, Mapping):
         problems.append(f"{where}: must be a mapping of layer kind to a file or {{file: ...}}")
-        return {}, {}
+        return {}, {}, {}
     out: dict[str, str] = {}
     fields: dict[str, dict[str, str]] = {}
+    status_values: dict[str, str] = {}
     for kind, spec in value.items():
         if kind not in CONTEXT_KINDS:
             problems.append(
@@ -612,10 +622,14 @@ def _parse_context(
             for role, column in spec.items():
                 if role == "file":
                     continue
+                if role == "status_values" and kind == "grievances":
+                    status_values = _parse_status_values(column, f"{where}.{kind}.{role}", problems)  # fmt: skip
+                    continue
                 if role not in (*roles, "crs"):
+                    extra = ", status_values" if kind == "grievances" else ""
                     problems.append(
                         f"{where}.{kind}.{role}: unknown field (known: file, crs, "
-                        f"{', '.join(roles)})"
+                        f"{', '.join(roles)}{extra})"
                     )
                 elif not isinstance(column, str) or not column.strip():
                     problems.append(f"{where}.{kind}.{role}: must be a column name")
@@ -636,7 +650,23 @@ def _parse_context(
         if not p.is_absolute() and base_dir is not None:
             p = base_dir / p
         out[kind] = str(p)
-    return out, fields
+    return out, fields, status_values
+
+
+def _parse_status_values(value: Any, where: str, problems: list[str]) -> dict[str, str]:
+    """``{value in the file: open | closed}``; keys are matched as normalised text."""
+    if not isinstance(value, Mapping) or not value:
+        problems.append(f"{where}: must map the file's status values to open or closed, e.g. {{'en tramite': open}}")  # fmt: skip
+        return {}
+    out: dict[str, str] = {}
+    for raw, state in value.items():
+        if not isinstance(raw, str) or not raw.strip():
+            problems.append(f"{where}: {raw!r} is not a status value (text)")
+        elif state not in GRIEVANCE_STATES:
+            problems.append(f"{where}.{raw}: {state!r} must be one of {', '.join(GRIEVANCE_STATES)}")  # fmt: skip
+        else:
+            out[raw] = str(state)
+    return out
 
 
 def _parse_detections(
@@ -647,7 +677,7 @@ def _parse_detections(
     if not isinstance(value, Mapping):
         problems.append(f"{where}: must be a mapping with at least 'file'")
         return None
-    known = {"file", "period_field", "mapped_area_field", "id_field", "mode"}
+    known = {"file", "period_field", "period", "mapped_area_field", "id_field", "mode"}
     n_before = len(problems)
     for key in value:
         if key not in known:
@@ -659,6 +689,18 @@ def _parse_detections(
         v = value.get(key)
         if v is not None and (not isinstance(v, str) or not v.strip()):
             problems.append(f"{where}.{key}: must be a column name")
+    constant = value.get("period")
+    if constant is not None:
+        constant = str(constant)
+        if "period_field" in value:
+            problems.append(
+                f"{where}: give either period (one period for every feature) or "
+                "period_field (a column of the file), not both"
+            )
+        try:
+            parse_period(constant, f"{where}.period")
+        except RegionsError as e:
+            problems.extend(e.problems)
     mode = value.get("mode", "presence")
     if mode not in DETECTION_MODES:
         problems.append(f"{where}.mode: {mode!r} must be one of {', '.join(DETECTION_MODES)}")
@@ -671,6 +713,7 @@ def _parse_detections(
     return DetectionsSpec(
         path=str(p),
         period_field=str(value.get("period_field", "period")),
+        period=constant,
         mapped_area_field=value.get("mapped_area_field"),
         id_field=value.get("id_field"),
         mode=str(mode),

@@ -121,14 +121,12 @@ def gather(root: Path, region: Region) -> RegionData:
     """Read everything the reports need for ``region`` from the catalog under ``root``."""
     import shapely
 
-    from pipelines.catalog import CATALOG_FILE, connect
+    from pipelines.catalog import CATALOG_FILE, open_catalog
     from pipelines.composite import composite_path
     from pipelines.risk import SEVERITY_ORDER
 
     db = root / CATALOG_FILE
-    if not db.exists():
-        raise ReportError(f"no catalog at {db}: materialise the region's assets first")
-    con = connect(db, read_only=True)
+    con = open_catalog(root)
     try:
         if not _has_view(con, "region_summary"):
             raise ReportError(

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.catalog import CATALOG_FILE, connect, load_sql
+from pipelines.catalog import load_sql, open_catalog
 from pipelines.grid import bbox_utm_epsg
 from pipelines.regions import Region
 from pipelines.storage import atomic_path, confined
@@ -134,11 +134,8 @@ def compute(
         raise RiskError("alert distance must be between 0 and 100 km")
     if not 0 <= settings.h3_resolution <= 15:
         raise RiskError("H3 resolution must be 0 to 15")
-    db = root / CATALOG_FILE
-    if not db.exists():
-        raise RiskError(f"no catalog at {db}: materialise asm_sites and context_layers first")
     params = parameters(table, region, period_id, settings, now or dt.datetime.now(dt.UTC))
-    con = connect(db, read_only=True)
+    con = open_catalog(root)
     try:
         have = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
         for view in NEEDS[table]:

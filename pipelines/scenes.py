@@ -49,6 +49,28 @@ def scenes_path(root: Path, region_id: str, period_id: str) -> Path:
     return partition_path(root, "scenes", region_id, period_id, ".parquet")
 
 
+def relative_hrefs(item: dict[str, Any], root: Path, target: Path) -> dict[str, Any]:
+    """The item with ``file://`` hrefs inside the data root made relative to ``target``.
+
+    The embedded world's COGs live under the data root; stored relative to the scenes
+    file (as STAC reads relative hrefs), a moved or copied data root reads its own
+    copies, never the original's. ``read_scene_items`` resolves them again.
+    """
+    import os
+    from urllib.parse import unquote, urlsplit
+
+    base = root.resolve()
+    assets = {}
+    for key, asset in item["assets"].items():
+        href = asset["href"]
+        if href.startswith("file://"):
+            path = Path(unquote(urlsplit(href).path))
+            if path.is_relative_to(base):
+                href = Path(os.path.relpath(path, target.parent.resolve())).as_posix()
+        assets[key] = {**asset, "href": href}
+    return {**item, "assets": assets}
+
+
 def write_scenes(result: SearchResult, region: Region, period: Period, root: Path) -> ScenesOutput:
     """Store the normalised scenes atomically; an empty period removes a stale file."""
     target = scenes_path(root, region.id, period.id)
@@ -57,7 +79,9 @@ def write_scenes(result: SearchResult, region: Region, period: Period, root: Pat
         target.unlink(missing_ok=True)
         return ScenesOutput(path=None, result=result)
     items = [
-        s.to_item({"asmwatch:region": region.id, "asmwatch:period": period.id})
+        relative_hrefs(
+            s.to_item({"asmwatch:region": region.id, "asmwatch:period": period.id}), root, target
+        )
         for s in result.scenes
     ]
     write_geoparquet(items, target)

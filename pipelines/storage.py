@@ -77,10 +77,31 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        chmod_for_umask(tmp_path)  # mkstemp makes 0600; others must be able to read
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (``/proc``; else set and restore)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def chmod_for_umask(path: str | os.PathLike[str], *, directory: bool = False) -> None:
+    """Give ``path`` the mode a plain ``open()`` would: 0666 (0777 for a folder) less the
+    umask. Temporary files are made private (0600) by ``mkstemp``; the published file
+    must be readable by an analyst's account, a tile server or a QGIS server."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
 
 
 def _alive(pid: int) -> bool:
@@ -132,6 +153,7 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     )
     try:
         yield tmp
+        chmod_for_umask(tmp, directory=True)  # mkdtemp makes 0700
         old: Path | None = None
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")

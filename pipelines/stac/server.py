@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +28,7 @@ from pathlib import Path
 import requests
 
 HOST = "127.0.0.1"
+_SAFE_PATH = re.compile(r"^[A-Za-z0-9/._-]+$")
 
 
 class StacServerError(RuntimeError):
@@ -48,6 +51,7 @@ class EmbeddedStacServer:
         self.port: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_path: Path | None = None
+        self._safe_dir: Path | None = None
 
     @property
     def url(self) -> str:
@@ -61,7 +65,19 @@ class EmbeddedStacServer:
         from pipelines.catalog import extension_directory
 
         self.workdir.mkdir(parents=True, exist_ok=True)
-        ext_dir = extension_directory(self.workdir / "duckdb_extensions")
+        # The server's DuckDB client puts the file's absolute path into its SQL unquoted
+        # (and unescaped as a glob): serve a copy from a folder whose path holds none of
+        # the data root's characters (a quote, a bracket, a space).
+        self._safe_dir = Path(tempfile.mkdtemp(prefix="asmwatch-stac-"))
+        if not _SAFE_PATH.match(str(self._safe_dir)):
+            shutil.rmtree(self._safe_dir, ignore_errors=True)
+            raise StacServerError(
+                f"the temporary folder {self._safe_dir} has characters the embedded STAC "
+                "server cannot take in a path; set TMPDIR to a plain path (letters, digits, "
+                "'/', '.', '_', '-')"
+            )
+        shutil.copyfile(self.geoparquet, self._safe_dir / "items.parquet")
+        ext_dir = extension_directory(self._safe_dir / "duckdb_extensions")
         last_error = ""
         for _attempt in range(3):  # a free port can be taken between probe and bind
             self.port = _free_port()
@@ -70,14 +86,17 @@ class EmbeddedStacServer:
             self._log_path = Path(log_name)
             cmd = [
                 sys.executable, "-m", "pipelines.stac.server",
-                "--geoparquet", str(self.geoparquet),
+                "--geoparquet", "items.parquet",
                 "--port", str(self.port),
-                "--extension-dir", str(ext_dir),
+                "--extension-dir", ext_dir.name,
+                "--parent-pid", str(os.getpid()),
             ]  # fmt: skip
+            pythonpath = os.pathsep.join(filter(None, (_package_root(), os.environ.get("PYTHONPATH"))))  # fmt: skip
             with self._log_path.open("wb") as log:
                 self._proc = subprocess.Popen(
-                    cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-                )
+                    cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                    cwd=self._safe_dir, env={**os.environ, "PYTHONPATH": pythonpath},
+                )  # fmt: skip
             try:
                 self._wait_ready()
                 return self.url
@@ -132,6 +151,9 @@ class EmbeddedStacServer:
                 proc.wait(timeout=10)
         if self._log_path is not None and self._log_path.exists():
             self._log_path.unlink()
+        if self._safe_dir is not None:
+            shutil.rmtree(self._safe_dir, ignore_errors=True)
+            self._safe_dir = None
 
     def __enter__(self) -> EmbeddedStacServer:
         self.start()
@@ -139,6 +161,28 @@ class EmbeddedStacServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _package_root() -> str:
+    """The folder that holds the ``pipelines`` package (the server runs from elsewhere)."""
+    return str(Path(__file__).resolve().parents[2])
+
+
+def watch_parent(parent_pid: int, interval_s: float = 1.0) -> None:
+    """Exit this process when ``parent_pid`` is gone (a ``kill -9`` of the run that
+    started it): the server never outlives the run and keeps no port open."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                # Orphaned: the copy it served is in its working directory, made for it.
+                if Path.cwd().name.startswith("asmwatch-stac-"):
+                    shutil.rmtree(Path.cwd(), ignore_errors=True)
+                os._exit(0)
+            time.sleep(interval_s)
+
+    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
 
 
 def serve(geoparquet: Path, port: int, extension_dir: Path) -> None:
@@ -168,7 +212,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--geoparquet", type=Path, required=True, help="stac-geoparquet file to serve")
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--extension-dir", type=Path, required=True)
+    ap.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone")
     args = ap.parse_args(argv)
+    if args.parent_pid:
+        watch_parent(args.parent_pid)
     serve(args.geoparquet, args.port, args.extension_dir)
 
 

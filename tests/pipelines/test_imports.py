@@ -151,7 +151,10 @@ def test_good_file_in_each_format_and_a_projected_crs(tmp_path: Path) -> None:
         ("points", r"feature 1 is a Point; this layer takes Polygon or MultiPolygon"),
         ("lines", r"feature 0 is a LineString"),
         ("no_crs", r"has no CRS"),
-        ("no_period", r"no column 'period' \(detections.period_field\); it has"),
+        (
+            "no_period",
+            r"no period column 'period' \(detections.period_field\).*detections.period \(columns: year\)",
+        ),
         ("bad_period", r"feature 1: period: 'last year' is not a period"),
         ("negative_area", r"feature 0: mined is negative"),
         ("text_area", r"column 'mined' must hold numbers"),

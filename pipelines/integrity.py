@@ -1,0 +1,254 @@
+"""Is every file the catalog and Dagster expect there, whole and readable?
+
+Used by the catalog build (a Parquet file whose footer cannot be read is left out of its
+view, not read) and by ``asmwatch doctor``, which checks every table file and raster
+under the data root, and every file a Dagster materialisation says it wrote, and prints
+what to re-materialise.
+
+Checks, per file:
+
+- GeoParquet tables: the footer reads (a truncated or zeroed file fails here), every
+  row group decodes (deep check only), and the file binds to its catalog view's SQL
+  (every column the view selects is present).
+- COGs (composite, probability): GDAL opens it, it is tiled with overviews, and the
+  last block of every band and of the smallest overview decodes (a file cut short
+  fails here rather than deep inside a later stage's read).
+- The model registry: every registered checkpoint exists and loads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def parquet_problem(path: Path, *, deep: bool = False) -> str | None:
+    """Why ``path`` is not a readable Parquet file, or None.
+
+    The footer is read always (cheap: a truncated, emptied or zeroed file fails); with
+    ``deep`` every row group is decoded too, one at a time (memory stays bounded).
+    """
+    import pyarrow.parquet as pq
+
+    if not path.exists():
+        return "missing"
+    if path.stat().st_size == 0:
+        return "empty file (0 bytes)"
+    try:
+        pf = pq.ParquetFile(path)
+        if deep:
+            for i in range(pf.num_row_groups):
+                pf.read_row_group(i)
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError and others
+        return f"not readable as Parquet: {_first_line(e)}"
+    return None
+
+
+def cog_problem(path: Path) -> str | None:
+    """Why ``path`` is not a whole, readable COG, or None."""
+    import rasterio
+    from rasterio.windows import Window
+
+    if not path.exists():
+        return "missing"
+    if path.stat().st_size == 0:
+        return "empty file (0 bytes)"
+    try:
+        with rasterio.open(path) as src:
+            if not src.profile.get("tiled", False):
+                return "not tiled (not a COG)"
+            h, w = src.height, src.width
+            bh, bw = src.block_shapes[0]
+            last = Window(((w - 1) // bw) * bw, ((h - 1) // bh) * bh, 0, 0)
+            last = Window(last.col_off, last.row_off, w - last.col_off, h - last.row_off)
+            src.read(window=last)  # every band's last block: a file cut short fails here
+            ovr = src.overviews(1)
+            if ovr:
+                with rasterio.open(path, overview_level=len(ovr) - 1) as small:
+                    small.read()
+    except Exception as e:  # rasterio/GDAL errors of several types
+        return f"not readable as a GeoTIFF: {_first_line(e)}"
+    return None
+
+
+def view_problem(root: Path, view: str, rel: str) -> str | None:
+    """Why the file ``rel`` (relative to ``root``) does not bind to its catalog view."""
+    import duckdb
+
+    from pipelines.catalog import VIEWS, connect, files_literal, load_sql
+
+    sql_name = VIEWS[view][0]
+    con = connect()
+    try:
+        ddl = load_sql(sql_name).replace(":files", files_literal([str((root / rel).resolve())]))
+        ddl = ddl.replace(":view", view)
+        con.execute(ddl)
+        con.execute(f"SELECT * FROM {view} LIMIT 0").fetchall()
+    except duckdb.Error as e:
+        return f"does not match its table ({_first_line(e)})"
+    finally:
+        con.close()
+    return None
+
+
+@dataclass
+class Finding:
+    path: str  # relative to the data root
+    problem: str
+    asset: str | None = None  # the Dagster asset that writes it
+    partition: str | None = None  # its partition key, when known
+
+
+@dataclass
+class DoctorReport:
+    root: Path
+    checked: int = 0
+    findings: list[Finding] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+    def rematerialise(self) -> list[tuple[str, str | None]]:
+        """(asset, partition) pairs to re-run, each once, in order of appearance."""
+        seen: dict[tuple[str, str | None], None] = {}
+        for f in self.findings:
+            if f.asset:
+                seen.setdefault((f.asset, f.partition), None)
+        return list(seen)
+
+
+#: Table folders: glob (relative to the root) -> (catalog view or None, asset, key parts).
+#: Key parts name the path components that make the partition key.
+def _table_files(root: Path) -> Iterable[tuple[str, str, str, str | None]]:
+    """(relative path, view, asset, partition key) of every table file under the root."""
+    from pipelines.catalog import VIEWS
+
+    assets = {
+        "scenes": "scenes", "models": "mining_model", "asm_sites": "asm_sites",
+        "asm_change": "asm_change", "region_summary": "asm_change",
+        "concession_risk": "concession_risk", "protected_area_pressure": "protected_area_pressure",
+        "hotspots": "hotspots", "alerts": "alerts",
+    }  # fmt: skip
+    for view, (_sql, glob) in VIEWS.items():
+        for p in sorted(root.glob(glob)):
+            rel = p.relative_to(root).as_posix()
+            parts = rel.split("/")
+            if view == "models":
+                key = None
+            elif parts[0] == "context":
+                key = parts[1]  # region-partitioned
+            else:
+                key = f"{parts[-2]}|{p.stem}"  # region|period
+            yield rel, view, assets.get(view, "context_layers"), key
+
+
+RASTERS = (("composite", "composite"), ("probability", "mining_probability"))
+
+
+def _display_key(key: str | None) -> str | None:
+    """``region|period`` -> Dagster's multi-partition key ``period|region``."""
+    if key is None or "|" not in key:
+        return key
+    region, period = key.split("|", 1)
+    return f"{period}|{region}"
+
+
+def doctor(root: Path, *, deep: bool = True, instance: Any = None) -> DoctorReport:
+    """Check every file under ``root`` the catalog reads, and those Dagster recorded."""
+    from ml import registry
+
+    root = Path(root)
+    report = DoctorReport(root)
+    if not root.is_dir():
+        report.findings.append(Finding(str(root), "the data root does not exist"))
+        return report
+    for rel, view, asset, key in _table_files(root):
+        report.checked += 1
+        problem = parquet_problem(root / rel, deep=deep) or view_problem(root, view, rel)
+        if problem:
+            report.findings.append(Finding(rel, problem, asset, _display_key(key)))
+    for folder, asset in RASTERS:
+        for p in sorted((root / folder).glob("*/*.tif")):
+            report.checked += 1
+            rel = p.relative_to(root).as_posix()
+            if problem := cog_problem(p):
+                report.findings.append(Finding(rel, problem, asset, _display_key(f"{p.parent.name}|{p.stem}")))  # fmt: skip
+    try:
+        records = registry.records(root, say=report.notes.append)
+    except registry.RegistryError as e:
+        report.findings.append(Finding("models/models.parquet", str(e), "mining_model"))
+        records = []
+    for r in records:
+        report.checked += 1
+        if problem := registry.checkpoint_problem(root, r):
+            report.findings.append(Finding(r.path, problem, "mining_model"))
+    if instance is not None:
+        _check_materialisations(root, instance, report)
+    from pipelines.catalog import CATALOG_FILE, catalog_problem
+
+    if problem := catalog_problem(root / CATALOG_FILE):
+        report.notes.append(f"the catalog {CATALOG_FILE}: {problem}; `asmwatch doctor --fix` or any run rebuilds it")  # fmt: skip
+    return report
+
+
+#: Assets whose materialisations promise files, and the files (templates over the root).
+EXPECTED: dict[str, tuple[str, ...]] = {
+    "scenes": ("scenes/{region}/{period}.parquet",),
+    "composite": ("composite/{region}/{period}.tif",),
+    "mining_probability": ("probability/{region}/{period}.tif",),
+    "asm_sites": ("sites/{region}/{period}.parquet",),
+    "asm_change": ("change/{region}/{period}.parquet", "summary/{region}/{period}.parquet"),
+    "concession_risk": ("risk/concession_risk/{region}/{period}.parquet",),
+    "protected_area_pressure": ("risk/protected_area_pressure/{region}/{period}.parquet",),
+    "hotspots": ("risk/hotspots/{region}/{period}.parquet",),
+    "alerts": ("risk/alerts/{region}/{period}.parquet",),
+}
+
+
+def _check_materialisations(root: Path, instance: Any, report: DoctorReport) -> None:
+    """Files that a recorded materialisation wrote and that are no longer there."""
+    import dagster as dg
+
+    known = {f.path for f in report.findings}
+    for asset, templates in EXPECTED.items():
+        key = dg.AssetKey(asset)
+        try:
+            partitions = instance.get_materialized_partitions(key)
+        except Exception as e:  # an instance from another Dagster version, unreadable
+            report.notes.append(f"Dagster instance: cannot list {asset} partitions ({_first_line(e)})")  # fmt: skip
+            return
+        for pk in sorted(partitions):
+            if "|" not in pk:
+                continue
+            period, region = pk.split("|", 1)
+            if _metadata(instance, key, pk).get("empty") is True:
+                continue  # the run found nothing and wrote nothing, on purpose
+            for t in templates:
+                rel = t.format(region=region, period=period)
+                if rel in known:
+                    continue
+                report.checked += 1
+                if not (root / rel).exists():
+                    report.findings.append(Finding(rel, "missing (Dagster recorded it as materialised)", asset, pk))  # fmt: skip
+
+
+def _metadata(instance: Any, key: Any, partition: str) -> dict[str, Any]:
+    """The metadata values of the latest materialisation of ``key`` at ``partition``."""
+    import dagster as dg
+
+    result = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1
+    )
+    if not result.records:
+        return {}
+    mat = result.records[0].asset_materialization
+    return {k: v.value for k, v in (mat.metadata if mat else {}).items()}
