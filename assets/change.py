@@ -9,7 +9,7 @@ from assets.checks import specs, table_checks
 from assets.composite import composite
 from assets.detection import asm_sites
 from assets.partitions import PARTITIONS, missing_partition, region_and_period
-from assets.resources import AsmwatchSettings
+from assets.resources import AsmwatchSettings, fail_fast
 from pipelines.catalog import refresh_views
 from pipelines.change import KINDS, detect_change, summarise, summary_path, write_change
 from pipelines.composite import composite_path
@@ -33,6 +33,7 @@ from pipelines.sites import sites_path
         "against the previous and the first period)."
     ),
 )
+@fail_fast
 def asm_change(
     context: dg.AssetExecutionContext, settings: AsmwatchSettings
 ) -> dg.MaterializeResult:

@@ -6,7 +6,7 @@ No ``from __future__ import annotations`` here: Dagster inspects the context ann
 import dagster as dg
 
 from assets.partitions import PARTITIONS, region_and_period
-from assets.resources import NETWORK_RETRY, AsmwatchSettings, DaskResource, StacResource
+from assets.resources import NETWORK_RETRY, AsmwatchSettings, DaskResource, StacResource, fail_fast
 from assets.scenes import scenes
 from pipelines.composite import OUTPUT_BANDS, CompositeResult, composite_for_region
 from pipelines.reports import composite_preview, markdown_image
@@ -80,6 +80,7 @@ def _metadata(res: CompositeResult, threshold: float) -> dict[str, dg.MetadataVa
         "at composite/<region>/<period>.tif."
     ),
 )
+@fail_fast
 def composite(
     context: dg.AssetExecutionContext,
     settings: AsmwatchSettings,

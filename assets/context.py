@@ -7,7 +7,7 @@ import dagster as dg
 
 from assets.checks import nothing_written, results, specs, table_checks
 from assets.partitions import REGIONS, region_of
-from assets.resources import AsmwatchSettings
+from assets.resources import AsmwatchSettings, fail_fast
 from pipelines.catalog import refresh_views
 from pipelines.context import TABLE_KINDS, context_table_path, read_context, write_context
 from pipelines.embedded import context_path, ensure_world
@@ -29,6 +29,7 @@ from pipelines.embedded import context_path, ensure_world
         "DuckDB view per layer."
     ),
 )
+@fail_fast
 def context_layers(
     context: dg.AssetExecutionContext, settings: AsmwatchSettings
 ) -> dg.MaterializeResult:

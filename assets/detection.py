@@ -10,7 +10,7 @@ import dagster as dg
 from assets.checks import specs, table_checks
 from assets.composite import composite
 from assets.partitions import PARTITIONS, region_and_period
-from assets.resources import AsmwatchSettings, TorchResource
+from assets.resources import AsmwatchSettings, TorchResource, fail_fast
 from pipelines.catalog import refresh_views
 
 # torch and the detection stage load in the asset bodies, not at definition load (the
@@ -63,6 +63,7 @@ def _scores_md(metrics: dict[str, Any]) -> str:
         "records in the `models` view of the DuckDB catalog."
     ),
 )
+@fail_fast
 def mining_model(
     context: dg.AssetExecutionContext,
     config: MiningModelConfig,
@@ -124,6 +125,7 @@ def mining_model(
         "registered. A float32 COG at probability/<region>/<period>.tif."
     ),
 )
+@fail_fast
 def mining_probability(
     context: dg.AssetExecutionContext, settings: AsmwatchSettings, torch_device: TorchResource
 ) -> dg.MaterializeResult:
@@ -193,6 +195,7 @@ class AsmSitesConfig(dg.Config):
         "sites from that file of external polygons instead (validated, clipped to the AOI)."
     ),
 )
+@fail_fast
 def asm_sites(
     context: dg.AssetExecutionContext, config: AsmSitesConfig, settings: AsmwatchSettings
 ) -> dg.MaterializeResult:

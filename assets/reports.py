@@ -7,11 +7,54 @@ import dagster as dg
 
 from assets.change import asm_change
 from assets.partitions import REGIONS, region_of
-from assets.resources import AsmwatchSettings
+from assets.resources import AsmwatchSettings, fail_fast
 from assets.risk import BY_REGION, alerts, concession_risk, protected_area_pressure
 from pipelines.reports import REPORT_FILES, ReportError, make_reports, markdown_image
 
 REPORT_CHECK = "report_complete"
+
+#: The tables the report reads (per region and period), and what each is computed from.
+#: A table materialised before its inputs were last materialised is stale: its own last
+#: run failed or was not run, and a report would mix its old rows with newer ones.
+READS_FROM: dict[str, tuple[str, ...]] = {
+    "asm_change": ("asm_sites",),
+    "concession_risk": ("asm_sites", "asm_change", "context_layers"),
+    "protected_area_pressure": ("asm_sites", "asm_change", "context_layers"),
+    "alerts": ("asm_sites", "asm_change", "context_layers"),
+}
+
+
+def _materialised_at(instance: dg.DagsterInstance, asset: str, partition: str) -> float | None:
+    result = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]),
+        limit=1,
+    )
+    return result.records[0].timestamp if result.records else None
+
+
+def stale_inputs(instance: dg.DagsterInstance, region_id: str, period_ids: list[str]) -> list[str]:
+    """Each table the report would read that is older than one of its own inputs."""
+    import datetime as dt
+
+    def when(ts: float) -> str:
+        return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+    problems = []
+    for period in period_ids:
+        pk = f"{period}|{region_id}"  # the multi-partition key: period|region
+        for table, inputs in READS_FROM.items():
+            made = _materialised_at(instance, table, pk)
+            if made is None:
+                continue  # never materialised: the report itself names what is missing
+            for up in inputs:
+                up_made = _materialised_at(instance, up, region_id if up == "context_layers" else pk)  # fmt: skip
+                if up_made is not None and up_made > made:
+                    problems.append(
+                        f"{table} {pk} (materialised {when(made)}) is older than its input "
+                        f"{up} (materialised {when(up_made)})"
+                    )
+                    break
+    return problems
 
 
 @dg.asset(
@@ -42,10 +85,22 @@ REPORT_CHECK = "report_complete"
         "period selector: ASM, re-vegetation, alerts, composites and context layers)."
     ),
 )
+@fail_fast
 def region_report(
     context: dg.AssetExecutionContext, settings: AsmwatchSettings
 ) -> dg.MaterializeResult:
     region = region_of(context, settings.regions())
+    stale = stale_inputs(context.instance, region.id, [p.id for p in region.periods])
+    if stale:
+        tables = sorted({s.split(" ", 2)[0] + " " + s.split(" ", 2)[1] for s in stale})
+        raise dg.Failure(
+            allow_retries=False,
+            description=(
+                f"region_report {region.id}: refusing to publish a report that mixes old "
+                "and new results. " + "; ".join(stale) + ". Their last runs failed or "
+                "were not run: re-materialise " + ", ".join(tables) + ", then the report."
+            ),
+        )
     try:
         out = make_reports(settings.root(), region, say=context.log.info)
     except ReportError as e:

@@ -10,8 +10,10 @@ to a LocalCluster it starts on first use and closes with the run.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import dagster as dg
 from pydantic import PrivateAttr
@@ -32,6 +34,41 @@ if TYPE_CHECKING:
 NETWORK_RETRY = dg.RetryPolicy(
     max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
 )
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail_fast(fn: F) -> F:
+    """Turn failures that retrying cannot fix into ``dg.Failure(allow_retries=False)``.
+
+    A full disk, a read-only data root or a permission error (``pipelines.errors``)
+    would otherwise be retried like a network fault, for minutes, with a message like
+    GDAL's "TIFFAppendToStrip: Write error". Every asset body is wrapped: such a failure
+    ends the step at once, naming the cause and the path, in the UI and on the console.
+    """
+    from pipelines.errors import deterministic_cause
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (dg.Failure, dg.RetryRequested):
+            raise
+        except Exception as e:
+            settings = kwargs.get("settings")
+            root = settings.root() if isinstance(settings, AsmwatchSettings) else None
+            cause = deterministic_cause(e, root)
+            if cause is None:
+                raise
+            raise dg.Failure(
+                allow_retries=False,
+                description=(
+                    f"{fn.__name__}: {cause}. Retrying cannot fix this: free space, or "
+                    "make the data root writable, then re-run."
+                ),
+            ) from e
+
+    return cast(F, wrapper)
 
 
 class AsmwatchSettings(dg.ConfigurableResource):

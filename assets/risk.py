@@ -14,7 +14,7 @@ from assets.checks import specs, table_checks
 from assets.context import context_layers
 from assets.detection import asm_sites
 from assets.partitions import PARTITIONS, region_and_period
-from assets.resources import AsmwatchSettings
+from assets.resources import AsmwatchSettings, fail_fast
 from pipelines.catalog import refresh_views
 from pipelines.risk import (
     DEFAULT_ALERT_DISTANCE_M,
@@ -94,6 +94,7 @@ def _md(df: Any, columns: list[str], empty: str) -> dg.MetadataValue:
         "with each component stored beside it (docs/risk.md) and a band."
     ),
 )  # fmt: skip
+@fail_fast
 def concession_risk(
     context: dg.AssetExecutionContext, settings: AsmwatchSettings, config: RiskConfig
 ) -> dg.MaterializeResult:
@@ -132,6 +133,7 @@ def concession_risk(
         "share of the area, new ASM area inside it, in the region's UTM zone."
     ),
 )  # fmt: skip
+@fail_fast
 def protected_area_pressure(
     context: dg.AssetExecutionContext, settings: AsmwatchSettings, config: RiskConfig
 ) -> dg.MaterializeResult:
@@ -164,6 +166,7 @@ def protected_area_pressure(
         "count (sql/hotspots.sql; the h3 package's cells), as GeoParquet with cell polygons."
     ),
 )  # fmt: skip
+@fail_fast
 def hotspots(
     context: dg.AssetExecutionContext, settings: AsmwatchSettings, config: RiskConfig
 ) -> dg.MaterializeResult:
@@ -186,6 +189,7 @@ def hotspots(
         "duplicate."
     ),
 )  # fmt: skip
+@fail_fast
 def alerts(
     context: dg.AssetExecutionContext, settings: AsmwatchSettings, config: RiskConfig
 ) -> dg.MaterializeResult:

@@ -9,7 +9,7 @@ import dagster as dg
 
 from assets.checks import nothing_written, results, specs, table_checks
 from assets.partitions import PARTITIONS, region_and_period
-from assets.resources import NETWORK_RETRY, AsmwatchSettings, StacResource
+from assets.resources import NETWORK_RETRY, AsmwatchSettings, StacResource, fail_fast
 from pipelines.catalog import refresh_views
 from pipelines.scenes import find_scenes
 
@@ -29,6 +29,7 @@ from pipelines.scenes import find_scenes
         "scenes/<region>/<period>.parquet and as the `scenes` view of the DuckDB catalog."
     ),
 )
+@fail_fast
 def scenes(
     context: dg.AssetExecutionContext, settings: AsmwatchSettings, stac: StacResource
 ) -> dg.MaterializeResult:

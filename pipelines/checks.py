@@ -24,12 +24,13 @@ from typing import Any
 
 import duckdb
 
+from pipelines.context import KEEP_WITHIN_DEG
 from pipelines.grid import bbox_utm_epsg
 from pipelines.regions import Region
 
 POLYGONAL = ("POLYGON", "MULTIPOLYGON")
-#: Geometries may reach this far (degrees) outside the region's bbox: context layers keep
-#: features within 0.1 degrees (pipelines.context.KEEP_WITHIN_DEG), scenes are whole tiles.
+#: Geometries may reach this far (degrees) outside the region's bbox (scenes are whole
+#: tiles). Context layers have their own rule: see ``Contract.keep_within_deg``.
 BBOX_MARGIN_DEG = 0.11
 AREA_RTOL = 0.01
 AREA_ATOL_HA = 0.01
@@ -51,6 +52,11 @@ class Contract:
     area_column: str | None = None  # checked against the geometry's UTM area when set
     area_matches_geometry: bool = True
     bbox_margin_deg: float = BBOX_MARGIN_DEG
+    # Features kept whole when they touch the region's bbox widened by this much (the
+    # context layers' keep rule, pipelines.context.KEEP_WITHIN_DEG): the check then asks
+    # that each geometry intersect that box, not that it lie inside it.
+    keep_within_deg: float | None = None
+    id_column: str | None = None  # what the checks' examples name (default: the first column)
     score_components: tuple[str, ...] = ()  # score = their sum, each and the sum in 0-100
     area_nullable: bool = False  # point and line layers have no area
     extra: dict[str, str] = field(default_factory=dict)  # check name -> SQL count of bad rows
@@ -144,6 +150,8 @@ CONTRACTS: dict[str, Contract] = {
     "context": Contract(
         "context",
         _CONTEXT_COLUMNS,
+        keep_within_deg=KEEP_WITHIN_DEG,
+        id_column="feature_id",
         geometry=(*POLYGONAL, "POINT", "MULTIPOINT", "LINESTRING", "MULTILINESTRING"),
         may_be_empty=False,
         area_column="area_ha",
@@ -346,20 +354,25 @@ def _geometry(con: Any, c: Contract, region: Region) -> Outcome:
     w, s, e, n = region.bbox
     m = c.bbox_margin_deg
     allowed = ", ".join(f"'{t}'" for t in c.geometry)
+    if c.keep_within_deg is not None:  # the rule the layer was kept by
+        kw = c.keep_within_deg
+        outside = f"NOT ST_IsEmpty(geometry) AND NOT ST_Intersects(geometry, ST_MakeEnvelope({w - kw}, {s - kw}, {e + kw}, {n + kw}))"  # fmt: skip
+    else:
+        outside = (
+            f"NOT ST_IsEmpty(geometry) AND (ST_XMin(geometry) < {w - m} OR ST_XMax(geometry) > {e + m} "
+            f"OR ST_YMin(geometry) < {s - m} OR ST_YMax(geometry) > {n + m})"
+        )  # fmt: skip
     bad = {
         "null_or_empty": "geometry IS NULL OR ST_IsEmpty(geometry)",
         "invalid": "NOT ST_IsEmpty(geometry) AND NOT ST_IsValid(geometry)",
         "wrong_type": f"ST_GeometryType(geometry)::VARCHAR NOT IN ({allowed})",
-        "outside_region": (
-            f"NOT ST_IsEmpty(geometry) AND (ST_XMin(geometry) < {w - m} OR ST_XMax(geometry) > {e + m} "
-            f"OR ST_YMin(geometry) < {s - m} OR ST_YMax(geometry) > {n + m})"
-        ),
-    }  # fmt: skip
+        "outside_region": outside,
+    }
     counts = {k: _count(con, f"SELECT count(*) FROM t WHERE {v}") for k, v in bad.items()}
     examples = {}
     for k, v in bad.items():
         if counts[k]:
-            key = next(iter(c.columns))
+            key = c.id_column or next(iter(c.columns))
             examples[k] = [str(r[0]) for r in con.execute(f"SELECT {key} FROM t WHERE {v} LIMIT 3").fetchall()]  # fmt: skip
     ok = not any(counts.values())
     return Outcome(

@@ -1,4 +1,5 @@
-"""The ``asmwatch`` command: ``demo``, ``backfill``, ``validate``, ``probe``, ``ui``, ``sql``.
+"""The ``asmwatch`` command: ``demo``, ``backfill``, ``validate``, ``probe``, ``ui``, ``sql``,
+``doctor``.
 
 ``asmwatch demo`` is what ``make demo`` runs: it materialises the pipeline for every
 period of the embedded demo region through Dagster (in-process, recorded in the Dagster
@@ -46,6 +47,15 @@ telemetry:
 run_retries:
   enabled: true
   max_retries: 2
+  # A failed step (bad input, a full disk) is not a crashed run: never re-run for it,
+  # also for runs the UI launches without the jobs' tags.
+  retry_on_asset_or_op_failure: false
+# Run monitoring (needs the daemon, which `asmwatch ui` starts): a run whose worker
+# process died is marked failed instead of staying STARTED. Runs of `asmwatch demo` and
+# `asmwatch backfill` run in their own process; the next asmwatch command marks theirs.
+run_monitoring:
+  enabled: true
+  poll_interval_seconds: 30
 """
 
 
@@ -64,6 +74,11 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     os.environ["ASMWATCH_DATA"] = str(root)
     os.environ.setdefault("DAGSTER_HOME", str(root / "dagster_home"))
     ensure_dagster_home(Path(os.environ["DAGSTER_HOME"]))
+    import dagster as dg
+
+    from assets.runs import fail_dead_runs
+
+    fail_dead_runs(dg.DagsterInstance.get())
     workspace = Path(__file__).resolve().parent.parent / "workspace.yaml"
     cmd = [str(Path(sys.executable).parent / "dagster"), "dev", "-w", str(workspace),
            "-h", "127.0.0.1", "-p", str(args.port)]  # fmt: skip
@@ -117,13 +132,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             return 2
         periods.sort(key=lambda p: p.start)  # change compares each period with the one before
 
+    from assets.runs import fail_dead_runs, run_tags
+
     print(f"asmwatch {args.cmd}: region {region.id} ({region.name}), data root {root}")
     instance = dg.DagsterInstance.get()
+    fail_dead_runs(instance)
     run_config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
     def run(job_name: str, label: str, key: Any = None, run_config_extra: Any = None) -> Any:
         result = defs.resolve_job_def(job_name).execute_in_process(
             instance=instance,
+            tags=run_tags(),
             partition_key=key,
             run_config={**run_config, **(run_config_extra or {})},
             raise_on_error=False,
@@ -366,6 +385,52 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    """Check every file the catalog and the recorded runs expect; say what to re-run."""
+    from ml import registry
+    from pipelines.catalog import refresh_views
+    from pipelines.integrity import doctor
+
+    root = data_root(args.data)
+    print(f"asmwatch doctor: data root {root}")
+    recorded: list[tuple[str, str, str]] = []
+    home = Path(os.environ.get("DAGSTER_HOME") or root / "dagster_home")
+    if (home / "dagster.yaml").exists() or (home / "storage").exists():
+        os.environ["DAGSTER_HOME"] = str(home)
+        import dagster as dg
+
+        from assets.doctor import recorded_files
+        from assets.runs import fail_dead_runs
+
+        instance = dg.DagsterInstance.get()
+        fail_dead_runs(instance)
+        recorded = list(recorded_files(instance))
+        print(f"  Dagster instance {home}: {len(recorded)} file(s) recorded as written")
+    else:
+        print(f"  no Dagster instance at {home}: checking the files only")
+    if args.fix:
+        print(f"  --fix: rebuilding the model registry table ({len(registry.rebuild(root))} model(s)) and the catalog")  # fmt: skip
+        refresh_views(root, say=lambda m: print(f"  {m}"))
+    report = doctor(root, deep=not args.quick, recorded=recorded)
+    for note in report.notes:
+        print(f"  note: {note}")
+    if report.ok:
+        print(f"OK: {report.checked} file(s) checked, none missing or damaged")
+        return 0
+    print(f"{len(report.findings)} problem(s) in {report.checked} file(s) checked:")
+    for f in report.findings:
+        print(f"  {f.path}: {f.problem}")
+    todo = report.rematerialise()
+    if todo:
+        workspace = Path(__file__).resolve().parent.parent / "workspace.yaml"
+        print("Re-materialise (in the UI, or from a shell):")
+        for asset, key in todo:
+            part = f" --partition '{key}'" if key else ""
+            print(f"  {asset} {key or ''}".rstrip())
+            print(f"    dagster asset materialize -w {workspace} --select {asset}{part}")
+    return 1
+
+
 def _cmd_sql(args: argparse.Namespace) -> int:
     """A query against the catalog: read-only, no file access outside the data root."""
     import duckdb
@@ -464,6 +529,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--regions", help="regions file (default: $ASMWATCH_REGIONS or regions.yaml)")
     p.add_argument("--data", help="data root, for embedded regions (default: $ASMWATCH_DATA or ./data)")  # fmt: skip
     p.set_defaults(func=_cmd_probe)
+
+    dr = sub.add_parser(
+        "doctor",
+        help="check every table, COG and model file; print what to re-materialise (exit 1 if any)",
+    )
+    dr.add_argument("--data", help="data root (default: $ASMWATCH_DATA or ./data)")
+    dr.add_argument("--quick", action="store_true", help="read Parquet footers only, not every row group")  # fmt: skip
+    dr.add_argument("--fix", action="store_true", help="first rebuild the catalog and the registry table (derived; nothing is lost)")  # fmt: skip
+    dr.set_defaults(func=_cmd_doctor)
 
     s = sub.add_parser("sql", help="run a query against the DuckDB catalog (read-only)")
     s.add_argument("query")

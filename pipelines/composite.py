@@ -57,7 +57,7 @@ from pipelines.grid import window_for_bbox
 from pipelines.median import masked_median_dn, masked_median_float
 from pipelines.progress import Progress
 from pipelines.stac.l1c import S2CLOUDLESS_BANDS
-from pipelines.storage import atomic_path, partition_path, remove_orphans
+from pipelines.storage import atomic_path, partition_path, raise_if_full, remove_orphans
 
 if TYPE_CHECKING:
     import dask.array
@@ -827,6 +827,9 @@ def write_composite(
                 BIGTIFF="IF_SAFER",
                 NUM_THREADS="ALL_CPUS",
             )
+    except Exception as e:
+        raise_if_full(target, e)  # GDAL may only say "Write error", or nothing at all
+        raise
     finally:
         stage.unlink(missing_ok=True)
     return stats

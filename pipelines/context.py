@@ -17,7 +17,8 @@ Every table has the columns of ``COLUMNS``. ``attributes`` keeps the rest of the
 row as JSON, so nothing of the user's data is lost, and ``source_file`` says where the
 row came from. ``area_ha`` is measured in the region's UTM zone. Features are kept
 whole, so the share of a protected area under mining refers to the whole area, but
-only those within ``KEEP_WITHIN_DEG`` (about 11 km) of the region's AOI are kept.
+only those that touch the AOI's bbox widened by ``KEEP_WITHIN_DEG`` (about 11 km) on
+every side are kept (``keep_box``; the table's contract check uses the same box).
 """
 
 from __future__ import annotations
@@ -164,6 +165,14 @@ class ContextLayer:
     path: Path
     notes: list[str] = field(default_factory=list)
     dropped_far: int = 0
+
+
+def keep_box(region: Region) -> Any:
+    """Features that touch this box are kept, whole: the region's bbox widened by
+    ``KEEP_WITHIN_DEG`` on every side. The tables' contract check uses the same box."""
+    w, s, e, n = region.bbox
+    k = KEEP_WITHIN_DEG
+    return shapely.geometry.box(w - k, s - k, e + k, n + k)
 
 
 def context_table_path(root: Path, region_id: str, kind: str) -> Path:
@@ -359,8 +368,7 @@ def read_context(region: Region, kind: str, path: Path) -> ContextLayer:
         geometry=list(series),
         crs=4326,
     )
-    w, s, e, n = region.bbox
-    near = out.intersects(shapely.geometry.box(w, s, e, n).buffer(KEEP_WITHIN_DEG))
+    near = out.intersects(keep_box(region))
     dropped = int((~near).sum())
     if dropped:
         notes.append(f"{dropped} feature(s) more than about 11 km from the AOI left out")

@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 
 def _first_line(e: BaseException) -> str:
@@ -162,8 +161,18 @@ def _display_key(key: str | None) -> str | None:
     return f"{period}|{region}"
 
 
-def doctor(root: Path, *, deep: bool = True, instance: Any = None) -> DoctorReport:
-    """Check every file under ``root`` the catalog reads, and those Dagster recorded."""
+def doctor(
+    root: Path,
+    *,
+    deep: bool = True,
+    recorded: Iterable[tuple[str, str, str]] = (),
+) -> DoctorReport:
+    """Check every file under ``root`` the catalog reads, and those a run recorded.
+
+    ``recorded``: (path relative to the root, asset, partition key) of every file that
+    a materialisation says it wrote (``assets.doctor.recorded_files`` reads them from
+    the Dagster instance); one that is not there is a finding.
+    """
     from ml import registry
 
     root = Path(root)
@@ -191,64 +200,16 @@ def doctor(root: Path, *, deep: bool = True, instance: Any = None) -> DoctorRepo
         report.checked += 1
         if problem := registry.checkpoint_problem(root, r):
             report.findings.append(Finding(r.path, problem, "mining_model"))
-    if instance is not None:
-        _check_materialisations(root, instance, report)
+    known = {f.path for f in report.findings}
+    for rel, asset, key in recorded:
+        if rel in known:
+            continue
+        report.checked += 1
+        if not (root / rel).exists():
+            known.add(rel)
+            report.findings.append(Finding(rel, "missing (a run recorded it as written)", asset, key))  # fmt: skip
     from pipelines.catalog import CATALOG_FILE, catalog_problem
 
     if problem := catalog_problem(root / CATALOG_FILE):
         report.notes.append(f"the catalog {CATALOG_FILE}: {problem}; `asmwatch doctor --fix` or any run rebuilds it")  # fmt: skip
     return report
-
-
-#: Assets whose materialisations promise files, and the files (templates over the root).
-EXPECTED: dict[str, tuple[str, ...]] = {
-    "scenes": ("scenes/{region}/{period}.parquet",),
-    "composite": ("composite/{region}/{period}.tif",),
-    "mining_probability": ("probability/{region}/{period}.tif",),
-    "asm_sites": ("sites/{region}/{period}.parquet",),
-    "asm_change": ("change/{region}/{period}.parquet", "summary/{region}/{period}.parquet"),
-    "concession_risk": ("risk/concession_risk/{region}/{period}.parquet",),
-    "protected_area_pressure": ("risk/protected_area_pressure/{region}/{period}.parquet",),
-    "hotspots": ("risk/hotspots/{region}/{period}.parquet",),
-    "alerts": ("risk/alerts/{region}/{period}.parquet",),
-}
-
-
-def _check_materialisations(root: Path, instance: Any, report: DoctorReport) -> None:
-    """Files that a recorded materialisation wrote and that are no longer there."""
-    import dagster as dg
-
-    known = {f.path for f in report.findings}
-    for asset, templates in EXPECTED.items():
-        key = dg.AssetKey(asset)
-        try:
-            partitions = instance.get_materialized_partitions(key)
-        except Exception as e:  # an instance from another Dagster version, unreadable
-            report.notes.append(f"Dagster instance: cannot list {asset} partitions ({_first_line(e)})")  # fmt: skip
-            return
-        for pk in sorted(partitions):
-            if "|" not in pk:
-                continue
-            period, region = pk.split("|", 1)
-            if _metadata(instance, key, pk).get("empty") is True:
-                continue  # the run found nothing and wrote nothing, on purpose
-            for t in templates:
-                rel = t.format(region=region, period=period)
-                if rel in known:
-                    continue
-                report.checked += 1
-                if not (root / rel).exists():
-                    report.findings.append(Finding(rel, "missing (Dagster recorded it as materialised)", asset, pk))  # fmt: skip
-
-
-def _metadata(instance: Any, key: Any, partition: str) -> dict[str, Any]:
-    """The metadata values of the latest materialisation of ``key`` at ``partition``."""
-    import dagster as dg
-
-    result = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1
-    )
-    if not result.records:
-        return {}
-    mat = result.records[0].asset_materialization
-    return {k: v.value for k, v in (mat.metadata if mat else {}).items()}

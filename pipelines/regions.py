@@ -240,11 +240,58 @@ def load_regions(path: str | os.PathLike[str] | None = None) -> RegionsConfig:
     p = Path(path) if path is not None else regions_path()
     if not p.exists():
         raise RegionsError(str(p), [f"file not found (set ASMWATCH_REGIONS or create {p})"])
+    size = p.stat().st_size
+    if size > MAX_REGIONS_BYTES:
+        raise RegionsError(str(p), [
+            f"the file is {size / 1e6:.1f} MB, over the {MAX_REGIONS_BYTES / 1e6:.0f} MB a "
+            "regions file may be; an AOI outline this large slows every run: simplify it "
+            "(a few thousand vertices are plenty at 10 m), or give a bbox"
+        ])  # fmt: skip
+    raw = p.read_bytes()
     try:
-        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RegionsError(str(p), [
+            f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}): is it a "
+            "regions YAML file? Save it as UTF-8"
+        ]) from None  # fmt: skip
+    if "\x00" in text:
+        raise RegionsError(str(p), [f"binary data (a NUL byte at offset {text.index(chr(0))}): not a regions YAML file"])  # fmt: skip
+    try:
+        doc = yaml.load(text, Loader=_StrictLoader)  # a safe loader (below)
     except yaml.YAMLError as e:
-        raise RegionsError(str(p), [f"not valid YAML: {e}"]) from e
+        raise RegionsError(str(p), [f"not valid YAML: {e}"]) from None
     return parse_regions(doc, source=str(p), base_dir=p.parent)
+
+
+#: Larger than any sensible regions file (the Madre de Dios outline is 0.1 MB); YAML
+#: parsing takes about 1 s per MB even with libyaml.
+MAX_REGIONS_BYTES = 2_000_000
+
+_BaseLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present
+
+
+class _StrictLoader(_BaseLoader):
+    """YAML's safe loader (libyaml's, fast) that refuses a key given twice in a mapping:
+    with plain YAML the last one wins silently, and a region's second ``periods`` or
+    ``aoi`` would replace the first without a word."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: dict[Any, Any] = {}
+        for key_node, _value in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # the base loader reports unhashable keys
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"found the key {key!r} twice (first at line {seen[key].line + 1}); "
+                    "remove one of them", key_node.start_mark,
+                )  # fmt: skip
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
 
 
 def parse_regions(
@@ -470,8 +517,8 @@ def _parse_bbox(
         return None
     if w >= e:
         problems.append(
-            f"{where}: west ({w}) must be less than east ({e}); the box is empty "
-            "(an AOI across the antimeridian must be given as a geometry split in two)"
+            f"{where}: west ({w}) must be less than east ({e}); the box is empty. "
+            + ANTIMERIDIAN_ADVICE
         )
         return None
     return (w, s, e, n)
@@ -504,7 +551,22 @@ def _parse_geometry(
     if not geom.is_valid:
         problems.append(f"{where}: invalid geometry: {reason}")
         return None, None
+    if east - west > 180:
+        # Parts on both sides of longitude 180 (a two-part MultiPolygon for Fiji): its
+        # bounds span the globe, so its UTM zone, grid and STAC bbox would be nonsense.
+        problems.append(
+            f"{where}: the geometry spans {east - west:.1f} degrees of longitude "
+            f"({west} to {east}): it crosses the antimeridian. " + ANTIMERIDIAN_ADVICE
+        )
+        return None, None
     return (west, south, east, north), shapely.geometry.mapping(geom)
+
+
+ANTIMERIDIAN_ADVICE = (
+    "A region is gridded in one UTM zone and searched with one bbox, so an AOI across "
+    "longitude 180 must be two regions, one on each side (say fiji-east with longitudes "
+    "up to 180 and fiji-west from -180)."
+)
 
 
 def _parse_periods(value: Any, where: str, problems: list[str]) -> list[Period]:

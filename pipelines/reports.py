@@ -345,7 +345,9 @@ def expansion_map(data: RegionData, target: Path) -> Path:
     title = f"{region.name}\nASM expansion {data.periods[0]}-{data.latest}"
     if growth is not None:
         title += f": mining area x{growth:.2f}"
-    ax.set_title(title, fontsize=11)
+    # Names are text, never TeX: "$5 a gram" or "$x^2$" must not be set as maths (a
+    # malformed formula would crash the map). Period ids are plain by the regions file.
+    ax.set_title(title, fontsize=11, parse_math=False)
     ax.set_xlabel(f"easting (m, {crs})", fontsize=8)
     ax.set_ylabel("northing (m)", fontsize=8)
     ax.tick_params(labelsize=7)

@@ -79,9 +79,36 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp_path
         chmod_for_umask(tmp_path)  # mkstemp makes 0600; others must be able to read
         os.replace(tmp_path, target)
+    except Exception as e:
+        raise_if_full(target, e)  # before the half file is removed and frees its space
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+#: A write that fails with less than this free on its file system failed for want of
+#: space: libraries say so in their own words, or not at all (GDAL's "TIFFAppendToStrip:
+#: Write error", or a file it cannot open afterwards).
+FULL_BELOW_BYTES = 4 * 1024 * 1024
+
+
+def raise_if_full(target: str | os.PathLike[str], error: BaseException) -> None:
+    """Raise ``OSError(ENOSPC)`` naming ``target`` (from ``error``) if its file system
+    is full now; call it where a write failed, before cleaning up."""
+    import errno
+
+    p = Path(target)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        free = shutil.disk_usage(p).free
+    except OSError:
+        return
+    if free < FULL_BELOW_BYTES:
+        raise OSError(
+            errno.ENOSPC, f"No space left on device ({free / 1e6:.1f} MB free)", str(target)
+        ) from error
 
 
 def current_umask() -> int:

@@ -1,6 +1,6 @@
 -- models: one row per registered mining model (the model registry).
 -- Source: <data root>/models/models.parquet, written by the `mining_model` asset;
--- checkpoints live at `path`. :files is replaced by the quoted path.
+-- checkpoints live at `path`, relative to the data root. :files is replaced by the file.
 CREATE OR REPLACE VIEW models AS
 SELECT
     model_id,

@@ -1,7 +1,9 @@
 -- scenes: one row per normalised Sentinel-2 L2A scene, per region and period.
 -- Source: the stac-geoparquet files written by the `scenes` asset
--- (<data root>/scenes/<region>/<period>.parquet). :files is replaced by their glob,
--- quoted; DuckDB views take no bound parameters. See docs/data-dictionary.md.
+-- (<data root>/scenes/<region>/<period>.parquet). :files is replaced by the list of
+-- their files, quoted; DuckDB views take no bound parameters. Asset hrefs of files
+-- under the data root (the embedded world) are relative to the scenes file.
+-- See docs/data-dictionary.md.
 CREATE OR REPLACE VIEW scenes AS
 SELECT
     "asmwatch:region" AS region,

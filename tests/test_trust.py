@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -172,6 +173,7 @@ def test_a_missing_model_fails_the_asset_run_naming_the_file(demo_copy: Path) ->
 
 REGISTER = """
 import sys, time
+from collections.abc import Iterator
 from pathlib import Path
 from ml import registry
 from ml.features import Normalizer
@@ -363,3 +365,464 @@ def test_only_a_held_lock_mentions_other_sessions(tmp_path: Path) -> None:
             connect(db, read_only=True, lock_timeout_s=0.5)
     finally:
         holder.kill()
+
+
+# 12, 13. The embedded STAC server: any data root, and never outliving its run ------------
+
+
+def test_the_stac_server_serves_a_data_root_with_quotes_and_brackets(
+    small_world: Path, tmp_path: Path
+) -> None:
+    """Before: a ' in the data root broke the server's SQL, and the search retried 5 min."""
+    import requests
+
+    from pipelines.simulator import load_items
+    from pipelines.stac.geoparquet import write_geoparquet
+    from pipelines.stac.server import EmbeddedStacServer
+
+    d = tmp_path / "it's [ab] here"
+    gp = write_geoparquet(load_items(small_world), d / "items.parquet")
+    with EmbeddedStacServer(gp, d) as server:
+        r = requests.post(f"{server.url}/search", json={"limit": 50}, timeout=30)
+        assert r.status_code == 200, r.text[:300]
+        assert len(r.json()["features"]) == len(load_items(small_world))
+        safe = server._safe_dir
+        assert safe is not None and safe.exists()
+    assert not safe.exists()
+
+
+STARTER = """
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from pipelines.stac.server import EmbeddedStacServer
+server = EmbeddedStacServer(Path(sys.argv[1]), Path(sys.argv[2]))
+print(server.start(), server._safe_dir, flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_the_stac_server_dies_with_its_parent_on_kill_9(small_world: Path, tmp_path: Path) -> None:
+    """Before: `kill -9` of `asmwatch demo` left the server answering for 40+ minutes."""
+    import time
+
+    import requests
+
+    from pipelines.simulator import load_items
+    from pipelines.stac.geoparquet import write_geoparquet
+
+    gp = write_geoparquet(load_items(small_world), tmp_path / "items.parquet")
+    parent = subprocess.Popen(
+        [sys.executable, "-c", STARTER, str(gp), str(tmp_path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert parent.stdout is not None
+    url, safe = parent.stdout.readline().split()
+    assert requests.get(f"{url}/collections", timeout=5).status_code == 200
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            requests.get(f"{url}/collections", timeout=1)
+        except requests.ConnectionError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"the server on {url} still answers 15 s after its parent was killed")
+    time.sleep(0.5)
+    assert not Path(safe).exists()
+
+
+def test_runs_left_started_by_a_killed_process_are_marked_failed(tmp_path: Path) -> None:
+    import dagster as dg
+
+    from assets.runs import HOST_TAG, PID_TAG, fail_dead_runs, run_tags
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)  # fmt: skip
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+
+        @dg.op
+        def noop() -> None:
+            pass
+
+        @dg.job
+        def j() -> None:
+            noop()
+
+        def started(tags: dict[str, str]) -> str:
+            run = instance.create_run_for_job(j, tags=tags)
+            instance.handle_run_event(run.run_id, dg.DagsterEvent(  # a run worker's start
+                event_type_value="PIPELINE_START", job_name="j", message="started"))  # fmt: skip
+            return run.run_id
+
+        killed = started({**run_tags(), PID_TAG: dead.stdout.strip()})
+        alive = started(run_tags())
+        elsewhere = started({PID_TAG: dead.stdout.strip(), HOST_TAG: "another-host"})
+        said: list[str] = []
+        assert fail_dead_runs(instance, say=said.append) == [killed]
+        status = {r: instance.get_run_by_id(r).status for r in (killed, alive, elsewhere)}  # type: ignore[union-attr]
+        assert status == {
+            killed: dg.DagsterRunStatus.FAILURE,
+            alive: dg.DagsterRunStatus.STARTED,
+            elsewhere: dg.DagsterRunStatus.STARTED,
+        }
+        assert len(said) == 1 and "marked failed" in said[0]
+
+
+# 7. asmwatch doctor, and a catalog that leaves a broken partition out ------------------
+
+
+def test_doctor_finds_truncated_deleted_and_damaged_files(
+    demo_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: a truncated sites file made its view return 0 rows for the period while
+    region_summary still counted the sites; a truncated COG failed deep inside GDAL."""
+    from ml import registry
+
+    monkeypatch.setenv("DAGSTER_HOME", str(demo_copy / "dagster_home"))
+    code, out, err = _cli("doctor", "--data", str(demo_copy))
+    assert code == 0, out + err
+    assert "OK:" in out and "file(s) recorded as written" in out
+
+    before_2020 = _count(demo_copy, "SELECT count(*) FROM asm_sites WHERE period = '2020'")
+    sites = demo_copy / "sites" / "demo-huepetuhe" / "2021.parquet"
+    sites.write_bytes(sites.read_bytes()[: sites.stat().st_size // 2])
+    status = refresh_views(demo_copy)
+    assert "left out 1: sites/demo-huepetuhe/2021.parquet (not readable as Parquet" in status["asm_sites"]  # fmt: skip
+    assert status["asm_sites"].startswith("2 file(s)")
+    assert _count(demo_copy, "SELECT count(*) FROM asm_sites WHERE period = '2020'") == before_2020
+    change = demo_copy / "change" / "demo-huepetuhe" / "2020.parquet"
+    change.unlink()
+    comp = demo_copy / "composite" / "demo-huepetuhe" / "2021.tif"
+    comp.write_bytes(comp.read_bytes()[: comp.stat().st_size * 2 // 3])
+    rec = registry.latest(demo_copy)
+    assert rec is not None
+    (demo_copy / rec.path).write_bytes(b"PK\x03\x04 damaged")
+
+    code, out, err = _cli("doctor", "--data", str(demo_copy))
+    assert code == 1, out + err
+    assert "sites/demo-huepetuhe/2021.parquet: not readable as Parquet" in out
+    assert "change/demo-huepetuhe/2020.parquet: missing (a run recorded it as written)" in out
+    assert "composite/demo-huepetuhe/2021.tif: not readable as a GeoTIFF" in out
+    assert f"models/{rec.model_id}/model.pt" in out and "damaged" in out
+    for line in ("asm_sites 2021|demo-huepetuhe", "asm_change 2020|demo-huepetuhe", "composite 2021|demo-huepetuhe", "mining_model"):  # fmt: skip
+        assert f"\n  {line}\n" in out, line
+    assert "--select asm_sites --partition '2021|demo-huepetuhe'" in out
+
+
+# 8. A report never mixes old and new results -------------------------------------------
+
+
+def test_the_report_refuses_tables_older_than_their_inputs(
+    demo_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: after `alerts` failed, the report mixed the old alerts with new scores."""
+    import dagster as dg
+
+    from assets.change import asm_change
+    from assets.partitions import partition_key
+    from assets.reports import region_report
+    from assets.resources import AsmwatchSettings
+    from assets.risk import alerts, concession_risk, protected_area_pressure
+
+    monkeypatch.setenv("DAGSTER_HOME", str(demo_copy / "dagster_home"))
+    instance = dg.DagsterInstance.get()
+    res = {"settings": AsmwatchSettings(data_root=str(demo_copy), regions_file=str(ROOT / "regions.yaml"))}  # fmt: skip
+    key = partition_key("demo-huepetuhe", "2021")
+    # asm_change runs again; the risk tables do not (as when their step failed).
+    assert dg.materialize([asm_change], partition_key=key, resources=res, instance=instance).success  # fmt: skip
+    report = dg.materialize([region_report], partition_key="demo-huepetuhe", resources=res, instance=instance, raise_on_error=False)  # fmt: skip
+    assert not report.success
+    failure = next(e for e in report.all_events if e.is_step_failure)
+    message = failure.step_failure_data.error.message  # type: ignore[union-attr]
+    for table in ("concession_risk", "protected_area_pressure", "alerts"):
+        assert f"{table} 2021|demo-huepetuhe (materialised" in message, message
+    assert "older than its input asm_change" in message and "re-materialise" in message
+    assert "2020|demo-huepetuhe" not in message
+    # Once they are re-materialised, the report is published.
+    risk = [concession_risk, protected_area_pressure, alerts]
+    assert dg.materialize(risk, partition_key=key, resources=res, instance=instance).success
+    assert dg.materialize([region_report], partition_key="demo-huepetuhe", resources=res, instance=instance).success  # fmt: skip
+
+
+# 15. Names are text, not maths ----------------------------------------------------------
+
+
+def test_a_region_name_with_dollars_is_drawn_as_text(
+    demo_run: tuple[Path, str], tmp_path: Path
+) -> None:
+    """Before: `$...$` in a region name crashed the expansion map (mathtext)."""
+    import dataclasses
+
+    import matplotlib.text
+
+    from pipelines.regions import load_regions
+    from pipelines.reports import expansion_map, gather
+
+    region = load_regions(ROOT / "regions.yaml").get("demo-huepetuhe")
+    original = matplotlib.text.Text.draw
+    for name in (r"Mina $\frac{1}$ & co", "Gold at $5 a gram", r"$x^2$"):
+        data = gather(demo_run[0], dataclasses.replace(region, name=name))
+        drawn: list[tuple[str, bool]] = []
+
+        def spy(self: matplotlib.text.Text, renderer: object, seen: list[tuple[str, bool]] = drawn) -> None:  # fmt: skip
+            seen.append((self.get_text(), self.get_parse_math()))
+            original(self, renderer)  # type: ignore[arg-type]
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(matplotlib.text.Text, "draw", spy)
+            out = expansion_map(data, tmp_path / "map.png")
+        titles = [(t, math) for t, math in drawn if t.startswith(name)]
+        assert titles and all(math is False for _t, math in titles), drawn
+        assert out.stat().st_size > 10_000
+
+
+# 17. The regions file: garbage, duplicate keys, size ------------------------------------
+
+
+def test_a_regions_file_of_binary_garbage_duplicate_keys_or_50_mb_is_refused_clearly(
+    tmp_path: Path,
+) -> None:
+    """Before: a UnicodeDecodeError traceback; the last duplicate key silently won; a
+    50 MB file took 11 minutes and 7 GB."""
+    import time
+
+    from pipelines.regions import MAX_REGIONS_BYTES, RegionsError, load_regions
+
+    garbage = tmp_path / "garbage.yaml"
+    garbage.write_bytes(bytes(range(128, 256)) * 20)
+    with pytest.raises(RegionsError, match=r"not UTF-8 text \(byte 0x80 at offset 0\)"):
+        load_regions(garbage)
+    nul = tmp_path / "nul.yaml"
+    nul.write_bytes(b"regions:\x00\x01\x02")
+    with pytest.raises(RegionsError, match="binary data"):
+        load_regions(nul)
+    for body, key in (
+        (
+            "  - id: a\n    aoi: {bbox: [0, 0, 1, 1]}\n    periods: [2020]\n    periods: [2021]\n",
+            "periods",
+        ),
+        (
+            "  - id: a\n    aoi: {bbox: [0, 0, 1, 1], bbox: [5, 5, 6, 6]}\n    periods: [2020]\n",
+            "bbox",
+        ),
+    ):
+        dup = tmp_path / "dup.yaml"
+        dup.write_text("regions:\n" + body)
+        with pytest.raises(RegionsError, match=f"found the key '{key}' twice"):
+            load_regions(dup)
+    code, _out, err = _cli("validate", str(dup))
+    assert code == 1 and "twice" in err and "Traceback" not in err
+    big = tmp_path / "big.yaml"
+    with big.open("w") as f:
+        f.write("regions:\n  - id: a\n    description: '")
+        f.write("x" * (50 * 1024 * 1024))
+        f.write("'\n")
+    t0 = time.perf_counter()
+    with pytest.raises(RegionsError, match=r"52.4 MB, over the 2 MB"):
+        load_regions(big)
+    assert time.perf_counter() - t0 < 1 and MAX_REGIONS_BYTES == 2_000_000
+
+
+# 18. One keep rule for context layers, and examples that name features ------------------
+
+
+def test_context_layers_reaching_past_the_region_pass_their_own_check(tmp_path: Path) -> None:
+    """Real Guyana indigenous lands: kept because they touch the region, then failed by
+    a check that wanted them inside the bbox plus 0.11 degrees. Now one rule."""
+    import dataclasses
+
+    import geopandas as gpd
+    import shapely
+
+    from pipelines.checks import CONTRACTS, check_table
+    from pipelines.context import KEEP_WITHIN_DEG, read_context, write_context
+    from pipelines.regions import load_regions
+    from tests.conftest import shared
+
+    region = load_regions(ROOT / "regions.yaml").get("cuyuni-mazaruni")
+    src = shared("context/gy_indigenous_lands_amw.geojson")
+    fields = {"indigenous_lands": {"id": "id", "name": "name_field"}}
+    region = dataclasses.replace(region, context_fields=fields)
+    layer = read_context(region, "indigenous_lands", src)
+    w, s, e, n = region.bbox
+    m = 0.11
+    reach = layer.frame.geometry.bounds
+    past = (reach.minx < w - m) | (reach.maxx > e + m) | (reach.miny < s - m) | (reach.maxy > n + m)
+    assert len(layer.frame) > 0 and past.any(), "the real layer reaches past the old margin"
+    path = write_context(layer, tmp_path, region.id)
+    outcomes = {o.name: o for o in check_table(path, CONTRACTS["context"], region, view="indigenous_lands")}  # fmt: skip
+    assert outcomes["geometry_valid"].passed, outcomes["geometry_valid"]
+
+    # A feature that does not touch the box fails, and the example names the feature.
+    frame = layer.frame.copy()
+    far = frame.iloc[[0]].copy()
+    far["feature_id"] = "far-away-land"
+    far["geometry"] = [
+        shapely.box(e + KEEP_WITHIN_DEG + 1, n + 1, e + KEEP_WITHIN_DEG + 1.1, n + 1.1)
+    ]
+    gpd.GeoDataFrame(pd_concat([frame, far]), crs=4326).to_parquet(path, write_covering_bbox=True, index=False)  # fmt: skip
+    geo = {o.name: o for o in check_table(path, CONTRACTS["context"], region, view="indigenous_lands")}["geometry_valid"]  # fmt: skip
+    assert not geo.passed and geo.metadata["examples"]["outside_region"] == ["far-away-land"]
+
+
+def pd_concat(frames: list[object]) -> object:
+    import pandas as pd
+
+    return pd.concat(frames, ignore_index=True)  # type: ignore[call-overload]
+
+
+# 19. An AOI across the antimeridian --------------------------------------------------
+
+
+def test_an_aoi_across_the_antimeridian_is_refused_with_how_to_split_it() -> None:
+    """Before: the advised two-part MultiPolygon was accepted and got UTM zone 31S."""
+    from pipelines.regions import RegionsError, parse_regions
+
+    fiji = {
+        "type": "MultiPolygon",
+        "coordinates": [
+            [[[177.0, -18.5], [180.0, -18.5], [180.0, -16.0], [177.0, -16.0], [177.0, -18.5]]],
+            [
+                [
+                    [-180.0, -18.5],
+                    [-178.0, -18.5],
+                    [-178.0, -16.0],
+                    [-180.0, -16.0],
+                    [-180.0, -18.5],
+                ]
+            ],
+        ],
+    }
+    doc = {"regions": [{"id": "fiji", "aoi": {"geometry": fiji}, "periods": [2024]}]}
+    with pytest.raises(RegionsError, match=r"crosses the antimeridian.*two regions, one on each side"):  # fmt: skip
+        parse_regions(doc)
+    doc["regions"][0]["aoi"] = {"bbox": [177.0, -18.5, -178.0, -16.0]}
+    with pytest.raises(RegionsError, match="two regions, one on each side"):
+        parse_regions(doc)
+    # Each half on its own is a region with its own zone: 60S and 1S.
+    from pipelines.grid import bbox_utm_epsg
+
+    east = {"type": "Polygon", "coordinates": fiji["coordinates"][0]}  # type: ignore[index]
+    west = {"type": "Polygon", "coordinates": fiji["coordinates"][1]}  # type: ignore[index]
+    doc = {"regions": [
+        {"id": "fiji-east", "aoi": {"geometry": east}, "periods": [2024]},
+        {"id": "fiji-west", "aoi": {"geometry": west}, "periods": [2024]},
+    ]}  # fmt: skip
+    regions = parse_regions(doc).regions
+    assert [bbox_utm_epsg(r.bbox) for r in regions] == [32760, 32701]
+
+
+# 11. Fail fast, say why -------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _tmpfs(size_mb: int) -> Iterator[Path]:
+    """A small real file system of its own (tmpfs), to fill up or make read-only."""
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="asmwatch-tmpfs-"))
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(d)], capture_output=True, text=True)  # fmt: skip
+    if r.returncode != 0:
+        d.rmdir()
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()}): needs root")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+        d.rmdir()
+
+
+def _failure(result: object) -> str:
+    events = result.all_events  # type: ignore[attr-defined]
+    failure = next(e for e in events if e.is_step_failure)
+    return str(failure.step_failure_data.error.message)
+
+
+def _retries(result: object) -> int:
+    return sum(1 for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY")  # type: ignore[attr-defined]
+
+
+def test_a_full_disk_and_a_read_only_root_fail_in_seconds_naming_the_cause(tmp_path: Path) -> None:
+    """Before: retried for minutes like a network fault, then `TIFFAppendToStrip: Write
+    error at scanline 0`."""
+    import time
+
+    import dagster as dg
+
+    from assets.composite import composite
+    from assets.partitions import partition_key
+    from assets.scenes import scenes
+    from tests.assets.test_composite_asset import _regions_file, _resources
+
+    regions = _regions_file(tmp_path)
+    key = partition_key("demo-huepetuhe", "2020")
+    with _tmpfs(48) as mnt:
+        res = _resources(mnt, regions)
+        assert dg.materialize([scenes], partition_key=key, resources=res).success
+        filler = mnt / "filler"
+        with filler.open("wb") as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+        t0 = time.monotonic()
+        full = dg.materialize([composite], partition_key=key, resources=res, raise_on_error=False)  # fmt: skip
+        elapsed = time.monotonic() - t0
+        assert not full.success and _retries(full) == 0 and elapsed < 60
+        message = _failure(full)
+        assert "no space left on device" in message and str(mnt / "data") in message, message
+        assert "Retrying cannot fix this" in message
+        filler.unlink()
+
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        t0 = time.monotonic()
+        ro = dg.materialize([scenes], partition_key=key, resources=res, raise_on_error=False)
+        assert not ro.success and _retries(ro) == 0 and time.monotonic() - t0 < 60
+        message = _failure(ro)
+        assert "read-only file system" in message and str(mnt / "data") in message, message
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another account needs root")
+def test_a_permission_error_is_named_with_its_path(tmp_path: Path) -> None:
+    """A write refused by the file system's permissions, as another account sees it
+    (a forked child that drops to `nobody`: root itself is never refused)."""
+    import tempfile
+
+    from pipelines.errors import deterministic_cause
+    from pipelines.storage import atomic_path
+
+    d = Path(tempfile.mkdtemp(prefix="asmwatch-perm-"))
+    try:
+        d.chmod(0o755)
+        (d / "sites").mkdir()  # root's, 0755: another account cannot write into it
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            message = "no error"
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                with atomic_path(d / "sites" / "r" / "2021.parquet") as t:
+                    t.write_text("x")
+            except Exception as e:
+                message = str(deterministic_cause(e, d))
+            os.write(write, message.encode())
+            os._exit(0)
+        os.close(write)
+        os.waitpid(pid, 0)
+        with os.fdopen(read) as f:
+            assert f.read() == f"permission denied writing {d / 'sites' / 'r'}"
+    finally:
+        shutil.rmtree(d)
+
+
+def test_the_instance_never_reruns_a_run_for_a_failed_step(tmp_path: Path) -> None:
+    """The UI's asset job carries no tags: the instance's own setting must say it."""
+    import yaml
+
+    from pipelines.cli import ensure_dagster_home
+
+    cfg = yaml.safe_load(ensure_dagster_home(tmp_path / "home").read_text())
+    assert cfg["run_retries"] == {"enabled": True, "max_retries": 2, "retry_on_asset_or_op_failure": False}  # fmt: skip
+    assert cfg["run_monitoring"]["enabled"] is True

@@ -35,7 +35,8 @@ def test_model_is_registered_reused_and_reloaded(root: Path) -> None:
     region = small_region()
     first = train_mining_model(root, [region], config=TINY, progress=lambda _m: None)
     rec = first.record
-    assert not first.reused and Path(rec.path).exists() and rec.device == "cpu"
+    assert not first.reused and (root / rec.path).exists() and rec.device == "cpu"
+    assert rec.path == f"models/{rec.model_id}/model.pt"  # relative: the root can move
     assert {d["role"] for d in rec.train_data} == {"train", "heldout"}
     assert [d["period"] for d in rec.train_data if d["role"] == "heldout"] == ["2021"]
     assert set(rec.metrics) >= {"heldout", "baseline_heldout", "validation", "epochs"}

@@ -1,0 +1,55 @@
+"""What the Dagster instance says was written: the files ``asmwatch doctor`` expects.
+
+A partition whose table file was deleted is not simply absent to the catalog: Dagster
+still shows it materialised, and ``region_summary`` still counts its sites. Each
+materialisation recorded here names the files it wrote (by the assets' path rules), so
+``pipelines.integrity.doctor`` can report the ones that are gone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+#: Assets whose materialisations promise files, and the files (templates over the root).
+EXPECTED: dict[str, tuple[str, ...]] = {
+    "scenes": ("scenes/{region}/{period}.parquet",),
+    "composite": ("composite/{region}/{period}.tif",),
+    "mining_probability": ("probability/{region}/{period}.tif",),
+    "asm_sites": ("sites/{region}/{period}.parquet",),
+    "asm_change": ("change/{region}/{period}.parquet", "summary/{region}/{period}.parquet"),
+    "concession_risk": ("risk/concession_risk/{region}/{period}.parquet",),
+    "protected_area_pressure": ("risk/protected_area_pressure/{region}/{period}.parquet",),
+    "hotspots": ("risk/hotspots/{region}/{period}.parquet",),
+    "alerts": ("risk/alerts/{region}/{period}.parquet",),
+}
+
+
+def _metadata(instance: Any, asset: str, partition: str) -> dict[str, Any]:
+    """The metadata values of the latest materialisation of ``asset`` at ``partition``."""
+    import dagster as dg
+
+    result = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]),
+        limit=1,
+    )
+    if not result.records:
+        return {}
+    mat = result.records[0].asset_materialization
+    return {k: v.value for k, v in (mat.metadata if mat else {}).items()}
+
+
+def recorded_files(instance: Any) -> Iterator[tuple[str, str, str]]:
+    """(path relative to the data root, asset, partition key) of every file written by
+    the latest materialisation of each partition (an empty partition writes none)."""
+    import dagster as dg
+
+    for asset, templates in EXPECTED.items():
+        for pk in sorted(instance.get_materialized_partitions(dg.AssetKey(asset))):
+            if "|" not in pk:
+                continue
+            period, region = pk.split("|", 1)
+            if _metadata(instance, asset, pk).get("empty") is True:
+                continue  # the run found nothing and wrote nothing, on purpose
+            for t in templates:
+                yield t.format(region=region, period=period), asset, pk
