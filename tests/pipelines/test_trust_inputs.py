@@ -113,6 +113,7 @@ def test_concession_scores_do_not_drop_with_spanish_statuses(
     refresh_views(root)
     after = compute(root, "concession_risk", region, "2021").to_pylist()
     assert any(r["score_grievances"] > 0 for r in before)
+
     def key(rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
         return [(r["concession_id"], r["open_grievances"], r["score"]) for r in rows]
 
