@@ -22,8 +22,7 @@ from pipelines.risk import (
     DEFAULT_MIN_ALERT_HA,
     RiskError,
     RiskSettings,
-    compute,
-    write_table,
+    write_rows,
 )
 
 with warnings.catch_warnings():  # beta in Dagster 1.13, and the mapping this graph needs
@@ -49,13 +48,13 @@ def _run(
     context: dg.AssetExecutionContext,
     settings: AsmwatchSettings,
     config: RiskConfig,
-    summary: Callable[[Any], dict[str, dg.MetadataValue]],
+    summary: Callable[[Any, Callable[[str], dict[str, Any]]], dict[str, dg.MetadataValue]],
 ) -> dg.MaterializeResult:
     """Compute one table for the partition, write it, refresh the views, report."""
     region, period = region_and_period(context, settings.regions())
     root = settings.root()
     try:
-        rows = compute(
+        target = write_rows(
             root,
             table,
             region,
@@ -64,20 +63,38 @@ def _run(
         )
     except RiskError as e:
         raise dg.Failure(allow_retries=False, description=str(e)) from e
-    target = write_table(rows, root, table, region.id, period.id)
     views = refresh_views(root)
-    frame = rows.drop_columns(["geometry"]) if "geometry" in rows.column_names else rows
-    df = frame.to_pandas()
-    context.log.info(f"{table} {region.id} {period.id}: {len(df)} row(s) -> {target}")
+    # The summary reads the file back a few columns and rows at a time (it may be large).
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(target)
+    n = pf.metadata.num_rows
+    names = [c for c in pf.schema_arrow.names if c not in ("geometry", "bbox")]
+    if table == "alerts":  # may be millions of rows: the most severe five (file order)
+        head = next(pf.iter_batches(batch_size=5, columns=names), None)
+        df = head.to_pandas() if head is not None else pq.read_table(target, columns=names).to_pandas()  # fmt: skip
+    else:  # a row per concession, protected area or cell, without geometries
+        df = pq.read_table(target, columns=names).to_pandas()
+    context.log.info(f"{table} {region.id} {period.id}: {n} row(s) -> {target}")
     return dg.MaterializeResult(
         check_results=table_checks([(table, target, None)], region, context.log),
         metadata={
             "path": dg.MetadataValue.path(str(target)),
-            "rows": dg.MetadataValue.int(len(df)),
-            **summary(df),
+            "rows": dg.MetadataValue.int(n),
+            **summary(df, lambda column: _counts(pf, column)),
             "catalog": dg.MetadataValue.json(views),
         },
     )
+
+
+def _counts(pf: Any, column: str) -> dict[str, Any]:
+    """Value counts of one column, a row group at a time."""
+    from collections import Counter
+
+    counts: Counter[Any] = Counter()
+    for batch in pf.iter_batches(columns=[column]):
+        counts.update(batch.column(0).to_pylist())
+    return dict(counts)
 
 
 def _md(df: Any, columns: list[str], empty: str) -> dg.MetadataValue:
@@ -98,7 +115,7 @@ def _md(df: Any, columns: list[str], empty: str) -> dg.MetadataValue:
 def concession_risk(
     context: dg.AssetExecutionContext, settings: AsmwatchSettings, config: RiskConfig
 ) -> dg.MaterializeResult:
-    def summary(df: Any) -> dict[str, dg.MetadataValue]:
+    def summary(df: Any, _counts: Callable[[str], dict[str, Any]]) -> dict[str, dg.MetadataValue]:
         bands = df["band"].value_counts().to_dict() if len(df) else {}
         return {
             "bands": dg.MetadataValue.json({k: int(v) for k, v in bands.items()}),
@@ -137,7 +154,7 @@ def concession_risk(
 def protected_area_pressure(
     context: dg.AssetExecutionContext, settings: AsmwatchSettings, config: RiskConfig
 ) -> dg.MaterializeResult:
-    def summary(df: Any) -> dict[str, dg.MetadataValue]:
+    def summary(df: Any, _counts: Callable[[str], dict[str, Any]]) -> dict[str, dg.MetadataValue]:
         pressed = df[df["site_count"] > 0] if len(df) else df
         return {
             "areas": dg.MetadataValue.int(len(df)),
@@ -170,7 +187,7 @@ def protected_area_pressure(
 def hotspots(
     context: dg.AssetExecutionContext, settings: AsmwatchSettings, config: RiskConfig
 ) -> dg.MaterializeResult:
-    def summary(df: Any) -> dict[str, dg.MetadataValue]:
+    def summary(df: Any, _counts: Callable[[str], dict[str, Any]]) -> dict[str, dg.MetadataValue]:
         return {
             "cells": dg.MetadataValue.int(len(df)),
             "top": _md(df, ["h3_cell", "asm_area_ha", "new_asm_ha", "site_count"], "no ASM"),
@@ -193,8 +210,8 @@ def hotspots(
 def alerts(
     context: dg.AssetExecutionContext, settings: AsmwatchSettings, config: RiskConfig
 ) -> dg.MaterializeResult:
-    def summary(df: Any) -> dict[str, dg.MetadataValue]:
-        sev = df["severity"].value_counts().to_dict() if len(df) else {}
+    def summary(df: Any, counts: Callable[[str], dict[str, Any]]) -> dict[str, dg.MetadataValue]:
+        sev = counts("severity")
         return {
             "severity": dg.MetadataValue.json({k: int(v) for k, v in sev.items()}),
             "latest": _md(

@@ -373,9 +373,17 @@ def ensure_catalog(root: Path, say: Callable[[str], None] | None = None) -> Path
     return db
 
 
+#: DuckDB's memory for the project's own catalog queries (risk tables, reports); joins,
+#: sorts and aggregates beyond it spill to disk instead of taking the machine.
+MEMORY_LIMIT = "2GB"
+
+
 def open_catalog(root: Path, say: Callable[[str], None] | None = None) -> duckdb.DuckDBPyConnection:
-    """A read-only connection to the catalog of ``root`` (rebuilt first if damaged)."""
-    return connect(ensure_catalog(root, say), read_only=True, root=root)
+    """A read-only connection to the catalog of ``root`` (rebuilt first if damaged),
+    its memory held to ``MEMORY_LIMIT``."""
+    con = connect(ensure_catalog(root, say), read_only=True, root=root)
+    con.execute(f"SET memory_limit = '{MEMORY_LIMIT}'")
+    return con
 
 
 @contextlib.contextmanager

@@ -117,6 +117,59 @@ def _has_view(con: Any, name: str) -> bool:
     )
 
 
+#: Point layers (settlements, grievance logs) beyond this many points reach the web map
+#: as counts on a grid instead of one marker each: a million grievances would make a
+#: page of hundreds of MB that no browser opens, and the report would hold them all.
+POINT_LAYERS = ("settlements", "grievances")
+MAX_POINTS = 5000
+
+
+def _count(con: Any, view: str, region_id: str) -> int:
+    if not _has_view(con, view):
+        return 0
+    return int(con.execute(f"SELECT count(*) FROM {view} WHERE region = ?", [region_id]).fetchone()[0])  # fmt: skip
+
+
+def _point_cells(con: Any, view: str, region_id: str) -> list[dict[str, Any]]:
+    """``view``'s points of the region counted on a longitude/latitude grid, in DuckDB.
+
+    The cell edge doubles from 0.001 degrees (about 110 m) until there are at most
+    ``MAX_POINTS`` cells; each cell is one feature at the mean position of its points,
+    saying how many it holds (and how many are open, and their dates, for grievances).
+    """
+    import shapely
+
+    size = 0.001
+    where = "region = ? AND geometry IS NOT NULL AND NOT ST_IsEmpty(geometry)"
+    while True:
+        cell = f"floor(ST_X(geometry) / {size})::BIGINT, floor(ST_Y(geometry) / {size})::BIGINT"
+        n = con.execute(f"SELECT count(DISTINCT ({cell})) FROM {view} WHERE {where}", [region_id]).fetchone()[0]  # fmt: skip
+        if n <= MAX_POINTS:
+            break
+        size *= 2
+    rows = con.execute(
+        f"SELECT avg(ST_X(geometry)), avg(ST_Y(geometry)), count(*), "
+        f"count(*) FILTER (WHERE coalesce(status, 'open') = 'open'), min(date), max(date), "
+        f"sum(population) FROM {view} WHERE {where} GROUP BY {cell} ORDER BY 3 DESC, 1, 2",
+        [region_id],
+    ).fetchall()
+    what = "grievances" if view == "grievances" else "settlements"
+    out = []
+    for i, (x, y, count, open_, first, last, population) in enumerate(rows):
+        out.append({
+            "feature_id": f"{view}-cell-{i + 1}",
+            "name": f"{count:,} {what} in this {size:g} degree cell",
+            "category": f"aggregated: {count:,} points",
+            "status": f"{open_:,} open" if view == "grievances" else None,
+            "date": f"{first} to {last}" if first is not None else None,
+            "population": population,
+            "holder": None, "area_ha": None, "concession_id": None,
+            "points": int(count), "cell_deg": size,
+            "geometry": shapely.Point(x, y),
+        })  # fmt: skip
+    return out
+
+
 def gather(root: Path, region: Region) -> RegionData:
     """Read everything the reports need for ``region`` from the catalog under ``root``."""
     import shapely
@@ -177,7 +230,11 @@ def gather(root: Path, region: Region) -> RegionData:
             for p in periods
         }
         context = {
-            layer: geo_rows(layer, "region = ?", [region.id], "ORDER BY feature_id")
+            layer: (
+                _point_cells(con, layer, region.id)
+                if layer in POINT_LAYERS and _count(con, layer, region.id) > MAX_POINTS
+                else geo_rows(layer, "region = ?", [region.id], "ORDER BY feature_id")
+            )
             for layer in (*CONTEXT_STYLES, *WEB_ONLY_STYLES)
         }
         alerts = {
@@ -530,7 +587,18 @@ def web_data(data: RegionData) -> dict[str, Any]:
         ]
         if not feats and layer in WEB_ONLY_STYLES:
             continue  # optional layers the region does not have
-        context[layer] = {"label": label, "colour": colour, "data": {"type": "FeatureCollection", "features": feats}}  # fmt: skip
+        rows = data.context.get(layer, [])
+        cells = bool(rows) and "points" in rows[0]
+        for f, r in zip(feats, rows, strict=True):
+            if cells:
+                f["properties"]["points"] = r["points"]
+        context[layer] = {
+            "label": label, "colour": colour,
+            "data": {"type": "FeatureCollection", "features": feats},
+            # Aggregated point layers: how many points, on cells of what size.
+            "points": sum(r["points"] for r in rows) if cells else len(feats),
+            "cell_deg": rows[0]["cell_deg"] if cells else None,
+        }  # fmt: skip
     w, s_, e, n = data.region.bbox
     return {
         "region": {"id": data.region.id, "name": data.region.name, "bbox": [[s_, w], [n, e]]},

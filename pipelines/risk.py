@@ -11,8 +11,10 @@ a region with no settlements layer simply counts none.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,15 +120,16 @@ def parameters(
     return {k: v for k, v in values.items() if k in used}
 
 
-def compute(
+@contextlib.contextmanager
+def _prepared(
     root: Path,
     table: str,
     region: Region,
     period_id: str,
-    settings: RiskSettings | None = None,
-    now: dt.datetime | None = None,
-) -> Any:
-    """The rows of ``table`` for one region and period, as a pyarrow Table."""
+    settings: RiskSettings | None,
+    now: dt.datetime | None,
+) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """A catalog connection ready for ``sql/<table>.sql`` and its bound parameters."""
     if table not in TABLES:
         raise RiskError(f"unknown risk table {table!r} (known: {', '.join(TABLES)})")
     settings = settings or RiskSettings()
@@ -145,9 +148,67 @@ def compute(
                 )
         if table == "hotspots":
             _h3_function(con)
-        return con.execute(load_sql(table), params).to_arrow_table()
+        yield con, params
     finally:
         con.close()
+
+
+def compute(
+    root: Path,
+    table: str,
+    region: Region,
+    period_id: str,
+    settings: RiskSettings | None = None,
+    now: dt.datetime | None = None,
+) -> Any:
+    """The rows of ``table`` for one region and period, as a pyarrow Table (in memory:
+    for small results and tests; the assets write with ``write_rows``)."""
+    with _prepared(root, table, region, period_id, settings, now) as (con, params):
+        return con.execute(load_sql(table), params).to_arrow_table()
+
+
+def write_rows(
+    root: Path,
+    table: str,
+    region: Region,
+    period_id: str,
+    settings: RiskSettings | None = None,
+    now: dt.datetime | None = None,
+) -> Path:
+    """Compute ``table`` for one region and period and write it, streaming.
+
+    DuckDB runs the SQL and writes the Parquet file itself (``COPY ... TO``), row group
+    by row group: memory is bounded by ``catalog.MEMORY_LIMIT`` (DuckDB spills beyond it), not
+    by the size of the result, and no column ever passes through Arrow's 2 GiB arrays.
+    The alerts' WKB becomes a GeoParquet geometry column (EPSG:4326, as every other
+    table's) with a bbox covering column. Hotspots, whose cell polygons
+    come from the h3 package, are written from memory (one row per cell).
+    """
+    if table == "hotspots":
+        rows = compute(root, table, region, period_id, settings, now)
+        return write_table(rows, root, table, region.id, period_id)
+    from pipelines.catalog import sql_literal
+
+    target = risk_path(root, table, region.id, period_id)
+    body = load_sql(table).strip().rstrip(";")
+    if table == "alerts":  # WKB in the SQL's result: GeoParquet geometry and bbox here
+        body = (
+            "SELECT * EXCLUDE (geometry, g), g AS geometry, struct_pack(xmin := ST_XMin(g), "
+            "ymin := ST_YMin(g), xmax := ST_XMax(g), ymax := ST_YMax(g)) AS bbox "
+            f"FROM (SELECT *, ST_SetCRS(ST_GeomFromWKB(geometry), 'EPSG:4326') AS g FROM ({body}))"
+        )
+    import pyarrow.parquet as pq
+
+    prepared = _prepared(root, table, region, period_id, settings, now)
+    with prepared as (con, params), atomic_path(target) as tmp:
+        to = sql_literal(str(tmp))
+        con.execute(f"COPY ({body}) TO {to} (FORMAT parquet, ROW_GROUP_SIZE 100000)", params)
+        empty = pq.read_metadata(tmp).num_rows == 0
+    if empty and table == "alerts":
+        # DuckDB writes no GeoParquet metadata for an empty result; readers would see a
+        # BLOB. Nothing to stream: the in-memory writer makes the same empty table.
+        return write_table(compute(root, table, region, period_id, settings, now), root, table, region.id, period_id)  # fmt: skip
+    return target
 
 
 def write_table(rows: Any, root: Path, table: str, region_id: str, period_id: str) -> Path:
