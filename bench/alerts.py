@@ -127,7 +127,9 @@ def main() -> int:
             for v in variants:
                 r = results[(v, n)] = measure(v, root)
                 print(f"{n:>8,} concessions  {v:10} {r['seconds']:8.2f} s  peak {r['peak_gb']:5.2f} GB  {int(r['rows']):>11,} rows", flush=True)  # fmt: skip
-    print(f"\n{'variant':10} {'time x':>7} {'memory x':>9}  (N / N/10; linear time 10x, bounded memory ~1x)")
+    print(
+        f"\n{'variant':10} {'time x':>7} {'memory x':>9}  (N / N/10; linear time 10x, bounded memory ~1x)"
+    )
     for v in variants:
         a, b = results[(v, sizes[0])], results[(v, sizes[1])]
         print(f"{v:10} {b['seconds'] / a['seconds']:7.1f} {b['peak_gb'] / a['peak_gb']:9.2f}")
