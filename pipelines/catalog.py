@@ -24,6 +24,7 @@ from typing import Any
 import duckdb
 
 from pipelines.context import TABLE_KINDS as CONTEXT_TABLES
+from pipelines.storage import chmod_for_umask
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +322,7 @@ def refresh_views(
         if staged != tmp:
             shutil.copyfile(tmp, staged)
             shutil.rmtree(tmp.parent, ignore_errors=True)
-        _match_umask(staged)
+        chmod_for_umask(staged)  # DuckDB's own file mode; readable by others under 022
         os.replace(staged, db)
         db.with_name(db.name + ".wal").unlink(missing_ok=True)  # from a pre-rename writer
     return status
@@ -332,12 +333,6 @@ def _create_view(
 ) -> None:
     ddl = load_sql(sql_name).replace(":files", files_literal(files))
     con.execute(ddl.replace(":view", view))  # a key of VIEWS, not input
-
-
-def _match_umask(path: Path) -> None:
-    from pipelines.storage import chmod_for_umask
-
-    chmod_for_umask(path)
 
 
 def catalog_problem(db: Path) -> str | None:
