@@ -50,9 +50,10 @@ run_retries:
   # A failed step (bad input, a full disk) is not a crashed run: never re-run for it,
   # also for runs the UI launches without the jobs' tags.
   retry_on_asset_or_op_failure: false
-# Run monitoring (needs the daemon, which `asmwatch ui` starts): a run whose worker
-# process died is marked failed instead of staying STARTED. Runs of `asmwatch demo` and
-# `asmwatch backfill` run in their own process; the next asmwatch command marks theirs.
+# Run monitoring (needs the daemon, which `asmwatch ui` starts): runs stuck starting or
+# cancelling, or past a dagster/max_runtime tag, are failed. (The default run launcher
+# cannot see a dead run worker; runs of `asmwatch demo` and `asmwatch backfill` run in
+# their own process, and the next asmwatch command marks theirs failed.)
 run_monitoring:
   enabled: true
   poll_interval_seconds: 30

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import rasterio
+from rasterio._err import CPLE_BaseError  # GDAL's errors, raised as they come
 
 from ml import registry
 from ml.features import IGNORE, Normalizer, Scene, read_composite, read_labels
@@ -248,7 +249,15 @@ def map_probability(
     dev = pick_device(device)
     on_gpu = dev.type == "cuda" and record is not None
     # On a GPU the scene is uploaded while the model runs: pinned, half precision.
-    comp = read_composite(src, pinned=on_gpu, dtype=np.float16 if on_gpu else np.float32)
+    try:
+        comp = read_composite(src, pinned=on_gpu, dtype=np.float16 if on_gpu else np.float32)
+    except (rasterio.errors.RasterioError, CPLE_BaseError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DetectionError(
+            f"the composite {src} cannot be read ({first}): it is damaged or cut short. "
+            f"Re-materialise `composite` for {region.id}/{period_id}; `asmwatch doctor` "
+            "lists every damaged file"
+        ) from e
     if record is None:
         progress("mining_probability: no trained model registered; using the index baseline")
         prob = index_baseline(comp.features)

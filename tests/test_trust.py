@@ -496,6 +496,13 @@ def test_doctor_finds_truncated_deleted_and_damaged_files(
     change.unlink()
     comp = demo_copy / "composite" / "demo-huepetuhe" / "2021.tif"
     comp.write_bytes(comp.read_bytes()[: comp.stat().st_size * 2 // 3])
+    # The stage that reads it says which file and what to do, not only GDAL's words.
+    from pipelines.detection import DetectionError, map_probability
+    from pipelines.regions import load_regions
+
+    region = load_regions(ROOT / "regions.yaml").get("demo-huepetuhe")
+    with pytest.raises(DetectionError, match=r"composite .*2021.tif cannot be read .*asmwatch doctor"):  # fmt: skip
+        map_probability(demo_copy, region, "2021", record=None, progress=lambda _m: None)
     rec = registry.latest(demo_copy)
     assert rec is not None
     (demo_copy / rec.path).write_bytes(b"PK\x03\x04 damaged")
