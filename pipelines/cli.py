@@ -60,6 +60,31 @@ run_monitoring:
 """
 
 
+def use_dagster_home(root: Path) -> Path:
+    """Set ``DAGSTER_HOME`` (default ``<root>/dagster_home``) and write its dagster.yaml.
+
+    Dagster finds dagster.yaml by a glob of ``$DAGSTER_HOME/dagster.yaml``: in a folder
+    named ``data [ab]`` it finds nothing and silently runs on defaults (no run retries
+    settings, telemetry on). Such a home is reached through a symlink with a plain path
+    in the temporary folder instead, said in one line.
+    """
+    import hashlib
+    import tempfile
+
+    home = Path(os.environ.get("DAGSTER_HOME") or root / "dagster_home")
+    ensure_dagster_home(home)
+    if any(c in str(home) for c in "[]*?"):
+        digest = hashlib.sha1(str(home.resolve()).encode()).hexdigest()[:12]
+        link = Path(tempfile.gettempdir()) / f"asmwatch-dagster-home-{digest}"
+        if not (link.is_symlink() and link.resolve() == home.resolve()):
+            link.unlink(missing_ok=True)
+            link.symlink_to(home.resolve(), target_is_directory=True)
+        print(f"DAGSTER_HOME {home} has glob characters Dagster cannot read it by; using {link} -> it", file=sys.stderr)  # fmt: skip
+        home = link
+    os.environ["DAGSTER_HOME"] = str(home)
+    return home
+
+
 def ensure_dagster_home(home: Path) -> Path:
     """Create DAGSTER_HOME with asmwatch's dagster.yaml unless one is there."""
     home.mkdir(parents=True, exist_ok=True)
@@ -73,8 +98,7 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     """``dagster dev`` on 127.0.0.1 with the project's workspace and DAGSTER_HOME."""
     root = data_root(args.data)
     os.environ["ASMWATCH_DATA"] = str(root)
-    os.environ.setdefault("DAGSTER_HOME", str(root / "dagster_home"))
-    ensure_dagster_home(Path(os.environ["DAGSTER_HOME"]))
+    use_dagster_home(root)
     import dagster as dg
 
     from assets.runs import fail_dead_runs
@@ -99,8 +123,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     os.environ["ASMWATCH_DATA"] = str(root)
     if args.regions:
         os.environ["ASMWATCH_REGIONS"] = str(Path(args.regions).resolve())
-    os.environ.setdefault("DAGSTER_HOME", str(root / "dagster_home"))
-    ensure_dagster_home(Path(os.environ["DAGSTER_HOME"]))
+    use_dagster_home(root)
 
     config = load_regions(args.regions)
     embedded = [r for r in config.regions if r.source == "embedded"]
@@ -397,7 +420,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     recorded: list[tuple[str, str, str]] = []
     home = Path(os.environ.get("DAGSTER_HOME") or root / "dagster_home")
     if (home / "dagster.yaml").exists() or (home / "storage").exists():
-        os.environ["DAGSTER_HOME"] = str(home)
+        home = use_dagster_home(root)
         import dagster as dg
 
         from assets.doctor import recorded_files

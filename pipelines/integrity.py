@@ -65,9 +65,9 @@ def cog_problem(path: Path) -> str | None:
                 return "not tiled (not a COG)"
             h, w = src.height, src.width
             bh, bw = src.block_shapes[0]
-            last = Window(((w - 1) // bw) * bw, ((h - 1) // bh) * bh, 0, 0)
-            last = Window(last.col_off, last.row_off, w - last.col_off, h - last.row_off)
-            src.read(window=last)  # every band's last block: a file cut short fails here
+            x0, y0 = ((w - 1) // bw) * bw, ((h - 1) // bh) * bh
+            # Every band's last block: a file cut short fails here.
+            src.read(window=Window(x0, y0, w - x0, h - y0))
             ovr = src.overviews(1)
             if ovr:
                 with rasterio.open(path, overview_level=len(ovr) - 1) as small:
@@ -125,8 +125,6 @@ class DoctorReport:
         return list(seen)
 
 
-#: Table folders: glob (relative to the root) -> (catalog view or None, asset, key parts).
-#: Key parts name the path components that make the partition key.
 def _table_files(root: Path) -> Iterable[tuple[str, str, str, str | None]]:
     """(relative path, view, asset, partition key) of every table file under the root."""
     from pipelines.catalog import VIEWS
@@ -146,19 +144,11 @@ def _table_files(root: Path) -> Iterable[tuple[str, str, str, str | None]]:
             elif parts[0] == "context":
                 key = parts[1]  # region-partitioned
             else:
-                key = f"{parts[-2]}|{p.stem}"  # region|period
+                key = f"{p.stem}|{parts[-2]}"  # Dagster's multi-partition key: period|region
             yield rel, view, assets.get(view, "context_layers"), key
 
 
 RASTERS = (("composite", "composite"), ("probability", "mining_probability"))
-
-
-def _display_key(key: str | None) -> str | None:
-    """``region|period`` -> Dagster's multi-partition key ``period|region``."""
-    if key is None or "|" not in key:
-        return key
-    region, period = key.split("|", 1)
-    return f"{period}|{region}"
 
 
 def doctor(
@@ -184,13 +174,13 @@ def doctor(
         report.checked += 1
         problem = parquet_problem(root / rel, deep=deep) or view_problem(root, view, rel)
         if problem:
-            report.findings.append(Finding(rel, problem, asset, _display_key(key)))
+            report.findings.append(Finding(rel, problem, asset, key))
     for folder, asset in RASTERS:
         for p in sorted((root / folder).glob("*/*.tif")):
             report.checked += 1
             rel = p.relative_to(root).as_posix()
             if problem := cog_problem(p):
-                report.findings.append(Finding(rel, problem, asset, _display_key(f"{p.parent.name}|{p.stem}")))  # fmt: skip
+                report.findings.append(Finding(rel, problem, asset, f"{p.stem}|{p.parent.name}"))
     try:
         records = registry.records(root, say=report.notes.append)
     except registry.RegistryError as e:

@@ -889,3 +889,23 @@ def test_a_large_grievance_log_reaches_the_web_map_as_counts_on_a_grid(demo_copy
     assert len(json.dumps(doc)) < 2_000_000
     # Few points stay points: the demo's own settlements.
     assert "points" not in data.context["settlements"][0]
+
+
+def test_a_dagster_home_with_glob_characters_still_reads_its_dagster_yaml(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dagster globs for $DAGSTER_HOME/dagster.yaml: under `data [ab]` it found nothing and
+    ran on its defaults (telemetry on, the Welcome banner, no retry settings)."""
+    import dagster as dg
+
+    from pipelines.cli import use_dagster_home
+
+    root = tmp_path / "data [ab]"
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    home = use_dagster_home(root)
+    assert (root / "dagster_home" / "dagster.yaml").exists()
+    assert home.is_symlink() and home.resolve() == (root / "dagster_home").resolve()
+    instance = dg.DagsterInstance.get()
+    assert instance.telemetry_enabled is False
+    assert instance.run_retries_retry_on_asset_or_op_failure is False
+    assert use_dagster_home(root) == home  # the same link again
