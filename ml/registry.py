@@ -28,6 +28,7 @@ from torch import nn
 
 from ml.features import Normalizer
 from ml.models import UnetSpec, build_unet
+from pipelines.errors import first_line
 from pipelines.storage import atomic_dir, atomic_path
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,7 @@ def records(root: Path, say: Callable[[str], None] | None = None) -> list[ModelR
         rows = pq.read_table(table).to_pylist()
         return [_from_row(row) for row in rows]
     except Exception as e:  # pyarrow raises several types on a damaged file
-        warn(f"model registry {table} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}); rebuilding it from models/*/metadata.json")  # fmt: skip
+        warn(f"model registry {table} is damaged ({first_line(e)}); rebuilding it from models/*/metadata.json")  # fmt: skip
         return rebuild(root)
 
 
@@ -263,8 +264,9 @@ def load(root: Path, record: ModelRecord | str | Path) -> tuple[nn.Module, Norma
         model.load_state_dict(ckpt["state_dict"])
         norm = Normalizer(tuple(ckpt["normalizer"]["mean"]), tuple(ckpt["normalizer"]["std"]))
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, KeyError, ...
-        first = (str(e).strip().splitlines() or [""])[0]
-        reason = type(e).__name__ if ("weights_only" in str(e) or not first) else first
+        # torch's advice to load with weights_only=False (running code from the file) is
+        # never passed on: the error's type says enough then.
+        reason = type(e).__name__ if "weights_only" in str(e) else first_line(e)
         raise RegistryError(
             f"the checkpoint of {what}, {path}, is damaged and cannot be loaded "
             f"({reason[:200]}); {RETRAIN_HINT}"

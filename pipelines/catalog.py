@@ -24,6 +24,7 @@ from typing import Any
 import duckdb
 
 from pipelines.context import TABLE_KINDS as CONTEXT_TABLES
+from pipelines.errors import first_line
 from pipelines.storage import chmod_for_umask
 
 log = logging.getLogger(__name__)
@@ -289,21 +290,21 @@ def refresh_views(
                         bad.append(f"{f} ({problem})")
                 try:
                     if good:
-                        _create_view(con, view, sql_name, good)
+                        create_view(con, view, sql_name, good)
                 except duckdb.Error:
                     # Some file lacks a column the view needs (written by an older
                     # version, or damaged): find which, leave it out, keep the rest.
                     keep = []
                     for f in good:
                         try:
-                            _create_view(con, view, sql_name, [f])
+                            create_view(con, view, sql_name, [f])
                             keep.append(f)
                         except duckdb.Error as e:
-                            bad.append(f"{f} ({str(e).splitlines()[0]})")
+                            bad.append(f"{f} ({first_line(e)})")
                     good = keep
                     con.execute(f"DROP VIEW IF EXISTS {view}")
                     if good:
-                        _create_view(con, view, sql_name, good)
+                        create_view(con, view, sql_name, good)
                 for b in bad:
                     warn(f"catalog: view {view} leaves out {b}; re-materialise it (`asmwatch doctor` lists what)")  # fmt: skip
                 left_out = f"; left out {len(bad)}: {'; '.join(bad)}" if bad else ""
@@ -328,9 +329,9 @@ def refresh_views(
     return status
 
 
-def _create_view(
-    con: duckdb.DuckDBPyConnection, view: str, sql_name: str, files: list[str]
-) -> None:
+def create_view(con: duckdb.DuckDBPyConnection, view: str, sql_name: str, files: list[str]) -> None:
+    """``CREATE OR REPLACE VIEW <view>`` from ``sql/<sql_name>.sql`` over ``files``
+    (relative to the data root, or absolute)."""
     ddl = load_sql(sql_name).replace(":files", files_literal(files))
     con.execute(ddl.replace(":view", view))  # a key of VIEWS, not input
 
@@ -346,9 +347,9 @@ def catalog_problem(db: Path) -> str | None:
     except duckdb.IOException as e:
         if _held(e):
             return None  # held by a writer: usable once it lets go, not damaged
-        return f"it is damaged ({str(e).splitlines()[0]})"
+        return f"it is damaged ({first_line(e)})"
     except duckdb.Error as e:
-        return f"it is damaged ({str(e).splitlines()[0]})"
+        return f"it is damaged ({first_line(e)})"
     con.close()
     return None
 

@@ -287,18 +287,17 @@ def check_table(path: Path, contract: Contract, region: Region, *, view: str | N
     ``view`` names the catalog view (default: the contract's table; a context layer's
     name for context tables).
     """
-    from pipelines.catalog import VIEWS, connect, files_literal, load_sql
+    from pipelines.catalog import VIEWS, connect, create_view, files_literal
 
     name = view or contract.table
     con = connect()
     try:
         # Glob characters escaped: a data root named "data [ab]" is read, not "data a".
-        files = files_literal([str(path.resolve())])
-        raw = f"CREATE TEMP VIEW t AS SELECT * FROM read_parquet({files})"
+        files = [str(path.resolve())]
+        raw = f"CREATE TEMP VIEW t AS SELECT * FROM read_parquet({files_literal(files)})"
         if name in VIEWS:
-            ddl = load_sql(VIEWS[name][0]).replace(":files", files)
             try:
-                con.execute(ddl.replace(":view", name))  # a key of VIEWS, not input
+                create_view(con, name, VIEWS[name][0], files)
                 con.execute(f"CREATE TEMP VIEW t AS SELECT * FROM {name}")
             except duckdb.BinderException:  # a column the view needs is missing
                 con.execute(raw)  # the schema check names it

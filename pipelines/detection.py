@@ -36,6 +36,7 @@ from ml.models import index_baseline
 from ml.train import Labelled, TrainConfig, train_unet
 from pipelines.composite import composite_path
 from pipelines.embedded import context_path, world_dir
+from pipelines.errors import first_line
 from pipelines.progress import Progress
 from pipelines.regions import Region
 from pipelines.storage import atomic_path, partition_path
@@ -252,9 +253,8 @@ def map_probability(
     try:
         comp = read_composite(src, pinned=on_gpu, dtype=np.float16 if on_gpu else np.float32)
     except (rasterio.errors.RasterioError, CPLE_BaseError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DetectionError(
-            f"the composite {src} cannot be read ({first}): it is damaged or cut short. "
+            f"the composite {src} cannot be read ({first_line(e)}): it is damaged or cut short. "
             f"Re-materialise `composite` for {region.id}/{period_id}; `asmwatch doctor` "
             "lists every damaged file"
         ) from e

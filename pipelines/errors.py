@@ -23,14 +23,6 @@ CAUSES: dict[int, str] = {
     errno.EACCES: "permission denied",
     errno.EPERM: "operation not permitted",
 }
-#: The same causes as libraries word them in their own exceptions.
-_WORDS: dict[str, int] = {
-    "no space left on device": errno.ENOSPC,
-    "disk quota exceeded": errno.EDQUOT,
-    "read-only file system": errno.EROFS,
-    "permission denied": errno.EACCES,
-    "operation not permitted": errno.EPERM,
-}
 
 
 def _chain(e: BaseException) -> Iterator[BaseException]:
@@ -45,7 +37,8 @@ def _chain(e: BaseException) -> Iterator[BaseException]:
         stack.extend([x.__cause__, x.__context__])
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none)."""
     lines = str(e).strip().splitlines()
     return lines[0] if lines else type(e).__name__
 
@@ -56,9 +49,9 @@ def deterministic_cause(e: BaseException, root: Path | None = None) -> str | Non
         if isinstance(x, OSError) and x.errno in CAUSES:
             path = x.filename or x.filename2 or root
             return f"{CAUSES[x.errno]} writing {path}" if path else CAUSES[x.errno]
-    for x in _chain(e):
+    for x in _chain(e):  # the same causes in a library's own words (DuckDB, Arrow)
         text = str(x).lower()
-        for words, code in _WORDS.items():
-            if words in text:
-                return f"{CAUSES[code]} ({_first_line(x)})" + (f" under {root}" if root else "")
+        for cause in CAUSES.values():
+            if cause in text:
+                return f"{cause} ({first_line(x)})" + (f" under {root}" if root else "")
     return None

@@ -21,11 +21,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+from pipelines.errors import first_line
 
 
 def parquet_problem(path: Path, *, deep: bool = False) -> str | None:
@@ -46,7 +44,7 @@ def parquet_problem(path: Path, *, deep: bool = False) -> str | None:
             for i in range(pf.num_row_groups):
                 pf.read_row_group(i)
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError and others
-        return f"not readable as Parquet: {_first_line(e)}"
+        return f"not readable as Parquet: {first_line(e)}"
     return None
 
 
@@ -73,27 +71,25 @@ def cog_problem(path: Path) -> str | None:
                 with rasterio.open(path, overview_level=len(ovr) - 1) as small:
                     small.read()
     except Exception as e:  # rasterio/GDAL errors of several types
-        return f"not readable as a GeoTIFF: {_first_line(e)}"
+        return f"not readable as a GeoTIFF: {first_line(e)}"
     return None
 
 
-def view_problem(root: Path, view: str, rel: str) -> str | None:
-    """Why the file ``rel`` (relative to ``root``) does not bind to its catalog view."""
+def view_problem(con: Any, root: Path, view: str, rel: str) -> str | None:
+    """Why the file ``rel`` (relative to ``root``) does not bind to its catalog view.
+
+    ``con``: a DuckDB connection with spatial loaded (``catalog.connect()``); the view
+    is created in it over this one file, as the catalog would.
+    """
     import duckdb
 
-    from pipelines.catalog import VIEWS, connect, files_literal, load_sql
+    from pipelines.catalog import VIEWS, create_view
 
-    sql_name = VIEWS[view][0]
-    con = connect()
     try:
-        ddl = load_sql(sql_name).replace(":files", files_literal([str((root / rel).resolve())]))
-        ddl = ddl.replace(":view", view)
-        con.execute(ddl)
+        create_view(con, view, VIEWS[view][0], [str((root / rel).resolve())])
         con.execute(f"SELECT * FROM {view} LIMIT 0").fetchall()
     except duckdb.Error as e:
-        return f"does not match its table ({_first_line(e)})"
-    finally:
-        con.close()
+        return f"does not match its table ({first_line(e)})"
     return None
 
 
@@ -170,11 +166,17 @@ def doctor(
     if not root.is_dir():
         report.findings.append(Finding(str(root), "the data root does not exist"))
         return report
-    for rel, view, asset, key in _table_files(root):
-        report.checked += 1
-        problem = parquet_problem(root / rel, deep=deep) or view_problem(root, view, rel)
-        if problem:
-            report.findings.append(Finding(rel, problem, asset, key))
+    from pipelines.catalog import connect
+
+    con = connect()  # one connection (spatial loaded once) for every table file
+    try:
+        for rel, view, asset, key in _table_files(root):
+            report.checked += 1
+            problem = parquet_problem(root / rel, deep=deep) or view_problem(con, root, view, rel)
+            if problem:
+                report.findings.append(Finding(rel, problem, asset, key))
+    finally:
+        con.close()
     for folder, asset in RASTERS:
         for p in sorted((root / folder).glob("*/*.tif")):
             report.checked += 1
