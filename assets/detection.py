@@ -10,12 +10,13 @@ import dagster as dg
 from assets.checks import specs, table_checks
 from assets.composite import composite
 from assets.partitions import PARTITIONS, region_and_period
-from assets.resources import AsmwatchSettings, TorchResource, fail_fast
+from assets.resources import AsmwatchSettings, DaskResource, TorchResource, fail_fast
 from pipelines.catalog import refresh_views
 
 # torch and the detection stage load in the asset bodies, not at definition load (the
 # Dagster UI and every run's code location would otherwise pay about 2 s for torch).
 from pipelines.sites import extract_sites, sites_path, write_sites
+from pipelines.tiling import DEFAULT_TILE
 
 if TYPE_CHECKING:
     from ml.train import TrainConfig
@@ -120,14 +121,20 @@ def mining_model(
     deps=[composite, mining_model],
     description=(
         "Per-pixel mining probability for a region and period: tiled, batched U-Net "
-        "inference with overlap and blending (CUDA bf16 channels-last when a GPU is "
+        "inference with overlap and blending (CUDA fp16 channels-last when a GPU is "
         "present, CPU otherwise), or the spectral-index baseline when no model is "
-        "registered. A float32 COG at probability/<region>/<period>.tif."
+        "registered. Processing tiles (settings.tile_px, 2048 px by default) read their "
+        "composite windows and run as dask tasks (resource `dask`; in this process when "
+        "the raster is one tile); the output does not depend on the tile size. A float32 "
+        "COG at probability/{region}/{period}.tif, written block by block."
     ),
 )
 @fail_fast
 def mining_probability(
-    context: dg.AssetExecutionContext, settings: AsmwatchSettings, torch_device: TorchResource
+    context: dg.AssetExecutionContext,
+    settings: AsmwatchSettings,
+    torch_device: TorchResource,
+    dask: DaskResource,
 ) -> dg.MaterializeResult:
     from ml import registry
     from pipelines.detection import map_probability
@@ -146,7 +153,8 @@ def mining_probability(
         res = map_probability(
             root, region, period.id, record=record, device=torch_device.device,
             tile=torch_device.tile, overlap=torch_device.overlap, batch=torch_device.batch,
-            dtype=torch_device.dtype, compile=torch_device.compile, progress=context.log.info,
+            dtype=torch_device.dtype, compile=torch_device.compile, tile_px=settings.tile_px,
+            client=lambda: dask.client(log=context.log), progress=context.log.info,
         )  # fmt: skip
     except (ValueError, registry.RegistryError) as e:
         raise dg.Failure(allow_retries=False, description=str(e)) from e
@@ -165,6 +173,8 @@ def mining_probability(
         "mean_probability": dg.MetadataValue.float(round(res.mean_probability, 5)),
         "valid_fraction": dg.MetadataValue.float(round(res.valid_fraction, 5)),
         "seconds": dg.MetadataValue.float(round(res.seconds, 2)),
+        "tiles": dg.MetadataValue.int(res.tiles),
+        "tile_px": dg.MetadataValue.int(res.tile_px),
     }
     if res.metrics is not None:
         meta["truth_iou"] = dg.MetadataValue.float(res.metrics["iou"])
@@ -189,7 +199,8 @@ class AsmSitesConfig(dg.Config):
     description=(
         "ASM site polygons for a region and period: the probability thresholded at the "
         "model's recorded threshold, cleaned (opening, closing), components under the "
-        "minimum mapping unit (0.5 ha) dropped, polygonised with rasterio.features. "
+        "minimum mapping unit (0.5 ha) dropped, polygonised with rasterio.features, tile "
+        "by tile (dask tasks, 8 px halo) with components that cross tile edges joined. "
         "GeoParquet (EPSG:4326, bbox covering) at sites/<region>/<period>.parquet and "
         "the `asm_sites` view. A region with `detections` in the regions file takes its "
         "sites from that file of external polygons instead (validated, clipped to the AOI)."
@@ -197,7 +208,10 @@ class AsmSitesConfig(dg.Config):
 )
 @fail_fast
 def asm_sites(
-    context: dg.AssetExecutionContext, config: AsmSitesConfig, settings: AsmwatchSettings
+    context: dg.AssetExecutionContext,
+    config: AsmSitesConfig,
+    settings: AsmwatchSettings,
+    dask: DaskResource,
 ) -> dg.MaterializeResult:
     regions = settings.regions()
     region, period = region_and_period(context, regions)
@@ -224,7 +238,10 @@ def asm_sites(
                 f"for {region.id}/{period.id} first"
             )
         try:
-            frame = extract_sites(src, region.id, period.id, mmu_ha=config.mmu_ha)
+            frame = extract_sites(
+                src, region.id, period.id, mmu_ha=config.mmu_ha, tile_px=settings.tile_px or DEFAULT_TILE,
+                client=lambda: dask.client(log=context.log), progress=context.log.info,
+            )  # fmt: skip
         except ValueError as e:
             raise dg.Failure(allow_retries=False, description=str(e)) from e
     target = write_sites(frame, sites_path(root, region.id, period.id))

@@ -58,30 +58,51 @@ class Scene:
     crs: rasterio.crs.CRS
 
 
-def read_composite(path: Path, *, pinned: bool = False, dtype: Any = np.float32) -> Scene:
-    """The feature bands of a composite COG, by band name.
+def feature_indexes(src: Any, path: Path | str) -> list[int]:
+    """1-based band indexes of ``FEATURE_BANDS`` in an open composite, by band name."""
+    names = list(src.descriptions)
+    missing = [b for b in FEATURE_BANDS if b not in names]
+    if missing:
+        raise ValueError(f"composite {path} lacks band(s) {', '.join(missing)} (has {names})")
+    return [names.index(b) + 1 for b in FEATURE_BANDS]
+
+
+def read_features(
+    src: Any, path: Path | str, window: Any = None, *, pinned: bool = False, dtype: Any = np.float32
+) -> npt.NDArray[Any]:
+    """The feature bands of an open composite, whole or in a ``window`` (a ``Span``).
 
     ``pinned``: read into page-locked host memory (``ml.infer.pinned_empty``), from which
     the CUDA inference path uploads while it computes. ``dtype`` float16 halves what
     goes over the bus (reflectance keeps 3 significant digits, finer than the model's
-    fp16 arithmetic needs).
+    fp16 arithmetic needs). A window that cannot be read names the file and the window.
     """
-    with rasterio.open(path) as src:
-        names = list(src.descriptions)
-        missing = [b for b in FEATURE_BANDS if b not in names]
-        if missing:
-            raise ValueError(f"composite {path} lacks band(s) {', '.join(missing)} (has {names})")
-        indexes = [names.index(b) + 1 for b in FEATURE_BANDS]
-        if pinned:
-            from ml.infer import pinned_empty
+    from pipelines.tiling import Span, read_window
 
-            data = pinned_empty((len(indexes), src.height, src.width), dtype)
-            for k, index in enumerate(indexes):  # band by band: no full float32 copy
-                data[k] = src.read(index, out_dtype=np.float32)
-        else:
-            data = src.read(indexes, out_dtype=dtype)
+    indexes = feature_indexes(src, path)
+    span = window if window is not None else Span(0, src.height, 0, src.width)
+    if pinned:
+        from ml.infer import pinned_empty
+
+        data = pinned_empty((len(indexes), *span.shape), dtype)
+        for k, index in enumerate(indexes):  # band by band: no full float32 copy
+            data[k] = read_window(src, index, span, path, out_dtype=np.float32)
+        return data
+    return read_window(src, indexes, span, path, out_dtype=dtype)
+
+
+def read_composite(path: Path, *, pinned: bool = False, dtype: Any = np.float32) -> Scene:
+    """The feature bands of a whole composite COG (small rasters and tests only: the
+    stages read windows, ``read_features``)."""
+    with rasterio.open(path) as src:
+        data = read_features(src, path, pinned=pinned, dtype=dtype)
         valid = np.isfinite(data).all(axis=0)
         return Scene(features=data, valid=valid, transform=src.transform, crs=src.crs)
+
+
+def grid_like(transform: rasterio.Affine, crs: Any, valid: npt.NDArray[np.bool_]) -> Scene:
+    """A featureless ``Scene``: a grid and validity to put labels on (``read_labels``)."""
+    return Scene(np.empty((0, *valid.shape), np.float32), valid, transform, crs)
 
 
 VECTOR_SUFFIXES = (".geojson", ".json", ".gpkg", ".parquet", ".shp")
@@ -101,9 +122,9 @@ def read_labels(
     out = np.full(like.valid.shape, IGNORE, dtype=np.uint8)
     with rasterio.open(path) as src:
         raw = np.full(like.valid.shape, IGNORE, dtype=np.uint8)
-        rasterio.warp.reproject(
-            src.read(1), raw, src_transform=src.transform, src_crs=src.crs,
-            src_nodata=src.nodata, dst_transform=like.transform, dst_crs=like.crs,
+        rasterio.warp.reproject(  # from the band: GDAL reads only what the grid needs
+            rasterio.band(src, 1), raw, src_nodata=src.nodata,
+            dst_transform=like.transform, dst_crs=like.crs,
             dst_nodata=IGNORE, resampling=Resampling.nearest,
         )  # fmt: skip
     known = raw != IGNORE

@@ -35,7 +35,7 @@ import logging
 import math
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -127,6 +127,8 @@ class TilePlan:
     ys: tuple[int, ...]
     xs: tuple[int, ...]
     overlap: int
+    # A part of a larger plan (``sub_plan``): the whole plan's weights of these windows.
+    fixed: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, compare=False)
 
     @property
     def padded(self) -> tuple[int, int]:
@@ -142,6 +144,8 @@ class TilePlan:
 
     def weights(self, axis: int) -> torch.Tensor:
         """(tiles along ``axis``, tile edge): each tile's ramp over the ramps' sum there."""
+        if self.fixed is not None:
+            return self.fixed[axis]
         starts, edge = (self.ys, self.tile_h) if axis == 0 else (self.xs, self.tile_w)
         length = self.padded[axis]
         w = ramp(edge, self.overlap)
@@ -162,6 +166,36 @@ def plan_tiles(height: int, width: int, tile: int | tuple[int, int], overlap: in
     eh, ys = even_starts(height, th, overlap)
     ew, xs = even_starts(width, tw, overlap)
     return TilePlan(height, width, eh, ew, tuple(ys), tuple(xs), overlap)
+
+
+def _axis_part(
+    starts: Sequence[int], edge: int, size: int, lo: int, hi: int
+) -> tuple[int, int, int, int]:
+    """(first, last + 1) window indexes overlapping [lo, hi), and the pixels they span."""
+    idx = [k for k, s in enumerate(starts) if s < hi and s + edge > lo]
+    first, last = idx[0], idx[-1] + 1
+    return first, last, starts[first], min(size, starts[last - 1] + edge)
+
+
+def sub_plan(
+    plan: TilePlan, row0: int, row1: int, col0: int, col1: int
+) -> tuple[TilePlan, tuple[int, int, int, int]]:
+    """The windows of ``plan`` that overlap rows [row0, row1) x cols [col0, col1).
+
+    Returns the part as a plan over the pixels those windows cover (clipped to the
+    scene), with the whole plan's blending weights, and those pixels as
+    (row0, row1, col0, col1). Predicting the part and keeping the requested rows and
+    columns gives the whole-scene prediction there: same windows, same weights, same
+    padding at the scene's edge.
+    """
+    i0, i1, r0, r1 = _axis_part(plan.ys, plan.tile_h, plan.height, row0, row1)
+    j0, j1, c0, c1 = _axis_part(plan.xs, plan.tile_w, plan.width, col0, col1)
+    part = TilePlan(
+        height=r1 - r0, width=c1 - c0, tile_h=plan.tile_h, tile_w=plan.tile_w,
+        ys=tuple(y - r0 for y in plan.ys[i0:i1]), xs=tuple(x - c0 for x in plan.xs[j0:j1]),
+        overlap=plan.overlap, fixed=(plan.weights(0)[i0:i1], plan.weights(1)[j0:j1]),
+    )  # fmt: skip
+    return part, (r0, r1, c0, c1)
 
 
 def _check(x: npt.NDArray[Any], normalizer: Any) -> None:
@@ -187,8 +221,12 @@ def predict_tiled(
     dtype: str = "float16",
     compile: bool | str = False,
     progress: Callable[[int, int], None] | None = None,
+    plan: TilePlan | None = None,
 ) -> npt.NDArray[np.float32]:
     """Probability (h, w) for a (c, h, w) image.
+
+    ``plan``: the windows to run (``sub_plan`` of a larger scene's plan); by default
+    ``plan_tiles(h, w, tile, overlap)``.
 
     ``normalizer`` (``ml.features.Normalizer``): ``x`` holds raw features with NaN and is
     normalised per tile; the output is NaN wherever a band is not finite. Without it,
@@ -198,7 +236,10 @@ def predict_tiled(
     """
     _check(x, normalizer)
     device = device or pick_device()
-    plan = plan_tiles(x.shape[1], x.shape[2], tile, overlap)
+    if plan is None:
+        plan = plan_tiles(x.shape[1], x.shape[2], tile, overlap)
+    elif (plan.height, plan.width) != x.shape[1:]:
+        raise ValueError(f"plan is for {plan.height} x {plan.width} px, the image {x.shape[1:]}")
     if device.type == "cuda":
         mode = ("default" if compile is True else compile) or ""
         out, overflow = _predict_cuda(

@@ -47,7 +47,6 @@ import numpy as np
 import numpy.typing as npt
 import rasterio
 import rasterio.features
-import rasterio.shutil
 import rasterio.windows
 import shapely
 import shapely.geometry
@@ -57,7 +56,8 @@ from pipelines.grid import window_for_bbox
 from pipelines.median import masked_median_dn, masked_median_float
 from pipelines.progress import Progress
 from pipelines.stac.l1c import S2CLOUDLESS_BANDS
-from pipelines.storage import atomic_path, partition_path, raise_if_full, remove_orphans
+from pipelines.storage import partition_path
+from pipelines.tiling import staged_cog
 
 if TYPE_CHECKING:
     import dask.array
@@ -754,16 +754,6 @@ class _Stats:
         }
 
 
-def overview_levels(height: int, width: int, smallest: int = 128) -> int:
-    """Halvings until the smaller side is at most ``smallest`` px (GDAL's AUTO stops at
-    the block size, which leaves a small AOI without any overview)."""
-    levels, side = 0, min(height, width)
-    while side > smallest:
-        side = (side + 1) // 2
-        levels += 1
-    return levels
-
-
 def write_composite(
     blocks: Iterator[tuple[rasterio.windows.Window, npt.NDArray[np.float32]]],
     geobox: GeoBox,
@@ -778,60 +768,27 @@ def write_composite(
     stats = _Stats()
     h, w = geobox.shape.yx
     profile = {
-        "driver": "GTiff",
-        "width": w,
-        "height": h,
-        "count": len(OUTPUT_BANDS),
-        "dtype": "float32",
-        "crs": str(geobox.crs),
-        "transform": geobox.affine,
-        "nodata": float("nan"),
-        "tiled": True,
-        "blockxsize": 512,
-        "blockysize": 512,
-        "compress": "deflate",
+        "width": w, "height": h, "count": len(OUTPUT_BANDS), "dtype": "float32",
+        "crs": str(geobox.crs), "transform": geobox.affine, "nodata": float("nan"),
         "predictor": 3,
-        "BIGTIFF": "IF_SAFER",
-    }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Blocks arrive in any order, which the COG layout cannot take: stage a tiled GTiff
-    # beside the target, then let GDAL's COG driver lay it out with overviews.
-    remove_orphans(target.parent, target.stem)  # stages of runs killed mid-write
-    stage = target.with_name(f".{target.stem}.{os.getpid()}.stage.tif")
-    try:
-        with rasterio.open(stage, "w", **profile) as dst:
-            for i, name in enumerate(OUTPUT_BANDS, start=1):
-                dst.set_band_description(i, name)
-                dst.update_tags(i, description=BAND_DESCRIPTIONS[name])
-            report = Progress("composite", n_blocks, progress, unit="blocks written")
-            for done, (win, block) in enumerate(blocks, start=1):
-                dst.write(block, window=win)
-                inside = (
-                    aoi_mask(aoi, geobox, win)
-                    if aoi is not None
-                    else np.ones(block.shape[1:], dtype=bool)
-                )
-                stats.add(block, inside)
-                report(done)
-            dst.update_tags(**tags)
-        with atomic_path(target) as tmp:
-            rasterio.shutil.copy(
-                stage,
-                tmp,
-                driver="COG",
-                COMPRESS="DEFLATE",
-                PREDICTOR="YES",
-                BLOCKSIZE=512,
-                OVERVIEW_RESAMPLING="AVERAGE",
-                OVERVIEW_COUNT=overview_levels(h, w),
-                BIGTIFF="IF_SAFER",
-                NUM_THREADS="ALL_CPUS",
+    }  # fmt: skip
+    # Blocks arrive in any order, which the COG layout cannot take: staged_cog stages a
+    # tiled GTiff beside the target, then GDAL's COG driver lays it out with overviews.
+    with staged_cog(target, profile) as dst:
+        for i, name in enumerate(OUTPUT_BANDS, start=1):
+            dst.set_band_description(i, name)
+            dst.update_tags(i, description=BAND_DESCRIPTIONS[name])
+        report = Progress("composite", n_blocks, progress, unit="blocks written")
+        for done, (win, block) in enumerate(blocks, start=1):
+            dst.write(block, window=win)
+            inside = (
+                aoi_mask(aoi, geobox, win)
+                if aoi is not None
+                else np.ones(block.shape[1:], dtype=bool)
             )
-    except Exception as e:
-        raise_if_full(target, e)  # GDAL may only say "Write error", or nothing at all
-        raise
-    finally:
-        stage.unlink(missing_ok=True)
+            stats.add(block, inside)
+            report(done)
+        dst.update_tags(**tags)
     return stats
 
 

@@ -21,16 +21,26 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 import rasterio
+import rasterio.errors
 from rasterio._err import CPLE_BaseError  # GDAL's errors, raised as they come
 
 from ml import registry
-from ml.features import IGNORE, Normalizer, Scene, read_composite, read_labels
-from ml.infer import pick_device, plan_tiles, predict_tiled
+from ml.features import (
+    IGNORE,
+    Normalizer,
+    Scene,
+    feature_indexes,
+    grid_like,
+    read_composite,
+    read_features,
+    read_labels,
+)
+from ml.infer import pick_device, plan_tiles, predict_tiled, sub_plan
 from ml.metrics import best_threshold, confusion, evaluate, scores
 from ml.models import index_baseline
 from ml.train import Labelled, TrainConfig, train_unet
@@ -39,13 +49,31 @@ from pipelines.embedded import context_path, world_dir
 from pipelines.errors import first_line
 from pipelines.progress import Progress
 from pipelines.regions import Region
-from pipelines.storage import atomic_path, partition_path
+from pipelines.storage import partition_path
+from pipelines.tiling import (
+    DEFAULT_TILE,
+    Span,
+    Tile,
+    TileReadError,
+    Tiling,
+    check_tile_size,
+    gpu_workers,
+    resolve_client,
+    run_tiles,
+    staged_cog,
+)
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 VAL_FRACTION = 0.25  # eastern share of each training scene kept for early stopping
 THRESHOLD = 0.5  # for the index baseline, and for models registered without one
 # (tile edge, tiles per forward pass) when not configured: small tiles keep CPU memory
 # low; on a GPU, large tiles waste less on overlap (docs/performance.md).
 INFER_DEFAULTS = {"cpu": (256, 16), "cuda": (2048, 6)}
+# Processing tile on CUDA: several 2048 px inference windows per task, so the windows
+# shared with neighbouring tiles (computed twice) stay a small share.
+GPU_TILE = 8192
 
 
 class DetectionError(ValueError):
@@ -224,6 +252,131 @@ class ProbabilityResult:
     seconds: float
     metrics: dict[str, Any] | None  # against truth, where the region has it
     truth_ha: float | None = None  # true mining area on the same grid, where known
+    tiles: int = 1
+    tile_px: int = DEFAULT_TILE
+
+
+@dataclass(frozen=True)
+class ProbabilityJob:
+    """What every tile task of one probability raster needs (pickled to dask workers)."""
+
+    composite: str
+    root: str
+    record: registry.ModelRecord | None
+    height: int
+    width: int
+    threshold: float
+    device: str = "auto"
+    infer_tile: int = 0  # 0: INFER_DEFAULTS for the device
+    overlap: int = 32
+    batch: int = 0
+    dtype: str = "float16"
+    compile: bool | str = False
+    truth: str | None = None  # truth raster (embedded worlds): per-tile confusion
+
+
+@dataclass
+class TileProbability:
+    """One tile's probability (its core) and the sums the partition's figures need."""
+
+    prob: npt.NDArray[np.float32]
+    valid: int
+    prob_sum: float
+    mining: int
+    confusion: tuple[int, int, int, int] | None
+    truth_mining: int
+    device: str
+
+
+_MODELS: dict[tuple[str, int, int], tuple[Any, Any]] = {}
+
+
+def _model(job: ProbabilityJob) -> tuple[Any, Any]:
+    """The job's model and normaliser, loaded once per process (a dask worker keeps it
+    across tiles); a checkpoint that changed or went missing is loaded (or refused) anew."""
+    assert job.record is not None
+    path = registry.checkpoint_file(Path(job.root), job.record)
+    try:
+        st = path.stat()
+        key = (str(path), st.st_mtime_ns, st.st_size)
+    except OSError:
+        key = None
+    if key is None or key not in _MODELS:
+        model, norm, _ = registry.load(Path(job.root), job.record)  # names what is wrong
+        _MODELS.clear()  # one model at a time per process
+        if key is not None:
+            _MODELS[key] = (model, norm)
+        return model, norm
+    return _MODELS[key]
+
+
+def probability_tile(tile: Tile, job: ProbabilityJob) -> TileProbability:
+    """Mining probability over one tile's core: windowed reads, the model (or the index
+    baseline) and the confusion against truth where there is one. A dask task."""
+    import torch
+
+    from pipelines.tiling import worker_threads
+
+    dev = pick_device(job.device)
+    in_worker = _in_dask_worker()
+    if in_worker and dev.type == "cpu":
+        torch.set_num_threads(worker_threads())  # the worker's share of the cores
+    core = tile.core
+    with rasterio.open(job.composite) as src:
+        if job.record is None:
+            feats = read_features(src, job.composite, core)
+            prob = index_baseline(feats)
+            prob[~np.isfinite(feats).all(axis=0)] = np.nan
+            used = "cpu"
+        else:
+            model, norm = _model(job)
+            infer_tile = job.infer_tile or INFER_DEFAULTS[dev.type][0]
+            batch = job.batch or INFER_DEFAULTS[dev.type][1]
+            whole = plan_tiles(job.height, job.width, infer_tile, job.overlap)
+            part, (r0, r1, c0, c1) = sub_plan(whole, core.row0, core.row1, core.col0, core.col1)
+            on_gpu = dev.type == "cuda"
+            feats = read_features(
+                src, job.composite, Span(r0, r1, c0, c1), pinned=on_gpu,
+                dtype=np.float16 if on_gpu else np.float32,
+            )  # fmt: skip
+            if on_gpu and job.compile:
+                os.environ.setdefault(
+                    "TORCHINDUCTOR_CACHE_DIR", str(Path(job.root) / "cache" / "inductor")
+                )
+            out = predict_tiled(
+                model, feats, normalizer=norm, plan=part, batch=batch, device=dev,
+                dtype=job.dtype, compile=job.compile,
+            )  # fmt: skip
+            prob = np.ascontiguousarray(out[core.row0 - r0 : core.row1 - r0, core.col0 - c0 : core.col1 - c0])  # fmt: skip
+            used = str(dev)
+        transform = src.window_transform(core.window)
+        crs = src.crs
+    valid = np.isfinite(prob)
+    mining = valid & (prob >= job.threshold)
+    cm, truth_mining = None, 0
+    if job.truth is not None:
+        labels = read_labels(Path(job.truth), grid_like(transform, crs, valid))
+        cm = confusion(prob, labels, job.threshold)
+        truth_mining = int((labels == 1).sum())
+    return TileProbability(
+        prob=prob.astype(np.float32, copy=False),
+        valid=int(valid.sum()),
+        prob_sum=float(np.sum(prob[valid], dtype=np.float64)),
+        mining=int(mining.sum()),
+        confusion=cm,
+        truth_mining=truth_mining,
+        device=used,
+    )
+
+
+def _in_dask_worker() -> bool:
+    try:
+        from distributed import get_worker
+
+        get_worker()
+        return True
+    except (ImportError, ValueError):
+        return False
 
 
 def map_probability(
@@ -238,9 +391,18 @@ def map_probability(
     batch: int = 0,
     dtype: str = "float16",
     compile: bool | str = False,
+    tile_px: int = 0,
+    client: Client | Callable[[], Client] | None = None,
     progress: Callable[[str], None] = print,
 ) -> ProbabilityResult:
-    """Mining probability COG for one composite, from ``record`` or the index baseline."""
+    """Mining probability COG for one composite, from ``record`` or the index baseline.
+
+    Processing tiles of ``tile_px`` (0: ``DEFAULT_TILE``; ``GPU_TILE`` on CUDA) run as
+    dask tasks on ``client`` (in this process without one; a factory is called only
+    when there is more than one tile), each reading its composite
+    window; ``tile`` is the largest inference window (the model's own tiling, the same
+    plan whatever ``tile_px``), so the output does not depend on ``tile_px``.
+    """
     src = composite_path(root, region.id, period_id)
     if not src.exists():
         raise DetectionError(
@@ -248,96 +410,110 @@ def map_probability(
         )
     started = time.perf_counter()
     dev = pick_device(device)
-    on_gpu = dev.type == "cuda" and record is not None
-    # On a GPU the scene is uploaded while the model runs: pinned, half precision.
     try:
-        comp = read_composite(src, pinned=on_gpu, dtype=np.float16 if on_gpu else np.float32)
+        with rasterio.open(src) as ds:
+            height, width, transform, crs = ds.height, ds.width, ds.transform, ds.crs
+            feature_indexes(ds, src)
     except (rasterio.errors.RasterioError, CPLE_BaseError) as e:
-        raise DetectionError(
-            f"the composite {src} cannot be read ({first_line(e)}): it is damaged or cut short. "
-            f"Re-materialise `composite` for {region.id}/{period_id}; `asmwatch doctor` "
-            "lists every damaged file"
-        ) from e
+        raise _damaged(src, region, period_id, e) from e
+    tiling = Tiling(height, width, check_tile_size(tile_px or _auto_tile(dev.type)))
+    cluster = resolve_client(client, tiling.n_tiles)
+    resources = None
+    if cluster is not None and gpu_workers(cluster):  # tasks go to the GPU workers
+        import torch
+
+        dev, resources = torch.device("cuda"), {"GPU": 1.0}
+        tiling = Tiling(height, width, check_tile_size(tile_px or _auto_tile(dev.type)))
+    truth = world_dir(root, region) / "truth" / f"{period_id}.tif"
+    threshold = THRESHOLD if record is None else float(record.metrics.get("threshold", THRESHOLD))
+    job = ProbabilityJob(
+        composite=str(src), root=str(root), record=record, height=height, width=width,
+        threshold=threshold, device=dev.type, infer_tile=tile, overlap=overlap, batch=batch,
+        dtype=dtype, compile=compile,
+        truth=str(truth) if region.source == "embedded" and truth.exists() else None,
+    )  # fmt: skip
+    where = "in this process" if cluster is None else "as dask tasks"
     if record is None:
         progress("mining_probability: no trained model registered; using the index baseline")
-        prob = index_baseline(comp.features)
-        prob[~comp.valid] = np.nan
-        detector, used, threshold = "index-baseline", "cpu", THRESHOLD
+        detector = "index-baseline"
     else:
-        model, norm, _ = registry.load(root, record)
-        tile = tile or INFER_DEFAULTS[dev.type][0]
-        batch = batch or INFER_DEFAULTS[dev.type][1]
-        height, width = comp.valid.shape
-        plan = plan_tiles(height, width, tile, overlap)
+        infer = tile or INFER_DEFAULTS[dev.type][0]
+        plan = plan_tiles(height, width, infer, overlap)
         progress(
-            f"mining_probability: {record.model_id} on {dev}: {plan.n_tiles} tiles of "
-            f"{plan.tile_h} x {plan.tile_w} px, overlap >= {overlap}, batch {batch}"
+            f"mining_probability: {record.model_id} on {dev}: {plan.n_tiles} inference windows "
+            f"of {plan.tile_h} x {plan.tile_w} px, overlap >= {overlap}, batch "
+            f"{batch or INFER_DEFAULTS[dev.type][1]}"
             + (f", {dtype}{' compiled' if compile else ''}" if dev.type == "cuda" else "")
         )
-        if dev.type == "cuda" and compile:
-            # Compiled kernels and autotuning results survive the process: the first run
-            # on a machine pays for them, later ones load them.
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "cache" / "inductor"))
-        t_infer = time.perf_counter()
-
-        reports: dict[int, Progress] = {}
-
-        def rows_done(i: int, n: int) -> None:
-            if n not in reports:  # CPU: batches of tiles; CUDA: rows of tiles
-                reports[n] = Progress("mining_probability", n, progress, unit="tile batches done", steps=5)  # fmt: skip
-            reports[n](i)
-
-        prob = predict_tiled(
-            model, comp.features, normalizer=norm, tile=tile, overlap=overlap, batch=batch,
-            device=dev, dtype=dtype, compile=compile, progress=rows_done,
-        )  # fmt: skip
+        detector = record.model_id
+    progress(f"mining_probability: {tiling.describe()}, {where}")
+    report = Progress("mining_probability", tiling.n_tiles, progress, unit="tiles done")
+    valid = mining = truth_mining = 0
+    prob_sum = 0.0
+    cm = np.zeros(4, np.int64)
+    used = set()
+    target = probability_path(root, region.id, period_id)
+    profile = {
+        "width": width, "height": height, "count": 1, "dtype": "float32", "crs": crs,
+        "transform": transform, "nodata": float("nan"), "predictor": 3,
+    }  # fmt: skip
+    t_infer = time.perf_counter()
+    try:
+        with staged_cog(target, profile) as dst:
+            dst.set_band_description(1, "mining_probability")
+            tiles = run_tiles(
+                probability_tile, tiling.tiles(), job, client=cluster, resources=resources,
+                name=f"probability-{region.id}-{period_id}",
+            )  # fmt: skip
+            for done, (t, out) in enumerate(tiles, start=1):
+                dst.write(out.prob, 1, window=t.core.window)
+                valid += out.valid
+                mining += out.mining
+                prob_sum += out.prob_sum
+                truth_mining += out.truth_mining
+                if out.confusion is not None:
+                    cm += np.asarray(out.confusion)
+                used.add(out.device)
+                report(done)
+            dst.update_tags(asmwatch_detector=detector, asmwatch_threshold=str(threshold))
+    except TileReadError as e:
+        raise DetectionError(
+            f"the composite {e}: it is damaged or cut short. Re-materialise `composite` for "
+            f"{region.id}/{period_id}; `asmwatch doctor` lists every damaged file"
+        ) from e
+    except (rasterio.errors.RasterioError, CPLE_BaseError) as e:
+        raise _damaged(src, region, period_id, e) from e
+    if record is not None:
         progress(
-            f"mining_probability: {comp.valid.size / 1e6:.1f} Mpx in "
+            f"mining_probability: {height * width / 1e6:.1f} Mpx in "
             f"{time.perf_counter() - t_infer:.2f} s"
         )
-        detector, used = record.model_id, str(dev)
-        threshold = float(record.metrics.get("threshold", THRESHOLD))
-    target = probability_path(root, region.id, period_id)
-    _write_probability(target, prob, comp.transform, comp.crs, detector, threshold)
-    valid = np.isfinite(prob)
-    mining = valid & (prob >= threshold)
-    px_ha = abs(comp.transform.a * comp.transform.e) / 10_000
-    metrics, truth_ha = None, None
-    truth = world_dir(root, region) / "truth" / f"{period_id}.tif"
-    if region.source == "embedded" and truth.exists():
-        labels = read_labels(truth, comp)
-        metrics = evaluate(prob, labels, threshold)
-        truth_ha = round(float((labels == 1).sum()) * px_ha, 2)
+    px_ha = abs(transform.a * transform.e) / 10_000
+    total = height * width
     return ProbabilityResult(
         path=target,
         detector=detector,
-        device=used,
-        mean_probability=float(np.nanmean(prob)) if valid.any() else 0.0,
-        mining_fraction=float(mining.sum() / valid.sum()) if valid.any() else 0.0,
-        mining_ha=round(float(mining.sum()) * px_ha, 2),
-        valid_fraction=float(valid.mean()),
+        device=",".join(sorted(used)) or dev.type,
+        mean_probability=prob_sum / valid if valid else 0.0,
+        mining_fraction=mining / valid if valid else 0.0,
+        mining_ha=round(mining * px_ha, 2),
+        valid_fraction=valid / total,
         seconds=time.perf_counter() - started,
-        metrics=metrics,
-        truth_ha=truth_ha,
+        metrics=scores(*(int(v) for v in cm)) if job.truth is not None else None,
+        truth_ha=round(truth_mining * px_ha, 2) if job.truth is not None else None,
         threshold=threshold,
+        tiles=tiling.n_tiles,
+        tile_px=tiling.size,
     )
 
 
-def _write_probability(
-    target: Path,
-    prob: npt.NDArray[np.float32],
-    transform: Any,
-    crs: Any,
-    detector: str,
-    threshold: float,
-) -> None:
-    profile = {
-        "driver": "COG", "width": prob.shape[1], "height": prob.shape[0], "count": 1,
-        "dtype": "float32", "crs": crs, "transform": transform, "nodata": float("nan"),
-        "compress": "DEFLATE", "predictor": "3", "blocksize": 512,
-        "overview_resampling": "average",
-    }  # fmt: skip
-    with atomic_path(target) as tmp, rasterio.open(tmp, "w", **profile) as dst:
-        dst.write(prob, 1)
-        dst.set_band_description(1, "mining_probability")
-        dst.update_tags(asmwatch_detector=detector, asmwatch_threshold=str(threshold))
+def _auto_tile(device_type: str) -> int:
+    return GPU_TILE if device_type == "cuda" else DEFAULT_TILE
+
+
+def _damaged(src: Path, region: Region, period_id: str, e: Exception) -> DetectionError:
+    return DetectionError(
+        f"the composite {src} cannot be read ({first_line(e)}): it is damaged or cut short. "
+        f"Re-materialise `composite` for {region.id}/{period_id}; `asmwatch doctor` "
+        "lists every damaged file"
+    )

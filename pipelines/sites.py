@@ -15,17 +15,35 @@ the centimetre in UTM), so re-running on the same raster gives the same ids.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 import rasterio
 import rasterio.features
 import shapely
+import shapely.affinity
 import shapely.geometry
+from affine import Affine
 from scipy import ndimage
 
+from pipelines.progress import Progress
 from pipelines.storage import atomic_path, partition_path
+from pipelines.tiling import (
+    DEFAULT_TILE,
+    Tile,
+    Tiling,
+    check_tile_size,
+    read_window,
+    resolve_client,
+    run_tiles,
+)
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 DEFAULT_MMU_HA = 0.5
 COLUMNS = (
@@ -38,6 +56,143 @@ def sites_path(root: Path, region_id: str, period_id: str) -> Path:
     return partition_path(root, "sites", region_id, period_id, ".parquet")
 
 
+SITES_HALO = 8  # px of context per tile: the opening and closing reach 4 px
+STRUCTURE = np.ones((3, 3), bool)  # 8-connectivity, for the clean-up and the components
+
+
+@dataclass(frozen=True)
+class SitesJob:
+    probability: str
+    height: int
+    width: int
+    threshold: float
+
+
+@dataclass
+class Component:
+    """A connected component of the cleaned mask, in pixel coordinates (x col, y row)."""
+
+    parts: list[shapely.Geometry]
+    pixels: int
+    prob_sum: float
+
+
+@dataclass
+class TileSites:
+    """A tile's components: whole ones, and those that reach an inner edge of the tile
+    (``seam``, by label) with the labels along the core's four edges to join them."""
+
+    whole: list[Component]
+    seam: dict[int, Component]
+    edges: dict[str, npt.NDArray[np.int32]]  # "top", "bottom", "left", "right"
+
+
+def sites_tile(tile: Tile, job: SitesJob) -> TileSites:
+    """Threshold, clean-up, components and their polygons over one tile's core."""
+    with rasterio.open(job.probability) as src:
+        prob = read_window(src, 1, tile.read, job.probability)
+    mask = np.nan_to_num(prob, nan=0.0) >= job.threshold
+    # Same operations as on the whole raster: within the halo they differ at most 4 px
+    # from the buffer's inner edges, never in the core; the raster's own edge is the
+    # buffer's edge there, as on the whole raster.
+    mask = ndimage.binary_closing(ndimage.binary_opening(mask, STRUCTURE), STRUCTURE)
+    rows, cols = tile.core.within(tile.read)
+    mask, prob = mask[rows, cols], np.nan_to_num(prob[rows, cols], nan=0.0)
+    labels, n = ndimage.label(mask, structure=STRUCTURE)
+    edges = {
+        "top": labels[0], "bottom": labels[-1], "left": labels[:, 0], "right": labels[:, -1],
+    }  # fmt: skip
+    if n == 0:
+        return TileSites([], {}, edges)
+    pixels = np.bincount(labels.ravel(), minlength=n + 1)
+    sums = np.bincount(labels.ravel(), weights=prob.ravel().astype(np.float64), minlength=n + 1)
+    core = tile.core
+    inner = {
+        "top": core.row0 > 0, "bottom": core.row1 < job.height,
+        "left": core.col0 > 0, "right": core.col1 < job.width,
+    }  # fmt: skip
+    seam_labels: set[int] = set()
+    for side, strip in edges.items():
+        if inner[side]:
+            seam_labels.update(int(v) for v in np.unique(strip) if v)
+    parts: dict[int, list[shapely.Geometry]] = {}
+    pixel_space = Affine.translation(core.col0, core.row0)  # exact integer corners
+    for geom, value in rasterio.features.shapes(
+        labels.astype(np.int32), mask=labels > 0, transform=pixel_space, connectivity=8
+    ):
+        parts.setdefault(int(value), []).append(shapely.geometry.shape(geom))
+    whole, seam = [], {}
+    for value in sorted(parts):
+        comp = Component(parts[value], int(pixels[value]), float(sums[value]))
+        if value in seam_labels:
+            seam[value] = comp
+        else:
+            whole.append(comp)
+    return TileSites(whole, seam, edges)
+
+
+def _joins(a: npt.NDArray[np.int32], b: npt.NDArray[np.int32]) -> set[tuple[int, int]]:
+    """Label pairs of two facing edge strips that are 8-connected across the seam."""
+    pairs: set[tuple[int, int]] = set()
+    for shift in (-1, 0, 1):
+        lo, hi = max(0, shift), len(a) + min(0, shift)
+        x, y = a[lo:hi], b[lo - shift : hi - shift]
+        both = (x > 0) & (y > 0)
+        pairs.update(zip(x[both].tolist(), y[both].tolist(), strict=True))
+    return pairs
+
+
+def merge_seams(tiling: Tiling, results: dict[tuple[int, int], TileSites]) -> list[Component]:
+    """Join the components that continue across tile edges (8-connectivity)."""
+    parent: dict[tuple[int, int, int], tuple[int, int, int]] = {}
+
+    def find(k: tuple[int, int, int]) -> tuple[int, int, int]:
+        while parent.setdefault(k, k) != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    def union(a: tuple[int, int, int], b: tuple[int, int, int]) -> None:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+
+    for (r, c), res in results.items():
+        for label in res.seam:
+            find((r, c, label))
+        if (r, c + 1) in results:
+            for la, lb in _joins(res.edges["right"], results[(r, c + 1)].edges["left"]):
+                union((r, c, la), (r, c + 1, lb))
+        if (r + 1, c) in results:
+            for la, lb in _joins(res.edges["bottom"], results[(r + 1, c)].edges["top"]):
+                union((r, c, la), (r + 1, c, lb))
+        corners = (
+            ((r + 1, c + 1), res.edges["bottom"][-1], "top", 0),
+            ((r + 1, c - 1), res.edges["bottom"][0], "top", -1),
+        )
+        for other, mine, side, at in corners:
+            if other in results and mine and (theirs := results[other].edges[side][at]):
+                union((r, c, int(mine)), (other[0], other[1], int(theirs)))
+    groups: dict[tuple[int, int, int], Component] = {}
+    for key in sorted(parent):
+        root = find(key)
+        comp = results[key[:2]].seam[key[2]]
+        if root not in groups:
+            groups[root] = Component([], 0, 0.0)
+        g = groups[root]
+        g.parts.extend(comp.parts)
+        g.pixels += comp.pixels
+        g.prob_sum += comp.prob_sum
+    return list(groups.values())
+
+
+def canonical(parts: list[shapely.Geometry]) -> shapely.Geometry:
+    """One geometry for a component, the same however its pixels were split into parts:
+    the union, without collinear vertices, in normal form (pixel coordinates are exact)."""
+    geom = shapely.union_all([shapely.make_valid(p) for p in parts])
+    return shapely.normalize(shapely.simplify(geom, 0))
+
+
 def extract_sites(
     probability: Path,
     region_id: str,
@@ -45,38 +200,49 @@ def extract_sites(
     *,
     threshold: float | None = None,
     mmu_ha: float = DEFAULT_MMU_HA,
+    tile_px: int = DEFAULT_TILE,
+    client: Client | Callable[[], Client] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> Any:
-    """Site polygons (a GeoDataFrame in EPSG:4326) from a probability COG."""
+    """Site polygons (a GeoDataFrame in EPSG:4326) from a probability COG.
+
+    Tile by tile (``tile_px``, with a ``SITES_HALO`` px halo; dask tasks on ``client``):
+    the table is the same for any tile size, components that cross tile edges joined.
+    """
     import geopandas as gpd
 
     if mmu_ha < 0:
         raise ValueError(f"minimum mapping unit must be >= 0 ha, got {mmu_ha}")
     with rasterio.open(probability) as src:
-        prob = src.read(1)
-        transform, crs = src.transform, src.crs
+        transform, crs, height, width = src.transform, src.crs, src.height, src.width
         if threshold is None:
             threshold = float(src.tags().get("asmwatch_threshold", 0.5))
     if crs is None or not crs.is_projected:
         raise ValueError(f"probability raster {probability} must be in a projected (UTM) CRS")
-    mask = np.nan_to_num(prob, nan=0.0) >= threshold
-    structure = np.ones((3, 3), bool)
-    mask = ndimage.binary_closing(ndimage.binary_opening(mask, structure), structure)
-    labels, n = ndimage.label(mask, structure=structure)
-    px_ha = abs(transform.a * transform.e) / 10_000
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    keep = np.flatnonzero(sizes * px_ha >= mmu_ha)
-    keep = keep[keep > 0]
-    kept = np.where(np.isin(labels, keep), labels, 0).astype(np.int32)
-    means = ndimage.mean(np.nan_to_num(prob, nan=0.0), kept, keep) if len(keep) else []
-    mean_of = dict(zip(keep.tolist(), np.atleast_1d(means).tolist(), strict=True))
-    parts: dict[int, list[shapely.Geometry]] = {}
-    for geom, value in rasterio.features.shapes(
-        kept, mask=kept > 0, transform=transform, connectivity=8
+    tiling = Tiling(height, width, check_tile_size(tile_px), halo=SITES_HALO)
+    job = SitesJob(str(probability), height, width, threshold)
+    say = progress or (lambda _m: None)
+    cluster = resolve_client(client, tiling.n_tiles)
+    where = "in this process" if cluster is None else "as dask tasks"
+    say(f"asm_sites: {tiling.describe()}, {where}")
+    report = Progress("asm_sites", tiling.n_tiles, say, unit="tiles done")
+    results: dict[tuple[int, int], TileSites] = {}
+    components: list[Component] = []
+    for done, (tile, res) in enumerate(
+        run_tiles(sites_tile, tiling.tiles(), job, client=cluster, name="sites"), start=1
     ):
-        parts.setdefault(int(value), []).append(shapely.geometry.shape(geom))
+        components.extend(res.whole)
+        res.whole = []
+        results[(tile.row, tile.col)] = res
+        report(done)
+    components.extend(merge_seams(tiling, results))
+    px_ha = abs(transform.a * transform.e) / 10_000
+    world = [transform.a, transform.b, transform.d, transform.e, transform.c, transform.f]
     rows = []
-    for value in sorted(parts):
-        geom = shapely.make_valid(shapely.union_all(parts[value]))
+    for comp in components:
+        if comp.pixels * px_ha < mmu_ha:
+            continue
+        geom = shapely.affinity.affine_transform(canonical(comp.parts), world)
         rounded = shapely.set_precision(geom, 0.01)
         digest = hashlib.sha1(f"{region_id}|{period_id}|".encode() + shapely.to_wkb(rounded))
         rows.append(
@@ -85,7 +251,7 @@ def extract_sites(
                 "region": region_id,
                 "period": period_id,
                 "area_ha": round(geom.area / 10_000, 4),
-                "mean_probability": round(float(mean_of[value]), 4),
+                "mean_probability": round(comp.prob_sum / comp.pixels, 4),
                 "mapped_area_ha": np.nan,  # imported detections only
                 "first_seen_period": None,  # imported "new" layers only; see asm_change
                 "source": "model",

@@ -1,0 +1,309 @@
+"""One tiling for every raster stage: processing tiles, their halos, where they run, and
+how their results reach a COG.
+
+A region's raster (its UTM grid at 10 m) is cut into square processing tiles of
+``size`` px, counted from the raster's upper-left corner, so their edges fall on the
+512 px blocks of the composite and probability COGs (``size`` is a multiple or a divisor
+of 512). A tile owns its ``core``; stages that need context read ``core`` plus a halo,
+clipped to the raster (a tile on the raster's edge is smaller, never padded into the
+output). Halos by stage:
+
+- ``mining_probability``: the inference windows of the whole-raster plan
+  (``ml.infer.plan_tiles``) that overlap the core: every output pixel is the same
+  blended sum of the same windows as whole-raster inference, whatever the tile size;
+- ``asm_sites``: ``SITES_HALO`` px, more than the opening + closing reach (4 px);
+  components that cross a tile's edge are merged afterwards (``pipelines.sites``);
+- training reads chips and pixel samples as windows, never a composite whole.
+
+Tiles run as dask tasks when a client is given (``run_tiles``: a bounded number in
+flight, results handed back as they finish, a dead worker's tiles re-run elsewhere by
+dask), else one after another in this process. Results are written into a staged tiled
+GTiff beside the target and copied to a COG with overviews at the end, atomically
+(``staged_cog``): a failure leaves the previous file, never a half-written one.
+
+``DEFAULT_TILE`` (2048 px, 4.2 Mpx) keeps one probability task under about 1.5 GiB on
+the CPU; ``tile_px`` in the ``settings`` resource changes it for every stage.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import rasterio
+import rasterio.shutil
+import rasterio.windows
+from rasterio._err import CPLE_BaseError  # GDAL's errors, raised as they come
+
+from pipelines.errors import first_line
+from pipelines.storage import atomic_path, raise_if_full, remove_orphans
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+BLOCK = 512  # internal block edge of the composite and probability COGs
+DEFAULT_TILE = 2048  # processing tile edge, px
+MIN_TILE = 64
+
+
+class TilingError(ValueError):
+    """A tile size that cannot cut the grid; the message says which sizes can."""
+
+
+class TileReadError(RuntimeError):
+    """A tile's window could not be read: names the file and the window."""
+
+
+def check_tile_size(size: int) -> int:
+    """``size`` if it is a usable tile edge (aligned to the 512 px COG blocks)."""
+    if not isinstance(size, int) or size < MIN_TILE or (size % BLOCK and BLOCK % size):
+        raise TilingError(
+            f"tile size {size!r} px: use a multiple of {BLOCK} (512, 1024, 2048, ...) or a "
+            f"divisor of it of at least {MIN_TILE} (64, 128, 256), so tiles line up with "
+            "the COG blocks"
+        )
+    return size
+
+
+@dataclass(frozen=True)
+class Span:
+    """Half-open pixel ranges of rows and columns: [row0, row1) x [col0, col1)."""
+
+    row0: int
+    row1: int
+    col0: int
+    col1: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.row1 - self.row0, self.col1 - self.col0
+
+    @property
+    def window(self) -> rasterio.windows.Window:
+        return rasterio.windows.Window(self.col0, self.row0, *self.shape[::-1])
+
+    def within(self, outer: Span) -> tuple[slice, slice]:
+        """Slices that cut this span out of an array holding ``outer``."""
+        return (
+            slice(self.row0 - outer.row0, self.row1 - outer.row0),
+            slice(self.col0 - outer.col0, self.col1 - outer.col0),
+        )
+
+    def describe(self) -> str:
+        return (
+            f"rows {self.row0}-{self.row1}, cols {self.col0}-{self.col1} "
+            f"(row offset {self.row0}, col offset {self.col0}, {self.shape[0]} x {self.shape[1]} px)"
+        )
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One processing tile: its place in the tile grid, the pixels it owns, and what it
+    reads (the core plus the halo, clipped to the raster)."""
+
+    row: int
+    col: int
+    core: Span
+    read: Span
+
+    @property
+    def key(self) -> str:
+        return f"r{self.row}c{self.col}"
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Square tiles of ``size`` px over a ``height`` x ``width`` raster."""
+
+    height: int
+    width: int
+    size: int = DEFAULT_TILE
+    halo: int = 0
+
+    def __post_init__(self) -> None:
+        check_tile_size(self.size)
+        if self.height <= 0 or self.width <= 0:
+            raise TilingError(f"cannot tile an empty raster ({self.height} x {self.width} px)")
+        if self.halo < 0:
+            raise TilingError(f"halo must be >= 0 px, got {self.halo}")
+
+    @property
+    def rows(self) -> int:
+        return math.ceil(self.height / self.size)
+
+    @property
+    def cols(self) -> int:
+        return math.ceil(self.width / self.size)
+
+    @property
+    def n_tiles(self) -> int:
+        return self.rows * self.cols
+
+    def tile(self, row: int, col: int) -> Tile:
+        r0, c0 = row * self.size, col * self.size
+        core = Span(r0, min(r0 + self.size, self.height), c0, min(c0 + self.size, self.width))
+        h = self.halo
+        read = Span(
+            max(0, core.row0 - h), min(self.height, core.row1 + h),
+            max(0, core.col0 - h), min(self.width, core.col1 + h),
+        )  # fmt: skip
+        return Tile(row, col, core, read)
+
+    def tiles(self) -> list[Tile]:
+        return [self.tile(r, c) for r in range(self.rows) for c in range(self.cols)]
+
+    def describe(self) -> str:
+        return (
+            f"{self.n_tiles} tile(s) of up to {self.size} x {self.size} px "
+            f"({self.rows} x {self.cols}) over {self.height} x {self.width} px"
+            + (f", halo {self.halo} px" if self.halo else "")
+        )
+
+
+def read_window(src: Any, indexes: Any, span: Span, path: Path | str, **kw: Any) -> Any:
+    """``src.read(indexes, window=span)``; a failure names the file and the window."""
+    try:
+        return src.read(indexes, window=span.window, **kw)
+    except (rasterio.errors.RasterioError, CPLE_BaseError) as e:
+        raise TileReadError(
+            f"{path}: cannot read {span.describe()} ({first_line(e).rstrip('.')})"
+        ) from e
+
+
+# --------------------------------------------------------------------------- running
+
+
+def resolve_client(client: Any, n_tiles: int) -> Client | None:
+    """The dask client for ``n_tiles`` tiles: ``client`` itself, or, when it is a
+    factory (the ``dask`` resource's ``client``), the one it starts, only for more than
+    one tile: a single tile runs in this process, without starting a cluster."""
+    if client is None or not callable(client):
+        return client
+    return client() if n_tiles > 1 else None
+
+
+def worker_threads() -> int:
+    """Threads this process may use: the dask worker's share, else every core."""
+    try:
+        from distributed import get_worker
+
+        return max(1, int(get_worker().state.nthreads))
+    except (ImportError, ValueError, AttributeError):
+        return os.cpu_count() or 1
+
+
+def gpu_workers(client: Client) -> bool:
+    """Whether the cluster's workers advertise a ``GPU`` resource."""
+    workers = client.scheduler_info().get("workers", {}).values()
+    return any(float((w.get("resources") or {}).get("GPU", 0)) > 0 for w in workers)
+
+
+def run_tiles(
+    fn: Callable[..., Any],
+    tiles: Sequence[Tile],
+    *args: Any,
+    client: Client | None = None,
+    resources: dict[str, float] | None = None,
+    in_flight: int | None = None,
+    name: str = "tile",
+) -> Iterator[tuple[Tile, Any]]:
+    """``fn(tile, *args)`` for every tile, yielding (tile, result) as each finishes.
+
+    With a dask ``client`` each tile is one task (``resources`` such as ``{"GPU": 1}``
+    pin it to workers that have them), with at most ``in_flight`` results held at once;
+    without, tiles run here in order. A worker that dies mid-task has its tiles re-run
+    on another worker by the scheduler; an exception in ``fn`` ends the run.
+    """
+    if client is None:
+        for tile in tiles:
+            yield tile, fn(tile, *args)
+        return
+    from distributed import as_completed
+
+    n = in_flight or max(2, 2 * sum(client.nthreads().values()))
+    pending = iter(tiles)
+    by_key: dict[Any, Tile] = {}
+    token = os.urandom(4).hex()
+
+    def submit() -> Any:
+        tile = next(pending, None)
+        if tile is None:
+            return None
+        fut = client.submit(
+            fn, tile, *args, key=f"{name}-{tile.key}-{token}", resources=resources, pure=False
+        )
+        by_key[fut.key] = tile
+        return fut
+
+    first = [f for f in (submit() for _ in range(n)) if f is not None]
+    queue = as_completed(first)
+    try:
+        for fut in queue:
+            result = fut.result()
+            tile = by_key.pop(fut.key)
+            fut.release()
+            nxt = submit()
+            if nxt is not None:
+                queue.add(nxt)
+            yield tile, result
+    finally:
+        for fut in list(queue.futures):
+            fut.cancel()
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def overview_levels(height: int, width: int, smallest: int = 128) -> int:
+    """Halvings until the smaller side is at most ``smallest`` px (GDAL's AUTO stops at
+    the block size, which leaves a small AOI without any overview)."""
+    levels, side = 0, min(height, width)
+    while side > smallest:
+        side = (side + 1) // 2
+        levels += 1
+    return levels
+
+
+@contextmanager
+def staged_cog(
+    target: Path, profile: dict[str, Any], *, overviews: str = "AVERAGE"
+) -> Iterator[Any]:
+    """A writable tiled GTiff for blocks in any order, becoming ``target`` as a COG.
+
+    The staged file lies beside the target (``.<stem>.<pid>.stage.tif``); on success
+    GDAL's COG driver lays it out with overviews into a temporary file that replaces the
+    target atomically. Any failure removes the stage and keeps the old target.
+    """
+    h, w = int(profile["height"]), int(profile["width"])
+    stage_profile = {
+        **profile, "driver": "GTiff", "tiled": True, "blockxsize": BLOCK, "blockysize": BLOCK,
+        "compress": "deflate", "BIGTIFF": "IF_SAFER",
+    }  # fmt: skip
+    for k in ("blocksize", "overview_resampling"):
+        stage_profile.pop(k, None)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphans(target.parent, target.stem)  # stages of runs killed mid-write
+    stage = target.with_name(f".{target.stem}.{os.getpid()}.stage.tif")
+    try:
+        with rasterio.open(stage, "w", **stage_profile) as dst:
+            yield dst
+        with atomic_path(target) as tmp:
+            rasterio.shutil.copy(
+                stage, tmp, driver="COG", COMPRESS="DEFLATE", PREDICTOR="YES",
+                BLOCKSIZE=BLOCK, OVERVIEW_RESAMPLING=overviews,
+                OVERVIEW_COUNT=overview_levels(h, w), BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS",
+            )  # fmt: skip
+    except Exception as e:
+        raise_if_full(target, e)  # GDAL may only say "Write error", or nothing at all
+        raise
+    finally:
+        stage.unlink(missing_ok=True)
+
+
+def spans(tiles: Iterable[Tile]) -> list[Span]:
+    return [t.core for t in tiles]
