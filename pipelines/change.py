@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import rasterio
 import rasterio.errors
 import rasterio.features
@@ -42,6 +43,7 @@ from pyproj import Transformer
 from pipelines.grid import bbox_utm_epsg
 from pipelines.regions import Region, RegionsError, parse_period
 from pipelines.storage import atomic_path, partition_path
+from pipelines.tiling import DEFAULT_TILE, Span, Tiling, read_window
 from pipelines.vectors import polygonal_part
 
 KINDS = ("new", "expanded", "stable", "abandoned", "revegetating")
@@ -50,6 +52,7 @@ KINDS = ("new", "expanded", "stable", "abandoned", "revegetating")
 # regrowth reaches about 0.4, older regrowth 0.7; intact lowland forest is above 0.8.
 NDVI_RECOVERED = 0.35
 MIN_PART_HA = 0.01
+NDVI_HALO = 256  # px: parts up to this size are cut from their tile's NDVI window
 COLUMNS = (
     "change_id", "region", "period", "kind", "area_ha", "first_seen_period", "site_id",
     "mean_ndvi", "geometry",
@@ -78,22 +81,89 @@ class ChangeResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _ndvi_mean(composite: Path, geom: shapely.Geometry) -> float:
-    """Mean composite NDVI over ``geom`` (in the composite's CRS); NaN where unobserved."""
-    with rasterio.open(composite) as src:
+def ndvi_means(
+    composite: Path, parts: Any, crs_of_parts: int, tile_px: int = DEFAULT_TILE
+) -> npt.NDArray[np.float64]:
+    """Mean composite NDVI over each polygon of ``parts`` (all touched pixels); NaN where
+    unobserved or outside the composite.
+
+    The composite is opened once and read tile by tile (``pipelines.tiling``): each
+    tile's NDVI window, with a halo, serves every part whose pixels lie inside it; a part
+    larger than that is read on its own.
+    """
+    out = np.full(len(parts), np.nan)
+    if not len(parts):
+        return out
+    with rasterio.Env(), rasterio.open(composite) as src:  # one GDAL environment for all
         band = list(src.descriptions).index("NDVI") + 1
-        try:
-            window = rasterio.features.geometry_window(src, [geom])
-        except rasterio.errors.WindowError:  # the area lies outside the composite
-            return float("nan")
-        data = src.read(band, window=window)
-        if data.size == 0:
-            return float("nan")
-        inside = rasterio.features.geometry_mask(
-            [geom], data.shape, src.window_transform(window), invert=True, all_touched=True
-        )
-    values = data[inside & np.isfinite(data)]
-    return float(values.mean()) if values.size else float("nan")
+        geoms = np.asarray(parts, dtype=object)
+        if src.crs is not None and src.crs.to_epsg() != crs_of_parts:
+            to_comp = Transformer.from_crs(crs_of_parts, src.crs, always_xy=True).transform
+            geoms = np.asarray([shapely.transform(g, to_comp, interleaved=False) for g in geoms])
+        inv = ~src.transform
+        bounds = shapely.bounds(geoms)  # xmin, ymin, xmax, ymax
+        c0, r0 = inv * (bounds[:, 0], bounds[:, 3])
+        c1, r1 = inv * (bounds[:, 2], bounds[:, 1])
+        # The window rasterio.features.geometry_window gives each part, clipped below.
+        r0 = np.floor(np.asarray(r0)).astype(np.int64)
+        c0 = np.floor(np.asarray(c0)).astype(np.int64)
+        r1 = np.ceil(np.asarray(r1)).astype(np.int64)
+        c1 = np.ceil(np.asarray(c1)).astype(np.int64)
+        # clip to the raster; parts entirely outside stay NaN
+        r0c, c0c = np.clip(r0, 0, src.height), np.clip(c0, 0, src.width)
+        r1c, c1c = np.clip(r1, 0, src.height), np.clip(c1, 0, src.width)
+        inside = (r1c > r0c) & (c1c > c0c)
+        tiling = Tiling(src.height, src.width, tile_px, halo=NDVI_HALO)
+        key = (r0c // tile_px) * tiling.cols + (c0c // tile_px)
+        fits = inside & (r1c - r0c <= NDVI_HALO) & (c1c - c0c <= NDVI_HALO)
+        for k in np.unique(key[fits]):
+            tile = tiling.tile(int(k) // tiling.cols, int(k) % tiling.cols)
+            idx = np.flatnonzero(fits & (key == k))
+            buf = read_window(src, band, tile.read, composite)
+            finite = np.isfinite(buf)
+            wt = src.window_transform(tile.read.window)
+            spans = {int(i): Span(int(r0c[i]), int(r1c[i]), int(c0c[i]), int(c1c[i])) for i in idx}
+            # Parts whose windows (grown by a pixel) do not meet burn in one pass each:
+            # no pixel can be touched by two of them, so each reads as if burnt alone.
+            for group in _apart(spans, tile.read):
+                labels = rasterio.features.rasterize(
+                    [(geoms[i], n + 1) for n, i in enumerate(group)], out_shape=buf.shape,
+                    transform=wt, all_touched=True, fill=0, dtype="int32",
+                )  # fmt: skip
+                for n, i in enumerate(group):
+                    rows, cols = spans[i].within(tile.read)
+                    hit = (labels[rows, cols] == n + 1) & finite[rows, cols]
+                    vals = buf[rows, cols][hit]
+                    out[i] = float(vals.mean(dtype=np.float64)) if vals.size else np.nan
+        for j in np.flatnonzero(inside & ~fits).tolist():  # large parts: a read each
+            span = Span(int(r0c[j]), int(r1c[j]), int(c0c[j]), int(c1c[j]))
+            data = read_window(src, band, span, composite)
+            out[j] = _mean_in(data, geoms[j], src.window_transform(span.window))
+    return out
+
+
+def _apart(spans: dict[int, Span], within: Span) -> list[list[int]]:
+    """Greedy groups of ``spans`` whose windows, grown by one pixel, do not overlap."""
+    groups: list[tuple[npt.NDArray[np.bool_], list[int]]] = []
+    h, w = within.shape
+    for i, span in spans.items():
+        r0, c0 = max(0, span.row0 - within.row0 - 1), max(0, span.col0 - within.col0 - 1)
+        r1, c1 = min(h, span.row1 - within.row0 + 1), min(w, span.col1 - within.col0 + 1)
+        free = next((g for g in groups if not g[0][r0:r1, c0:c1].any()), None)
+        if free is None:
+            free = (np.zeros((h, w), bool), [])
+            groups.append(free)
+        free[0][r0:r1, c0:c1] = True
+        free[1].append(i)
+    return [members for _, members in groups]
+
+
+def _mean_in(data: npt.NDArray[np.float32], geom: shapely.Geometry, transform: Any) -> float:
+    if data.size == 0:
+        return float("nan")
+    hit = rasterio.features.geometry_mask([geom], data.shape, transform, invert=True, all_touched=True)  # fmt: skip
+    values = data[hit & np.isfinite(data)]
+    return float(values.mean(dtype=np.float64)) if values.size else float("nan")
 
 
 def _clean(frame: Any, epsg: int) -> Any:
@@ -116,17 +186,105 @@ def _start(period_id: str) -> Any:
         return parse_period("2100").start
 
 
-def _earliest(geom: shapely.Geometry, history: Any, fallback: str) -> str:
-    """Earliest first_seen_period of the history rows ``geom`` overlaps."""
-    if history is None or len(history) == 0:
-        return fallback
+def _earliest(geoms: Any, history: Any, fallback: str) -> list[str]:
+    """For each geometry, the earliest first_seen_period of the history rows it overlaps
+    (by area; an STRtree finds the candidates), else ``fallback``."""
+    out = [fallback] * len(geoms)
+    if history is None or len(history) == 0 or len(geoms) == 0:
+        return out
     shapes = history.geometry.to_numpy()
-    overlap = shapely.area(shapely.intersection(shapes, geom))
-    hits = history[overlap > 0]
-    if len(hits) == 0:
-        return fallback
-    order = hits.sort_values("period_start")
-    return str(order["first_seen_period"].iloc[0])
+    tree = shapely.STRtree(shapes)
+    gi, hi = tree.query(np.asarray(geoms, dtype=object), predicate="intersects")
+    if len(gi) == 0:
+        return out
+    overlap = shapely.area(shapely.intersection(np.asarray(geoms, dtype=object)[gi], shapes[hi]))
+    gi, hi = gi[overlap > 0], hi[overlap > 0]
+    starts = history["period_start"].map(lambda d: d.toordinal()).to_numpy()[hi]
+    firsts = history["first_seen_period"].astype(str).to_numpy()[hi]
+    order = np.lexsort((firsts, starts, gi))  # by geometry, then earliest start, then name
+    gi, firsts = gi[order], firsts[order]
+    first_of = np.flatnonzero(np.r_[True, gi[1:] != gi[:-1]])
+    for g, f in zip(gi[first_of].tolist(), firsts[first_of].tolist(), strict=True):
+        out[g] = f
+    return out
+
+
+def dissolve(geoms: Any) -> Any:
+    """The parts of the union of ``geoms``, dissolved per cluster of intersecting
+    geometries (an STRtree and connected components), not as one overlay of all."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    geoms = np.asarray(geoms, dtype=object)
+    n = len(geoms)
+    if n == 0:
+        return np.empty(0, dtype=object)
+    a, b = shapely.STRtree(geoms).query(geoms, predicate="intersects")
+    graph = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n, n))
+    _, label = connected_components(graph, directed=False)
+    order = np.argsort(label, kind="stable")
+    splits = np.flatnonzero(np.diff(label[order])) + 1
+    parts = []
+    for group in np.split(order, splits):
+        merged = geoms[group[0]] if len(group) == 1 else shapely.union_all(geoms[group])
+        parts.extend(shapely.get_parts(merged))
+    return np.asarray(parts, dtype=object)
+
+
+def _local_unions(geoms: Any, others: Any) -> Any:
+    """For each geometry, the union of the ``others`` it intersects (an STRtree finds
+    them): what an overlay with the union of all ``others`` sees, in linear time."""
+    out = np.full(len(geoms), None, dtype=object)
+    if len(geoms) == 0 or len(others) == 0:
+        out[:] = [shapely.Polygon()] * len(geoms)
+        return out
+    gi, oi = shapely.STRtree(others).query(geoms, predicate="intersects")
+    order = np.argsort(gi, kind="stable")
+    gi, oi = gi[order], oi[order]
+    splits = np.flatnonzero(np.diff(gi)) + 1
+    for g, group in zip(np.split(gi, splits), np.split(oi, splits), strict=True):
+        if len(g):
+            out[g[0]] = others[group[0]] if len(group) == 1 else shapely.union_all(others[group])
+    out[[v is None for v in out]] = shapely.Polygon()
+    return out
+
+
+def _rows(
+    region_id: str,
+    period_id: str,
+    kinds: list[str],
+    geoms: list[shapely.Geometry],
+    firsts: list[str],
+    site_ids: list[str | None],
+    ndvis: list[float],
+) -> dict[str, Any]:
+    """The change columns, slivers dropped (overlays leave lines, points and parts under
+    ``MIN_PART_HA``), ids a digest of the kind and the geometry in normal form."""
+    polys = np.asarray([polygonal_part(g) for g in geoms], dtype=object)
+    area = shapely.area(polys) / 10_000 if len(polys) else np.empty(0)
+    keep: Any = (
+        np.flatnonzero(~shapely.is_empty(polys) & (area >= MIN_PART_HA)) if len(polys) else []
+    )
+    # The id hashes the geometry in normal form (1 cm grid, no collinear vertices,
+    # canonical ring order): the same area gets the same id however an overlay drew it.
+    canon = shapely.normalize(shapely.simplify(shapely.set_precision(polys[keep], 0.01), 0))
+    wkb = shapely.to_wkb(canon) if len(keep) else []
+    ids = [
+        f"{region_id}-{period_id}-{kinds[i]}-"
+        + hashlib.sha1(f"{region_id}|{period_id}|{kinds[i]}|".encode() + w).hexdigest()[:12]
+        for i, w in zip(keep, wkb, strict=True)
+    ]
+    return {
+        "change_id": ids,
+        "region": [region_id] * len(keep),
+        "period": [period_id] * len(keep),
+        "kind": [kinds[i] for i in keep],
+        "area_ha": [round(float(area[i]), 4) for i in keep],
+        "first_seen_period": [firsts[i] for i in keep],
+        "site_id": [site_ids[i] for i in keep],
+        "mean_ndvi": [ndvis[i] for i in keep],
+        "geometry": polys[keep] if len(keep) else [],
+    }
 
 
 def detect_change(
@@ -145,33 +303,28 @@ def detect_change(
     notes: list[str] = []
     cur = _clean(current, epsg)
     prev_period = region.previous_period(period_id)
-    rows: list[dict[str, Any]] = []
+    kinds: list[str] = []
+    geoms: list[shapely.Geometry] = []
+    firsts: list[str] = []
+    site_ids: list[str | None] = []
+    ndvis: list[float] = []
 
-    def add(kind: str, geom: shapely.Geometry, first: str, site: str | None, ndvi: float) -> None:
-        geom = polygonal_part(geom)  # overlays can leave slivers of lines and points
-        area = geom.area / 10_000
-        if geom.is_empty or area < MIN_PART_HA:
-            return
-        digest = hashlib.sha1(
-            f"{region.id}|{period_id}|{kind}|".encode()
-            + shapely.to_wkb(shapely.set_precision(geom, 0.01))
-        ).hexdigest()[:12]
-        rows.append(
-            {
-                "change_id": f"{region.id}-{period_id}-{kind}-{digest}",
-                "region": region.id, "period": period_id, "kind": kind,
-                "area_ha": round(area, 4), "first_seen_period": first, "site_id": site,
-                "mean_ndvi": ndvi, "geometry": geom,
-            }
-        )  # fmt: skip
+    def add(kind: str, geom: Any, first: Any, site: Any, ndvi: Any) -> None:
+        """Rows of one kind; each argument a sequence of the same length."""
+        kinds.extend([kind] * len(geom))
+        geoms.extend(geom)
+        firsts.extend(first)
+        site_ids.extend(site)
+        ndvis.extend(ndvi)
 
-    def own_first(rec: Any) -> str:
-        value = rec.get("first_seen_period")
-        return str(value) if isinstance(value, str) and value else period_id
-
+    own = [
+        str(v) if isinstance(v, str) and v else period_id
+        for v in cur.get("first_seen_period", [None] * len(cur))
+    ]
+    cur_g = cur.geometry.to_numpy()
+    cur_ids = [str(v) for v in cur["site_id"]]
     if previous is None:
-        for _, rec in cur.iterrows():
-            add("new", rec.geometry, own_first(rec), rec["site_id"], np.nan)
+        add("new", cur_g, own, cur_ids, [np.nan] * len(cur))
         notes.append("first period of the region: all its mining is new (the baseline)")
     else:
         prev = _clean(previous, epsg)
@@ -188,35 +341,37 @@ def detect_change(
                 "abandoned before it is not tracked"
             )
         bound = prev_period.id if prev_period else period_id
-        prev_u = shapely.union_all(prev.geometry.to_numpy()) if len(prev) else shapely.Polygon()
-        cur_u = shapely.union_all(cur.geometry.to_numpy()) if len(cur) else shapely.Polygon()
-        for _, rec in cur.iterrows():
-            s = rec.geometry
-            kept = s.intersection(prev_u)
-            if kept.area / 10_000 < MIN_PART_HA:
-                add("new", s, own_first(rec), rec["site_id"], np.nan)
-                continue
-            add("stable", kept, _earliest(kept, history, bound), rec["site_id"], np.nan)
-            add("expanded", s.difference(prev_u), period_id, rec["site_id"], np.nan)
-        # Everything mined before: last period's sites and the footprint its change carried.
-        footprint = prev_u
-        if history is not None:
-            footprint = shapely.union_all([prev_u, *history.geometry.to_numpy()])
-        gone = footprint.difference(cur_u)
-        comp_crs = None
+        prev_g = prev.geometry.to_numpy()
+        near = _local_unions(cur_g, prev_g)  # per site: the previous mining it touches
+        kept = shapely.intersection(cur_g, near)
+        fresh = shapely.area(kept) / 10_000 < MIN_PART_HA
+        idx = np.flatnonzero(fresh)
+        add("new", cur_g[idx], [own[i] for i in idx], [cur_ids[i] for i in idx], [np.nan] * len(idx))  # fmt: skip
+        idx = np.flatnonzero(~fresh)
+        add("stable", kept[idx], _earliest(kept[idx], history, bound), [cur_ids[i] for i in idx], [np.nan] * len(idx))  # fmt: skip
+        grown = shapely.difference(cur_g[idx], near[idx])
+        add("expanded", grown, [period_id] * len(idx), [cur_ids[i] for i in idx], [np.nan] * len(idx))  # fmt: skip
+        # Everything mined before (last period's sites and the footprint its change
+        # carried), in connected parts, minus the mining of this period that touches it.
+        before = (
+            prev_g if history is None else np.concatenate([prev_g, history.geometry.to_numpy()])
+        )
+        footprint = dissolve(before)
+        left = shapely.difference(footprint, _local_unions(footprint, cur_g))
+        gone = shapely.get_parts(left[~shapely.is_empty(left)])
+        gone = gone[shapely.area(gone) / 10_000 >= MIN_PART_HA]
+        ndvi = np.full(len(gone), np.nan)
         if composite is not None and composite.exists():
-            with rasterio.open(composite) as src:
-                comp_crs = src.crs
+            ndvi = ndvi_means(composite, gone, epsg)
         else:
             notes.append("no composite for this period: re-vegetation not assessed")
-        for part in shapely.get_parts(gone):
-            ndvi = np.nan
-            if comp_crs is not None:
-                to_comp = Transformer.from_crs(epsg, comp_crs, always_xy=True).transform
-                ndvi = _ndvi_mean(composite, shapely.transform(part, to_comp, interleaved=False))  # type: ignore[arg-type]
-            kind = "revegetating" if np.isfinite(ndvi) and ndvi >= NDVI_RECOVERED else "abandoned"
-            add(kind, part, _earliest(part, history, bound), None, ndvi)
+        green = np.isfinite(ndvi) & (ndvi >= NDVI_RECOVERED)
+        first = _earliest(gone, history, bound)
+        for kind, sel in (("revegetating", green), ("abandoned", ~green)):
+            i = np.flatnonzero(sel)
+            add(kind, gone[i], [first[k] for k in i], [None] * len(i), ndvi[i].tolist())
 
+    rows = _rows(region.id, period_id, kinds, geoms, firsts, site_ids, ndvis)
     frame = gpd.GeoDataFrame(rows, columns=list(COLUMNS), geometry="geometry", crs=epsg)
     frame = frame.sort_values("change_id").reset_index(drop=True).to_crs(4326)
     for col in ("area_ha", "mean_ndvi"):

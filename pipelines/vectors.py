@@ -87,6 +87,9 @@ def require_columns(
 
 def polygonal_part(geom: shapely.Geometry) -> shapely.Geometry:
     """The union of a geometry's polygons (an empty polygon when it has none)."""
+    kind = geom.geom_type
+    if kind == "Polygon" or (kind == "MultiPolygon" and geom.is_valid):
+        return geom  # already its own union (an overlay on thousands: no noding)
     parts = [g for g in shapely.get_parts(geom) if g.geom_type in POLYGONAL]
     return shapely.union_all(parts) if parts else shapely.Polygon()
 

@@ -158,3 +158,34 @@ def test_gone_mining_outside_the_composite_is_abandoned(tmp_path: Path) -> None:
     f = res.frame.sort_values("area_ha")
     assert list(f["kind"]) == ["revegetating", "abandoned"]  # the thin one still has pixels
     assert np.isnan(f["mean_ndvi"].iloc[1])
+
+
+def _canonical(frame: Any) -> tuple[list[tuple[str, str, str]], np.ndarray]:
+    """(kind, geometry digest in normal form, first seen) sorted, and the NDVI means."""
+    import hashlib
+
+    g = frame.to_crs(EPSG).geometry.to_numpy()
+    g = shapely.normalize(shapely.simplify(shapely.set_precision(g, 0.01), 0))
+    digests = [hashlib.sha1(w).hexdigest() for w in shapely.to_wkb(g)]
+    rows = list(zip(frame["kind"], digests, frame["first_seen_period"].astype(str), strict=True))
+    order = sorted(range(len(rows)), key=rows.__getitem__)
+    return [rows[i] for i in order], frame["mean_ndvi"].to_numpy()[order]
+
+
+def test_indexed_overlay_matches_the_whole_union_overlay(tmp_path: Path) -> None:
+    """The STRtree overlay and tiled NDVI reads give the rows of the old code path (one
+    overlay per site against the union of everything, a read per part)."""
+    from bench._change_baseline import detect_change as whole_union
+    from bench.change import REGION as BENCH
+    from bench.change import composite, world
+
+    cur, prev, hist = world(400, seed=3)
+    comp = composite(tmp_path / "c.tif", 400)
+    new = detect_change(BENCH, "2021", cur, prev, previous_change=hist, composite=comp)
+    old = whole_union(BENCH, "2021", cur, prev, previous_change=hist, composite=comp)
+    assert len(new.frame) == len(old.frame) > 800
+    assert set(new.frame["kind"]) == {"new", "stable", "expanded", "abandoned", "revegetating"}
+    (rows_new, ndvi_new), (rows_old, ndvi_old) = _canonical(new.frame), _canonical(old.frame)
+    assert rows_new == rows_old
+    np.testing.assert_allclose(ndvi_new, ndvi_old, atol=1e-5)  # float64 means, float32 before
+    assert new.summary == old.summary
