@@ -60,6 +60,39 @@ def write_grievances(root: Path, n: int, seed: int = 3) -> None:
     refresh_views(root)
 
 
+def write_change(root: Path, n: int, period: str = "2021", seed: int = 4) -> None:
+    """Replace the demo region's change rows of ``period`` by ``n`` small mining areas
+    (squares of 20-60 m over the region, half of them first seen that period), written
+    with DuckDB: a region with ``n`` sites as the web map and the report meet it."""
+    from pipelines.catalog import connect, refresh_views
+    from pipelines.change import change_path
+    from pipelines.regions import load_regions
+
+    region = load_regions(ROOT / "regions.yaml").get(REGION)
+    w, s, e, north = region.bbox
+    target = change_path(root, REGION, period)
+    con = connect(root / "scratch.duckdb")
+    try:
+        con.execute(
+            f"""COPY (
+              SELECT '{REGION}-{period}-new-' || i AS change_id, '{REGION}' AS region,
+                     '{period}' AS period, CASE WHEN i % 2 = 0 THEN 'new' ELSE 'stable' END AS kind,
+                     side * side / 1e4 * 1e-4 * 1.2e6 AS area_ha,
+                     CASE WHEN i % 2 = 0 THEN '{period}' ELSE '2019' END AS first_seen_period,
+                     NULL::VARCHAR AS site_id, NULL::DOUBLE AS mean_ndvi,
+                     ST_SetCRS(ST_MakeEnvelope(x, y, x + side, y + side), 'EPSG:4326') AS geometry
+              FROM (SELECT i, {w} + hash(i, {seed}) % 1000000 / 1e6 * {e - w} AS x,
+                           {s} + hash(i, {seed} + 1) % 1000000 / 1e6 * {north - s} AS y,
+                           (20 + hash(i, {seed} + 2) % 40) * 9e-6 AS side
+                    FROM range({n}) t(i))
+            ) TO '{target}' (FORMAT parquet)"""
+        )
+    finally:
+        con.close()
+        (root / "scratch.duckdb").unlink(missing_ok=True)
+    refresh_views(root)
+
+
 def _run(root: str, out: mp.Queue) -> None:  # type: ignore[type-arg]
     from pipelines.regions import load_regions
     from pipelines.reports import make_reports

@@ -119,18 +119,69 @@ def read_labels(
     """
     if path.suffix.lower() in VECTOR_SUFFIXES:
         return rasterize_labels(path, like, period)
-    out = np.full(like.valid.shape, IGNORE, dtype=np.uint8)
-    with rasterio.open(path) as src:
-        raw = np.full(like.valid.shape, IGNORE, dtype=np.uint8)
-        rasterio.warp.reproject(  # from the band: GDAL reads only what the grid needs
-            rasterio.band(src, 1), raw, src_nodata=src.nodata,
-            dst_transform=like.transform, dst_crs=like.crs,
-            dst_nodata=IGNORE, resampling=Resampling.nearest,
-        )  # fmt: skip
-    known = raw != IGNORE
-    out[known] = np.isin(raw[known], mining_values).astype(np.uint8)
-    out[~like.valid] = IGNORE
-    return out
+    with LabelSource(path, like.crs, period, mining_values) as source:
+        return source.read(like.transform, like.valid)
+
+
+class LabelSource:
+    """Labels of one file, read window by window onto a grid (training chips, tiles).
+
+    A truth raster stays open and is warped per window (GDAL reads what the window
+    needs); polygons are read, validated and projected once, then burnt per window.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        crs: Any,
+        period: str | None = None,
+        mining_values: tuple[int, ...] = (1,),
+    ) -> None:
+        self.path, self.crs, self.mining_values = path, crs, mining_values
+        self._src: Any = None
+        self._shapes: list[tuple[Any, int]] | None = None
+        if path.suffix.lower() in VECTOR_SUFFIXES:
+            self._shapes = label_shapes(path, crs, period)
+        else:
+            self._src = rasterio.open(path)
+
+    def __enter__(self) -> LabelSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._src is not None:
+            self._src.close()
+            self._src = None
+
+    def read(
+        self, transform: rasterio.Affine, valid: npt.NDArray[np.bool_]
+    ) -> npt.NDArray[np.uint8]:
+        """Labels (1, 0, ``IGNORE``) on the grid of ``transform`` and ``valid``'s shape,
+        ``IGNORE`` where ``valid`` is False."""
+        import rasterio.features
+
+        shape = valid.shape
+        if self._shapes is not None:
+            out = np.zeros(shape, dtype=np.uint8)
+            if self._shapes:
+                out = rasterio.features.rasterize(
+                    self._shapes, out_shape=shape, transform=transform, fill=0, dtype="uint8"
+                )
+        else:
+            raw = np.full(shape, IGNORE, dtype=np.uint8)
+            rasterio.warp.reproject(  # from the band: GDAL reads only what the grid needs
+                rasterio.band(self._src, 1), raw, src_nodata=self._src.nodata,
+                dst_transform=transform, dst_crs=self.crs,
+                dst_nodata=IGNORE, resampling=Resampling.nearest,
+            )  # fmt: skip
+            out = np.full(shape, IGNORE, dtype=np.uint8)
+            known = raw != IGNORE
+            out[known] = np.isin(raw[known], self.mining_values).astype(np.uint8)
+        out[~valid] = IGNORE
+        return out
 
 
 class LabelsError(ValueError):
@@ -144,8 +195,13 @@ def rasterize_labels(path: Path, like: Scene, period: str | None = None) -> npt.
     their period is not after ``period`` (same-year quarters included): mining that
     appeared by then. Without ``period``, every polygon counts.
     """
-    import rasterio.features
+    with LabelSource(path, like.crs, period) as source:
+        return source.read(like.transform, like.valid)
 
+
+def label_shapes(path: Path, crs: Any, period: str | None = None) -> list[tuple[Any, int]]:
+    """The (geometry, 1) pairs of a mining labels file in ``crs``, validated, filtered to
+    the polygons that count for ``period`` (see ``rasterize_labels``)."""
     from pipelines.regions import parse_period
     from pipelines.vectors import POLYGONAL, check_geometry, read_vector
 
@@ -166,12 +222,5 @@ def rasterize_labels(path: Path, like: Scene, period: str | None = None) -> npt.
     if period is not None and "period" in frame.columns:
         year = period[:4]
         frame = frame[frame["period"].astype(str).str[:4] <= year]
-    frame = frame.to_crs(like.crs)
-    shapes = [(g, 1) for g in frame.geometry if g is not None and not g.is_empty]
-    out = np.zeros(like.valid.shape, dtype=np.uint8)
-    if shapes:
-        out = rasterio.features.rasterize(
-            shapes, out_shape=like.valid.shape, transform=like.transform, fill=0, dtype="uint8"
-        )
-    out[~like.valid] = IGNORE
-    return out
+    frame = frame.to_crs(crs)
+    return [(g, 1) for g in frame.geometry if g is not None and not g.is_empty]

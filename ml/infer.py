@@ -252,6 +252,9 @@ def predict_tiled(
             )
     else:
         out = _predict_cpu(model, x, plan, normalizer, batch, progress)
+    # The blended sum of probabilities can round a hair past 1 (weights are normalised
+    # per axis in float32): keep the output a probability.
+    np.clip(out, 0.0, 1.0, out=out)
     if valid is not None:
         out[~valid] = np.nan
     return out

@@ -1,6 +1,7 @@
 """Seeded U-Net training on chips cut from labelled composites, with early stopping.
 
-Chips are random crops of the training scenes, flipped and rotated by multiples of 90
+Chips are random crops of the training scenes (read window by window from the
+composites: ``ChipSource``), flipped and rotated by multiples of 90
 degrees (the ground has no up). The loss is BCE plus soft Dice over labelled pixels
 only. After each epoch the model predicts the validation scenes whole (tiled, as in
 production) and the best validation IoU so far keeps its weights; training stops when it
@@ -13,7 +14,7 @@ import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -44,13 +45,36 @@ class TrainConfig:
         return d
 
 
+class ChipSource(Protocol):
+    """Where training chips come from: an image of ``shape`` read window by window."""
+
+    name: str
+
+    @property
+    def shape(self) -> tuple[int, int]: ...
+
+    def labels(self, r0: int, c0: int, size: int) -> npt.NDArray[np.uint8]: ...
+
+    def features(self, r0: int, c0: int, size: int) -> npt.NDArray[np.float32]: ...
+
+
 @dataclass
 class Labelled:
-    """A normalised (c, y, x) image, its labels (0, 1, IGNORE) and its name."""
+    """A normalised (c, y, x) image in memory, its labels (0, 1, IGNORE) and its name."""
 
     name: str
     x: npt.NDArray[np.float32]
     y: npt.NDArray[np.uint8]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.y.shape[0]), int(self.y.shape[1])
+
+    def labels(self, r0: int, c0: int, size: int) -> npt.NDArray[np.uint8]:
+        return self.y[r0 : r0 + size, c0 : c0 + size]
+
+    def features(self, r0: int, c0: int, size: int) -> npt.NDArray[np.float32]:
+        return self.x[:, r0 : r0 + size, c0 : c0 + size]
 
 
 @dataclass
@@ -71,19 +95,19 @@ def _seed(seed: int) -> None:
 
 
 def _batch(
-    scenes: Sequence[Labelled], rng: np.random.Generator, chip: int, n: int
+    scenes: Sequence[ChipSource], rng: np.random.Generator, chip: int, n: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     xs, ys = [], []
     for _ in range(n):
         s = scenes[int(rng.integers(len(scenes)))]
-        _, h, w = s.x.shape
+        h, w = s.shape
         for _try in range(10):  # prefer chips with some labelled pixels
             r0 = int(rng.integers(0, h - chip + 1))
             c0 = int(rng.integers(0, w - chip + 1))
-            y = s.y[r0 : r0 + chip, c0 : c0 + chip]
+            y = s.labels(r0, c0, chip)
             if (y != IGNORE).mean() > 0.3:
                 break
-        x = s.x[:, r0 : r0 + chip, c0 : c0 + chip]
+        x = s.features(r0, c0, chip)
         k = int(rng.integers(4))
         x, y = np.rot90(x, k, axes=(1, 2)), np.rot90(y, k)
         if rng.random() < 0.5:
@@ -106,7 +130,7 @@ def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def train_unet(
-    train: Sequence[Labelled],
+    train: Sequence[ChipSource],
     val: Sequence[Labelled],
     config: TrainConfig | None = None,
     *,
@@ -119,10 +143,8 @@ def train_unet(
     if not train or not val:
         raise ValueError("training needs at least one training and one validation scene")
     for s in (*train, *val):
-        if min(s.x.shape[1:]) < cfg.chip:
-            raise ValueError(
-                f"scene {s.name} ({s.x.shape[1:]}) is smaller than a {cfg.chip} px chip"
-            )
+        if min(s.shape) < cfg.chip:
+            raise ValueError(f"scene {s.name} ({s.shape}) is smaller than a {cfg.chip} px chip")
     device = device or torch.device("cpu")
     _seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)

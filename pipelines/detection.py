@@ -32,16 +32,15 @@ from rasterio._err import CPLE_BaseError  # GDAL's errors, raised as they come
 from ml import registry
 from ml.features import (
     IGNORE,
+    LabelSource,
     Normalizer,
-    Scene,
     feature_indexes,
     grid_like,
-    read_composite,
     read_features,
     read_labels,
 )
 from ml.infer import pick_device, plan_tiles, predict_tiled, sub_plan
-from ml.metrics import best_threshold, confusion, evaluate, scores
+from ml.metrics import best_threshold, confusion, scores
 from ml.models import index_baseline
 from ml.train import Labelled, TrainConfig, train_unet
 from pipelines.composite import composite_path
@@ -67,6 +66,9 @@ if TYPE_CHECKING:
     from distributed import Client
 
 VAL_FRACTION = 0.25  # eastern share of each training scene kept for early stopping
+VAL_WINDOW = 512  # validation strips are predicted in windows of up to this edge, px
+MAX_VAL_WINDOWS = 32  # per composite: early stopping's cost and memory do not grow with the AOI
+NORM_WINDOWS, NORM_WINDOW = 64, 64  # the normaliser's pixel sample: windows per composite, edge
 THRESHOLD = 0.5  # for the index baseline, and for models registered without one
 # (tile edge, tiles per forward pass) when not configured: small tiles keep CPU memory
 # low; on a GPU, large tiles waste less on overlap (docs/performance.md).
@@ -147,8 +149,100 @@ def _describe(root: Path, s: TrainingScene) -> dict[str, str]:
     }
 
 
-def _labels(scene: TrainingScene, comp: Scene) -> npt.NDArray[np.uint8]:
-    return read_labels(scene.labels, comp, period=scene.period)
+class CompositeChips:
+    """A training composite read chip by chip (``ml.train.ChipSource``): normalised
+    features, labels on the chip's grid, the eastern validation strip ignored."""
+
+    def __init__(self, scene: TrainingScene, norm: Normalizer) -> None:
+        self.name = f"{scene.region}/{scene.period}"
+        self.path = scene.composite
+        self.src = rasterio.open(scene.composite)
+        self.norm = norm
+        self.cut = int(self.src.width * (1 - VAL_FRACTION))
+        self.labels_src = LabelSource(scene.labels, self.src.crs, scene.period)
+        self._last: tuple[tuple[int, int, int], npt.NDArray[np.float32]] | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.src.height), int(self.src.width)
+
+    def _raw(self, r0: int, c0: int, size: int) -> npt.NDArray[np.float32]:
+        key = (r0, c0, size)
+        if self._last is None or self._last[0] != key:
+            span = Span(r0, r0 + size, c0, c0 + size)
+            self._last = (key, read_features(self.src, self.path, span))
+        return self._last[1]
+
+    def labels(self, r0: int, c0: int, size: int) -> npt.NDArray[np.uint8]:
+        raw = self._raw(r0, c0, size)
+        span = Span(r0, r0 + size, c0, c0 + size)
+        valid = np.asarray(np.isfinite(raw).all(axis=0))
+        y = self.labels_src.read(self.src.window_transform(span.window), valid)
+        y[:, max(0, self.cut - c0) :] = IGNORE  # the validation strip
+        return y
+
+    def features(self, r0: int, c0: int, size: int) -> npt.NDArray[np.float32]:
+        return self.norm.apply(self._raw(r0, c0, size))
+
+    def close(self) -> None:
+        self.src.close()
+        self.labels_src.close()
+
+
+def fit_normalizer(scenes: Sequence[TrainingScene], seed: int) -> Normalizer:
+    """Per-band mean and std from ``NORM_WINDOWS`` random windows of each composite."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for s in scenes:
+        with rasterio.open(s.composite) as src:
+            size = min(NORM_WINDOW, src.height, src.width)
+            for _ in range(NORM_WINDOWS):
+                r0 = int(rng.integers(0, src.height - size + 1))
+                c0 = int(rng.integers(0, src.width - size + 1))
+                feats = read_features(src, s.composite, Span(r0, r0 + size, c0, c0 + size))
+                samples.append(feats[:, np.isfinite(feats).all(axis=0)])
+    return Normalizer.fit(samples)
+
+
+def validation_windows(scene: TrainingScene, norm: Normalizer) -> list[Labelled]:
+    """The eastern strip of a training composite in windows of up to ``VAL_WINDOW`` px,
+    at most ``MAX_VAL_WINDOWS`` of them spread over the strip (memory: bounded)."""
+    with rasterio.open(scene.composite) as src:
+        cut = int(src.width * (1 - VAL_FRACTION))
+        strip = Tiling(src.height, src.width - cut, VAL_WINDOW)
+        tiles = strip.tiles()
+        if len(tiles) > MAX_VAL_WINDOWS:
+            pick = np.linspace(0, len(tiles) - 1, MAX_VAL_WINDOWS).round().astype(int)
+            tiles = [tiles[i] for i in sorted(set(pick.tolist()))]
+        out = []
+        with LabelSource(scene.labels, src.crs, scene.period) as labels:
+            for t in tiles:
+                span = Span(t.core.row0, t.core.row1, t.core.col0 + cut, t.core.col1 + cut)
+                raw = read_features(src, scene.composite, span)
+                y = labels.read(src.window_transform(span.window), np.isfinite(raw).all(axis=0))
+                out.append(Labelled(f"{scene.region}/{scene.period}:val:{t.key}", norm.apply(raw), y))  # fmt: skip
+    return out
+
+
+def heldout_confusion(
+    scene: TrainingScene, model: Any, norm: Normalizer, threshold: float, dev: Any
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """(U-Net, index baseline) confusion counts on a held-out composite, tile by tile,
+    with the inference plan of the whole composite (as ``mining_probability``)."""
+    unet, base = np.zeros(4, np.int64), np.zeros(4, np.int64)
+    with rasterio.open(scene.composite) as src, LabelSource(scene.labels, src.crs, scene.period) as labels:  # fmt: skip
+        whole = plan_tiles(src.height, src.width, 256, 32)
+        for t in Tiling(src.height, src.width, DEFAULT_TILE).tiles():
+            c = t.core
+            part, (r0, r1, c0, c1) = sub_plan(whole, c.row0, c.row1, c.col0, c.col1)
+            feats = read_features(src, scene.composite, Span(r0, r1, c0, c1))
+            prob = predict_tiled(model, feats, normalizer=norm, plan=part, device=dev)
+            rows, cols = c.within(Span(r0, r1, c0, c1))
+            prob, core = prob[rows, cols], feats[:, rows, cols]
+            y = labels.read(src.window_transform(c.window), np.isfinite(core).all(axis=0))
+            unet += np.asarray(confusion(prob, y, threshold))
+            base += np.asarray(confusion(index_baseline(core), y, THRESHOLD))
+    return unet, base
 
 
 def train_mining_model(
@@ -171,24 +265,24 @@ def train_mining_model(
 
     train_scenes = [s for s in scenes if not s.heldout]
     test_scenes = [s for s in scenes if s.heldout]
-    comps = [read_composite(s.composite) for s in train_scenes]  # each file read once
-    norm = Normalizer.fit([c.features[:, c.valid] for c in comps])
-    train, val = [], []
-    for s, comp in zip(train_scenes, comps, strict=True):
-        x, y = norm.apply(comp.features), _labels(s, comp)
-        cut = int(x.shape[2] * (1 - VAL_FRACTION))
-        y_train = y.copy()
-        y_train[:, cut:] = IGNORE
-        train.append(Labelled(f"{s.region}/{s.period}", x, y_train))
-        val.append(Labelled(f"{s.region}/{s.period}:val", x[:, :, cut:].copy(), y[:, cut:].copy()))
+    # No composite is read whole: the normaliser sees a sample of windows, training
+    # reads chips, validation a bounded set of windows, the test tile by tile.
+    norm = fit_normalizer(train_scenes, cfg.seed)
+    train = [CompositeChips(s, norm) for s in train_scenes]
+    val = [w for s in train_scenes for w in validation_windows(s, norm)]
     dev = pick_device(device)
     progress(
         f"mining_model: training a U-Net ({cfg.spec.encoder}) on {len(train)} composite(s) "
-        f"[{', '.join(t.name for t in train)}] on {dev}; held out: "
+        f"[{', '.join(t.name for t in train)}] on {dev}, chips read window by window; "
+        f"{len(val)} validation window(s); held out: "
         f"{', '.join(f'{s.region}/{s.period}' for s in test_scenes)}"
     )
-    result = train_unet(train, val, cfg, device=dev, progress=progress)
-    # The decision threshold is chosen on the validation strips, never on held-out data.
+    try:
+        result = train_unet(train, val, cfg, device=dev, progress=progress)
+    finally:
+        for t in train:
+            t.close()
+    # The decision threshold is chosen on the validation windows, never on held-out data.
     val_probs = [
         (predict_tiled(result.model, v.x, tile=128, overlap=16, device=dev), v.y) for v in val
     ]
@@ -199,15 +293,12 @@ def train_mining_model(
     base_cm = np.zeros(4, np.int64)
     per_scene = {}
     for s in test_scenes:
-        comp = read_composite(s.composite)
-        y = _labels(s, comp)
-        prob = predict_tiled(result.model, comp.features, normalizer=norm, device=dev)
-        base = index_baseline(comp.features)
-        unet_cm += np.asarray(confusion(prob, y, threshold))
-        base_cm += np.asarray(confusion(base, y, THRESHOLD))
+        u, b = heldout_confusion(s, result.model, norm, threshold, dev)
+        unet_cm += u
+        base_cm += b
         per_scene[f"{s.region}/{s.period}"] = {
-            "unet": evaluate(prob, y, threshold),
-            "baseline": evaluate(base, y, THRESHOLD),
+            "unet": scores(*(int(v) for v in u)),
+            "baseline": scores(*(int(v) for v in b)),
         }
     metrics: dict[str, Any] = {
         "heldout": scores(*(int(v) for v in unet_cm)),

@@ -170,6 +170,57 @@ def _point_cells(con: Any, view: str, region_id: str) -> list[dict[str, Any]]:
     return out
 
 
+#: Change rows of one period beyond this many reach the maps as areas summed on a grid
+#: (per first-seen period for mining, per kind for abandoned land) instead of one
+#: polygon each: a region with a million sites still makes a page of a few MB.
+MAX_POLYGONS = 5000
+MINING_KINDS = ("new", "expanded", "stable")
+
+
+def _change_cells(con: Any, region_id: str, period: str) -> list[dict[str, Any]]:
+    """The period's change rows summed on a longitude/latitude grid, in DuckDB.
+
+    The cell edge doubles from 0.001 degrees (about 110 m) until each group (mining by
+    first-seen period, abandoned and re-vegetating land by kind) has at most
+    ``MAX_POLYGONS`` cells in all. Each cell is a square saying how many areas and how
+    many hectares it holds; mining first seen this period counts as ``new``.
+    """
+    import shapely
+
+    where = "region = ? AND period = ? AND geometry IS NOT NULL AND NOT ST_IsEmpty(geometry)"
+    group = (
+        f"CASE WHEN kind IN {MINING_KINDS} THEN 'mining:' || coalesce(first_seen_period, period) "
+        "ELSE kind END"
+    )
+    size = 0.001
+    while True:
+        cell = f"floor(ST_X(ST_Centroid(geometry)) / {size})::BIGINT AS cx, floor(ST_Y(ST_Centroid(geometry)) / {size})::BIGINT AS cy"  # fmt: skip
+        n = con.execute(
+            f"SELECT count(*) FROM (SELECT DISTINCT {cell}, {group} AS g FROM asm_change WHERE {where})",
+            [region_id, period],
+        ).fetchone()[0]
+        if n <= MAX_POLYGONS:
+            break
+        size *= 2
+    rows = con.execute(
+        f"SELECT cx, cy, {group} AS g, count(*), sum(area_ha), avg(mean_ndvi) FROM "
+        f"(SELECT *, {cell} FROM asm_change WHERE {where}) GROUP BY ALL ORDER BY cx, cy, g",
+        [region_id, period],
+    ).fetchall()
+    out = []
+    for i, (cx, cy, g, count, area, ndvi) in enumerate(rows):
+        first = g.split(":", 1)[1] if g.startswith("mining:") else None
+        kind = ("new" if first == period else "stable") if first is not None else g
+        out.append({
+            "change_id": f"{region_id}-{period}-cell-{i + 1}", "kind": kind,
+            "area_ha": float(area), "first_seen_period": first,
+            "mean_ndvi": float(ndvi) if ndvi is not None else None,
+            "areas": int(count), "cell_deg": size,
+            "geometry": shapely.box(cx * size, cy * size, (cx + 1) * size, (cy + 1) * size),
+        })  # fmt: skip
+    return out
+
+
 def gather(root: Path, region: Region) -> RegionData:
     """Read everything the reports need for ``region`` from the catalog under ``root``."""
     import shapely
@@ -223,12 +274,17 @@ def gather(root: Path, region: Region) -> RegionData:
                 for p in periods
             }
 
-        change = {
-            p: geo_rows(
+        def change_rows(p: str) -> list[dict[str, Any]]:
+            if _has_view(con, "asm_change"):
+                sql = "SELECT count(*) FROM asm_change WHERE region = ? AND period = ?"
+                n = (con.execute(sql, [region.id, p]).fetchone() or (0,))[0]
+                if n > MAX_POLYGONS:
+                    return _change_cells(con, region.id, p)
+            return geo_rows(
                 "asm_change", "region = ? AND period = ?", [region.id, p], "ORDER BY change_id"
             )
-            for p in periods
-        }
+
+        change = {p: change_rows(p) for p in periods}
         context = {
             layer: (
                 _point_cells(con, layer, region.id)
@@ -503,11 +559,14 @@ CHANGE_PROPERTIES = ("change_id", "kind", "area_ha", "first_seen_period", "mean_
 
 
 def _change_features(rows: list[dict[str, Any]], kinds: tuple[str, ...]) -> list[dict[str, Any]]:
-    return [
-        _feature(r["geometry"], {k: r[k] for k in CHANGE_PROPERTIES})
-        for r in rows
-        if r["kind"] in kinds
-    ]
+    out = []
+    for r in rows:
+        if r["kind"] in kinds:
+            props = {k: r[k] for k in CHANGE_PROPERTIES}
+            if "areas" in r:  # a grid cell standing for many areas (``MAX_POLYGONS``)
+                props["areas"], props["cell_deg"] = r["areas"], r["cell_deg"]
+            out.append(_feature(r["geometry"], props))
+    return out
 
 
 def web_data(data: RegionData) -> dict[str, Any]:

@@ -216,3 +216,33 @@ def test_reports_need_the_tables(tmp_path: Path) -> None:
     with pytest.raises(ReportError, match="materialise asm_change"):
         make_reports(tmp_path, _region())
     assert not (tmp_path / "reports").exists()
+
+
+@pytest.mark.slow
+def test_a_million_sites_make_a_small_web_map_that_opens_fast(
+    demo_run: tuple[Path, str], tmp_path: Path
+) -> None:
+    """1,000,000 change areas in a period reach the maps as areas summed on a grid."""
+    import shutil
+    import time
+
+    from bench.report import write_change
+    from pipelines.regions import load_regions
+    from pipelines.reports import MAX_POLYGONS, make_reports
+
+    root = tmp_path / "data"
+    shutil.copytree(demo_run[0], root, symlinks=True)
+    write_change(root, 1_000_000)
+    region = load_regions(ROOT / "regions.yaml").get(REGION)
+    t = time.perf_counter()
+    reports = make_reports(root, region, say=lambda _m: None)
+    made = time.perf_counter() - t
+    size = reports.webmap_html.stat().st_size
+    assert size < 20e6, f"web map {size / 1e6:.1f} MB"
+    t = time.perf_counter()
+    seen = _open(reports.webmap_html, tmp_path / "shot.png")
+    opened = time.perf_counter() - t
+    assert seen["console"] == [] and seen["period"] == "2021"
+    assert 0 < seen["counts"]["mining"] <= MAX_POLYGONS
+    print(f"1,000,000 change areas: reports in {made:.1f} s, web map {size / 1e6:.1f} MB, opened in {opened:.1f} s")  # fmt: skip
+    assert opened < 30, "opens in a few seconds (30 s bound for a loaded CI machine)"
