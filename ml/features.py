@@ -100,11 +100,6 @@ def read_composite(path: Path, *, pinned: bool = False, dtype: Any = np.float32)
         return Scene(features=data, valid=valid, transform=src.transform, crs=src.crs)
 
 
-def grid_like(transform: rasterio.Affine, crs: Any, valid: npt.NDArray[np.bool_]) -> Scene:
-    """A featureless ``Scene``: a grid and validity to put labels on (``read_labels``)."""
-    return Scene(np.empty((0, *valid.shape), np.float32), valid, transform, crs)
-
-
 VECTOR_SUFFIXES = (".geojson", ".json", ".gpkg", ".parquet", ".shp")
 
 

@@ -198,6 +198,32 @@ def sub_plan(
     return part, (r0, r1, c0, c1)
 
 
+def owned_plan(
+    plan: TilePlan, row0: int, row1: int, col0: int, col1: int
+) -> tuple[TilePlan, tuple[int, int, int, int]] | None:
+    """The windows of ``plan`` whose origin lies in rows [row0, row1) x cols [col0, col1).
+
+    Cutting a scene into such blocks gives every window to exactly one block, so no
+    window is computed twice. Returns the part as a plan over the pixels its windows
+    cover (they reach past the block's end by up to a window) with the whole plan's
+    weights, and those pixels; None when no window starts in the block. The scene's
+    prediction is the sum of the parts' predictions (``predict_tiled(..., plan=part)``).
+    """
+    ii = [k for k, y in enumerate(plan.ys) if row0 <= y < row1]
+    jj = [k for k, x in enumerate(plan.xs) if col0 <= x < col1]
+    if not ii or not jj:
+        return None
+    i0, i1, j0, j1 = ii[0], ii[-1] + 1, jj[0], jj[-1] + 1
+    r0, r1 = plan.ys[i0], min(plan.height, plan.ys[i1 - 1] + plan.tile_h)
+    c0, c1 = plan.xs[j0], min(plan.width, plan.xs[j1 - 1] + plan.tile_w)
+    part = TilePlan(
+        height=r1 - r0, width=c1 - c0, tile_h=plan.tile_h, tile_w=plan.tile_w,
+        ys=tuple(y - r0 for y in plan.ys[i0:i1]), xs=tuple(x - c0 for x in plan.xs[j0:j1]),
+        overlap=plan.overlap, fixed=(plan.weights(0)[i0:i1], plan.weights(1)[j0:j1]),
+    )  # fmt: skip
+    return part, (r0, r1, c0, c1)
+
+
 def _check(x: npt.NDArray[Any], normalizer: Any) -> None:
     if x.ndim != 3:
         raise ValueError(f"expected a (channels, height, width) array, got shape {x.shape}")

@@ -142,7 +142,7 @@ def train_unet(
     say = progress or (lambda _m: None)
     if not train or not val:
         raise ValueError("training needs at least one training and one validation scene")
-    for s in (*train, *val):
+    for s in train:  # validation windows may be smaller: they are predicted, not cut
         if min(s.shape) < cfg.chip:
             raise ValueError(f"scene {s.name} ({s.shape}) is smaller than a {cfg.chip} px chip")
     device = device or torch.device("cpu")

@@ -16,6 +16,7 @@ registered U-Net, or from the index baseline when no model exists.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -35,11 +36,9 @@ from ml.features import (
     LabelSource,
     Normalizer,
     feature_indexes,
-    grid_like,
     read_features,
-    read_labels,
 )
-from ml.infer import pick_device, plan_tiles, predict_tiled, sub_plan
+from ml.infer import owned_plan, pick_device, plan_tiles, predict_tiled, sub_plan
 from ml.metrics import best_threshold, confusion, scores
 from ml.models import index_baseline
 from ml.train import Labelled, TrainConfig, train_unet
@@ -209,19 +208,26 @@ def validation_windows(scene: TrainingScene, norm: Normalizer) -> list[Labelled]
     at most ``MAX_VAL_WINDOWS`` of them spread over the strip (memory: bounded)."""
     with rasterio.open(scene.composite) as src:
         cut = int(src.width * (1 - VAL_FRACTION))
-        strip = Tiling(src.height, src.width - cut, VAL_WINDOW)
-        tiles = strip.tiles()
-        if len(tiles) > MAX_VAL_WINDOWS:
-            pick = np.linspace(0, len(tiles) - 1, MAX_VAL_WINDOWS).round().astype(int)
-            tiles = [tiles[i] for i in sorted(set(pick.tolist()))]
+        rows, cols = _even_split(src.height), _even_split(src.width - cut)
+        spans = [Span(r0, r1, c0 + cut, c1 + cut) for r0, r1 in rows for c0, c1 in cols]
+        if len(spans) > MAX_VAL_WINDOWS:
+            pick = np.linspace(0, len(spans) - 1, MAX_VAL_WINDOWS).round().astype(int)
+            spans = [spans[i] for i in sorted(set(pick.tolist()))]
         out = []
         with LabelSource(scene.labels, src.crs, scene.period) as labels:
-            for t in tiles:
-                span = Span(t.core.row0, t.core.row1, t.core.col0 + cut, t.core.col1 + cut)
+            for span in spans:
                 raw = read_features(src, scene.composite, span)
                 y = labels.read(src.window_transform(span.window), np.isfinite(raw).all(axis=0))
-                out.append(Labelled(f"{scene.region}/{scene.period}:val:{t.key}", norm.apply(raw), y))  # fmt: skip
+                name = f"{scene.region}/{scene.period}:val:{span.row0},{span.col0}"
+                out.append(Labelled(name, norm.apply(raw), y))
     return out
+
+
+def _even_split(size: int, edge: int = VAL_WINDOW) -> list[tuple[int, int]]:
+    """[start, end) pieces of near-equal length, at most ``edge``, covering ``size``."""
+    n = max(1, -(-size // edge))
+    cuts = [round(i * size / n) for i in range(n + 1)]
+    return list(itertools.pairwise(cuts))
 
 
 def heldout_confusion(
@@ -368,15 +374,26 @@ class ProbabilityJob:
 
 @dataclass
 class TileProbability:
-    """One tile's probability (its core) and the sums the partition's figures need."""
+    """One tile's share of the probability: the sums of the inference windows that
+    start in its core, over the pixels they reach (``span``: the core, and up to one
+    window past its bottom and right edges). The partition adds the shares."""
 
-    prob: npt.NDArray[np.float32]
-    valid: int
-    prob_sum: float
-    mining: int
-    confusion: tuple[int, int, int, int] | None
-    truth_mining: int
+    span: Span
+    part: npt.NDArray[np.float32]
     device: str
+
+
+def tile_extent(tile: Tile, job: ProbabilityJob, dev_type: str) -> Span:
+    """The pixels ``probability_tile`` returns for ``tile``."""
+    core = tile.core
+    if job.record is None:
+        return core
+    whole = plan_tiles(job.height, job.width, job.infer_tile or INFER_DEFAULTS[dev_type][0], job.overlap)  # fmt: skip
+    owned = owned_plan(whole, core.row0, core.row1, core.col0, core.col1)
+    if owned is None:
+        return core
+    _, (_r0, r1, _c0, c1) = owned
+    return Span(core.row0, max(core.row1, r1), core.col0, max(core.col1, c1))
 
 
 _MODELS: dict[tuple[str, int, int], tuple[Any, Any]] = {}
@@ -402,62 +419,46 @@ def _model(job: ProbabilityJob) -> tuple[Any, Any]:
 
 
 def probability_tile(tile: Tile, job: ProbabilityJob) -> TileProbability:
-    """Mining probability over one tile's core: windowed reads, the model (or the index
-    baseline) and the confusion against truth where there is one. A dask task."""
+    """One tile's share of the mining probability (a dask task): the U-Net on the
+    inference windows of the whole-raster plan that start in the tile's core (each
+    window belongs to exactly one tile, so none is computed twice), from windowed reads
+    of the composite; or the index baseline over the core."""
     import torch
 
     from pipelines.tiling import worker_threads
 
     dev = pick_device(job.device)
-    in_worker = _in_dask_worker()
-    if in_worker and dev.type == "cpu":
+    if _in_dask_worker() and dev.type == "cpu":
         torch.set_num_threads(worker_threads())  # the worker's share of the cores
     core = tile.core
+    span = tile_extent(tile, job, dev.type)
+    part = np.zeros(span.shape, np.float32)
     with rasterio.open(job.composite) as src:
         if job.record is None:
             feats = read_features(src, job.composite, core)
-            prob = index_baseline(feats)
-            prob[~np.isfinite(feats).all(axis=0)] = np.nan
-            used = "cpu"
-        else:
-            model, norm = _model(job)
-            infer_tile = job.infer_tile or INFER_DEFAULTS[dev.type][0]
-            batch = job.batch or INFER_DEFAULTS[dev.type][1]
-            whole = plan_tiles(job.height, job.width, infer_tile, job.overlap)
-            part, (r0, r1, c0, c1) = sub_plan(whole, core.row0, core.row1, core.col0, core.col1)
-            on_gpu = dev.type == "cuda"
-            feats = read_features(
-                src, job.composite, Span(r0, r1, c0, c1), pinned=on_gpu,
-                dtype=np.float16 if on_gpu else np.float32,
-            )  # fmt: skip
-            if on_gpu and job.compile:
-                os.environ.setdefault(
-                    "TORCHINDUCTOR_CACHE_DIR", str(Path(job.root) / "cache" / "inductor")
-                )
-            out = predict_tiled(
-                model, feats, normalizer=norm, plan=part, batch=batch, device=dev,
-                dtype=job.dtype, compile=job.compile,
-            )  # fmt: skip
-            prob = np.ascontiguousarray(out[core.row0 - r0 : core.row1 - r0, core.col0 - c0 : core.col1 - c0])  # fmt: skip
-            used = str(dev)
-        transform = src.window_transform(core.window)
-        crs = src.crs
-    valid = np.isfinite(prob)
-    mining = valid & (prob >= job.threshold)
-    cm, truth_mining = None, 0
-    if job.truth is not None:
-        labels = read_labels(Path(job.truth), grid_like(transform, crs, valid))
-        cm = confusion(prob, labels, job.threshold)
-        truth_mining = int((labels == 1).sum())
-    return TileProbability(
-        prob=prob.astype(np.float32, copy=False),
-        valid=int(valid.sum()),
-        prob_sum=float(np.sum(prob[valid], dtype=np.float64)),
-        mining=int(mining.sum()),
-        confusion=cm,
-        truth_mining=truth_mining,
-        device=used,
-    )
+            part = index_baseline(feats).astype(np.float32)
+            part[~np.isfinite(feats).all(axis=0)] = np.nan
+            return TileProbability(span, part, "cpu")
+        whole = plan_tiles(job.height, job.width, job.infer_tile or INFER_DEFAULTS[dev.type][0], job.overlap)  # fmt: skip
+        owned = owned_plan(whole, core.row0, core.row1, core.col0, core.col1)
+        if owned is None:  # no window starts here: the neighbours' windows cover it
+            return TileProbability(span, part, str(dev))
+        plan, (r0, r1, c0, c1) = owned
+        on_gpu = dev.type == "cuda"
+        read = Span(r0, r1, c0, c1)
+        feats = read_features(
+            src, job.composite, read, pinned=on_gpu, dtype=np.float16 if on_gpu else np.float32
+        )
+    model, norm = _model(job)
+    if on_gpu and job.compile:
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(job.root) / "cache" / "inductor"))  # fmt: skip
+    out = predict_tiled(
+        model, feats, normalizer=norm, plan=plan, batch=job.batch or INFER_DEFAULTS[dev.type][1],
+        device=dev, dtype=job.dtype, compile=job.compile,
+    )  # fmt: skip
+    rows, cols = read.within(span)
+    part[rows, cols] = out
+    return TileProbability(span, part, str(dev))
 
 
 def _in_dask_worker() -> bool:
@@ -539,33 +540,48 @@ def map_probability(
         detector = record.model_id
     progress(f"mining_probability: {tiling.describe()}, {where}")
     report = Progress("mining_probability", tiling.n_tiles, progress, unit="tiles done")
-    valid = mining = truth_mining = 0
-    prob_sum = 0.0
-    cm = np.zeros(4, np.int64)
-    used = set()
     target = probability_path(root, region.id, period_id)
     profile = {
         "width": width, "height": height, "count": 1, "dtype": "float32", "crs": crs,
         "transform": transform, "nodata": float("nan"), "predictor": 3,
     }  # fmt: skip
+    # Tiles return their windows' sums over their core and up to a window past it; a
+    # core is final (written, counted) once every tile reaching into it has returned.
+    tiles = tiling.tiles()
+    reach = {t.key: tile_extent(t, job, dev.type) for t in tiles}
+    cores = {(t.row, t.col): t for t in tiles}
+    waiting: dict[tuple[int, int], int] = {k: 0 for k in cores}
+    for t in tiles:
+        for k in _cores_under(reach[t.key], tiling):
+            waiting[k] += 1
+    sums: dict[tuple[int, int], npt.NDArray[np.float32]] = {}
+    stats = _ProbabilityStats(threshold)
+    used = set()
     t_infer = time.perf_counter()
+    labels = LabelSource(Path(job.truth), crs) if job.truth is not None else None
     try:
         with staged_cog(target, profile) as dst:
             dst.set_band_description(1, "mining_probability")
-            tiles = run_tiles(
-                probability_tile, tiling.tiles(), job, client=cluster, resources=resources,
+            done = run_tiles(
+                probability_tile, tiles, job, client=cluster, resources=resources,
                 name=f"probability-{region.id}-{period_id}",
             )  # fmt: skip
-            for done, (t, out) in enumerate(tiles, start=1):
-                dst.write(out.prob, 1, window=t.core.window)
-                valid += out.valid
-                mining += out.mining
-                prob_sum += out.prob_sum
-                truth_mining += out.truth_mining
-                if out.confusion is not None:
-                    cm += np.asarray(out.confusion)
+            for n_done, (_tile, out) in enumerate(done, start=1):
                 used.add(out.device)
-                report(done)
+                for k in _cores_under(out.span, tiling):
+                    core = cores[k].core
+                    acc = sums.setdefault(k, np.zeros(core.shape, np.float32))
+                    lo = Span(
+                        max(core.row0, out.span.row0), min(core.row1, out.span.row1),
+                        max(core.col0, out.span.col0), min(core.col1, out.span.col1),
+                    )  # fmt: skip
+                    acc[lo.within(core)] += out.part[lo.within(out.span)]
+                    waiting[k] -= 1
+                    if waiting[k] == 0:
+                        prob = np.clip(sums.pop(k), 0.0, 1.0)
+                        dst.write(prob, 1, window=core.window)
+                        stats.add(prob, labels, dst.window_transform(core.window))
+                report(n_done)
             dst.update_tags(asmwatch_detector=detector, asmwatch_threshold=str(threshold))
     except TileReadError as e:
         raise DetectionError(
@@ -574,6 +590,10 @@ def map_probability(
         ) from e
     except (rasterio.errors.RasterioError, CPLE_BaseError) as e:
         raise _damaged(src, region, period_id, e) from e
+    finally:
+        if labels is not None:
+            labels.close()
+    valid, mining, prob_sum, cm, truth_mining = stats.valid, stats.mining, stats.prob_sum, stats.cm, stats.truth_mining  # fmt: skip
     if record is not None:
         progress(
             f"mining_probability: {height * width / 1e6:.1f} Mpx in "
@@ -596,6 +616,40 @@ def map_probability(
         tiles=tiling.n_tiles,
         tile_px=tiling.size,
     )
+
+
+def _cores_under(span: Span, tiling: Tiling) -> list[tuple[int, int]]:
+    """(row, col) of the tile cores ``span`` overlaps."""
+    size = tiling.size
+    return [
+        (r, c)
+        for r in range(span.row0 // size, (span.row1 - 1) // size + 1)
+        for c in range(span.col0 // size, (span.col1 - 1) // size + 1)
+    ]
+
+
+@dataclass
+class _ProbabilityStats:
+    """The partition's figures, summed over finished cores."""
+
+    threshold: float
+    valid: int = 0
+    mining: int = 0
+    prob_sum: float = 0.0
+    truth_mining: int = 0
+    cm: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(4, np.int64))
+
+    def add(
+        self, prob: npt.NDArray[np.float32], labels: LabelSource | None, transform: Any
+    ) -> None:
+        valid = np.isfinite(prob)
+        self.valid += int(valid.sum())
+        self.mining += int((valid & (prob >= self.threshold)).sum())
+        self.prob_sum += float(np.sum(prob[valid], dtype=np.float64))
+        if labels is not None:
+            y = labels.read(transform, valid)
+            self.cm += np.asarray(confusion(prob, y, self.threshold))
+            self.truth_mining += int((y == 1).sum())
 
 
 def _auto_tile(device_type: str) -> int:

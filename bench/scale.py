@@ -1,0 +1,316 @@
+"""Benchmark: every raster stage at 1x, 16x and 256x the demo's area, peak memory per process.
+
+Takes a data root where `asmwatch demo` has run (``--root``, default ``$ASMWATCH_DATA`` or
+``./data``). A region of k times the demo's area is the demo's composites (and truth)
+repeated sqrt(k) x sqrt(k) times as a GDAL VRT mosaic on one UTM grid, so no stage can
+tell it from one large composite; the stages then run as the assets run them, each in a
+fresh process with its own dask LocalCluster (2 workers x 1 thread, 4 GiB each):
+
+- ``probability``: ``map_probability`` with the registered U-Net, tiles of 2048 px;
+- ``sites``: ``extract_sites`` on that probability, same tiles;
+- ``change``: ``detect_change`` of 2021 against 2020 with the NDVI of the 2021 composite;
+- ``train``: one epoch of ``train_unet`` on chips read from the 2020 mosaic (the
+  normaliser's window sample, validation windows);
+- ``probability-whole`` / ``sites-whole``: the same two stages as one tile in one process
+  (the whole-raster path these stages had before), for seconds per Mpx and memory.
+
+A sampler thread reads the resident memory of the stage's process and of every process
+under it (dask nanny and workers) every 0.1 s: ``peak`` is the largest single process,
+``sum`` the largest total. The composite stage streams blocks on dask already and has its
+own bench (bench/composite_memory.py); the report's bench is bench/report.py.
+
+    .venv/bin/python bench/scale.py                  # 1x, 16x, 256x
+    .venv/bin/python bench/scale.py --sizes 400 --stages probability   # U-Net on 110 Mpx
+    .venv/bin/python bench/scale.py --west-africa    # 905 Mpx, index baseline: probability, sites
+
+Targets (issue 16): every process <= 4 GiB at every size; peak at 256x within 1.3x of
+16x; seconds per Mpx of the tiled stages no worse than the whole-raster path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+REGION = "demo-huepetuhe"
+FEATURES = ("B02", "B03", "B04", "B08", "B11", "B12", "NDVI", "MNDWI", "BSI")
+WEST_AFRICA_MPX = 905
+
+
+def mosaic(src_path: Path, target: Path, nx: int, ny: int, bands: tuple[str, ...] | None) -> Path:
+    """A VRT repeating ``src_path`` nx x ny times on its grid (band names kept)."""
+    import rasterio
+
+    with rasterio.open(src_path) as src:
+        w, h, t = src.width, src.height, src.transform
+        names = list(src.descriptions)
+        dtype = {"float32": "Float32", "uint8": "Byte"}[src.dtypes[0]]
+        nodata = src.nodata
+        crs = src.crs.to_wkt()
+    idx = [names.index(b) + 1 for b in bands] if bands else list(range(1, len(names) + 1))
+    out = [
+        f'<VRTDataset rasterXSize="{w * nx}" rasterYSize="{h * ny}">',
+        f"<SRS>{escape(crs)}</SRS>",
+        f"<GeoTransform>{t.c}, {t.a}, 0, {t.f}, 0, {t.e}</GeoTransform>",
+    ]
+    for k, i in enumerate(idx, start=1):
+        out.append(f'<VRTRasterBand dataType="{dtype}" band="{k}">')
+        if names[i - 1]:
+            out.append(f"<Description>{names[i - 1]}</Description>")
+        if nodata is not None:
+            out.append(f"<NoDataValue>{'nan' if math.isnan(nodata) else nodata}</NoDataValue>")
+        for row in range(ny):
+            for col in range(nx):
+                out.append(
+                    f'<SimpleSource><SourceFilename relativeToVRT="0">{escape(str(src_path))}'
+                    f"</SourceFilename><SourceBand>{i}</SourceBand>"
+                    f'<SrcRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/>'
+                    f'<DstRect xOff="{col * w}" yOff="{row * h}" xSize="{w}" ySize="{h}"/>'
+                    "</SimpleSource>"
+                )
+        out.append("</VRTRasterBand>")
+    out.append("</VRTDataset>")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("\n".join(out))
+    return target
+
+
+def scaled_root(demo: Path, work: Path, k: float) -> tuple[Path, Any, float]:
+    """A data root for a region of ``k`` x the demo's area: (root, region, Mpx)."""
+    import shutil
+
+    from pyproj import Transformer
+
+    from pipelines.regions import parse_regions
+
+    n = max(1, round(math.sqrt(k)))
+    nx, ny = n, max(1, round(k / n))
+    root = work / f"x{k:g}"
+    region_id = f"scale-{k:g}"
+    for period in ("2020", "2021"):
+        mosaic(
+            demo / "composite" / REGION / f"{period}.tif",
+            root / "composite" / region_id / f"{period}.tif", nx, ny, None,
+        )  # fmt: skip
+        mosaic(
+            demo / "embedded" / REGION / "truth" / f"{period}.tif",
+            root / "truth" / f"{period}.tif", nx, ny, None,
+        )  # fmt: skip
+    if not (root / "models").exists():
+        shutil.copytree(demo / "models", root / "models")
+    import rasterio
+
+    with rasterio.open(root / "composite" / region_id / "2021.tif") as src:
+        left, bottom, right, top = src.bounds
+        mpx = src.width * src.height / 1e6
+        to_ll = Transformer.from_crs(src.crs, 4326, always_xy=True)
+    (w, s), (e, nn) = to_ll.transform(left, bottom), to_ll.transform(right, top)
+    region = parse_regions(
+        {"regions": [{"id": region_id, "aoi": {"bbox": [w, s, e, nn]}, "periods": [2020, 2021]}]}
+    ).regions[0]
+    return root, region, mpx
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def _client() -> Any:
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(
+        n_workers=2, threads_per_worker=1, memory_limit="4GiB", processes=True,
+        host="127.0.0.1", dashboard_address=None, scheduler_kwargs={"dashboard": False},
+    )  # fmt: skip
+    return Client(cluster)
+
+
+def _stage(
+    name: str,
+    root: str,
+    region: Any,
+    baseline: bool,
+    out: Any,
+    periods: tuple[str, ...] = ("2020", "2021"),
+) -> None:
+    from ml import registry
+    from pipelines.detection import map_probability, probability_path
+    from pipelines.sites import extract_sites, sites_path, write_sites
+
+    root_p = Path(root)
+    whole = name.endswith("-whole")
+    tile = 1 << 20 if whole else 0  # one tile: the whole-raster path
+    extra: dict[str, Any] = {}
+    client = None
+    if not whole and name.startswith(("probability", "sites")):
+        t = time.perf_counter()
+        client = _client()  # started once per Dagster step too; timed apart
+        client.wait_for_workers(2)
+        extra["cluster_s"] = round(time.perf_counter() - t, 1)
+    started = time.perf_counter()
+    if name.startswith("probability"):
+        record = None if baseline else registry.latest(root_p)
+        for period in ("2021",) if whole else periods:
+            res = map_probability(
+                root_p, region, period, record=record, device="cpu", tile_px=tile or 2048,
+                client=client, progress=lambda _m: None,
+            )  # fmt: skip
+            extra |= {"tiles": res.tiles, "detector": res.detector}
+    elif name.startswith("sites"):
+        for period in ("2021",) if whole else periods:
+            frame = extract_sites(
+                probability_path(root_p, region.id, period), region.id, period,
+                tile_px=tile or 2048, client=client,
+            )  # fmt: skip
+            if not whole:
+                write_sites(frame, sites_path(root_p, region.id, period))
+            extra |= {"sites": len(frame)}
+    elif name == "change":
+        import geopandas as gpd
+
+        from pipelines.change import detect_change
+        from pipelines.composite import composite_path
+
+        cur = gpd.read_parquet(sites_path(root_p, region.id, "2021"))
+        prev = gpd.read_parquet(sites_path(root_p, region.id, "2020"))
+        res = detect_change(
+            region, "2021", cur, prev, composite=composite_path(root_p, region.id, "2021")
+        )
+        extra = {"rows": len(res.frame), "sites": len(cur)}
+    elif name == "train":
+        from ml.train import TrainConfig, train_unet
+        from pipelines.composite import composite_path
+        from pipelines.detection import (
+            CompositeChips,
+            TrainingScene,
+            fit_normalizer,
+            validation_windows,
+        )
+
+        scene = TrainingScene(
+            region.id, "2020", composite_path(root_p, region.id, "2020"),
+            root_p / "truth" / "2020.tif", heldout=False,
+        )  # fmt: skip
+        norm = fit_normalizer([scene], 42)
+        chips = CompositeChips(scene, norm)
+        val = validation_windows(scene, norm)
+        cfg = TrainConfig(max_epochs=1, patience=1)
+        train_unet([chips], val, cfg, progress=lambda _m: None)
+        chips.close()
+        extra = {"val_windows": len(val)}
+    seconds = time.perf_counter() - started
+    if client is not None:
+        client.close()
+    out.put({"seconds": seconds, **extra})
+
+
+def measure(
+    name: str,
+    root: Path,
+    region: Any,
+    baseline: bool = False,
+    periods: tuple[str, ...] = ("2020", "2021"),
+) -> dict[str, Any]:
+    """Run one stage in a fresh process; its time and the peak memory of its processes."""
+    import psutil
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=_stage, args=(name, str(root), region, baseline, q, periods))
+    proc.start()
+    peaks: dict[int, int] = {}
+    total = [0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        try:
+            top = psutil.Process(proc.pid)
+        except psutil.Error:
+            return
+        while not stop.is_set():
+            s = 0
+            try:
+                for p in [top, *top.children(recursive=True)]:
+                    try:
+                        rss = p.memory_info().rss
+                    except psutil.Error:
+                        continue
+                    peaks[p.pid] = max(peaks.get(p.pid, 0), rss)
+                    s += rss
+            except psutil.Error:
+                pass
+            total[0] = max(total[0], s)
+            time.sleep(0.1)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    proc.join()
+    stop.set()
+    t.join()
+    if proc.exitcode != 0:
+        raise SystemExit(f"stage {name} failed (exit {proc.exitcode})")
+    result = q.get()
+    result["peak_gib"] = max(peaks.values()) / 2**30 if peaks else float("nan")
+    result["sum_gib"] = total[0] / 2**30
+    result["processes"] = len(peaks)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", type=Path, default=Path(os.environ.get("ASMWATCH_DATA", "data")))
+    ap.add_argument("--sizes", type=float, nargs="*", default=[1, 16, 256])
+    ap.add_argument(
+        "--stages", nargs="*",
+        default=["probability", "probability-whole", "sites", "sites-whole", "change", "train"],
+    )  # fmt: skip
+    ap.add_argument("--west-africa", action="store_true", help="905 Mpx, index baseline")
+    ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    ap.add_argument("--one-period", action="store_true", help="probability and sites of 2021 only")
+    args = ap.parse_args(argv)
+    demo = args.root.resolve()
+    if not (demo / "composite" / REGION / "2021.tif").exists():
+        print(f"no demo run under {demo}: run `make demo` first (or pass --root)", file=sys.stderr)
+        return 2
+    work = args.work or Path(tempfile.mkdtemp(prefix="asmwatch-scale-"))
+    demo_mpx = None
+    sizes = args.sizes
+    stages = args.stages
+    baseline = False
+    if args.west_africa:
+        import rasterio
+
+        with rasterio.open(demo / "composite" / REGION / "2021.tif") as src:
+            demo_mpx = src.width * src.height / 1e6
+        sizes = [WEST_AFRICA_MPX / demo_mpx]
+        stages = ["probability", "sites"]
+        baseline = True
+    print(f"{'size':>6} {'Mpx':>6} {'stage':>18} {'seconds':>8} {'s/Mpx':>7} {'peak GiB':>9} {'sum GiB':>8} {'procs':>5}  notes")  # fmt: skip
+    for k in sizes:
+        root, region, mpx = scaled_root(demo, work, k)
+        for stage in stages:
+            periods = ("2021",) if args.one_period else ("2020", "2021")
+            r = measure(stage, root, region, baseline, periods)
+            per = r["seconds"] / (mpx * (len(periods) if stage in ("probability", "sites") else 1))
+            notes = ", ".join(f"{key} {v}" for key, v in r.items() if key not in ("seconds", "peak_gib", "sum_gib", "processes"))  # fmt: skip
+            print(
+                f"{k:>5g}x {mpx:>6.1f} {stage:>18} {r['seconds']:>8.1f} {per:>7.3f} "
+                f"{r['peak_gib']:>9.2f} {r['sum_gib']:>8.2f} {r['processes']:>5}  {notes}",
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
