@@ -123,7 +123,7 @@ def mining_model(
         "Per-pixel mining probability for a region and period: tiled, batched U-Net "
         "inference with overlap and blending (CUDA fp16 channels-last when a GPU is "
         "present, CPU otherwise), or the spectral-index baseline when no model is "
-        "registered. Processing tiles (settings.tile_px, 2048 px by default) read their "
+        "registered. Processing tiles (settings.tile_px, 1024 px by default) read their "
         "composite windows and run as dask tasks (resource `dask`; in this process when "
         "the raster is one tile); the output does not depend on the tile size. A float32 "
         "COG at probability/{region}/{period}.tif, written block by block."

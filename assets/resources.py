@@ -77,7 +77,7 @@ class AsmwatchSettings(dg.ConfigurableResource):
     data_root: str = ""  # default: $ASMWATCH_DATA or ./data
     regions_file: str = ""  # default: $ASMWATCH_REGIONS or regions.yaml
     # Processing tile edge, px, of every raster stage after the composite (a multiple or
-    # a divisor of 512); 0: 2048 (8192 for CUDA inference). Outputs do not depend on it.
+    # a divisor of 512); 0: 1024 (8192 for CUDA inference). Outputs do not depend on it.
     tile_px: int = 0
 
     def root(self) -> Path:

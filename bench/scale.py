@@ -150,10 +150,11 @@ def _stage(
 
     root_p = Path(root)
     whole = name.endswith("-whole")
-    tile = 1 << 20 if whole else 0  # one tile: the whole-raster path
+    tile = 1 << 20 if whole else int(os.environ.get("ASMWATCH_BENCH_TILE", "0"))  # whole: one tile
     extra: dict[str, Any] = {}
     client = None
-    if not whole and name.startswith(("probability", "sites")):
+    device = os.environ.get("ASMWATCH_BENCH_DEVICE", "cpu")
+    if not whole and name.startswith(("probability", "sites")) and device == "cpu":
         t = time.perf_counter()
         client = _client()  # started once per Dagster step too; timed apart
         client.wait_for_workers(2)
@@ -163,7 +164,7 @@ def _stage(
         record = None if baseline else registry.latest(root_p)
         for period in ("2021",) if whole else periods:
             res = map_probability(
-                root_p, region, period, record=record, device="cpu", tile_px=tile or 2048,
+                root_p, region, period, record=record, device=device, tile_px=tile,
                 client=client, progress=lambda _m: None,
             )  # fmt: skip
             extra |= {"tiles": res.tiles, "detector": res.detector}
@@ -171,7 +172,7 @@ def _stage(
         for period in ("2021",) if whole else periods:
             frame = extract_sites(
                 probability_path(root_p, region.id, period), region.id, period,
-                tile_px=tile or 2048, client=client,
+                tile_px=tile, client=client,
             )  # fmt: skip
             if not whole:
                 write_sites(frame, sites_path(root_p, region.id, period))
@@ -278,8 +279,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--west-africa", action="store_true", help="905 Mpx, index baseline")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
     ap.add_argument("--one-period", action="store_true", help="probability and sites of 2021 only")
+    ap.add_argument("--tile-px", type=int, default=0, help="processing tile edge (0: the default)")
+    ap.add_argument(
+        "--device", default="cpu",
+        help="cuda: the probability stage on the GPU, in the stage's process (a full 10980 px "
+        "tile is --sizes 441: the demo composite 21 x 21 times, 122 Mpx)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     demo = args.root.resolve()
+    os.environ["ASMWATCH_BENCH_TILE"] = str(args.tile_px)  # read by the stage processes
+    os.environ["ASMWATCH_BENCH_DEVICE"] = args.device
     if not (demo / "composite" / REGION / "2021.tif").exists():
         print(f"no demo run under {demo}: run `make demo` first (or pass --root)", file=sys.stderr)
         return 2

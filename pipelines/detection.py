@@ -72,8 +72,8 @@ THRESHOLD = 0.5  # for the index baseline, and for models registered without one
 # (tile edge, tiles per forward pass) when not configured: small tiles keep CPU memory
 # low; on a GPU, large tiles waste less on overlap (docs/performance.md).
 INFER_DEFAULTS = {"cpu": (256, 16), "cuda": (2048, 6)}
-# Processing tile on CUDA: several 2048 px inference windows per task, so the windows
-# shared with neighbouring tiles (computed twice) stay a small share.
+# Processing tile on CUDA: several 2048 px inference windows per task, so that the GPU
+# gets full batches and the per-task overhead stays small against 1,000 Mpx/s.
 GPU_TILE = 8192
 
 

@@ -219,7 +219,7 @@ def extract_sites(
             threshold = float(src.tags().get("asmwatch_threshold", 0.5))
     if crs is None or not crs.is_projected:
         raise ValueError(f"probability raster {probability} must be in a projected (UTM) CRS")
-    tiling = Tiling(height, width, check_tile_size(tile_px), halo=SITES_HALO)
+    tiling = Tiling(height, width, check_tile_size(tile_px or DEFAULT_TILE), halo=SITES_HALO)
     job = SitesJob(str(probability), height, width, threshold)
     say = progress or (lambda _m: None)
     cluster = resolve_client(client, tiling.n_tiles)

@@ -21,8 +21,10 @@ dask), else one after another in this process. Results are written into a staged
 GTiff beside the target and copied to a COG with overviews at the end, atomically
 (``staged_cog``): a failure leaves the previous file, never a half-written one.
 
-``DEFAULT_TILE`` (2048 px, 4.2 Mpx) keeps one probability task under about 1.5 GiB on
-the CPU; ``tile_px`` in the ``settings`` resource changes it for every stage.
+``DEFAULT_TILE`` (1024 px, 1 Mpx) gives a region of a few Mpx enough tiles to keep two
+workers busy and keeps a CPU probability task under about 1.4 GiB (bench/scale.py); a
+905 Mpx region is about 860 tiles, whose per-task overhead is small. ``tile_px`` in the
+``settings`` resource changes it for every stage.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ if TYPE_CHECKING:
     from distributed import Client
 
 BLOCK = 512  # internal block edge of the composite and probability COGs
-DEFAULT_TILE = 2048  # processing tile edge, px
+DEFAULT_TILE = 1024  # processing tile edge, px (CPU; CUDA inference: detection.GPU_TILE)
 MIN_TILE = 64
 
 
