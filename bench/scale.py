@@ -95,10 +95,10 @@ def scaled_root(demo: Path, work: Path, k: float) -> tuple[Path, Any, float]:
 
     from pipelines.regions import parse_regions
 
-    n = max(1, round(math.sqrt(k)))
-    nx, ny = n, max(1, round(k / n))
-    root = work / f"x{k:g}"
-    region_id = f"scale-{k:g}"
+    n = max(1, math.ceil(math.sqrt(k) - 1e-9))
+    nx, ny = n, max(1, math.ceil(k / n - 1e-9))
+    root = work / f"x{round(k)}"
+    region_id = f"scale-{round(k)}"
     for period in ("2020", "2021"):
         mosaic(
             demo / "composite" / REGION / f"{period}.tif",

@@ -144,7 +144,7 @@ def test_a_missing_model_fails_the_asset_run_naming_the_file(demo_copy: Path) ->
 
     from assets.detection import mining_probability
     from assets.partitions import partition_key
-    from assets.resources import AsmwatchSettings, TorchResource
+    from assets.resources import AsmwatchSettings, DaskResource, TorchResource
     from ml import registry
 
     rec = registry.latest(demo_copy)
@@ -158,6 +158,7 @@ def test_a_missing_model_fails_the_asset_run_naming_the_file(demo_copy: Path) ->
                 data_root=str(demo_copy), regions_file=str(ROOT / "regions.yaml")
             ),
             "torch_device": TorchResource(device="cpu"),
+            "dask": DaskResource(processes=False, n_workers=1),
         },
         raise_on_error=False,
     )
