@@ -168,13 +168,22 @@ def plan_tiles(height: int, width: int, tile: int | tuple[int, int], overlap: in
     return TilePlan(height, width, eh, ew, tuple(ys), tuple(xs), overlap)
 
 
-def _axis_part(
-    starts: Sequence[int], edge: int, size: int, lo: int, hi: int
-) -> tuple[int, int, int, int]:
-    """(first, last + 1) window indexes overlapping [lo, hi), and the pixels they span."""
-    idx = [k for k, s in enumerate(starts) if s < hi and s + edge > lo]
-    first, last = idx[0], idx[-1] + 1
-    return first, last, starts[first], min(size, starts[last - 1] + edge)
+def _windows(
+    plan: TilePlan, rows: list[int], cols: list[int]
+) -> tuple[TilePlan, tuple[int, int, int, int]] | None:
+    """The windows ``rows`` x ``cols`` (consecutive indexes) of ``plan`` as a plan over
+    the pixels they cover (clipped to the scene), with the whole plan's weights."""
+    if not rows or not cols:
+        return None
+    i0, i1, j0, j1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    r0, r1 = plan.ys[i0], min(plan.height, plan.ys[i1 - 1] + plan.tile_h)
+    c0, c1 = plan.xs[j0], min(plan.width, plan.xs[j1 - 1] + plan.tile_w)
+    part = TilePlan(
+        height=r1 - r0, width=c1 - c0, tile_h=plan.tile_h, tile_w=plan.tile_w,
+        ys=tuple(y - r0 for y in plan.ys[i0:i1]), xs=tuple(x - c0 for x in plan.xs[j0:j1]),
+        overlap=plan.overlap, fixed=(plan.weights(0)[i0:i1], plan.weights(1)[j0:j1]),
+    )  # fmt: skip
+    return part, (r0, r1, c0, c1)
 
 
 def sub_plan(
@@ -188,14 +197,12 @@ def sub_plan(
     columns gives the whole-scene prediction there: same windows, same weights, same
     padding at the scene's edge.
     """
-    i0, i1, r0, r1 = _axis_part(plan.ys, plan.tile_h, plan.height, row0, row1)
-    j0, j1, c0, c1 = _axis_part(plan.xs, plan.tile_w, plan.width, col0, col1)
-    part = TilePlan(
-        height=r1 - r0, width=c1 - c0, tile_h=plan.tile_h, tile_w=plan.tile_w,
-        ys=tuple(y - r0 for y in plan.ys[i0:i1]), xs=tuple(x - c0 for x in plan.xs[j0:j1]),
-        overlap=plan.overlap, fixed=(plan.weights(0)[i0:i1], plan.weights(1)[j0:j1]),
-    )  # fmt: skip
-    return part, (r0, r1, c0, c1)
+    rows = [k for k, y in enumerate(plan.ys) if y < row1 and y + plan.tile_h > row0]
+    cols = [k for k, x in enumerate(plan.xs) if x < col1 and x + plan.tile_w > col0]
+    part = _windows(plan, rows, cols)
+    if part is None:
+        raise ValueError(f"rows {row0}-{row1}, cols {col0}-{col1} lie outside the plan")
+    return part
 
 
 def owned_plan(
@@ -209,19 +216,9 @@ def owned_plan(
     weights, and those pixels; None when no window starts in the block. The scene's
     prediction is the sum of the parts' predictions (``predict_tiled(..., plan=part)``).
     """
-    ii = [k for k, y in enumerate(plan.ys) if row0 <= y < row1]
-    jj = [k for k, x in enumerate(plan.xs) if col0 <= x < col1]
-    if not ii or not jj:
-        return None
-    i0, i1, j0, j1 = ii[0], ii[-1] + 1, jj[0], jj[-1] + 1
-    r0, r1 = plan.ys[i0], min(plan.height, plan.ys[i1 - 1] + plan.tile_h)
-    c0, c1 = plan.xs[j0], min(plan.width, plan.xs[j1 - 1] + plan.tile_w)
-    part = TilePlan(
-        height=r1 - r0, width=c1 - c0, tile_h=plan.tile_h, tile_w=plan.tile_w,
-        ys=tuple(y - r0 for y in plan.ys[i0:i1]), xs=tuple(x - c0 for x in plan.xs[j0:j1]),
-        overlap=plan.overlap, fixed=(plan.weights(0)[i0:i1], plan.weights(1)[j0:j1]),
-    )  # fmt: skip
-    return part, (r0, r1, c0, c1)
+    rows = [k for k, y in enumerate(plan.ys) if row0 <= y < row1]
+    cols = [k for k, x in enumerate(plan.xs) if col0 <= x < col1]
+    return _windows(plan, rows, cols)
 
 
 def _check(x: npt.NDArray[Any], normalizer: Any) -> None:
