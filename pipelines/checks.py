@@ -414,7 +414,7 @@ def _areas(con: Any, c: Contract, region: Region) -> Outcome:
             con, "SELECT count(*) FROM t WHERE score < 0 OR score > 100 OR score IS NULL OR "
             + " OR ".join(f"{s} < 0 OR {s} IS NULL" for s in c.score_components),
         )  # fmt: skip
-        problems["score_not_sum_of_components"] = _count(con, f"SELECT count(*) FROM t WHERE abs(score - ({parts})) > 0.05")  # fmt: skip
+        problems["score_not_sum_of_components"] = _count(con, f"SELECT count(*) FROM t WHERE abs(score - ({parts})) > 0.05 + 1e-9")  # fmt: skip
     for name, cond in c.extra.items():
         problems[name] = _count(con, f"SELECT count(*) FROM t WHERE {cond}")
     ok = not any(problems.values())

@@ -102,17 +102,17 @@ SELECT concession_id, $region AS region, $period AS period, name, holder,
        round(new_asm_ha, 4) AS new_asm_ha, round(growth_rate, 4) AS growth_rate,
        round(nearest_asm_m, 1) AS nearest_asm_m, settlements_nearby, communities_nearby,
        open_grievances,
-       round(score_inside, 2) AS score_inside, round(score_proximity, 2) AS score_proximity,
-       round(score_new, 2) AS score_new, round(score_growth, 2) AS score_growth,
-       round(score_people, 2) AS score_people, round(score_grievances, 2) AS score_grievances,
-       round(score_inside + score_proximity + score_new + score_growth + score_people
-             + score_grievances, 1) AS score,
-       CASE WHEN score_inside + score_proximity + score_new + score_growth + score_people
-                 + score_grievances >= 75 THEN 'critical'
-            WHEN score_inside + score_proximity + score_new + score_growth + score_people
-                 + score_grievances >= 50 THEN 'high'
-            WHEN score_inside + score_proximity + score_new + score_growth + score_people
-                 + score_grievances >= 25 THEN 'medium'
+       ri AS score_inside, rp AS score_proximity, rn AS score_new, rg AS score_growth,
+       rpe AS score_people, rgr AS score_grievances,
+       -- The score is the sum of the components as stored (2 decimals), so a reader who
+       -- adds them up gets the score (to its 1 decimal); the band follows the same sum.
+       round(ri + rp + rn + rg + rpe + rgr, 1) AS score,
+       CASE WHEN ri + rp + rn + rg + rpe + rgr >= 75 THEN 'critical'
+            WHEN ri + rp + rn + rg + rpe + rgr >= 50 THEN 'high'
+            WHEN ri + rp + rn + rg + rpe + rgr >= 25 THEN 'medium'
             ELSE 'low' END AS band
-FROM scored
+FROM (SELECT *, round(score_inside, 2) AS ri, round(score_proximity, 2) AS rp,
+             round(score_new, 2) AS rn, round(score_growth, 2) AS rg,
+             round(score_people, 2) AS rpe, round(score_grievances, 2) AS rgr
+      FROM scored)
 ORDER BY score DESC, concession_id;

@@ -113,6 +113,13 @@ def test_score_and_summary_rules(demo_run: tuple[Path, str], tmp_path: Path) -> 
     risk.loc[0, "score"] = risk.loc[0, "score"] + 5
     got = _outcomes(_write_plain(risk, tmp_path / "r.parquet"), "concession_risk")
     assert got["areas_plausible"].metadata["problems"]["score_not_sum_of_components"] == 1
+    # A sum of components ending in 5 (92.25) shown to one decimal (92.2): not a fault
+    # (the demo's 2021 risk failed this way once: abs(-0.0500000000000043) > 0.05).
+    parts = ["score_inside", "score_proximity", "score_new", "score_growth", "score_people", "score_grievances"]  # fmt: skip
+    risk.loc[0, parts] = [30.0, 20.0, 12.25, 10.0, 10.0, 10.0]
+    risk.loc[0, "score"] = 92.2
+    got = _outcomes(_write_plain(risk, tmp_path / "r2.parquet"), "concession_risk")
+    assert got["areas_plausible"].metadata["problems"]["score_not_sum_of_components"] == 0
     summary = pd.read_parquet(root / "summary" / REGION / "2021.parquet")
     got = _outcomes(_write_plain(summary.iloc[0:0], tmp_path / "s.parquet"), "region_summary")
     assert not got["non_empty"].passed and got["non_empty"].severity == "ERROR"
