@@ -682,30 +682,9 @@ def compute_blocks(
                 yield win, block
         return
 
-    from distributed import as_completed
+    from pipelines.tiling import as_finished
 
-    n = in_flight or max(2, 2 * sum(client.nthreads().values()))
-    pending = iter(blocks)
-    windows: dict[str, rasterio.windows.Window] = {}
-
-    def submit() -> Any:
-        try:
-            win, d = next(pending)
-        except StopIteration:
-            return None
-        fut = client.compute(d)
-        windows[fut.key] = win
-        return fut
-
-    first = [f for f in (submit() for _ in range(n)) if f is not None]
-    queue = as_completed(first)
-    for fut in queue:
-        block = fut.result()
-        win = windows.pop(fut.key)
-        fut.release()
-        nxt = submit()
-        if nxt is not None:
-            queue.add(nxt)
+    for (win, _), block in as_finished(client, blocks, lambda b: client.compute(b[1]), in_flight):
         yield win, block
 
 

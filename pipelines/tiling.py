@@ -225,34 +225,45 @@ def run_tiles(
         for tile in tiles:
             yield tile, fn(tile, *args)
         return
+    token = os.urandom(4).hex()
+
+    def start(tile: Tile) -> Any:
+        key = f"{name}-{tile.key}-{token}"
+        return client.submit(fn, tile, *args, key=key, resources=resources, pure=False)
+
+    yield from as_finished(client, tiles, start, in_flight)
+
+
+def as_finished(
+    client: Client, items: Iterable[Any], start: Callable[[Any], Any], in_flight: int | None = None
+) -> Iterator[tuple[Any, Any]]:
+    """(item, result) for each item as its future finishes, ``start(item)`` making the
+    future, with at most ``in_flight`` (default: twice the cluster's threads) unfinished
+    or unread at once: results stream through the client's memory, never pile up."""
     from distributed import as_completed
 
     n = in_flight or max(2, 2 * sum(client.nthreads().values()))
-    pending = iter(tiles)
-    by_key: dict[Any, Tile] = {}
-    token = os.urandom(4).hex()
+    pending = iter(items)
+    by_key: dict[Any, Any] = {}
 
     def submit() -> Any:
-        tile = next(pending, None)
-        if tile is None:
+        item = next(pending, None)
+        if item is None:
             return None
-        fut = client.submit(
-            fn, tile, *args, key=f"{name}-{tile.key}-{token}", resources=resources, pure=False
-        )
-        by_key[fut.key] = tile
+        fut = start(item)
+        by_key[fut.key] = item
         return fut
 
-    first = [f for f in (submit() for _ in range(n)) if f is not None]
-    queue = as_completed(first)
+    queue = as_completed([f for f in (submit() for _ in range(n)) if f is not None])
     try:
         for fut in queue:
             result = fut.result()
-            tile = by_key.pop(fut.key)
+            item = by_key.pop(fut.key)
             fut.release()
             nxt = submit()
             if nxt is not None:
                 queue.add(nxt)
-            yield tile, result
+            yield item, result
     finally:
         for fut in list(queue.futures):
             fut.cancel()
