@@ -16,7 +16,6 @@ from pipelines.catalog import refresh_views
 # torch and the detection stage load in the asset bodies, not at definition load (the
 # Dagster UI and every run's code location would otherwise pay about 2 s for torch).
 from pipelines.sites import extract_sites, sites_path, write_sites
-from pipelines.tiling import DEFAULT_TILE
 
 if TYPE_CHECKING:
     from ml.train import TrainConfig
@@ -239,7 +238,7 @@ def asm_sites(
             )
         try:
             frame = extract_sites(
-                src, region.id, period.id, mmu_ha=config.mmu_ha, tile_px=settings.tile_px or DEFAULT_TILE,
+                src, region.id, period.id, mmu_ha=config.mmu_ha, tile_px=settings.tile_px,
                 client=lambda: dask.client(log=context.log), progress=context.log.info,
             )  # fmt: skip
         except ValueError as e:

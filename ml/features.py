@@ -112,8 +112,6 @@ def read_labels(
     data), or mining polygons (GeoJSON, GeoPackage, GeoParquet), rasterised by
     ``rasterize_labels``.
     """
-    if path.suffix.lower() in VECTOR_SUFFIXES:
-        return rasterize_labels(path, like, period)
     with LabelSource(path, like.crs, period, mining_values) as source:
         return source.read(like.transform, like.valid)
 

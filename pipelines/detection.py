@@ -16,6 +16,7 @@ registered U-Net, or from the index baseline when no model exists.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import time
@@ -383,13 +384,24 @@ class TileProbability:
     device: str
 
 
-def tile_extent(tile: Tile, job: ProbabilityJob, dev_type: str) -> Span:
-    """The pixels ``probability_tile`` returns for ``tile``."""
-    core = tile.core
+def _windows(job: ProbabilityJob, dev_type: str, core: Span) -> Any:
+    """The inference windows (``owned_plan``) that start in ``core``; None for the
+    index baseline or when none starts there."""
     if job.record is None:
-        return core
-    whole = plan_tiles(job.height, job.width, job.infer_tile or INFER_DEFAULTS[dev_type][0], job.overlap)  # fmt: skip
-    owned = owned_plan(whole, core.row0, core.row1, core.col0, core.col1)
+        return None
+    infer = job.infer_tile or INFER_DEFAULTS[dev_type][0]
+    whole = _whole_plan(job.height, job.width, infer, job.overlap)
+    return owned_plan(whole, core.row0, core.row1, core.col0, core.col1)
+
+
+@functools.lru_cache(maxsize=4)
+def _whole_plan(height: int, width: int, tile: int, overlap: int) -> Any:
+    """The raster's inference plan, made once per process for all its tiles."""
+    return plan_tiles(height, width, tile, overlap)
+
+
+def tile_extent(core: Span, owned: Any) -> Span:
+    """The pixels ``probability_tile`` returns: the core, and where its windows reach."""
     if owned is None:
         return core
     _, (_r0, r1, _c0, c1) = owned
@@ -425,13 +437,14 @@ def probability_tile(tile: Tile, job: ProbabilityJob) -> TileProbability:
     of the composite; or the index baseline over the core."""
     import torch
 
-    from pipelines.tiling import worker_threads
+    from pipelines.tiling import in_dask_worker, worker_threads
 
     dev = pick_device(job.device)
-    if _in_dask_worker() and dev.type == "cpu":
+    if in_dask_worker() and dev.type == "cpu":
         torch.set_num_threads(worker_threads())  # the worker's share of the cores
     core = tile.core
-    span = tile_extent(tile, job, dev.type)
+    owned = _windows(job, dev.type, core)
+    span = tile_extent(core, owned)
     part = np.zeros(span.shape, np.float32)
     with rasterio.open(job.composite) as src:
         if job.record is None:
@@ -439,8 +452,6 @@ def probability_tile(tile: Tile, job: ProbabilityJob) -> TileProbability:
             part = index_baseline(feats).astype(np.float32)
             part[~np.isfinite(feats).all(axis=0)] = np.nan
             return TileProbability(span, part, "cpu")
-        whole = plan_tiles(job.height, job.width, job.infer_tile or INFER_DEFAULTS[dev.type][0], job.overlap)  # fmt: skip
-        owned = owned_plan(whole, core.row0, core.row1, core.col0, core.col1)
         if owned is None:  # no window starts here: the neighbours' windows cover it
             return TileProbability(span, part, str(dev))
         plan, (r0, r1, c0, c1) = owned
@@ -459,16 +470,6 @@ def probability_tile(tile: Tile, job: ProbabilityJob) -> TileProbability:
     rows, cols = read.within(span)
     part[rows, cols] = out
     return TileProbability(span, part, str(dev))
-
-
-def _in_dask_worker() -> bool:
-    try:
-        from distributed import get_worker
-
-        get_worker()
-        return True
-    except (ImportError, ValueError):
-        return False
 
 
 def map_probability(
@@ -548,7 +549,7 @@ def map_probability(
     # Tiles return their windows' sums over their core and up to a window past it; a
     # core is final (written, counted) once every tile reaching into it has returned.
     tiles = tiling.tiles()
-    reach = {t.key: tile_extent(t, job, dev.type) for t in tiles}
+    reach = {t.key: tile_extent(t.core, _windows(job, dev.type, t.core)) for t in tiles}
     cores = {(t.row, t.col): t for t in tiles}
     waiting: dict[tuple[int, int], int] = {k: 0 for k in cores}
     for t in tiles:
@@ -593,7 +594,6 @@ def map_probability(
     finally:
         if labels is not None:
             labels.close()
-    valid, mining, prob_sum, cm, truth_mining = stats.valid, stats.mining, stats.prob_sum, stats.cm, stats.truth_mining  # fmt: skip
     if record is not None:
         progress(
             f"mining_probability: {height * width / 1e6:.1f} Mpx in "
@@ -605,13 +605,13 @@ def map_probability(
         path=target,
         detector=detector,
         device=",".join(sorted(used)) or dev.type,
-        mean_probability=prob_sum / valid if valid else 0.0,
-        mining_fraction=mining / valid if valid else 0.0,
-        mining_ha=round(mining * px_ha, 2),
-        valid_fraction=valid / total,
+        mean_probability=stats.prob_sum / stats.valid if stats.valid else 0.0,
+        mining_fraction=stats.mining / stats.valid if stats.valid else 0.0,
+        mining_ha=round(stats.mining * px_ha, 2),
+        valid_fraction=stats.valid / total,
         seconds=time.perf_counter() - started,
-        metrics=scores(*(int(v) for v in cm)) if job.truth is not None else None,
-        truth_ha=round(truth_mining * px_ha, 2) if job.truth is not None else None,
+        metrics=scores(*(int(v) for v in stats.cm)) if job.truth is not None else None,
+        truth_ha=round(stats.truth_mining * px_ha, 2) if job.truth is not None else None,
         threshold=threshold,
         tiles=tiling.n_tiles,
         tile_px=tiling.size,

@@ -130,6 +130,15 @@ def _count(con: Any, view: str, region_id: str) -> int:
     return int(con.execute(f"SELECT count(*) FROM {view} WHERE region = ?", [region_id]).fetchone()[0])  # fmt: skip
 
 
+def _cell_size(count_sql: Callable[[float], str], con: Any, params: list[Any], limit: int) -> float:
+    """The grid cell edge, in degrees, doubling from 0.001 (about 110 m) until
+    ``count_sql(size)`` counts at most ``limit`` cells."""
+    size = 0.001
+    while (con.execute(count_sql(size), params).fetchone() or (0,))[0] > limit:
+        size *= 2
+    return size
+
+
 def _point_cells(con: Any, view: str, region_id: str) -> list[dict[str, Any]]:
     """``view``'s points of the region counted on a longitude/latitude grid, in DuckDB.
 
@@ -139,14 +148,16 @@ def _point_cells(con: Any, view: str, region_id: str) -> list[dict[str, Any]]:
     """
     import shapely
 
-    size = 0.001
     where = "region = ? AND geometry IS NOT NULL AND NOT ST_IsEmpty(geometry)"
-    while True:
-        cell = f"floor(ST_X(geometry) / {size})::BIGINT, floor(ST_Y(geometry) / {size})::BIGINT"
-        n = con.execute(f"SELECT count(DISTINCT ({cell})) FROM {view} WHERE {where}", [region_id]).fetchone()[0]  # fmt: skip
-        if n <= MAX_POINTS:
-            break
-        size *= 2
+
+    def cell_of(size: float) -> str:
+        return f"floor(ST_X(geometry) / {size})::BIGINT, floor(ST_Y(geometry) / {size})::BIGINT"
+
+    size = _cell_size(
+        lambda size: f"SELECT count(DISTINCT ({cell_of(size)})) FROM {view} WHERE {where}",
+        con, [region_id], MAX_POINTS,
+    )  # fmt: skip
+    cell = cell_of(size)
     rows = con.execute(
         f"SELECT avg(ST_X(geometry)), avg(ST_Y(geometry)), count(*), "
         f"count(*) FILTER (WHERE coalesce(status, 'open') = 'open'), min(date), max(date), "
@@ -192,16 +203,15 @@ def _change_cells(con: Any, region_id: str, period: str) -> list[dict[str, Any]]
         f"CASE WHEN kind IN {MINING_KINDS} THEN 'mining:' || coalesce(first_seen_period, period) "
         "ELSE kind END"
     )
-    size = 0.001
-    while True:
-        cell = f"floor(ST_X(ST_Centroid(geometry)) / {size})::BIGINT AS cx, floor(ST_Y(ST_Centroid(geometry)) / {size})::BIGINT AS cy"  # fmt: skip
-        n = con.execute(
-            f"SELECT count(*) FROM (SELECT DISTINCT {cell}, {group} AS g FROM asm_change WHERE {where})",
-            [region_id, period],
-        ).fetchone()[0]
-        if n <= MAX_POLYGONS:
-            break
-        size *= 2
+
+    def cell_of(size: float) -> str:
+        return f"floor(ST_X(ST_Centroid(geometry)) / {size})::BIGINT AS cx, floor(ST_Y(ST_Centroid(geometry)) / {size})::BIGINT AS cy"  # fmt: skip
+
+    def count_sql(size: float) -> str:
+        return f"SELECT count(*) FROM (SELECT DISTINCT {cell_of(size)}, {group} AS g FROM asm_change WHERE {where})"  # fmt: skip
+
+    size = _cell_size(count_sql, con, [region_id, period], MAX_POLYGONS)
+    cell = cell_of(size)
     rows = con.execute(
         f"SELECT cx, cy, {group} AS g, count(*), sum(area_ha), avg(mean_ndvi) FROM "
         f"(SELECT *, {cell} FROM asm_change WHERE {where}) GROUP BY ALL ORDER BY cx, cy, g",

@@ -189,14 +189,24 @@ def resolve_client(client: Any, n_tiles: int) -> Client | None:
     return client() if n_tiles > 1 else None
 
 
-def worker_threads() -> int:
-    """Threads this process may use: the dask worker's share, else every core."""
+def in_dask_worker() -> bool:
+    """Whether this code runs as a task on a dask worker."""
     try:
         from distributed import get_worker
 
+        get_worker()
+        return True
+    except (ImportError, ValueError):
+        return False
+
+
+def worker_threads() -> int:
+    """Threads this process may use: the dask worker's share, else every core."""
+    if in_dask_worker():
+        from distributed import get_worker
+
         return max(1, int(get_worker().state.nthreads))
-    except (ImportError, ValueError, AttributeError):
-        return os.cpu_count() or 1
+    return os.cpu_count() or 1
 
 
 def gpu_workers(client: Client) -> bool:
@@ -316,7 +326,3 @@ def staged_cog(
         raise
     finally:
         stage.unlink(missing_ok=True)
-
-
-def spans(tiles: Iterable[Tile]) -> list[Span]:
-    return [t.core for t in tiles]
