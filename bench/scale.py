@@ -12,16 +12,24 @@ fresh process with its own dask LocalCluster (2 workers x 1 thread, 4 GiB each):
 - ``train``: one epoch of ``train_unet`` on chips read from the 2020 mosaic (the
   normaliser's window sample, validation windows);
 - ``probability-whole`` / ``sites-whole``: the same two stages as one tile in one process
-  (the whole-raster path these stages had before), for seconds per Mpx and memory.
+  (the whole-raster path these stages had before), for seconds per Mpx and memory;
+- ``probability-inproc`` / ``sites-inproc``: the tiled stages without a cluster (tiles
+  one after another in the stage's process, torch on both cores);
+- ``simulate``: the embedded simulator writing a world of k times the demo's area (or
+  ``--km`` km square) around the demo's centre, one period of ``--scenes`` scenes;
+- ``composite``: ``build_composite`` of that world's scenes on the LocalCluster.
 
 A sampler thread reads the resident memory of the stage's process and of every process
 under it (dask nanny and workers) every 0.1 s: ``peak`` is the largest single process,
 ``sum`` the largest total. The composite stage streams blocks on dask already and has its
-own bench (bench/composite_memory.py); the report's bench is bench/report.py.
+own bench for a full tile of 20 scenes (bench/composite_memory.py); the report's bench is
+bench/report.py.
 
     .venv/bin/python bench/scale.py                  # 1x, 16x, 256x
     .venv/bin/python bench/scale.py --sizes 400 --stages probability   # U-Net on 110 Mpx
     .venv/bin/python bench/scale.py --west-africa    # 905 Mpx, index baseline: probability, sites
+    .venv/bin/python bench/scale.py --stages simulate composite           # simulated worlds
+    .venv/bin/python bench/scale.py --stages simulate --km 100            # 100 x 100 km
 
 Targets (issue 16): every process <= 4 GiB at every size; peak at 256x within 1.3x of
 16x; seconds per Mpx of the tiled stages no worse than the whole-raster path.
@@ -123,6 +131,37 @@ def scaled_root(demo: Path, work: Path, k: float) -> tuple[Path, Any, float]:
     return root, region, mpx
 
 
+def simulated_region(k: float, km: float | None, scenes: int) -> tuple[Any, float]:
+    """An embedded region of ``k`` x the demo's area (or ``km`` x ``km``) around the
+    demo's centre, one period (2021) of ``scenes`` acquisitions: (region, Mpx)."""
+    import dataclasses
+
+    from pipelines.grid import window_for_bbox
+    from pipelines.regions import EmbeddedSpec, load_regions
+    from pipelines.simulator.world import MARGIN_M
+
+    demo = load_regions(ROOT / "regions.yaml").get(REGION)
+    w, s, e, n = demo.bbox
+    cx, cy = (w + e) / 2, (s + n) / 2
+    if km:
+        hx = km / 2 / (111.32 * math.cos(math.radians(cy)))
+        hy = km / 2 / 110.57
+    else:
+        hx, hy = (e - w) / 2 * math.sqrt(k), (n - s) / 2 * math.sqrt(k)
+    bbox = (cx - hx, cy - hy, cx + hx, cy + hy)
+    ring = [[bbox[0], bbox[1]], [bbox[2], bbox[1]], [bbox[2], bbox[3]], [bbox[0], bbox[3]]]
+    region = dataclasses.replace(
+        demo,
+        id=f"sim-{km:g}km" if km else f"sim-{k:g}x",
+        bbox=bbox,
+        geometry={"type": "Polygon", "coordinates": [[*ring, ring[0]]]},
+        periods=tuple(p for p in demo.periods if p.id == "2021"),
+        embedded=EmbeddedSpec(seed=42, scenes_per_period=scenes, reprocessed_twins=False),
+    )
+    win = window_for_bbox(bbox, 10.0, margin_m=MARGIN_M)
+    return region, win.width * win.height / 1e6
+
+
 # --------------------------------------------------------------------------- stages
 
 
@@ -149,12 +188,16 @@ def _stage(
     from pipelines.sites import extract_sites, sites_path, write_sites
 
     root_p = Path(root)
+    if name in ("simulate", "composite"):
+        out.put(_world_stage(name, root_p, region))
+        return
     whole = name.endswith("-whole")
     tile = 1 << 20 if whole else int(os.environ.get("ASMWATCH_BENCH_TILE", "0"))  # whole: one tile
     extra: dict[str, Any] = {}
     client = None
     device = os.environ.get("ASMWATCH_BENCH_DEVICE", "cpu")
-    if not whole and name.startswith(("probability", "sites")) and device == "cpu":
+    inproc = name.endswith("-inproc")  # tiles in this process, no cluster
+    if not whole and not inproc and name.startswith(("probability", "sites")) and device == "cpu":
         t = time.perf_counter()
         client = _client()  # started once per Dagster step too; timed apart
         client.wait_for_workers(2)
@@ -216,6 +259,37 @@ def _stage(
     out.put({"seconds": seconds, **extra})
 
 
+def _world_stage(name: str, world: Path, region: Any) -> dict[str, Any]:
+    """``simulate``: the embedded world of ``region`` into ``world``; ``composite``: its
+    composite on a LocalCluster (the scenes read as the composite asset reads them)."""
+    if name == "simulate":
+        from pipelines.simulator import simulate_world
+
+        started = time.perf_counter()
+        info = simulate_world(region, world)
+        return {"seconds": time.perf_counter() - started, "scenes": len(info.items)}
+    from pipelines.composite import build_composite, region_geobox
+    from pipelines.simulator import load_items
+
+    t = time.perf_counter()
+    client = _client()
+    client.wait_for_workers(2)
+    cluster_s = round(time.perf_counter() - t, 1)
+    items = [i for i in load_items(world) if i["id"].endswith("_0_L2A")]
+    started = time.perf_counter()
+    res = build_composite(
+        items, region_geobox(region), world.parent / f"{world.name}-composite.tif",
+        region=region.id, period="2021", aoi=region.geometry, client=client,
+        progress=lambda _m: None,
+    )  # fmt: skip
+    seconds = time.perf_counter() - started
+    cluster = client.cluster
+    client.close()
+    cluster.close()
+    return {"seconds": seconds, "cluster_s": cluster_s, "scenes": len(items),
+            "valid": round(res.valid_fraction, 3)}  # fmt: skip
+
+
 def measure(
     name: str,
     root: Path,
@@ -263,6 +337,7 @@ def measure(
         raise SystemExit(f"stage {name} failed (exit {proc.exitcode})")
     result = q.get()
     result["peak_gib"] = max(peaks.values()) / 2**30 if peaks else float("nan")
+    result["own_gib"] = round(peaks.get(proc.pid, 0) / 2**30, 2)  # the stage's process
     result["sum_gib"] = total[0] / 2**30
     result["processes"] = len(peaks)
     return result
@@ -277,6 +352,11 @@ def main(argv: list[str] | None = None) -> int:
         default=["probability", "probability-whole", "sites", "sites-whole", "change", "train"],
     )  # fmt: skip
     ap.add_argument("--west-africa", action="store_true", help="905 Mpx, index baseline")
+    ap.add_argument(
+        "--km", type=float, nargs="*", default=[],
+        help="simulate/composite: square regions this many km across (instead of --sizes)",
+    )  # fmt: skip
+    ap.add_argument("--scenes", type=int, default=2, help="simulate/composite: scenes per period")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
     ap.add_argument("--one-period", action="store_true", help="probability and sites of 2021 only")
     ap.add_argument("--tile-px", type=int, default=0, help="processing tile edge (0: the default)")
@@ -289,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     demo = args.root.resolve()
     os.environ["ASMWATCH_BENCH_TILE"] = str(args.tile_px)  # read by the stage processes
     os.environ["ASMWATCH_BENCH_DEVICE"] = args.device
-    if not (demo / "composite" / REGION / "2021.tif").exists():
+    only_worlds = set(args.stages) <= {"simulate", "composite"} and not args.west_africa
+    if not only_worlds and not (demo / "composite" / REGION / "2021.tif").exists():
         print(f"no demo run under {demo}: run `make demo` first (or pass --root)", file=sys.stderr)
         return 2
     work = args.work or Path(tempfile.mkdtemp(prefix="asmwatch-scale-"))
@@ -306,19 +387,37 @@ def main(argv: list[str] | None = None) -> int:
         stages = ["probability", "sites"]
         baseline = True
     print(f"{'size':>6} {'Mpx':>6} {'stage':>18} {'seconds':>8} {'s/Mpx':>7} {'peak GiB':>9} {'sum GiB':>8} {'procs':>5}  notes")  # fmt: skip
-    for k in sizes:
+    world_stages = [s for s in stages if s in ("simulate", "composite")]
+    for km in args.km if world_stages else []:
+        region, mpx = simulated_region(0, km, args.scenes)
+        for stage in world_stages:
+            r = measure(stage, work / region.id, region)
+            _report(f"{km:g}km", mpx, stage, r, r["seconds"] / mpx)
+    for k in sizes if not args.km else []:
+        if world_stages:
+            region, mpx = simulated_region(k, None, args.scenes)
+            for stage in world_stages:
+                r = measure(stage, work / region.id, region)
+                _report(f"{k:g}x", mpx, stage, r, r["seconds"] / mpx)
+        raster_stages = [s for s in stages if s not in world_stages]
+        if not raster_stages:
+            continue
         root, region, mpx = scaled_root(demo, work, k)
-        for stage in stages:
+        for stage in raster_stages:
             periods = ("2021",) if args.one_period else ("2020", "2021")
             r = measure(stage, root, region, baseline, periods)
             per = r["seconds"] / (mpx * (len(periods) if stage in ("probability", "sites") else 1))
-            notes = ", ".join(f"{key} {v}" for key, v in r.items() if key not in ("seconds", "peak_gib", "sum_gib", "processes"))  # fmt: skip
-            print(
-                f"{k:>5g}x {mpx:>6.1f} {stage:>18} {r['seconds']:>8.1f} {per:>7.3f} "
-                f"{r['peak_gib']:>9.2f} {r['sum_gib']:>8.2f} {r['processes']:>5}  {notes}",
-                flush=True,
-            )
+            _report(f"{k:g}x", mpx, stage, r, per)
     return 0
+
+
+def _report(size: str, mpx: float, stage: str, r: dict[str, Any], per: float) -> None:
+    notes = ", ".join(f"{key} {v}" for key, v in r.items() if key not in ("seconds", "peak_gib", "sum_gib", "processes"))  # fmt: skip
+    print(
+        f"{size:>6} {mpx:>6.1f} {stage:>18} {r['seconds']:>8.1f} {per:>7.3f} "
+        f"{r['peak_gib']:>9.2f} {r['sum_gib']:>8.2f} {r['processes']:>5}  {notes}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

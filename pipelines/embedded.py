@@ -39,7 +39,7 @@ def ensure_world(root: Path, region: Region, say: Callable[[str], None] = log.in
             pass
         say(f"embedded world for {region.id} is out of date; rebuilding")
     say(f"simulating the embedded Sentinel-2 world for {region.id} into {out}")
-    info = simulate_world(region, out)
+    info = simulate_world(region, out, progress=say)
     say(f"simulated {len(info.items)} scenes on MGRS tile {info.mgrs_tile} (EPSG:{info.epsg})")
     return out
 

@@ -294,15 +294,47 @@ def overview_levels(height: int, width: int, smallest: int = 128) -> int:
 
 @contextmanager
 def staged_cog(
-    target: Path, profile: dict[str, Any], *, overviews: str = "AVERAGE"
+    target: Path,
+    profile: dict[str, Any],
+    *,
+    overviews: str = "AVERAGE",
+    cog_options: dict[str, Any] | None = None,
 ) -> Iterator[Any]:
     """A writable tiled GTiff for blocks in any order, becoming ``target`` as a COG.
 
     The staged file lies beside the target (``.<stem>.<pid>.stage.tif``); on success
     GDAL's COG driver lays it out with overviews into a temporary file that replaces the
     target atomically. Any failure removes the stage and keeps the old target.
+    ``cog_options`` override the COG driver's creation options (None drops one).
     """
     h, w = int(profile["height"]), int(profile["width"])
+    with rasterio.Env(GDAL_CACHEMAX=_stage_cache()):
+        yield from _staged_cog(target, profile, h, w, overviews, cog_options)
+
+
+#: GDAL's block cache while a stage is written and laid out. GDAL's default, 5 % of the
+#: machine's memory, fills with the stage's dirty blocks (1.2 GiB of a 24 GiB machine,
+#: 6 GiB of a 128 GiB one); blocks arrive whole and in rows, so less is plenty.
+STAGE_CACHE_BYTES = 512 * 2**20
+
+
+def _stage_cache() -> int:
+    """Bytes (rasterio passes GDAL_CACHEMAX to GDALSetCacheMax64): STAGE_CACHE_BYTES, or
+    less if the process's cache is smaller."""
+    from rasterio.env import get_gdal_config
+
+    current = get_gdal_config("GDAL_CACHEMAX")
+    return min(int(current), STAGE_CACHE_BYTES) if current else STAGE_CACHE_BYTES
+
+
+def _staged_cog(
+    target: Path,
+    profile: dict[str, Any],
+    h: int,
+    w: int,
+    overviews: str,
+    cog_options: dict[str, Any] | None,
+) -> Iterator[Any]:
     stage_profile = {
         **profile, "driver": "GTiff", "tiled": True, "blockxsize": BLOCK, "blockysize": BLOCK,
         "compress": "deflate", "BIGTIFF": "IF_SAFER",
@@ -316,11 +348,13 @@ def staged_cog(
         with rasterio.open(stage, "w", **stage_profile) as dst:
             yield dst
         with atomic_path(target) as tmp:
-            rasterio.shutil.copy(
-                stage, tmp, driver="COG", COMPRESS="DEFLATE", PREDICTOR="YES",
-                BLOCKSIZE=BLOCK, OVERVIEW_RESAMPLING=overviews,
-                OVERVIEW_COUNT=overview_levels(h, w), BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS",
-            )  # fmt: skip
+            options = {
+                "COMPRESS": "DEFLATE", "PREDICTOR": "YES", "BLOCKSIZE": BLOCK,
+                "OVERVIEW_RESAMPLING": overviews, "OVERVIEW_COUNT": overview_levels(h, w),
+                "BIGTIFF": "IF_SAFER", "NUM_THREADS": "ALL_CPUS", **(cog_options or {}),
+            }  # fmt: skip
+            options = {k: v for k, v in options.items() if v is not None}
+            rasterio.shutil.copy(stage, tmp, driver="COG", **options)
     except Exception as e:
         raise_if_full(target, e)  # GDAL may only say "Write error", or nothing at all
         raise

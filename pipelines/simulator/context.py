@@ -22,6 +22,7 @@ from pyproj import Transformer
 from pipelines.grid import Window
 from pipelines.regions import Region
 from pipelines.simulator.landscape import Landscape
+from pipelines.simulator.strips import nth_set_pixel
 
 GRIEVANCE_CATEGORIES = ("water contamination", "land invasion", "violence", "road damage")
 
@@ -59,10 +60,7 @@ def write_context(
 ) -> None:
     out.mkdir(parents=True)
     h, w = window.height, window.width
-    last = land.mining[-1]
-    rows, cols = np.nonzero(last)
-    r_mid = float(np.median(rows)) if rows.size else h / 2
-    c_mid = float(np.median(cols)) if cols.size else w / 2
+    r_mid, c_mid = land.mining_centre() or (h / 2, w / 2)
 
     concessions = [
         _feature(
@@ -131,12 +129,15 @@ def write_context(
         )
         n = 0
         for p_i, period in enumerate(region.periods):
-            rr, cc = np.nonzero(land.mining[p_i])
-            if rr.size == 0:
+            n_mining = land.mining_pixels(p_i)
+            if n_mining == 0:
                 continue
             for _ in range(3):
-                j = int(rng.integers(rr.size))
-                x, y = _px_to_xy(window, rr[j], cc[j])
+                j = int(rng.integers(n_mining))
+                r, c = nth_set_pixel(
+                    land.mining_rows[p_i], j, lambda r, p=p_i: land.mining(p, r, r + 1)[0]
+                )
+                x, y = _px_to_xy(window, r, c)
                 lon, lat = to_lonlat.transform(x, y)
                 day = period.start.toordinal() + int(
                     rng.integers((period.end - period.start).days + 1)

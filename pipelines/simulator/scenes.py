@@ -10,16 +10,12 @@ on, DN 0 meaning no data.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import numpy as np
-import rasterio
-from rasterio.crs import CRS
-from rasterio.transform import Affine
 
-from pipelines.grid import Window
-from pipelines.simulator.landscape import Cover, smooth_noise
+from pipelines.simulator.landscape import Cover, Landscape
+from pipelines.simulator.strips import Scratch, quantile
 
 BANDS_10M = ("B02", "B03", "B04", "B08")
 BANDS_20M = ("B11", "B12")
@@ -50,70 +46,114 @@ SHADOW_SHIFT_PX = (22, -28)  # (rows, cols) from cloud to its shadow
 COG_PROFILE = {"compress": "DEFLATE", "predictor": "2", "blocksize": 256, "overviews": "AUTO"}
 
 
-@dataclass(frozen=True)
 class Acquisition:
-    reflectance: dict[str, np.ndarray]  # band -> float32 at its native resolution
-    scl: np.ndarray  # uint8 at 20 m
-    cloud_cover: float  # percent of SCL classes 8, 9, 10
+    """One acquisition of a period's land cover with ``cloud_fraction`` cloud, rendered
+    strip by strip (:meth:`strip`); its random fields are drawn when it is made, in the
+    order the whole-array renderer drew them, and kept in ``scratch``."""
 
+    def __init__(
+        self,
+        land: Landscape,
+        period: int,
+        rng: np.random.Generator,
+        cloud_fraction: float,
+        scratch: Scratch,
+    ) -> None:
+        self.land, self.period, self.scratch = land, period, scratch
+        strips = scratch.strips
+        self.date_noise = scratch.normal(rng, np.float32)
+        self.season = rng.normal(1.0, 0.02)
+        # Clouds: a smooth field thresholded to the wanted cover; opacity ramps at the edges.
+        broad = scratch.smooth_noise(rng, 22)
+        detail = scratch.smooth_noise(rng, 4)
+        self.cloud_tex = scratch.smooth_noise(rng, 3)
+        self.field = scratch.field(np.float32, "cloudfield")
+        for r0, r1 in strips:
+            self.field.write(r0, broad.read(r0, r1) + 0.25 * detail.read(r0, r1))
+        broad.delete()
+        detail.delete()
+        self.cloud_fraction = cloud_fraction
+        self.threshold: Any = np.inf
+        if cloud_fraction > 0:
+            self.threshold = quantile(
+                lambda: (self.field.read(r0, r1).ravel() for r0, r1 in strips),
+                strips.size,
+                1 - cloud_fraction,
+            )
+        self._cloudy = 0
+        self._scl_px = 0
 
-def render(
-    cover: np.ndarray,
-    texture: np.ndarray,
-    fine: np.ndarray,
-    regrowth_age: int,
-    rng: np.random.Generator,
-    cloud_fraction: float,
-) -> Acquisition:
-    """One acquisition of a period's land cover with ``cloud_fraction`` cloud."""
-    h, w = cover.shape
-    date_noise = rng.standard_normal((h, w)).astype(np.float32)
-    season = rng.normal(1.0, 0.02)
-    refl = np.zeros((len(BANDS), h, w), dtype=np.float32)
-    for c, values in REFLECTANCE.items():
-        m = cover == c
-        if not m.any():
-            continue
-        v = np.asarray(values, dtype=np.float32)
-        if c == Cover.REGROWTH and regrowth_age <= 1:
-            # Young regrowth: halfway between sediment and secondary forest.
-            v = 0.5 * (v + np.asarray(REFLECTANCE[Cover.SEDIMENT], dtype=np.float32))
-        amp = TEXTURE_AMPLITUDE[c]
-        tex = 1 + amp * texture[m] + 0.4 * amp * fine[m] + 0.02 * date_noise[m]
-        refl[:, m] = v[:, None] * tex[None, :] * season
-    np.clip(refl, 0.001, 1.2, out=refl)
+    def _alpha(self, r0: int, r1: int) -> np.ndarray:
+        if self.cloud_fraction <= 0:
+            return np.zeros((r1 - r0, self.scratch.strips.width), dtype=np.float32)
+        field = self.field.read(r0, r1)
+        return np.clip((field - self.threshold) / 0.6 + 0.25, 0, 1).astype(np.float32)
 
-    # Clouds: a smooth field thresholded to the wanted cover; opacity ramps at the edges.
-    field = smooth_noise(rng, (h, w), 22) + 0.25 * smooth_noise(rng, (h, w), 4)
-    thr = np.quantile(field, 1 - cloud_fraction) if cloud_fraction > 0 else np.inf
-    alpha = np.clip((field - thr) / 0.6 + 0.25, 0, 1) if cloud_fraction > 0 else np.zeros((h, w))
-    alpha = alpha.astype(np.float32)
-    shadow_src = _shift(alpha, *SHADOW_SHIFT_PX)
-    shadow = (shadow_src > 0.35) & (alpha < 0.15)
-    refl[:, shadow] *= 0.35
-    cloud = np.asarray(CLOUD_REFLECTANCE, dtype=np.float32)[:, None, None]
-    cloud_tex = 1 + 0.05 * smooth_noise(rng, (h, w), 3)
-    refl = ((1 - alpha) * refl + alpha * cloud * cloud_tex).astype(np.float32)
+    def strip(self, r0: int, r1: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Reflectance per band (native resolution) and the 20 m SCL of rows ``r0:r1``
+        (``r0`` even)."""
+        land, p = self.land, self.period
+        cover = land.cover(p, r0, r1)
+        texture, fine = land.texture.read(r0, r1), land.fine.read(r0, r1)
+        date_noise = self.date_noise.read(r0, r1)
+        h, w = cover.shape
+        refl = np.zeros((len(BANDS), h, w), dtype=np.float32)
+        for c, values in REFLECTANCE.items():
+            m = cover == c
+            if not m.any():
+                continue
+            v = np.asarray(values, dtype=np.float32)
+            if c == Cover.REGROWTH and land.regrowth_age[p] <= 1:
+                # Young regrowth: halfway between sediment and secondary forest.
+                v = 0.5 * (v + np.asarray(REFLECTANCE[Cover.SEDIMENT], dtype=np.float32))
+            amp = TEXTURE_AMPLITUDE[c]
+            tex = 1 + amp * texture[m] + 0.4 * amp * fine[m] + 0.02 * date_noise[m]
+            refl[:, m] = v[:, None] * tex[None, :] * self.season
+        np.clip(refl, 0.001, 1.2, out=refl)
 
-    # SCL at 20 m, nearest-neighbour from the 10 m classification.
-    scl10 = np.zeros((h, w), dtype=np.uint8)
-    for c, code in SCL_OF_COVER.items():
-        scl10[cover == c] = code
-    scl10[shadow] = 3
-    scl10[(alpha > 0.15) & (alpha <= 0.4)] = 10
-    scl10[(alpha > 0.4) & (alpha <= 0.7)] = 8
-    scl10[alpha > 0.7] = 9
-    scl = scl10[::2, ::2].copy()
+        # A cloud casts its shadow SHADOW_SHIFT_PX away: read the rows above the strip too.
+        a0 = max(r0 - SHADOW_SHIFT_PX[0], 0)
+        alpha_ext = self._alpha(a0, r1)
+        alpha = alpha_ext[r0 - a0 :]
+        shadow_src = _shift(alpha_ext, *SHADOW_SHIFT_PX)[r0 - a0 :]
+        shadow = (shadow_src > 0.35) & (alpha < 0.15)
+        refl[:, shadow] *= 0.35
+        cloud = np.asarray(CLOUD_REFLECTANCE, dtype=np.float32)[:, None, None]
+        cloud_tex = 1 + 0.05 * self.cloud_tex.read(r0, r1)
+        clear = 1 - alpha
+        for i in range(len(BANDS)):  # band by band: the same values, a sixth of the memory
+            refl[i] = clear * refl[i] + alpha * cloud[i] * cloud_tex
 
-    out: dict[str, np.ndarray] = {}
-    for i, band in enumerate(BANDS):
-        if band in BANDS_20M:
-            # 20 m pixels integrate four 10 m pixels.
-            out[band] = refl[i].reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
-        else:
-            out[band] = refl[i]
-    cc = float(np.isin(scl, (8, 9, 10)).mean() * 100)
-    return Acquisition(reflectance=out, scl=scl, cloud_cover=round(cc, 4))
+        # SCL at 20 m, nearest-neighbour from the 10 m classification.
+        scl10 = np.zeros((h, w), dtype=np.uint8)
+        for c, code in SCL_OF_COVER.items():
+            scl10[cover == c] = code
+        scl10[shadow] = 3
+        scl10[(alpha > 0.15) & (alpha <= 0.4)] = 10
+        scl10[(alpha > 0.4) & (alpha <= 0.7)] = 8
+        scl10[alpha > 0.7] = 9
+        scl = scl10[::2, ::2].copy()
+
+        out: dict[str, np.ndarray] = {}
+        for i, band in enumerate(BANDS):
+            if band in BANDS_20M:
+                # 20 m pixels integrate four 10 m pixels.
+                out[band] = refl[i].reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+            else:
+                out[band] = refl[i]
+        self._cloudy += int(np.isin(scl, (8, 9, 10)).sum())
+        self._scl_px += scl.size
+        return out, scl
+
+    @property
+    def cloud_cover(self) -> float:
+        """Percent of SCL cloud classes (8, 9, 10), once every strip is rendered."""
+        assert self._scl_px, "cloud_cover before the strips were rendered"
+        return round(float(np.float64(self._cloudy) / self._scl_px * 100), 4)
+
+    def close(self) -> None:
+        for f in (self.date_noise, self.cloud_tex, self.field):
+            f.delete()
 
 
 #: L1C bands the simulator writes for s2cloudless, with their native resolution.
@@ -123,14 +163,14 @@ L1C_BANDS: dict[str, int] = {
 }  # fmt: skip
 
 
-def toa_bands(acq: Acquisition) -> dict[str, np.ndarray]:
-    """Top-of-atmosphere (L1C) reflectance of an acquisition, at native resolutions.
+def toa_bands(r: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Top-of-atmosphere (L1C) reflectance of an acquisition's L2A reflectance ``r`` (a
+    strip starting on a multiple of 60 m, or the whole scene), at native resolutions.
 
     A simple tropical-atmosphere model: path radiance added mostly in the blue, water
     vapour absorption in B09, and B10 (cirrus, 1.375 um) near zero over land but bright
     over clouds. Enough for s2cloudless to see clouds as clouds; not radiative transfer.
     """
-    r = acq.reflectance
     h, w = r["B02"].shape
     b11 = np.repeat(np.repeat(r["B11"], 2, 0), 2, 1)[:h, :w]
     b12 = np.repeat(np.repeat(r["B12"], 2, 0), 2, 1)[:h, :w]
@@ -165,30 +205,12 @@ def to_dn(reflectance: np.ndarray, offset: float, scale: float = 1e-4) -> np.nda
     return np.clip(dn, 1, 32767).astype(np.uint16)
 
 
-def write_cog(
-    path: Path, array: np.ndarray, window: Window, nodata: int = 0, categorical: bool = False
-) -> None:
-    """Write one band as a tiled, deflate-compressed COG with internal overviews."""
-    profile = {
-        "driver": "COG",
-        "width": array.shape[1],
-        "height": array.shape[0],
-        "count": 1,
-        "dtype": array.dtype.name,
-        "crs": CRS.from_epsg(window.epsg),
-        "transform": Affine(*window.transform),
-        "nodata": nodata,
-        "overview_resampling": "nearest" if categorical else "average",
-        **COG_PROFILE,
-    }
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(array, 1)
-
-
 def _shift(a: np.ndarray, dr: int, dc: int) -> np.ndarray:
     """Shift an array by (rows, cols), filling with zeros (no wrap-around)."""
     out = np.zeros_like(a)
     h, w = a.shape
+    if abs(dr) >= h or abs(dc) >= w:
+        return out  # shifted off the array
     out[max(dr, 0) : h + min(dr, 0), max(dc, 0) : w + min(dc, 0)] = a[
         max(-dr, 0) : h + min(-dr, 0), max(-dc, 0) : w + min(-dc, 0)
     ]

@@ -21,27 +21,37 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import rasterio
 from pyproj import Transformer
+from rasterio.crs import CRS
+from rasterio.transform import Affine
+from rasterio.windows import Window as RasterWindow
 
 from pipelines.grid import Window, mgrs_tile, window_for_bbox
 from pipelines.regions import EmbeddedSpec, Period, Region
 from pipelines.simulator.context import write_context
-from pipelines.simulator.landscape import build_landscape
+from pipelines.simulator.landscape import Landscape, build_landscape
 from pipelines.simulator.scenes import (
     BANDS,
     BANDS_20M,
     L1C_BANDS,
-    render,
+    Acquisition,
     to_dn,
     toa_bands,
-    write_cog,
 )
+from pipelines.simulator.strips import STRIP_PX, Scratch
 from pipelines.storage import atomic_dir
+from pipelines.tiling import staged_cog
 
 COLLECTION = "sentinel-2-l2a"
 L1C_COLLECTION = "sentinel-2-l1c"
@@ -66,6 +76,10 @@ BAND_INFO = {
 CLOUD_LEVELS = (0.02, 0.12, 0.3, 0.55, 0.08, 0.4, 0.2, 0.7)  # cycled through acquisitions
 SENSING_TIME = dt.time(14, 56, 21, 24000)  # Sentinel-2's overpass of 19L, UTC
 MARGIN_M = 200.0
+#: COG layout of the simulated bands (as Earth Search's: 256 px blocks, deflate with
+#: horizontal differencing, GDAL's automatic overview levels).
+CACHE_BYTES = 128 * 2**20  # rasterio passes GDAL_CACHEMAX to GDALSetCacheMax64: bytes
+COG_OPTIONS = {"PREDICTOR": "2", "BLOCKSIZE": 256, "OVERVIEW_COUNT": None, "OVERVIEWS": "AUTO"}
 
 
 @dataclass(frozen=True)
@@ -114,55 +128,94 @@ def acquisition_dates(period: Period, n: int) -> list[dt.date]:
     return [start + dt.timedelta(days=round(span * (i + 0.5) / n)) for i in range(n)]
 
 
-def simulate_world(region: Region, out: Path) -> WorldInfo:
-    """Write the region's embedded world under ``out`` (replaced atomically)."""
+def simulate_world(
+    region: Region,
+    out: Path,
+    progress: Callable[[str], None] | None = None,
+    strip_px: int = STRIP_PX,
+) -> WorldInfo:
+    """Write the region's embedded world under ``out`` (replaced atomically).
+
+    The world is built and written strip by strip (``pipelines.simulator.strips``):
+    memory stays bounded whatever the region's size, and intermediate fields live in a
+    scratch folder beside ``out`` that is removed at the end.
+    """
+    say = progress or (lambda _msg: None)
     spec = region.embedded or EmbeddedSpec()
     window = window_for_bbox(region.bbox, 10.0, margin_m=MARGIN_M)
     lon_c = (region.bbox[0] + region.bbox[2]) / 2
     lat_c = (region.bbox[1] + region.bbox[3]) / 2
     tile = mgrs_tile(lon_c, lat_c)
-    land = build_landscape(
-        spec.seed, (window.height, window.width), len(region.periods), spec.growth_factor
-    )
-    rng = np.random.default_rng(spec.seed + 1)
+    shape = (window.height, window.width)
     to_lonlat = Transformer.from_crs(window.epsg, 4326, always_xy=True)
     footprint = _footprint(window, to_lonlat)
     pixel_ha = window.resolution**2 / 10_000
+    n_scenes = len(region.periods) * spec.scenes_per_period
 
     item_ids: list[str] = []
     mining_ha: dict[str, float] = {}
-    with atomic_dir(out) as tmp:
+    # GDAL's block cache holds the staged bands' dirty blocks until it is full; strips
+    # complete their blocks in order, so a small cache bounds the process's memory.
+    with (
+        rasterio.Env(GDAL_CACHEMAX=CACHE_BYTES),
+        atomic_dir(out) as tmp,
+        _scratch(out) as scratch,
+    ):
+        say(
+            f"building the landscape: {window.width} x {window.height} px "
+            f"({window.width * window.height / 1e6:.1f} Mpx), {len(region.periods)} periods"
+        )
+        land = build_landscape(
+            spec.seed,
+            shape,
+            len(region.periods),
+            spec.growth_factor,
+            scratch=scratch / "landscape",
+            strip_px=strip_px,
+        )
+        rng = np.random.default_rng(spec.seed + 1)
         (tmp / "items").mkdir()
         (tmp / "truth").mkdir()
         k = 0
         for p_i, period in enumerate(region.periods):
-            truth = land.mining[p_i].astype(np.uint8)
-            truth[land.revegetating[p_i]] = 2
-            write_cog(
-                tmp / "truth" / f"{period.id}.tif", truth, window, nodata=255, categorical=True
-            )
-            mining_ha[period.id] = round(float(land.mining[p_i].sum()) * pixel_ha, 2)
+            _write_truth(tmp / "truth" / f"{period.id}.tif", land, p_i, window)
+            mining_ha[period.id] = round(float(land.mining_pixels(p_i)) * pixel_ha, 2)
             for a_i, date in enumerate(acquisition_dates(period, spec.scenes_per_period)):
                 cloud = CLOUD_LEVELS[k % len(CLOUD_LEVELS)]
                 k += 1
-                acq = render(
-                    land.covers[p_i], land.texture, land.fine, land.regrowth_age[p_i], rng, cloud
+                acq = Acquisition(
+                    land, p_i, rng, cloud, Scratch(scratch / f"scene{k}", land.strips)
                 )
                 platform = "sentinel-2a" if k % 2 else "sentinel-2b"
                 versions = [(0, baseline_for(date))]
                 if spec.reprocessed_twins and a_i == 0:
                     versions.append((1, "05.00"))
-                for seq, baseline in versions:
+                products = [
+                    (seq, baseline, *_new_product(tmp, platform, tile, date, seq, "L2A", baseline))
+                    for seq, baseline in versions
+                ]
+                l1c = (
+                    _new_product(tmp, platform, tile, date, 0, "L1C", versions[0][1])
+                    if region.uses_s2cloudless
+                    else None
+                )
+                _write_scene_rasters(acq, window, [p[2:] for p in products], l1c)
+                acq.close()
+                for seq, baseline, item_id, _offset, _dir in products:
                     item = _write_scene(
-                        tmp, acq, window, tile, date, platform, seq, baseline, footprint
-                    )
+                        tmp, item_id, acq.cloud_cover, window, tile, date, platform, seq,
+                        baseline, footprint,
+                    )  # fmt: skip
                     item_ids.append(item["id"])
-                if region.uses_s2cloudless:
-                    l1c = _write_l1c(
-                        tmp, acq, window, tile, date, platform, versions[0][1], footprint
-                    )
-                    item_ids.append(l1c["id"])
+                if l1c is not None:
+                    item = _write_l1c(
+                        tmp, l1c[0], acq.cloud_cover, window, tile, date, platform,
+                        versions[0][1], footprint,
+                    )  # fmt: skip
+                    item_ids.append(item["id"])
+            say(f"simulated period {period.id}: {k}/{n_scenes} scenes written")
         write_context(tmp / "context", region, window, land, to_lonlat)
+        land.close()
         info = {
             "region": region.id,
             "spec": asdict(spec),
@@ -192,6 +245,97 @@ def simulate_world(region: Region, out: Path) -> WorldInfo:
     )
 
 
+@contextmanager
+def _scratch(out: Path) -> Iterator[Path]:
+    """A scratch folder beside ``out`` (named as ``remove_orphans`` expects, so a killed
+    run's scratch is cleaned up by the next one), removed on exit."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(
+        tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".scratch", dir=out.parent)
+    )
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _cog(
+    stack: ExitStack, path: Path, win: Window, dtype: str, nodata: int, categorical: bool
+) -> Any:
+    """A strip writer for one band, becoming a COG (tiled, deflate, overviews) on exit."""
+    profile = {
+        "driver": "GTiff",
+        "width": win.width,
+        "height": win.height,
+        "count": 1,
+        "dtype": dtype,
+        "crs": CRS.from_epsg(win.epsg),
+        "transform": Affine(*win.transform),
+        "nodata": nodata,
+    }
+    return stack.enter_context(
+        staged_cog(
+            path,
+            profile,
+            overviews="NEAREST" if categorical else "AVERAGE",
+            cog_options=COG_OPTIONS,
+        )
+    )
+
+
+def _put(dst: Any, array: np.ndarray, row: int) -> None:
+    dst.write(array, 1, window=RasterWindow(0, row, array.shape[1], array.shape[0]))
+
+
+def _write_truth(path: Path, land: Landscape, period: int, window: Window) -> None:
+    with ExitStack() as stack:
+        dst = _cog(stack, path, window, "uint8", 255, categorical=True)
+        for r0, r1 in land.strips:
+            truth = land.mining(period, r0, r1).astype(np.uint8)
+            truth[land.revegetating(period, r0, r1)] = 2
+            _put(dst, truth, r0)
+
+
+def _write_scene_rasters(
+    acq: Acquisition,
+    window: Window,
+    products: list[tuple[str, float, Path]],
+    l1c: tuple[str, float, Path] | None,
+) -> None:
+    """Render ``acq`` strip by strip into the bands of each L2A product (and the L1C)."""
+    with ExitStack() as stack:
+        l2a = []
+        for _item_id, offset, cog_dir in products:
+            bands = {}
+            for band in (*BANDS, "SCL"):
+                res = 20 if band in BANDS_20M or band == "SCL" else 10
+                dtype = "uint8" if band == "SCL" else "uint16"
+                bands[band] = (
+                    _cog(stack, cog_dir / f"{band}.tif", window.at(res), dtype, 0, band == "SCL"),
+                    res // 10,
+                )
+            l2a.append((offset, bands))
+        toa_out = {}
+        if l1c is not None:
+            for band, res in L1C_BANDS.items():
+                f = res // 10
+                at = window.at(10)
+                win = Window(
+                    at.epsg, at.x0, at.y0, -(-window.width // f), -(-window.height // f), res
+                )
+                toa_out[band] = (_cog(stack, l1c[2] / f"{band}.tif", win, "uint16", 0, False), f)
+        for r0, r1 in acq.land.strips:
+            refl, scl = acq.strip(r0, r1)
+            for offset, bands in l2a:
+                for band, (dst, f) in bands.items():
+                    data = scl if band == "SCL" else to_dn(refl[band], offset)
+                    _put(dst, data, r0 // f)
+            if l1c is not None:
+                for band, toa in toa_bands(refl).items():
+                    dst, f = toa_out[band]
+                    _put(dst, to_dn(toa, l1c[1]), r0 // f)
+
+
 def _footprint(window: Window, to_lonlat: Transformer) -> dict[str, Any]:
     x0, y0, x1, y1 = window.bounds
     xs = [x0, x1, x1, x0, x0]
@@ -214,7 +358,8 @@ def _new_product(
 
 def _write_scene(
     root: Path,
-    acq: Any,
+    item_id: str,
+    cloud_cover: float,
     window: Window,
     tile: str,
     date: dt.date,
@@ -223,15 +368,12 @@ def _write_scene(
     baseline: str,
     footprint: dict[str, Any],
 ) -> dict[str, Any]:
-    item_id, offset, cog_dir = _new_product(root, platform, tile, date, seq, "L2A", baseline)
+    """The item of an L2A product whose COGs are written."""
+    offset = -0.1 if float(baseline) >= 4.0 else 0.0
     assets: dict[str, Any] = {}
     for band in (*BANDS, "SCL"):
         res = 20 if band in BANDS_20M or band == "SCL" else 10
         win = window.at(res)
-        if band == "SCL":
-            write_cog(cog_dir / "SCL.tif", acq.scl, win, categorical=True)
-        else:
-            write_cog(cog_dir / f"{band}.tif", to_dn(acq.reflectance[band], offset), win)
         asset: dict[str, Any] = {
             "href": f"../cogs/{item_id}/{band}.tif",
             "type": "image/tiff; application=geotiff; profile=cloud-optimized",
@@ -283,7 +425,7 @@ def _write_scene(
             "platform": platform,
             "constellation": "sentinel-2",
             "instruments": ["msi"],
-            "eo:cloud_cover": acq.cloud_cover,
+            "eo:cloud_cover": cloud_cover,
             "proj:epsg": window.epsg,
             "mgrs:utm_zone": zone,
             "mgrs:latitude_band": band_letter,
@@ -311,7 +453,8 @@ def _write_scene(
 
 def _write_l1c(
     root: Path,
-    acq: Any,
+    item_id: str,
+    cloud_cover: float,
     window: Window,
     tile: str,
     date: dt.date,
@@ -319,14 +462,14 @@ def _write_l1c(
     baseline: str,
     footprint: dict[str, Any],
 ) -> dict[str, Any]:
-    """The L1C twin of an acquisition (Earth Search v1 ``sentinel-2-l1c`` keys)."""
-    item_id, offset, cog_dir = _new_product(root, platform, tile, date, 0, "L1C", baseline)
+    """The item of the L1C twin of an acquisition (Earth Search v1 ``sentinel-2-l1c``
+    keys), whose COGs are written."""
+    offset = -0.1 if float(baseline) >= 4.0 else 0.0
     assets: dict[str, Any] = {}
-    for band, toa in toa_bands(acq).items():
-        res = L1C_BANDS[band]
-        win = window.at(res)
-        win = Window(win.epsg, win.x0, win.y0, toa.shape[1], toa.shape[0], res)
-        write_cog(cog_dir / f"{band}.tif", to_dn(toa, offset), win)
+    for band, res in L1C_BANDS.items():
+        f = res // 10
+        win = window.at(10)
+        win = Window(win.epsg, win.x0, win.y0, -(-window.width // f), -(-window.height // f), res)
         assets[L1C_ASSET_KEYS[band]] = {
             "href": f"../cogs/{item_id}/{band}.tif",
             "type": "image/tiff; application=geotiff; profile=cloud-optimized",
@@ -353,7 +496,7 @@ def _write_l1c(
             "datetime": stamp,
             "platform": platform,
             "constellation": "sentinel-2",
-            "eo:cloud_cover": acq.cloud_cover,
+            "eo:cloud_cover": cloud_cover,
             "proj:epsg": window.epsg,
             "grid:code": f"MGRS-{tile}",
             "s2:product_type": "S2MSI1C",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -13,6 +14,7 @@ import rasterio
 
 from pipelines.simulator import load_items, simulate_world
 from pipelines.simulator.landscape import Cover, build_landscape
+from pipelines.simulator.scenes import Acquisition
 from pipelines.stac.normalize import normalize_items
 from tests.conftest import small_region
 
@@ -91,9 +93,9 @@ def test_ndvi_forest_high_mining_sediment_low(small_world: Path) -> None:
     scl = _read(world / "items" / raw["assets"]["scl"]["href"])
     clear = np.kron(scl, np.ones((2, 2), dtype=np.uint8)) < 7  # 20 m SCL to the 10 m grid
     region = small_region()
-    land = build_landscape(region.embedded.seed, red.shape, 3, 1.5)  # type: ignore[union-attr]
     period = int(scene["properties"]["datetime"][:4]) - 2019
-    cover = land.covers[period]
+    with build_landscape(region.embedded.seed, red.shape, 3, 1.5) as land:  # type: ignore[union-attr]
+        cover = land.cover(period)
     forest = (cover == Cover.FOREST) & clear
     sediment = (cover == Cover.SEDIMENT) & clear
     assert forest.sum() > 1000 and sediment.sum() > 100
@@ -139,8 +141,9 @@ def test_mining_grows_as_configured_and_old_land_revegetates(small_world: Path) 
 
 
 def test_growth_factor_is_honoured() -> None:
-    land = build_landscape(3, (200, 240), 4, 2.0)
-    areas = [m.sum() for m in land.mining]
+    with build_landscape(3, (200, 240), 4, 2.0) as land:
+        areas = [land.mining_pixels(p) for p in range(4)]
+        assert areas == [int(land.mining(p).sum()) for p in range(4)]
     assert areas[-1] / areas[0] == pytest.approx(2.0, rel=0.03)
     assert all(a < b for a, b in itertools.pairwise(areas))
 
@@ -173,3 +176,45 @@ def test_twins_normalise_to_one_scene_per_acquisition(small_world: Path) -> None
     kept_twins = [s for s in result.scenes if s.id.endswith("_1_L2A")]
     assert len(kept_twins) == 3 and all(s.processing_baseline == "05.00" for s in kept_twins)
     assert all(s.assets["red"].offset == -0.1 for s in kept_twins)
+
+
+@pytest.mark.slow
+def test_a_world_written_strip_by_strip_is_the_whole_array_world(
+    tmp_path: Path, small_world: Path
+) -> None:
+    """Strips of 12 rows (an L1C twin too: 60 m pixels span strips' edges) give the
+    same bytes as the one-strip world, and leave no scratch behind."""
+    with rasterio.open(small_world / "truth" / "2019.tif") as src:
+        width = src.width
+    strips = tmp_path / "strips"
+    simulate_world(small_region(), strips, strip_px=12 * width)
+    assert _digest(strips) == _digest(small_world)
+    assert [p.name for p in tmp_path.iterdir()] == ["strips"]  # the scratch is gone
+
+    region = dataclasses.replace(
+        small_region(seed=5, periods=("2020",)), cloud_mask="scl+s2cloudless"
+    )
+    one, many = tmp_path / "one", tmp_path / "many"
+    simulate_world(region, one)
+    simulate_world(region, many, strip_px=18 * width)
+    digest = _digest(one)
+    assert any("L1C" in k and k.endswith("B01.tif") for k in digest)
+    assert _digest(many) == digest
+
+
+def test_a_failed_simulation_leaves_the_old_world_and_no_scratch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    region = small_region(periods=("2020",))
+    world = tmp_path / "world"
+    simulate_world(region, world)
+    before = _digest(world)
+
+    def broken(self: Acquisition, r0: int, r1: int) -> None:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(Acquisition, "strip", broken)
+    with pytest.raises(OSError, match="disk gone"):
+        simulate_world(small_region(seed=9, periods=("2020",)), world, strip_px=50_000)
+    assert _digest(world) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["world"]
