@@ -170,17 +170,20 @@ class DaskResource(dg.ConfigurableResource):
         else:
             import os
 
+            from pipelines.tiling import worker_environ
+
             n = self.n_workers or os.cpu_count() or 1
-            cluster: LocalCluster = LocalCluster(
-                n_workers=n,
-                threads_per_worker=self.threads_per_worker,
-                memory_limit=self.memory_limit,
-                processes=self.processes,
-                # Workers in processes talk TCP on loopback only; threads use inproc://.
-                host="127.0.0.1" if self.processes else None,
-                dashboard_address="127.0.0.1:0" if self.dashboard else None,
-                scheduler_kwargs=None if self.dashboard else {"dashboard": False},
-            )
+            with worker_environ():
+                cluster: LocalCluster = LocalCluster(
+                    n_workers=n,
+                    threads_per_worker=self.threads_per_worker,
+                    memory_limit=self.memory_limit,
+                    processes=self.processes,
+                    # Workers in processes talk TCP on loopback only; threads: inproc://.
+                    host="127.0.0.1" if self.processes else None,
+                    dashboard_address="127.0.0.1:0" if self.dashboard else None,
+                    scheduler_kwargs=None if self.dashboard else {"dashboard": False},
+                )
             self._cluster = cluster
             self._client = Client(cluster)
             say(

@@ -168,10 +168,13 @@ def simulated_region(k: float, km: float | None, scenes: int) -> tuple[Any, floa
 def _client() -> Any:
     from distributed import Client, LocalCluster
 
-    cluster = LocalCluster(
-        n_workers=2, threads_per_worker=1, memory_limit="4GiB", processes=True,
-        host="127.0.0.1", dashboard_address=None, scheduler_kwargs={"dashboard": False},
-    )  # fmt: skip
+    from pipelines.tiling import worker_environ
+
+    with worker_environ():
+        cluster = LocalCluster(
+            n_workers=2, threads_per_worker=1, memory_limit="4GiB", processes=True,
+            host="127.0.0.1", dashboard_address=None, scheduler_kwargs={"dashboard": False},
+        )  # fmt: skip
     return Client(cluster)
 
 
@@ -256,6 +259,8 @@ def _stage(
     seconds = time.perf_counter() - started
     if client is not None:
         client.close()
+    cpu = os.times()
+    extra["own_cpu_s"] = round(cpu.user + cpu.system, 1)  # this process, start-up included
     out.put({"seconds": seconds, **extra})
 
 

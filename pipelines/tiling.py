@@ -244,6 +244,26 @@ def run_tiles(
     yield from as_finished(client, tiles, start, in_flight)
 
 
+#: Environment of the worker processes a LocalCluster spawns, beside dask's own
+#: (``distributed.nanny.pre-spawn-environ``). Dask sets ``MALLOC_TRIM_THRESHOLD_`` so
+#: that workers give freed memory back; glibc then stops adapting its mmap threshold,
+#: every array over 128 KiB is mapped and unmapped anew, and the U-Net's tiles ran 24 %
+#: slower (bench/scale.py). glibc's adaptive ceiling, 32 MiB, restores the speed and
+#: keeps the trimming. Workers of an external cluster should set it too.
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": 32 * 2**20}
+
+
+@contextmanager
+def worker_environ() -> Iterator[None]:
+    """Dask config under which a LocalCluster's workers start with ``WORKER_ENV``."""
+    import dask
+
+    with dask.config.set(
+        {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_ENV.items()}
+    ):
+        yield
+
+
 def as_finished(
     client: Client, items: Iterable[Any], start: Callable[[Any], Any], in_flight: int | None = None
 ) -> Iterator[tuple[Any, Any]]:
@@ -308,23 +328,33 @@ def staged_cog(
     ``cog_options`` override the COG driver's creation options (None drops one).
     """
     h, w = int(profile["height"]), int(profile["width"])
-    with rasterio.Env(GDAL_CACHEMAX=_stage_cache()):
+    with gdal_cache(STAGE_CACHE_BYTES):
         yield from _staged_cog(target, profile, h, w, overviews, cog_options)
 
 
-#: GDAL's block cache while a stage is written and laid out. GDAL's default, 5 % of the
-#: machine's memory, fills with the stage's dirty blocks (1.2 GiB of a 24 GiB machine,
-#: 6 GiB of a 128 GiB one); blocks arrive whole and in rows, so less is plenty.
-STAGE_CACHE_BYTES = 512 * 2**20
+#: GDAL's block cache while a stage is written and laid out (``gdal_cache``; bytes).
+#: GDAL's default is 5 % of the
+#: machine's memory (1.2 GiB of a 24 GiB machine, 6.4 GiB of a 128 GiB one), and the
+#: stage's dirty blocks fill it: a bound keeps a stage's memory independent of the host.
+#: Less than 1 GiB slows the COG driver's overviews of a 10-band composite (at 71 Mpx,
+#: 512 MiB took 230 s where 1.2 GiB took 139 s).
+STAGE_CACHE_BYTES = 2**30
 
 
-def _stage_cache() -> int:
-    """Bytes (rasterio passes GDAL_CACHEMAX to GDALSetCacheMax64): STAGE_CACHE_BYTES, or
-    less if the process's cache is smaller."""
+@contextmanager
+def gdal_cache(limit: int) -> Iterator[None]:
+    """GDAL's block cache at most ``limit`` bytes meanwhile (rasterio hands
+    ``GDAL_CACHEMAX`` to ``GDALSetCacheMax64``, process-wide), then as it was.
+
+    Through a ``rasterio.Env``: set bare with ``set_gdal_config``, GDAL's read errors
+    were then logged with their whole URLs, SAS tokens included
+    (tests/pipelines/test_signing.py).
+    """
     from rasterio.env import get_gdal_config
 
-    current = get_gdal_config("GDAL_CACHEMAX")
-    return min(int(current), STAGE_CACHE_BYTES) if current else STAGE_CACHE_BYTES
+    before = get_gdal_config("GDAL_CACHEMAX")
+    with rasterio.Env(GDAL_CACHEMAX=min(int(before), limit) if before else limit):
+        yield
 
 
 def _staged_cog(

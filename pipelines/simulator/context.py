@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,10 @@ def _fc(features: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _feature(geom: dict[str, Any], props: dict[str, Any]) -> dict[str, Any]:
     return {"type": "Feature", "properties": props, "geometry": geom}
+
+
+def _row(land: Landscape, period: int, row: int) -> np.ndarray:
+    return land.mining(period, row, row + 1)[0]
 
 
 def write_context(
@@ -134,9 +139,7 @@ def write_context(
                 continue
             for _ in range(3):
                 j = int(rng.integers(n_mining))
-                r, c = nth_set_pixel(
-                    land.mining_rows[p_i], j, lambda r, p=p_i: land.mining(p, r, r + 1)[0]
-                )
+                r, c = nth_set_pixel(land.mining_rows[p_i], j, functools.partial(_row, land, p_i))
                 x, y = _px_to_xy(window, r, c)
                 lon, lat = to_lonlat.transform(x, y)
                 day = period.start.toordinal() + int(

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rasterio
 from pyproj import Transformer
 from rasterio.crs import CRS
 from rasterio.transform import Affine
@@ -51,7 +50,7 @@ from pipelines.simulator.scenes import (
 )
 from pipelines.simulator.strips import STRIP_PX, Scratch
 from pipelines.storage import atomic_dir
-from pipelines.tiling import staged_cog
+from pipelines.tiling import gdal_cache, staged_cog
 
 COLLECTION = "sentinel-2-l2a"
 L1C_COLLECTION = "sentinel-2-l1c"
@@ -78,7 +77,7 @@ SENSING_TIME = dt.time(14, 56, 21, 24000)  # Sentinel-2's overpass of 19L, UTC
 MARGIN_M = 200.0
 #: COG layout of the simulated bands (as Earth Search's: 256 px blocks, deflate with
 #: horizontal differencing, GDAL's automatic overview levels).
-CACHE_BYTES = 128 * 2**20  # rasterio passes GDAL_CACHEMAX to GDALSetCacheMax64: bytes
+CACHE_BYTES = 128 * 2**20
 COG_OPTIONS = {"PREDICTOR": "2", "BLOCKSIZE": 256, "OVERVIEW_COUNT": None, "OVERVIEWS": "AUTO"}
 
 
@@ -156,11 +155,7 @@ def simulate_world(
     mining_ha: dict[str, float] = {}
     # GDAL's block cache holds the staged bands' dirty blocks until it is full; strips
     # complete their blocks in order, so a small cache bounds the process's memory.
-    with (
-        rasterio.Env(GDAL_CACHEMAX=CACHE_BYTES),
-        atomic_dir(out) as tmp,
-        _scratch(out) as scratch,
-    ):
+    with gdal_cache(CACHE_BYTES), atomic_dir(out) as tmp, _scratch(out) as scratch:
         say(
             f"building the landscape: {window.width} x {window.height} px "
             f"({window.width * window.height / 1e6:.1f} Mpx), {len(region.periods)} periods"
