@@ -141,7 +141,7 @@ def smooth_noise(scratch: Scratch, white: Field, sigma: float) -> Field:
     strips = scratch.strips
     out = scratch.field(np.float32, f"smooth{sigma:g}")
     if strips.single:
-        z = ndimage.gaussian_filter(white.read(), sigma, mode="reflect")
+        z = ndimage.gaussian_filter(white.read(), sigma, mode="reflect")  # one strip: <= STRIP_PX
         z -= z.mean()
         sd = z.std()
         out.write(0, (z / sd if sd > 0 else z).astype(np.float32))
