@@ -208,7 +208,7 @@ def simulate_world(
                         versions[0][1], footprint,
                     )  # fmt: skip
                     item_ids.append(item["id"])
-            say(f"simulated period {period.id}: {k}/{n_scenes} scenes written")
+            say(f"simulated period {period.id}: {k} of {n_scenes} acquisitions written")
         write_context(tmp / "context", region, window, land, to_lonlat)
         land.close()
         info = {
