@@ -312,32 +312,11 @@ def overview_levels(height: int, width: int, smallest: int = 128) -> int:
     return levels
 
 
-@contextmanager
-def staged_cog(
-    target: Path,
-    profile: dict[str, Any],
-    *,
-    overviews: str = "AVERAGE",
-    cog_options: dict[str, Any] | None = None,
-) -> Iterator[Any]:
-    """A writable tiled GTiff for blocks in any order, becoming ``target`` as a COG.
-
-    The staged file lies beside the target (``.<stem>.<pid>.stage.tif``); on success
-    GDAL's COG driver lays it out with overviews into a temporary file that replaces the
-    target atomically. Any failure removes the stage and keeps the old target.
-    ``cog_options`` override the COG driver's creation options (None drops one).
-    """
-    h, w = int(profile["height"]), int(profile["width"])
-    with gdal_cache(STAGE_CACHE_BYTES):
-        yield from _staged_cog(target, profile, h, w, overviews, cog_options)
-
-
-#: GDAL's block cache while a stage is written and laid out (``gdal_cache``; bytes).
-#: GDAL's default is 5 % of the
-#: machine's memory (1.2 GiB of a 24 GiB machine, 6.4 GiB of a 128 GiB one), and the
-#: stage's dirty blocks fill it: a bound keeps a stage's memory independent of the host.
-#: Less than 1 GiB slows the COG driver's overviews of a 10-band composite (at 71 Mpx,
-#: 512 MiB took 230 s where 1.2 GiB took 139 s).
+#: GDAL's block cache while a stage is written and laid out (bytes). GDAL's default is
+#: 5 % of the machine's memory (1.2 GiB of a 24 GiB machine, 6.4 GiB of a 128 GiB one),
+#: and the stage's dirty blocks fill it: a bound keeps a stage's memory independent of the
+#: host. Less than 1 GiB slows the COG driver's overviews of a 10-band composite (at
+#: 71 Mpx, 512 MiB took 230 s where 1.2 GiB took 139 s).
 STAGE_CACHE_BYTES = 2**30
 
 
@@ -357,34 +336,45 @@ def gdal_cache(limit: int) -> Iterator[None]:
         yield
 
 
-def _staged_cog(
+@contextmanager
+def staged_cog(
     target: Path,
     profile: dict[str, Any],
-    h: int,
-    w: int,
-    overviews: str,
-    cog_options: dict[str, Any] | None,
+    *,
+    overviews: str = "AVERAGE",
+    cog_options: dict[str, Any] | None = None,
 ) -> Iterator[Any]:
+    """A writable tiled GTiff for blocks in any order, becoming ``target`` as a COG.
+
+    The staged file lies beside the target (``.<stem>.<pid>.stage.tif``); on success
+    GDAL's COG driver lays it out with overviews into a temporary file that replaces the
+    target atomically. Any failure removes the stage and keeps the old target.
+    ``cog_options`` override the COG driver's creation options (None drops one). GDAL's
+    block cache is bounded at ``STAGE_CACHE_BYTES`` meanwhile.
+    """
+    h, w = int(profile["height"]), int(profile["width"])
     stage_profile = {
         **profile, "driver": "GTiff", "tiled": True, "blockxsize": BLOCK, "blockysize": BLOCK,
         "compress": "deflate", "BIGTIFF": "IF_SAFER",
     }  # fmt: skip
     for k in ("blocksize", "overview_resampling"):
         stage_profile.pop(k, None)
+    options = {
+        "COMPRESS": "DEFLATE", "PREDICTOR": "YES", "BLOCKSIZE": BLOCK,
+        "OVERVIEW_RESAMPLING": overviews, "OVERVIEW_COUNT": overview_levels(h, w),
+        "BIGTIFF": "IF_SAFER", "NUM_THREADS": "ALL_CPUS", **(cog_options or {}),
+    }  # fmt: skip
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_orphans(target.parent, target.stem)  # stages of runs killed mid-write
     stage = target.with_name(f".{target.stem}.{os.getpid()}.stage.tif")
     try:
-        with rasterio.open(stage, "w", **stage_profile) as dst:
-            yield dst
-        with atomic_path(target) as tmp:
-            options = {
-                "COMPRESS": "DEFLATE", "PREDICTOR": "YES", "BLOCKSIZE": BLOCK,
-                "OVERVIEW_RESAMPLING": overviews, "OVERVIEW_COUNT": overview_levels(h, w),
-                "BIGTIFF": "IF_SAFER", "NUM_THREADS": "ALL_CPUS", **(cog_options or {}),
-            }  # fmt: skip
-            options = {k: v for k, v in options.items() if v is not None}
-            rasterio.shutil.copy(stage, tmp, driver="COG", **options)
+        with gdal_cache(STAGE_CACHE_BYTES):
+            with rasterio.open(stage, "w", **stage_profile) as dst:
+                yield dst
+            with atomic_path(target) as tmp:
+                rasterio.shutil.copy(
+                    stage, tmp, driver="COG", **{k: v for k, v in options.items() if v is not None}
+                )
     except Exception as e:
         raise_if_full(target, e)  # GDAL may only say "Write error", or nothing at all
         raise

@@ -293,11 +293,12 @@ def build_landscape(
         ever0 = pc <= thresholds[0][0]
         reveg = ever0 & (xx <= cut)
         ponds = pond_noise.read(a, b) > 0.6
+        base_rows = base.read(a, b)
         for p in range(n_periods):
             # Thresholds on one potential field nest, so each period contains the last.
             ever = ever0 if p == 0 else pc <= thresholds[p][0]
             active = ever & ~reveg if p > 0 else ever
-            cover = base.read(a, b)
+            cover = base_rows.copy()
             cover[active] = Cover.SEDIMENT
             cover[active & ponds] = Cover.POND
             if p > 0:

@@ -43,7 +43,6 @@ SCL_OF_COVER: dict[Cover, int] = {
     Cover.RIVER: 6, Cover.POND: 6,
 }  # fmt: skip
 SHADOW_SHIFT_PX = (22, -28)  # (rows, cols) from cloud to its shadow
-COG_PROFILE = {"compress": "DEFLATE", "predictor": "2", "blocksize": 256, "overviews": "AUTO"}
 
 
 class Acquisition:

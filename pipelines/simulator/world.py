@@ -75,9 +75,10 @@ BAND_INFO = {
 CLOUD_LEVELS = (0.02, 0.12, 0.3, 0.55, 0.08, 0.4, 0.2, 0.7)  # cycled through acquisitions
 SENSING_TIME = dt.time(14, 56, 21, 24000)  # Sentinel-2's overpass of 19L, UTC
 MARGIN_M = 200.0
+#: GDAL's block cache while the simulator writes (strips complete their blocks in order).
+CACHE_BYTES = 128 * 2**20
 #: COG layout of the simulated bands (as Earth Search's: 256 px blocks, deflate with
 #: horizontal differencing, GDAL's automatic overview levels).
-CACHE_BYTES = 128 * 2**20
 COG_OPTIONS = {"PREDICTOR": "2", "BLOCKSIZE": 256, "OVERVIEW_COUNT": None, "OVERVIEWS": "AUTO"}
 
 
@@ -153,8 +154,7 @@ def simulate_world(
 
     item_ids: list[str] = []
     mining_ha: dict[str, float] = {}
-    # GDAL's block cache holds the staged bands' dirty blocks until it is full; strips
-    # complete their blocks in order, so a small cache bounds the process's memory.
+    # GDAL's block cache holds the staged bands' dirty blocks until it is full: small here.
     with gdal_cache(CACHE_BYTES), atomic_dir(out) as tmp, _scratch(out) as scratch:
         say(
             f"building the landscape: {window.width} x {window.height} px "
@@ -303,22 +303,17 @@ def _write_scene_rasters(
         for _item_id, offset, cog_dir in products:
             bands = {}
             for band in (*BANDS, "SCL"):
-                res = 20 if band in BANDS_20M or band == "SCL" else 10
+                win = _band_window(window, band)
                 dtype = "uint8" if band == "SCL" else "uint16"
-                bands[band] = (
-                    _cog(stack, cog_dir / f"{band}.tif", window.at(res), dtype, 0, band == "SCL"),
-                    res // 10,
-                )
+                dst = _cog(stack, cog_dir / f"{band}.tif", win, dtype, 0, band == "SCL")
+                bands[band] = (dst, int(win.resolution) // 10)
             l2a.append((offset, bands))
         toa_out = {}
         if l1c is not None:
-            for band, res in L1C_BANDS.items():
-                f = res // 10
-                at = window.at(10)
-                win = Window(
-                    at.epsg, at.x0, at.y0, -(-window.width // f), -(-window.height // f), res
-                )
-                toa_out[band] = (_cog(stack, l1c[2] / f"{band}.tif", win, "uint16", 0, False), f)
+            for band in L1C_BANDS:
+                win = _l1c_window(window, band)
+                dst = _cog(stack, l1c[2] / f"{band}.tif", win, "uint16", 0, False)
+                toa_out[band] = (dst, int(win.resolution) // 10)
         for r0, r1 in acq.land.strips:
             refl, scl = acq.strip(r0, r1)
             for offset, bands in l2a:
@@ -340,12 +335,31 @@ def _footprint(window: Window, to_lonlat: Transformer) -> dict[str, Any]:
     return {"type": "Polygon", "coordinates": [ring]}
 
 
+def boa_offset(baseline: str) -> float:
+    """The DN offset of a processing baseline (-0.1 from 04.00 on)."""
+    return -0.1 if float(baseline) >= 4.0 else 0.0
+
+
+def _band_window(window: Window, band: str) -> Window:
+    """An L2A band's grid: 10 m, or 20 m for B11, B12 and SCL."""
+    return window.at(20 if band in BANDS_20M or band == "SCL" else 10)
+
+
+def _l1c_window(window: Window, band: str) -> Window:
+    """An L1C band's grid at its native resolution, covering the 10 m window whole."""
+    res = L1C_BANDS[band]
+    f = res // 10
+    return Window(
+        window.epsg, window.x0, window.y0, -(-window.width // f), -(-window.height // f), res
+    )
+
+
 def _new_product(
     root: Path, platform: str, tile: str, date: dt.date, seq: int, level: str, baseline: str
 ) -> tuple[str, float, Path]:
     """Item id (Earth Search style), DN offset for the baseline, and a fresh COG folder."""
     item_id = f"S2{platform[-1].upper()}_{tile}_{date:%Y%m%d}_{seq}_{level}"
-    offset = -0.1 if float(baseline) >= 4.0 else 0.0
+    offset = boa_offset(baseline)
     cog_dir = root / "cogs" / item_id
     cog_dir.mkdir(parents=True)
     return item_id, offset, cog_dir
@@ -364,11 +378,11 @@ def _write_scene(
     footprint: dict[str, Any],
 ) -> dict[str, Any]:
     """The item of an L2A product whose COGs are written."""
-    offset = -0.1 if float(baseline) >= 4.0 else 0.0
+    offset = boa_offset(baseline)
     assets: dict[str, Any] = {}
     for band in (*BANDS, "SCL"):
-        res = 20 if band in BANDS_20M or band == "SCL" else 10
-        win = window.at(res)
+        win = _band_window(window, band)
+        res = int(win.resolution)
         asset: dict[str, Any] = {
             "href": f"../cogs/{item_id}/{band}.tif",
             "type": "image/tiff; application=geotiff; profile=cloud-optimized",
@@ -459,12 +473,10 @@ def _write_l1c(
 ) -> dict[str, Any]:
     """The item of the L1C twin of an acquisition (Earth Search v1 ``sentinel-2-l1c``
     keys), whose COGs are written."""
-    offset = -0.1 if float(baseline) >= 4.0 else 0.0
+    offset = boa_offset(baseline)
     assets: dict[str, Any] = {}
     for band, res in L1C_BANDS.items():
-        f = res // 10
-        win = window.at(10)
-        win = Window(win.epsg, win.x0, win.y0, -(-window.width // f), -(-window.height // f), res)
+        win = _l1c_window(window, band)
         assets[L1C_ASSET_KEYS[band]] = {
             "href": f"../cogs/{item_id}/{band}.tif",
             "type": "image/tiff; application=geotiff; profile=cloud-optimized",
