@@ -8,9 +8,12 @@ fresh process with its own dask LocalCluster (2 workers x 1 thread, 4 GiB each):
 
 - ``probability``: ``map_probability`` with the registered U-Net, tiles of 2048 px;
 - ``sites``: ``extract_sites`` on that probability, same tiles;
-- ``change``: ``detect_change`` of 2021 against 2020 with the NDVI of the 2021 composite;
+- ``change``: ``detect_change`` of 2021 against 2020 with the NDVI of the 2021 composite
+  (then written with its summary, as ``asm_change`` writes them, untimed);
 - ``train``: one epoch of ``train_unet`` on chips read from the 2020 mosaic (the
   normaliser's window sample, validation windows);
+- ``report``: ``make_reports`` of the region (expansion map, web map, region report)
+  from those tables, the backdrop read from the composites' overviews;
 - ``probability-whole`` / ``sites-whole``: the same two stages as one tile in one process
   (the whole-raster path these stages had before), for seconds per Mpx and memory;
 - ``probability-inproc`` / ``sites-inproc``: the tiled stages without a cluster (tiles
@@ -22,8 +25,8 @@ fresh process with its own dask LocalCluster (2 workers x 1 thread, 4 GiB each):
 A sampler thread reads the resident memory of the stage's process and of every process
 under it (dask nanny and workers) every 0.1 s: ``peak`` is the largest single process,
 ``sum`` the largest total. The composite stage streams blocks on dask already and has its
-own bench for a full tile of 20 scenes (bench/composite_memory.py); the report's bench is
-bench/report.py.
+own bench for a full tile of 20 scenes (bench/composite_memory.py); bench/report.py
+measures the report with a million grievances.
 
     .venv/bin/python bench/scale.py                  # 1x, 16x, 256x
     .venv/bin/python bench/scale.py --sizes 400 --stages probability   # U-Net on 110 Mpx
@@ -205,6 +208,7 @@ def _stage(
         client = _client()  # started once per Dagster step too; timed apart
         client.wait_for_workers(2)
         extra["cluster_s"] = round(time.perf_counter() - t, 1)
+    untimed = 0.0
     started = time.perf_counter()
     if name.startswith("probability"):
         record = None if baseline else registry.latest(root_p)
@@ -226,15 +230,29 @@ def _stage(
     elif name == "change":
         import geopandas as gpd
 
-        from pipelines.change import detect_change
+        from pipelines.catalog import refresh_views
+        from pipelines.change import detect_change, summarise, write_change
         from pipelines.composite import composite_path
 
         cur = gpd.read_parquet(sites_path(root_p, region.id, "2021"))
         prev = gpd.read_parquet(sites_path(root_p, region.id, "2020"))
-        res = detect_change(
+        changed = detect_change(
             region, "2021", cur, prev, composite=composite_path(root_p, region.id, "2021")
         )
-        extra = {"rows": len(res.frame), "sites": len(cur)}
+        extra = {"rows": len(changed.frame), "sites": len(cur)}
+        t = time.perf_counter()  # written as the asset writes it, for the report stage
+        changed.summary = summarise(changed.summary, float(prev["area_ha"].sum()), None)
+        write_change(changed, root_p, region.id, "2021")
+        refresh_views(root_p)
+        untimed = time.perf_counter() - t
+    elif name == "report":
+        from pipelines.reports import make_reports
+
+        reports = make_reports(root_p, region, say=lambda _m: None)
+        extra = {
+            "webmap_mb": round(reports.webmap_html.stat().st_size / 1e6, 2),
+            "report_mb": round(reports.report_html.stat().st_size / 1e6, 2),
+        }
     elif name == "train":
         from ml.train import TrainConfig, train_unet
         from pipelines.composite import composite_path
@@ -256,7 +274,7 @@ def _stage(
         train_unet([chips], val, cfg, progress=lambda _m: None)
         chips.close()
         extra = {"val_windows": len(val)}
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started - untimed
     if client is not None:
         client.close()
     cpu = os.times()
@@ -342,7 +360,7 @@ def measure(
         raise SystemExit(f"stage {name} failed (exit {proc.exitcode})")
     result = q.get()
     result["peak_gib"] = max(peaks.values()) / 2**30 if peaks else float("nan")
-    result["own_gib"] = round(peaks.get(proc.pid, 0) / 2**30, 2)  # the stage's process
+    result["own_gib"] = round(peaks.get(proc.pid or 0, 0) / 2**30, 2)  # the stage's process
     result["sum_gib"] = total[0] / 2**30
     result["processes"] = len(peaks)
     return result
@@ -354,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", type=float, nargs="*", default=[1, 16, 256])
     ap.add_argument(
         "--stages", nargs="*",
-        default=["probability", "probability-whole", "sites", "sites-whole", "change", "train"],
+        default=["probability", "probability-whole", "sites", "sites-whole", "change", "train", "report"],
     )  # fmt: skip
     ap.add_argument("--west-africa", action="store_true", help="905 Mpx, index baseline")
     ap.add_argument(

@@ -752,8 +752,9 @@ def write_composite(
         "predictor": 3,
     }  # fmt: skip
     # Blocks arrive in any order, which the COG layout cannot take: staged_cog stages a
-    # tiled GTiff beside the target, then GDAL's COG driver lays it out with overviews.
-    with staged_cog(target, profile) as dst:
+    # tiled GTiff beside the target, writes its overviews block by block, then GDAL's COG
+    # driver lays them out.
+    with staged_cog(target, profile, progress=progress) as dst:
         for i, name in enumerate(OUTPUT_BANDS, start=1):
             dst.set_band_description(i, name)
             dst.update_tags(i, description=BAND_DESCRIPTIONS[name])

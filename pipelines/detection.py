@@ -561,7 +561,7 @@ def map_probability(
     t_infer = time.perf_counter()
     labels = LabelSource(Path(job.truth), crs) if job.truth is not None else None
     try:
-        with staged_cog(target, profile) as dst:
+        with staged_cog(target, profile, progress=progress) as dst:
             dst.set_band_description(1, "mining_probability")
             done = run_tiles(
                 probability_tile, tiles, job, client=cluster, resources=resources,

@@ -18,8 +18,10 @@ output). Halos by stage:
 Tiles run as dask tasks when a client is given (``run_tiles``: a bounded number in
 flight, results handed back as they finish, a dead worker's tiles re-run elsewhere by
 dask), else one after another in this process. Results are written into a staged tiled
-GTiff beside the target and copied to a COG with overviews at the end, atomically
-(``staged_cog``): a failure leaves the previous file, never a half-written one.
+GTiff beside the target; its overview levels are written block by block beside it, and
+GDAL's COG driver lays both out into the target at the end, atomically (``staged_cog``):
+a failure leaves the previous file, never a half-written one, and no stage grows in
+memory with the raster.
 
 ``DEFAULT_TILE`` (1024 px, 1 Mpx) gives a region of a few Mpx enough tiles to keep two
 workers busy and keeps a CPU probability task under about 1.4 GiB (bench/scale.py); a
@@ -31,18 +33,23 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from xml.etree import ElementTree
 
+import numpy as np
+import numpy.typing as npt
 import rasterio
 import rasterio.shutil
 import rasterio.windows
 from rasterio._err import CPLE_BaseError  # GDAL's errors, raised as they come
 
 from pipelines.errors import first_line
+from pipelines.progress import duration
 from pipelines.storage import atomic_path, raise_if_full, remove_orphans
 
 if TYPE_CHECKING:
@@ -312,12 +319,23 @@ def overview_levels(height: int, width: int, smallest: int = 128) -> int:
     return levels
 
 
-#: GDAL's block cache while a stage is written and laid out (bytes). GDAL's default is
-#: 5 % of the machine's memory (1.2 GiB of a 24 GiB machine, 6.4 GiB of a 128 GiB one),
-#: and the stage's dirty blocks fill it: a bound keeps a stage's memory independent of the
-#: host. Less than 1 GiB slows the COG driver's overviews of a 10-band composite (at
-#: 71 Mpx, 512 MiB took 230 s where 1.2 GiB took 139 s).
-STAGE_CACHE_BYTES = 2**30
+#: GDAL's block cache while a stage is written, its overviews computed and the COG laid
+#: out (bytes). GDAL's default is 5 % of the machine's memory (1.2 GiB of a 24 GiB
+#: machine, 6.4 GiB of a 128 GiB one), and a stage's dirty blocks fill it: a bound keeps
+#: a stage's memory independent of the host. Every block is written once and read once
+#: in each step, so a small cache costs little time. A 71 Mpx 10-band composite's
+#: overviews and layout (2 cores): 64 MiB 22 s + 40 s, peak 0.77 GiB; 128 MiB 19 s +
+#: 32 s, 0.88 GiB; 256 MiB 26 s + 41 s, 1.11 GiB.
+STAGE_CACHE_BYTES = 128 * 2**20
+
+#: Creation options of the files a stage writes on its way to a COG (the stage, its
+#: overview levels): read once and deleted, so compressed for speed (zstd level 1 with
+#: GDAL's threads: 16 s to write a 71 Mpx 10-band composite, 29 s with deflate, for
+#: 1.85 GB against 1.81 GB). The COG itself stays deflate, which every reader has.
+SCRATCH_TIFF = {
+    "driver": "GTiff", "tiled": True, "blockxsize": BLOCK, "blockysize": BLOCK,
+    "compress": "zstd", "zstd_level": 1, "num_threads": "ALL_CPUS", "BIGTIFF": "IF_SAFER",
+}  # fmt: skip
 
 
 @contextmanager
@@ -336,47 +354,151 @@ def gdal_cache(limit: int) -> Iterator[None]:
         yield
 
 
+def reduce_average(block: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.floating[Any]]:
+    """One overview step of a ``(bands, rows, cols)`` float block: the mean of each 2 x 2
+    group of pixels, NaN (nodata) left out, NaN where all four are; an odd last row or
+    column averages what it has (GDAL's ``AVERAGE``, its sizes rounded up)."""
+    b, h, w = block.shape
+    if h % 2 or w % 2:
+        block = np.pad(block, ((0, 0), (0, h % 2), (0, w % 2)), constant_values=np.nan)
+    quads = block.reshape(b, block.shape[1] // 2, 2, block.shape[2] // 2, 2)
+    valid = ~np.isnan(quads)
+    total = np.where(valid, quads, 0).sum(axis=(2, 4), dtype=np.float64)
+    n = valid.sum(axis=(2, 4))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, total / n, np.nan).astype(block.dtype)
+
+
+def check_averageable(path: Path, profile: dict[str, Any]) -> None:
+    """Refuse, naming ``path``, a raster ``reduce_average`` would average wrongly: not
+    float, or with a nodata other than NaN."""
+    nodata = profile.get("nodata")
+    if not np.issubdtype(np.dtype(profile["dtype"]), np.floating) or not (
+        nodata is None or math.isnan(nodata)
+    ):
+        raise ValueError(
+            f"{path}: average overviews need a float raster with NaN for nodata, not "
+            f"{profile['dtype']} with nodata {nodata} (staged_cog's gdal_overviews computes "
+            "others)"
+        )
+
+
+def write_overviews(source: Path, levels: int, name: Callable[[int], Path]) -> list[Path]:
+    """Overview levels 1..``levels`` of ``source`` (a tiled float GTiff, nodata NaN), each
+    a tiled GTiff at ``name(k)`` halved from the level before, ``BLOCK`` px at a time.
+
+    Memory is one window of the level above (2 x ``BLOCK`` a side, every band) and GDAL's
+    block cache, whatever the raster's size; GDAL's COG driver then only lays the levels
+    out (``OVERVIEWS=FORCE_USE_EXISTING``). GDAL building them itself held up to 2.15 GiB
+    for a 71 Mpx 10-band composite and took 168 s (docs/performance.md).
+    """
+    with rasterio.open(source) as src:
+        profile = {**src.profile, **SCRATCH_TIFF, "predictor": 3}
+    check_averageable(source, profile)
+    written: list[Path] = []
+    above = source
+    for k in range(1, levels + 1):
+        with rasterio.open(above, num_threads="ALL_CPUS") as src:  # decode on every core
+            h, w = (src.height + 1) // 2, (src.width + 1) // 2
+            level = {**profile, "height": h, "width": w,
+                     "transform": src.transform * rasterio.Affine.scale(2)}  # fmt: skip
+            written.append(name(k))
+            with rasterio.open(written[-1], "w", **level) as dst:
+                for row in range(0, h, BLOCK):
+                    for col in range(0, w, BLOCK):
+                        span = Span(
+                            2 * row, min(2 * (row + BLOCK), src.height),
+                            2 * col, min(2 * (col + BLOCK), src.width),
+                        )  # fmt: skip
+                        part = reduce_average(read_window(src, None, span, above))
+                        r, c = part.shape[1:]
+                        dst.write(part, window=Span(row, row + r, col, col + c).window)
+        above = written[-1]
+    return written
+
+
+def with_overviews(source: Path, levels: Sequence[Path], vrt: Path) -> Path:
+    """A VRT of ``source`` (its bands, nodata, descriptions and tags, as GDAL copies them)
+    whose bands list ``levels`` as their overviews, for GDAL's COG driver to lay out."""
+    # GDAL deletes an existing VRT's files (its overviews too) before writing over it.
+    vrt.unlink(missing_ok=True)
+    rasterio.shutil.copy(source, vrt, driver="VRT")
+    tree = ElementTree.parse(vrt)
+    for band in tree.getroot().iter("VRTRasterBand"):
+        for level in levels:
+            ovr = ElementTree.SubElement(band, "Overview")
+            ElementTree.SubElement(ovr, "SourceFilename", relativeToVRT="0").text = str(level)
+            ElementTree.SubElement(ovr, "SourceBand").text = band.get("band")
+    tree.write(vrt)
+    return vrt
+
+
 @contextmanager
 def staged_cog(
     target: Path,
     profile: dict[str, Any],
     *,
-    overviews: str = "AVERAGE",
+    gdal_overviews: str | None = None,
     cog_options: dict[str, Any] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> Iterator[Any]:
     """A writable tiled GTiff for blocks in any order, becoming ``target`` as a COG.
 
-    The staged file lies beside the target (``.<stem>.<pid>.stage.tif``); on success
-    GDAL's COG driver lays it out with overviews into a temporary file that replaces the
-    target atomically. Any failure removes the stage and keeps the old target.
-    ``cog_options`` override the COG driver's creation options (None drops one). GDAL's
-    block cache is bounded at ``STAGE_CACHE_BYTES`` meanwhile.
+    The staged file lies beside the target (``.<stem>.<pid>.stage.tif``). On success its
+    overview levels (average, NaN left out) are written beside it block by block
+    (``write_overviews``), and GDAL's COG driver lays stage and levels out into a
+    temporary file that replaces the target atomically. ``gdal_overviews`` (a GDAL
+    resampling, e.g. ``"NEAREST"``) has the COG driver compute the overviews instead,
+    for rasters that are not float or not averaged (the simulator's bands). Any failure
+    removes the stage and keeps the old target. ``cog_options`` override the COG driver's
+    creation options (None drops one). GDAL's block cache is bounded at
+    ``STAGE_CACHE_BYTES`` meanwhile. ``progress`` hears of the overviews and the layout,
+    which take about as long as the blocks of a composite.
     """
+    say = progress or (lambda _m: None)
+    label = "/".join(target.parts[-3:])  # composite/<region>/<period>.tif
     h, w = int(profile["height"]), int(profile["width"])
-    stage_profile = {
-        **profile, "driver": "GTiff", "tiled": True, "blockxsize": BLOCK, "blockysize": BLOCK,
-        "compress": "deflate", "BIGTIFF": "IF_SAFER",
-    }  # fmt: skip
+    stage_profile = {**profile, **SCRATCH_TIFF}
     for k in ("blocksize", "overview_resampling"):
         stage_profile.pop(k, None)
-    options = {
+    options: dict[str, Any] = {
         "COMPRESS": "DEFLATE", "PREDICTOR": "YES", "BLOCKSIZE": BLOCK,
-        "OVERVIEW_RESAMPLING": overviews, "OVERVIEW_COUNT": overview_levels(h, w),
-        "BIGTIFF": "IF_SAFER", "NUM_THREADS": "ALL_CPUS", **(cog_options or {}),
+        "BIGTIFF": "IF_SAFER", "NUM_THREADS": "ALL_CPUS",
     }  # fmt: skip
+    if gdal_overviews is None:
+        check_averageable(target, profile)
+        options["OVERVIEWS"] = "FORCE_USE_EXISTING"
+    else:
+        options |= {"OVERVIEW_RESAMPLING": gdal_overviews, "OVERVIEW_COUNT": overview_levels(h, w)}
+    options |= cog_options or {}
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_orphans(target.parent, target.stem)  # stages of runs killed mid-write
-    stage = target.with_name(f".{target.stem}.{os.getpid()}.stage.tif")
+    scratch = f".{target.stem}.{os.getpid()}"
+    stage = target.with_name(f"{scratch}.stage.tif")
+    vrt = target.with_name(f"{scratch}.stage.vrt")
     try:
         with gdal_cache(STAGE_CACHE_BYTES):
             with rasterio.open(stage, "w", **stage_profile) as dst:
                 yield dst
+            source = stage
+            if gdal_overviews is None:
+                t = time.monotonic()
+                n = overview_levels(h, w)
+                say(f"{label}: writing {n} overview levels")
+                levels = write_overviews(
+                    stage, n, lambda k: target.with_name(f"{scratch}.ovr{k}.tif")
+                )
+                source = with_overviews(stage, levels, vrt)
+                say(f"{label}: {n} overview levels written in {duration(time.monotonic() - t)}")
+            t = time.monotonic()
             with atomic_path(target) as tmp:
                 rasterio.shutil.copy(
-                    stage, tmp, driver="COG", **{k: v for k, v in options.items() if v is not None}
+                    source, tmp, driver="COG", **{k: v for k, v in options.items() if v is not None}
                 )
+            say(f"{label}: laid out as a COG in {duration(time.monotonic() - t)}")
     except Exception as e:
         raise_if_full(target, e)  # GDAL may only say "Write error", or nothing at all
         raise
     finally:
-        stage.unlink(missing_ok=True)
+        for p in (stage, vrt, *target.parent.glob(f"{scratch}.ovr*.tif")):
+            p.unlink(missing_ok=True)

@@ -381,3 +381,91 @@ def test_local_cluster_workers_keep_glibcs_mmap_threshold() -> None:
         }
     finally:
         resource.close()
+
+
+# --------------------------------------------------------------------------- COG overviews
+
+
+def _float_raster(h: int, w: int, bands: int = 3) -> tuple[np.ndarray, dict]:
+    rng = np.random.default_rng(7)
+    data = rng.random((bands, h, w), dtype=np.float32)
+    data[:, rng.random((h, w)) < 0.3] = np.nan  # scattered nodata
+    data[:, 200:264, 300:430] = np.nan  # and a whole 2 x 2 group of it, at every level
+    profile = {
+        "width": w, "height": h, "count": bands, "dtype": "float32", "crs": "EPSG:32719",
+        "transform": Affine(10, 0, 300000, 0, -10, 8600000), "nodata": float("nan"),
+    }  # fmt: skip
+    return data, profile
+
+
+def _levels(path: Path) -> list[np.ndarray]:
+    with rasterio.open(path) as src:
+        n = len(src.overviews(1))
+    out = []
+    for k in range(n):
+        with rasterio.open(path, overview_level=k) as ovr:
+            out.append(ovr.read())
+    return out
+
+
+def test_cog_overviews_written_block_by_block_are_gdals_average(tmp_path: Path) -> None:
+    """staged_cog's own overview levels equal those GDAL's COG driver computes (AVERAGE,
+    NaN left out) bit for bit, on a raster of several blocks whose sides halve evenly."""
+    from pipelines.tiling import staged_cog
+
+    data, profile = _float_raster(1024, 1536)
+    for name, kw in (("ours.tif", {}), ("gdal.tif", {"gdal_overviews": "AVERAGE"})):
+        with staged_cog(tmp_path / name, profile, **kw) as dst:
+            dst.write(data)
+    ours, gdal = _levels(tmp_path / "ours.tif"), _levels(tmp_path / "gdal.tif")
+    assert [a.shape for a in ours] == [(3, 512, 768), (3, 256, 384), (3, 128, 192)]
+    for a, b in zip(ours, gdal, strict=True):
+        np.testing.assert_array_equal(a, b)  # NaN where GDAL has NaN, the same means
+    assert np.isnan(ours[0][:, 100:132, 150:215]).all()  # the nodata patch stays nodata
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gdal.tif", "ours.tif"]
+
+
+def test_cog_overviews_of_odd_sides_average_what_each_group_has(tmp_path: Path) -> None:
+    """Odd rows and columns: each level is rounded up (gdaladdo's sizes), the last row and
+    column average the pixels they have; the file is a COG with its tags and bands."""
+    from pipelines.tiling import reduce_average, staged_cog
+
+    data, profile = _float_raster(1101, 1333, bands=2)
+    target = tmp_path / "odd.tif"
+    with staged_cog(target, profile) as dst:
+        dst.write(data)
+        dst.set_band_description(2, "B03")
+        dst.update_tags(period="2021")
+    levels = _levels(target)
+    assert [a.shape[1:] for a in levels] == [(551, 667), (276, 334), (138, 167), (69, 84)]
+    padded = np.pad(data.astype(np.float64), ((0, 0), (0, 1), (0, 1)), constant_values=np.nan)
+    groups = padded.reshape(2, 551, 2, 667, 2)
+    with np.errstate(invalid="ignore"):
+        want = np.nansum(groups, axis=(2, 4)) / (~np.isnan(groups)).sum(axis=(2, 4))
+    np.testing.assert_allclose(levels[0], want, rtol=1e-6)
+    assert np.array_equal(np.isnan(levels[0]), np.isnan(want))
+    np.testing.assert_array_equal(levels[1], reduce_average(levels[0]))
+    with rasterio.open(target) as src:
+        assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+        assert src.descriptions == (None, "B03") and src.tags()["period"] == "2021"
+        assert src.block_shapes[0] == (512, 512) and np.isnan(src.nodata)
+        np.testing.assert_array_equal(src.read(), data)
+    assert [p.name for p in tmp_path.iterdir()] == ["odd.tif"]  # no stage, levels or VRT
+
+
+def test_cog_overviews_refuse_a_raster_they_cannot_average(tmp_path: Path) -> None:
+    """An integer raster, or a float one whose nodata is a number, would be averaged
+    wrongly: refused by name before a block is written, the previous file kept."""
+    from pipelines.tiling import staged_cog
+
+    target = tmp_path / "p.tif"
+    target.write_bytes(b"previous")
+    data, profile = _float_raster(300, 300, bands=1)
+    for bad in ({"dtype": "uint16", "nodata": 0}, {"nodata": -9999.0}):
+        with (
+            pytest.raises(ValueError, match=r"/p\.tif: average overviews need a float raster"),
+            staged_cog(target, {**profile, **bad}) as dst,
+        ):
+            dst.write(np.nan_to_num(data).astype(bad.get("dtype", "float32")))
+        assert target.read_bytes() == b"previous"
+        assert [p.name for p in tmp_path.iterdir()] == ["p.tif"]

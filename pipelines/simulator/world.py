@@ -272,7 +272,7 @@ def _cog(
         staged_cog(
             path,
             profile,
-            overviews="NEAREST" if categorical else "AVERAGE",
+            gdal_overviews="NEAREST" if categorical else "AVERAGE",  # uint16, as Earth Search
             cog_options=COG_OPTIONS,
         )
     )
