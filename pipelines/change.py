@@ -28,6 +28,7 @@ Parts smaller than ``MIN_PART_HA`` (one 10 m pixel) are overlay slivers and are 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,9 @@ KINDS = ("new", "expanded", "stable", "abandoned", "revegetating")
 NDVI_RECOVERED = 0.35
 MIN_PART_HA = 0.01
 NDVI_HALO = 256  # px: parts up to this size are cut from their tile's NDVI window
+#: Input geometries per batch of the overlay (``overlay_batches``): its intermediate
+#: geometries are those of one batch at a time.
+OVERLAY_BATCH = 2000
 COLUMNS = (
     "change_id", "region", "period", "kind", "area_ha", "first_seen_period", "site_id",
     "mean_ndvi", "geometry",
@@ -231,6 +235,47 @@ def dissolve(geoms: Any) -> Any:
     return np.asarray(parts, dtype=object)
 
 
+def overlay_batches(
+    cur: Any, prev: Any, hist: Any, size: int
+) -> Iterator[tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], npt.NDArray[np.intp]]]:
+    """Indices into ``cur``, ``prev`` and ``hist`` (UTM geometries), batch by batch: each
+    batch is whole clusters of geometries that intersect one another, directly or through
+    others (an STRtree and connected components over all three), packed in order up to
+    ``size`` geometries (a larger cluster is a batch of its own).
+
+    Every step of the overlay relates only intersecting geometries (a site and the
+    previous mining it touches, the history under it, the footprint's parts and the
+    sites on them), so running it on each batch gives the rows of one overlay of all.
+    """
+    if size < 1:
+        raise ValueError(f"overlay batch size must be at least 1, got {size}")
+    geoms = np.concatenate([np.asarray(g, dtype=object) for g in (cur, prev, hist)])
+    n_cur, n_prev = len(cur), len(prev)
+    if len(geoms) == 0:
+        return
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    a, b = shapely.STRtree(geoms).query(geoms, predicate="intersects")
+    n = len(geoms)
+    _, label = connected_components(
+        coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n, n)), directed=False
+    )
+    order = np.argsort(label, kind="stable")  # clusters in order of their first member
+    ends = np.r_[np.flatnonzero(np.diff(label[order])) + 1, n]
+    start = 0
+    for k, end in enumerate(ends):
+        if end - start < size and k + 1 < len(ends) and ends[k + 1] - start <= size:
+            continue  # the next cluster fits too
+        members = np.sort(order[start:end])
+        start = end
+        yield (
+            members[members < n_cur],
+            members[(members >= n_cur) & (members < n_cur + n_prev)] - n_cur,
+            members[members >= n_cur + n_prev] - n_cur - n_prev,
+        )
+
+
 def _local_unions(geoms: Any, others: Any) -> Any:
     """For each geometry, the union of the ``others`` it intersects (an STRtree finds
     them): what an overlay with the union of all ``others`` sees, in linear time."""
@@ -295,8 +340,14 @@ def detect_change(
     *,
     previous_change: Any | None = None,
     composite: Path | None = None,
+    batch_size: int = OVERLAY_BATCH,
 ) -> ChangeResult:
-    """Change rows for ``period_id`` (sites frames in EPSG:4326; ``previous`` None: first)."""
+    """Change rows for ``period_id`` (sites frames in EPSG:4326; ``previous`` None: first).
+
+    The overlay runs batch by batch (``overlay_batches``), so its intermediate geometries
+    are those of at most about ``batch_size`` input geometries at a time; the rows do
+    not depend on it.
+    """
     import geopandas as gpd
 
     epsg = bbox_utm_epsg(region.bbox)
@@ -342,34 +393,41 @@ def detect_change(
             )
         bound = prev_period.id if prev_period else period_id
         prev_g = prev.geometry.to_numpy()
-        near = _local_unions(cur_g, prev_g)  # per site: the previous mining it touches
-        kept = shapely.intersection(cur_g, near)
-        fresh = shapely.area(kept) / 10_000 < MIN_PART_HA
-        idx = np.flatnonzero(fresh)
-        add("new", cur_g[idx], [own[i] for i in idx], [cur_ids[i] for i in idx], [np.nan] * len(idx))  # fmt: skip
-        idx = np.flatnonzero(~fresh)
-        add("stable", kept[idx], _earliest(kept[idx], history, bound), [cur_ids[i] for i in idx], [np.nan] * len(idx))  # fmt: skip
-        grown = shapely.difference(cur_g[idx], near[idx])
-        add("expanded", grown, [period_id] * len(idx), [cur_ids[i] for i in idx], [np.nan] * len(idx))  # fmt: skip
-        # Everything mined before (last period's sites and the footprint its change
-        # carried), in connected parts, minus the mining of this period that touches it.
-        before = (
-            prev_g if history is None else np.concatenate([prev_g, history.geometry.to_numpy()])
-        )
-        footprint = dissolve(before)
-        left = shapely.difference(footprint, _local_unions(footprint, cur_g))
-        gone = shapely.get_parts(left[~shapely.is_empty(left)])
-        gone = gone[shapely.area(gone) / 10_000 >= MIN_PART_HA]
+        hist_g = history.geometry.to_numpy() if history is not None else np.empty(0, object)
+        gone_parts: list[Any] = []
+        gone_first: list[str] = []
+        for ci, pi, hi in overlay_batches(cur_g, prev_g, hist_g, batch_size):
+            # Everything below only meets geometries of its own batch (a batch is whole
+            # clusters of intersecting geometries): the rows are those of one overlay.
+            c_g, p_g = cur_g[ci], prev_g[pi]
+            hist = history.iloc[hi] if history is not None else None
+            near = _local_unions(c_g, p_g)  # per site: the previous mining it touches
+            kept = shapely.intersection(c_g, near)
+            fresh = shapely.area(kept) / 10_000 < MIN_PART_HA
+            idx = np.flatnonzero(fresh)
+            add("new", c_g[idx], [own[i] for i in ci[idx]], [cur_ids[i] for i in ci[idx]], [np.nan] * len(idx))  # fmt: skip
+            idx = np.flatnonzero(~fresh)
+            add("stable", kept[idx], _earliest(kept[idx], hist, bound), [cur_ids[i] for i in ci[idx]], [np.nan] * len(idx))  # fmt: skip
+            grown = shapely.difference(c_g[idx], near[idx])
+            add("expanded", grown, [period_id] * len(idx), [cur_ids[i] for i in ci[idx]], [np.nan] * len(idx))  # fmt: skip
+            # Everything mined before (last period's sites and the footprint its change
+            # carried), in connected parts, minus the mining of this period that touches it.
+            footprint = dissolve(p_g if hist is None else np.concatenate([p_g, hist_g[hi]]))
+            left = shapely.difference(footprint, _local_unions(footprint, c_g))
+            gone = shapely.get_parts(left[~shapely.is_empty(left)])
+            gone = gone[shapely.area(gone) / 10_000 >= MIN_PART_HA]
+            gone_parts.append(gone)
+            gone_first.extend(_earliest(gone, hist, bound))
+        gone = np.concatenate(gone_parts) if gone_parts else np.empty(0, object)
         ndvi = np.full(len(gone), np.nan)
         if composite is not None and composite.exists():
-            ndvi = ndvi_means(composite, gone, epsg)
+            ndvi = ndvi_means(composite, gone, epsg)  # the composite opened once
         else:
             notes.append("no composite for this period: re-vegetation not assessed")
         green = np.isfinite(ndvi) & (ndvi >= NDVI_RECOVERED)
-        first = _earliest(gone, history, bound)
         for kind, sel in (("revegetating", green), ("abandoned", ~green)):
             i = np.flatnonzero(sel)
-            add(kind, gone[i], [first[k] for k in i], [None] * len(i), ndvi[i].tolist())
+            add(kind, gone[i], [gone_first[k] for k in i], [None] * len(i), ndvi[i].tolist())
 
     rows = _rows(region.id, period_id, kinds, geoms, firsts, site_ids, ndvis)
     frame = gpd.GeoDataFrame(rows, columns=list(COLUMNS), geometry="geometry", crs=epsg)

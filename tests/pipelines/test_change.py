@@ -189,3 +189,45 @@ def test_indexed_overlay_matches_the_whole_union_overlay(tmp_path: Path) -> None
     assert rows_new == rows_old
     np.testing.assert_allclose(ndvi_new, ndvi_old, atol=1e-5)  # float64 means, float32 before
     assert new.summary == old.summary
+
+
+@pytest.mark.parametrize("batch_size", [1, 37])
+def test_the_overlay_in_batches_gives_the_rows_of_one_overlay(
+    tmp_path: Path, batch_size: int
+) -> None:
+    """Batches of whole clusters of intersecting geometries (one cluster each, or a few
+    dozen geometries) give the same frame and summary as one batch of everything."""
+    from bench.change import REGION as BENCH
+    from bench.change import composite, world
+    from pipelines.change import overlay_batches
+
+    cur, prev, hist = world(300, seed=5)
+    comp = composite(tmp_path / "c.tif", 300)
+    whole = detect_change(BENCH, "2021", cur, prev, previous_change=hist, composite=comp, batch_size=10**9)  # fmt: skip
+    part = detect_change(BENCH, "2021", cur, prev, previous_change=hist, composite=comp, batch_size=batch_size)  # fmt: skip
+    assert set(whole.frame["kind"]) == {"new", "stable", "expanded", "abandoned", "revegetating"}
+    assert part.frame.drop(columns="geometry").equals(whole.frame.drop(columns="geometry"))
+    assert shapely.equals_exact(part.frame.geometry.values, whole.frame.geometry.values, 0).all()
+    assert part.summary == whole.summary
+    # the batches split the work, cover every geometry once, and pack whole clusters
+    from bench.change import EPSG as BENCH_EPSG
+
+    g = [np.asarray(f.to_crs(BENCH_EPSG).geometry) for f in (cur, prev, hist)]
+    batches = list(overlay_batches(*g, batch_size))
+    clusters = list(overlay_batches(*g, 1))
+    assert len(clusters) > 50
+    for k, frame in enumerate(g):
+        got = np.sort(np.concatenate([b[k] for b in batches]))
+        np.testing.assert_array_equal(got, np.arange(len(frame)))
+    if batch_size > 1:
+        assert len(batches) < len(clusters)
+        whole_clusters = {tuple(map(tuple, c)) for c in clusters}
+        for b in batches:
+            assert sum(map(len, b)) <= batch_size or tuple(map(tuple, b)) in whole_clusters
+
+
+def test_an_overlay_batch_size_below_one_is_refused() -> None:
+    from pipelines.change import overlay_batches
+
+    with pytest.raises(ValueError, match="batch size must be at least 1, got 0"):
+        list(overlay_batches([], [], [], 0))
