@@ -213,23 +213,30 @@ def _earliest(geoms: Any, history: Any, fallback: str) -> list[str]:
     return out
 
 
-def dissolve(geoms: Any) -> Any:
-    """The parts of the union of ``geoms``, dissolved per cluster of intersecting
-    geometries (an STRtree and connected components), not as one overlay of all."""
+def clusters(geoms: Any) -> list[npt.NDArray[np.intp]]:
+    """Indices of ``geoms`` per cluster of geometries that intersect one another, directly
+    or through others (an STRtree and connected components), clusters in order of their
+    first member, each sorted."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
     geoms = np.asarray(geoms, dtype=object)
     n = len(geoms)
     if n == 0:
-        return np.empty(0, dtype=object)
+        return []
     a, b = shapely.STRtree(geoms).query(geoms, predicate="intersects")
     graph = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n, n))
     _, label = connected_components(graph, directed=False)
     order = np.argsort(label, kind="stable")
-    splits = np.flatnonzero(np.diff(label[order])) + 1
+    return np.split(order, np.flatnonzero(np.diff(label[order])) + 1)
+
+
+def dissolve(geoms: Any) -> Any:
+    """The parts of the union of ``geoms``, dissolved per cluster of intersecting
+    geometries (``clusters``), not as one overlay of all."""
+    geoms = np.asarray(geoms, dtype=object)
     parts = []
-    for group in np.split(order, splits):
+    for group in clusters(geoms):
         merged = geoms[group[0]] if len(group) == 1 else shapely.union_all(geoms[group])
         parts.extend(shapely.get_parts(merged))
     return np.asarray(parts, dtype=object)
@@ -239,9 +246,8 @@ def overlay_batches(
     cur: Any, prev: Any, hist: Any, size: int
 ) -> Iterator[tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], npt.NDArray[np.intp]]]:
     """Indices into ``cur``, ``prev`` and ``hist`` (UTM geometries), batch by batch: each
-    batch is whole clusters of geometries that intersect one another, directly or through
-    others (an STRtree and connected components over all three), packed in order up to
-    ``size`` geometries (a larger cluster is a batch of its own).
+    batch is whole ``clusters`` of the three together, packed in order up to ``size``
+    geometries (a larger cluster is a batch of its own).
 
     Every step of the overlay relates only intersecting geometries (a site and the
     previous mining it touches, the history under it, the footprint's parts and the
@@ -249,31 +255,28 @@ def overlay_batches(
     """
     if size < 1:
         raise ValueError(f"overlay batch size must be at least 1, got {size}")
-    geoms = np.concatenate([np.asarray(g, dtype=object) for g in (cur, prev, hist)])
     n_cur, n_prev = len(cur), len(prev)
-    if len(geoms) == 0:
-        return
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
+    batch: list[npt.NDArray[np.intp]] = []
+    count = 0
+    for group in clusters(np.concatenate([np.asarray(g, dtype=object) for g in (cur, prev, hist)])):
+        if batch and count + len(group) > size:
+            yield _split_batch(np.concatenate(batch), n_cur, n_prev)
+            batch, count = [], 0
+        batch.append(group)
+        count += len(group)
+    if batch:
+        yield _split_batch(np.concatenate(batch), n_cur, n_prev)
 
-    a, b = shapely.STRtree(geoms).query(geoms, predicate="intersects")
-    n = len(geoms)
-    _, label = connected_components(
-        coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n, n)), directed=False
+
+def _split_batch(
+    members: npt.NDArray[np.intp], n_cur: int, n_prev: int
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+    members = np.sort(members)
+    return (
+        members[members < n_cur],
+        members[(members >= n_cur) & (members < n_cur + n_prev)] - n_cur,
+        members[members >= n_cur + n_prev] - n_cur - n_prev,
     )
-    order = np.argsort(label, kind="stable")  # clusters in order of their first member
-    ends = np.r_[np.flatnonzero(np.diff(label[order])) + 1, n]
-    start = 0
-    for k, end in enumerate(ends):
-        if end - start < size and k + 1 < len(ends) and ends[k + 1] - start <= size:
-            continue  # the next cluster fits too
-        members = np.sort(order[start:end])
-        start = end
-        yield (
-            members[members < n_cur],
-            members[(members >= n_cur) & (members < n_cur + n_prev)] - n_cur,
-            members[members >= n_cur + n_prev] - n_cur - n_prev,
-        )
 
 
 def _local_unions(geoms: Any, others: Any) -> Any:
