@@ -11,7 +11,15 @@ from assets.detection import asm_sites
 from assets.partitions import PARTITIONS, missing_partition, region_and_period
 from assets.resources import AsmwatchSettings, fail_fast
 from pipelines.catalog import refresh_views
-from pipelines.change import KINDS, detect_change, summarise, summary_path, write_change
+from pipelines.change import (
+    KINDS,
+    change_path,
+    change_table,
+    mining_ha,
+    summarise,
+    summary_path,
+    write_summary,
+)
 from pipelines.composite import composite_path
 from pipelines.sites import sites_path
 
@@ -37,10 +45,6 @@ from pipelines.sites import sites_path
 def asm_change(
     context: dg.AssetExecutionContext, settings: AsmwatchSettings
 ) -> dg.MaterializeResult:
-    import geopandas as gpd
-
-    from pipelines.change import change_path
-
     region, period = region_and_period(context, settings.regions())
     root = settings.root()
     here = sites_path(root, region.id, period.id)
@@ -49,9 +53,8 @@ def asm_change(
             context,
             f"no sites at {here}: materialise `asm_sites` for {region.id}/{period.id} first",
         )
-    current = gpd.read_parquet(here)
     prev = region.previous_period(period.id)
-    previous = previous_change = None
+    there = last = None
     if prev is not None:
         there = sites_path(root, region.id, prev.id)
         if not there.exists():
@@ -61,31 +64,32 @@ def asm_change(
                 f"period, {prev.id}, whose sites are missing ({there}): materialise "
                 f"`asm_sites` for {region.id}/{prev.id} first",
             )
-        previous = gpd.read_parquet(there)
         last = change_path(root, region.id, prev.id)
-        previous_change = gpd.read_parquet(last) if last.exists() else None
     comp = composite_path(root, region.id, period.id)
-    result = detect_change(
-        region, period.id, current, previous,
-        previous_change=previous_change, composite=comp if comp.exists() else None,
+    table = change_table(
+        region, period.id, here, there, change_path(root, region.id, period.id),
+        previous_change=last if last is not None and last.exists() else None,
+        composite=comp if comp.exists() else None,
+        progress=lambda m: context.log.info(f"asm_change {region.id} {m}"),
     )  # fmt: skip
     first_period = region.periods[0]
     first = None
     if first_period.id == period.id:
-        first = (period.id, result.summary["mining_ha"])
+        first = (period.id, table.summary["mining_ha"])
     elif (p := sites_path(root, region.id, first_period.id)).exists():
-        first = (first_period.id, float(gpd.read_parquet(p)["area_ha"].sum()))
-    prev_ha = float(previous["area_ha"].sum()) if previous is not None else None
-    result.summary = summarise(result.summary, prev_ha, first)
-    target = write_change(result, root, region.id, period.id)
+        first = (first_period.id, mining_ha(p))
+    prev_ha = mining_ha(there) if there is not None else None
+    summary = summarise(table.summary, prev_ha, first)
+    target = table.path
+    write_summary(summary, root, region.id, period.id)
     views = refresh_views(root)
-    s = result.summary
+    s = summary
     context.log.info(
         f"asm_change {region.id} {period.id}: mining {s['mining_ha']:.1f} ha, "
         + ", ".join(f"{k} {s[f'{k}_ha']:.1f}" for k in KINDS)
         + f"; growth vs previous {s['growth_vs_previous']}, vs first {s['growth_vs_first']}"
     )
-    for note in result.notes:
+    for note in table.notes:
         context.log.info(f"asm_change {region.id} {period.id}: {note}")
 
     def num(v: float | None) -> dg.MetadataValue:
@@ -96,7 +100,7 @@ def asm_change(
         check_results=table_checks(tables, region, context.log),
         metadata={
             "path": dg.MetadataValue.path(str(target)),
-            "rows": dg.MetadataValue.int(len(result.frame)),
+            "rows": dg.MetadataValue.int(table.rows),
             "mining_ha": num(s["mining_ha"]),
             **{f"{k}_ha": num(s[f"{k}_ha"]) for k in KINDS},
             "growth_vs_previous": num(s["growth_vs_previous"]),

@@ -15,7 +15,7 @@ from pipelines.catalog import refresh_views
 
 # torch and the detection stage load in the asset bodies, not at definition load (the
 # Dagster UI and every run's code location would otherwise pay about 2 s for torch).
-from pipelines.sites import extract_sites, sites_path, write_sites
+from pipelines.sites import sites_path, sites_table, write_sites
 
 if TYPE_CHECKING:
     from ml.train import TrainConfig
@@ -218,6 +218,7 @@ def asm_sites(
 
     root = settings.root()
     notes: list[str] = []
+    target = sites_path(root, region.id, period.id)
     if region.detections is not None:  # the region's sites come from a file
         from pipelines.imports import imported_sites, read_detections
 
@@ -228,7 +229,7 @@ def asm_sites(
         notes = detections.notes
         for note in notes:
             context.log.warning(f"asm_sites {region.id}: {detections.path.name}: {note}")
-        frame = imported_sites(region, period.id, detections)
+        write_sites(imported_sites(region, period.id, detections), target)
     else:
         src = probability_path(root, region.id, period.id)
         if not src.exists():
@@ -237,24 +238,28 @@ def asm_sites(
                 f"for {region.id}/{period.id} first"
             )
         try:
-            frame = extract_sites(
-                src, region.id, period.id, mmu_ha=config.mmu_ha, tile_px=settings.tile_px,
-                client=lambda: dask.client(log=context.log), progress=context.log.info,
+            sites_table(
+                src, region.id, period.id, target, mmu_ha=config.mmu_ha,
+                tile_px=settings.tile_px, client=lambda: dask.client(log=context.log),
+                progress=context.log.info,
             )  # fmt: skip
         except ValueError as e:
             raise dg.Failure(allow_retries=False, description=str(e)) from e
-    target = write_sites(frame, sites_path(root, region.id, period.id))
+    import pyarrow.parquet as pq
+
     views = refresh_views(root)
-    total = float(frame["area_ha"].sum()) if len(frame) else 0.0
-    context.log.info(f"asm_sites {region.id} {period.id}: {len(frame)} sites, {total:.1f} ha")
+    # the figures from the file's area columns alone (the table is not held whole)
+    areas = pq.read_table(target, columns=["area_ha", "mapped_area_ha"]).to_pandas()
+    total = float(areas["area_ha"].sum()) if len(areas) else 0.0
+    context.log.info(f"asm_sites {region.id} {period.id}: {len(areas)} sites, {total:.1f} ha")
     return dg.MaterializeResult(
         check_results=table_checks([("asm_sites", target, None)], region, context.log),
         metadata={
             "path": dg.MetadataValue.path(str(target)),
-            "site_count": dg.MetadataValue.int(len(frame)),
+            "site_count": dg.MetadataValue.int(len(areas)),
             "total_area_ha": dg.MetadataValue.float(round(total, 2)),
             "largest_site_ha": dg.MetadataValue.float(
-                float(frame["area_ha"].max()) if len(frame) else 0.0
+                float(areas["area_ha"].max()) if len(areas) else 0.0
             ),
             "mmu_ha": dg.MetadataValue.float(config.mmu_ha),
             "source": dg.MetadataValue.text(
@@ -262,12 +267,12 @@ def asm_sites(
             ),
             # The provider's own figure; unknown (null), not 0, when the file has none.
             "mapped_area_ha": (
-                dg.MetadataValue.float(round(float(frame["mapped_area_ha"].sum()), 2))
+                dg.MetadataValue.float(round(float(areas["mapped_area_ha"].sum()), 2))
                 if region.detections is not None and region.detections.mapped_area_field is not None
                 else dg.MetadataValue.null()
             ),
             "import_notes": dg.MetadataValue.text("; ".join(notes) or "none"),
-            "empty": dg.MetadataValue.bool(len(frame) == 0),
+            "empty": dg.MetadataValue.bool(len(areas) == 0),
             "catalog": dg.MetadataValue.json(views),
         },
     )

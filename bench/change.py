@@ -9,8 +9,10 @@ composite for the NDVI means is a real COG of the same area (NDVI a smooth field
     python -m bench.change            # 1,000 / 10,000 / 100,000 sites
     python -m bench.change --n 2000 --baseline   # also the old whole-union code path
 
-Prints seconds per stage size and, with ``--baseline``, the ratio against the code path
-of commit 5ae7639 (the overlay per site against the whole union), run in this process.
+The tables are written as GeoParquet and ``change_table`` runs from them in a fresh
+process, as ``asm_change`` runs it. Prints seconds and that process's peak RSS per size
+and, with ``--baseline``, the ratio against the code path of commit 5ae7639 (the overlay
+per site against the whole union, on frames), run in this process.
 """
 
 from __future__ import annotations
@@ -102,29 +104,69 @@ def composite(path: Path, n: int) -> Path:
     return path
 
 
+def tables(directory: Path, n: int, seed: int = 0) -> tuple[Path, Path, Path]:
+    """The ``world`` of ``n`` sites written as GeoParquet, as the sites and change assets
+    write them: (current sites, previous sites, previous change)."""
+    paths = tuple(directory / f"{name}-{n}.parquet" for name in ("sites", "previous", "history"))
+    for frame, path in zip(world(n, seed), paths, strict=True):
+        frame.to_parquet(path, write_covering_bbox=True, index=False)
+    return paths  # type: ignore[return-value]
+
+
+def _run(
+    sites: Path, previous: Path, history: Path, comp: Path, target: Path
+) -> tuple[float, int, float]:
+    """``change_table`` in this (fresh) process: (seconds, rows, peak RSS GiB).
+
+    The peak is the kernel's high-water mark of this process's own memory (``VmHWM``),
+    not ``ru_maxrss``, which keeps the RSS of the parent it was forked from.
+    """
+    from pipelines.change import change_table
+
+    t = time.perf_counter()
+    res = change_table(
+        REGION, "2021", sites, previous, target, previous_change=history, composite=comp
+    )
+    s = time.perf_counter() - t
+    status = Path("/proc/self/status").read_text().splitlines()
+    hwm = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    return s, res.rows, hwm / 2**20
+
+
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.change import detect_change
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import pyarrow.parquet as pq
+
+    from pipelines.change import mining_ha
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, nargs="*", default=[1_000, 10_000, 100_000])
     ap.add_argument("--baseline", action="store_true", help="also time the old code path")
     args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="asmwatch-bench-change-"))
-    print(f"{'sites':>8} {'history':>8} {'rows':>8} {'seconds':>8} {'us/site':>8}")
+    print(f"{'sites':>8} {'history':>8} {'rows':>8} {'seconds':>8} {'us/site':>8} {'peak GiB':>8}")
     for n in args.n:
-        cur, prev, hist = world(n)
+        sites, previous, history = tables(tmp, n)
         comp = composite(tmp / f"c{n}.tif", n)
-        t = time.perf_counter()
-        res = detect_change(REGION, "2021", cur, prev, previous_change=hist, composite=comp)
-        s = time.perf_counter() - t
-        print(f"{n:>8} {len(hist):>8} {len(res.frame):>8} {s:>8.2f} {s / n * 1e6:>8.0f}")
+        target = tmp / f"change-{n}.parquet"
+        # the stage in a fresh process: its peak is its own, not the world's building
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            s, rows, peak = pool.submit(_run, sites, previous, history, comp, target).result()
+        hist = pq.read_metadata(history).num_rows
+        print(f"{n:>8} {hist:>8} {rows:>8} {s:>8.2f} {s / n * 1e6:>8.0f} {peak:>8.2f}")
         if args.baseline:
+            import geopandas as gpd
+
             from bench._change_baseline import detect_change as old
 
+            cur, prev, hist_f = (gpd.read_parquet(p) for p in (sites, previous, history))
             t = time.perf_counter()
-            ref = old(REGION, "2021", cur, prev, previous_change=hist, composite=comp)
+            ref = old(REGION, "2021", cur, prev, previous_change=hist_f, composite=comp)
             b = time.perf_counter() - t
-            same = np.isclose(res.frame["area_ha"].sum(), ref.frame["area_ha"].sum())
+            same = np.isclose(mining_ha(target), ref.frame["area_ha"].sum())
             print(f"{'':>8} baseline (5ae7639) {b:.2f} s, ratio {b / s:.1f}x faster; same total area: {same}")  # fmt: skip
     return 0
 

@@ -7,9 +7,10 @@ tell it from one large composite; the stages then run as the assets run them, ea
 fresh process with its own dask LocalCluster (2 workers x 1 thread, 4 GiB each):
 
 - ``probability``: ``map_probability`` with the registered U-Net, tiles of 2048 px;
-- ``sites``: ``extract_sites`` on that probability, same tiles;
-- ``change``: ``detect_change`` of 2021 against 2020 with the NDVI of the 2021 composite
-  (then written with its summary, as ``asm_change`` writes them, untimed);
+- ``sites``: ``sites_table`` on that probability, same tiles, written as ``asm_sites`` writes it;
+- ``change``: ``change_table`` of 2021 against 2020 with the NDVI of the 2021 composite,
+  from and to GeoParquet as ``asm_change`` runs it (its summary and the catalog
+  written after it, untimed);
 - ``train``: one epoch of ``train_unet`` on chips read from the 2020 mosaic (the
   normaliser's window sample, validation windows);
 - ``report``: ``make_reports`` of the region (expansion map, web map, region report)
@@ -191,7 +192,7 @@ def _stage(
 ) -> None:
     from ml import registry
     from pipelines.detection import map_probability, probability_path
-    from pipelines.sites import extract_sites, sites_path, write_sites
+    from pipelines.sites import extract_sites, sites_path, sites_table
 
     root_p = Path(root)
     if name in ("simulate", "composite"):
@@ -220,29 +221,30 @@ def _stage(
             extra |= {"tiles": res.tiles, "detector": res.detector}
     elif name.startswith("sites"):
         for period in ("2021",) if whole else periods:
-            frame = extract_sites(
-                probability_path(root_p, region.id, period), region.id, period,
-                tile_px=tile, client=client,
-            )  # fmt: skip
-            if not whole:
-                write_sites(frame, sites_path(root_p, region.id, period))
-            extra |= {"sites": len(frame)}
+            src = probability_path(root_p, region.id, period)
+            if whole:  # the whole-raster path gave a frame
+                count = len(extract_sites(src, region.id, period, tile_px=tile))
+            else:
+                count = sites_table(
+                    src, region.id, period, sites_path(root_p, region.id, period),
+                    tile_px=tile, client=client,
+                ).count  # fmt: skip
+            extra |= {"sites": count}
     elif name == "change":
-        import geopandas as gpd
-
         from pipelines.catalog import refresh_views
-        from pipelines.change import detect_change, summarise, write_change
+        from pipelines.change import change_path, change_table, mining_ha, summarise, write_summary
         from pipelines.composite import composite_path
 
-        cur = gpd.read_parquet(sites_path(root_p, region.id, "2021"))
-        prev = gpd.read_parquet(sites_path(root_p, region.id, "2020"))
-        changed = detect_change(
-            region, "2021", cur, prev, composite=composite_path(root_p, region.id, "2021")
-        )
-        extra = {"rows": len(changed.frame), "sites": len(cur)}
-        t = time.perf_counter()  # written as the asset writes it, for the report stage
-        changed.summary = summarise(changed.summary, float(prev["area_ha"].sum()), None)
-        write_change(changed, root_p, region.id, "2021")
+        prev_sites = sites_path(root_p, region.id, "2020")
+        changed = change_table(
+            region, "2021", sites_path(root_p, region.id, "2021"), prev_sites,
+            change_path(root_p, region.id, "2021"),
+            composite=composite_path(root_p, region.id, "2021"),
+        )  # fmt: skip
+        extra = {"rows": changed.rows, "sites": changed.summary["site_count"]}
+        t = time.perf_counter()  # the summary and catalog, as the asset writes them
+        summary = summarise(changed.summary, mining_ha(prev_sites), None)
+        write_summary(summary, root_p, region.id, "2021")
         refresh_views(root_p)
         untimed = time.perf_counter() - t
     elif name == "report":

@@ -27,10 +27,15 @@ Parts smaller than ``MIN_PART_HA`` (one 10 m pixel) are overlay slivers and are 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Iterator
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -41,10 +46,19 @@ import rasterio.features
 import shapely
 from pyproj import Transformer
 
+from pipelines.catalog import sql_literal
+from pipelines.geotable import (
+    READ_ROWS,
+    GeoTableError,
+    RowSpill,
+    read_chunks,
+    scratch_db,
+    write_sorted,
+)
 from pipelines.grid import bbox_utm_epsg
 from pipelines.regions import Region, RegionsError, parse_period
 from pipelines.storage import atomic_path, partition_path
-from pipelines.tiling import DEFAULT_TILE, Span, Tiling, read_window
+from pipelines.tiling import DEFAULT_TILE, Span, Tiling, gdal_cache, read_window
 from pipelines.vectors import polygonal_part
 
 KINDS = ("new", "expanded", "stable", "abandoned", "revegetating")
@@ -54,9 +68,16 @@ KINDS = ("new", "expanded", "stable", "abandoned", "revegetating")
 NDVI_RECOVERED = 0.35
 MIN_PART_HA = 0.01
 NDVI_HALO = 256  # px: parts up to this size are cut from their tile's NDVI window
-#: Input geometries per batch of the overlay (``overlay_batches``): its intermediate
-#: geometries are those of one batch at a time.
-OVERLAY_BATCH = 2000
+NDVI_CACHE_BYTES = 64 * 2**20  # GDAL's block cache while the NDVI means are read
+#: Input geometries per batch of the overlay (``batch_ids``): the stage holds the
+#: geometries of one batch at a time.
+OVERLAY_BATCH = 1000
+#: Batches sweep the region in bands of this many metres (an NDVI tile of 1024 px).
+SWEEP_M = 10_240.0
+#: Rows per row group of the scratch tables sorted by batch: a batch reads its groups.
+BATCH_ROW_GROUP = 2048
+#: Seconds between progress lines of the overlay.
+PROGRESS_S = 10.0
 COLUMNS = (
     "change_id", "region", "period", "kind", "area_ha", "first_seen_period", "site_id",
     "mean_ndvi", "geometry",
@@ -85,21 +106,62 @@ class ChangeResult:
     notes: list[str] = field(default_factory=list)
 
 
-def ndvi_means(
-    composite: Path, parts: Any, crs_of_parts: int, tile_px: int = DEFAULT_TILE
-) -> npt.NDArray[np.float64]:
-    """Mean composite NDVI over each polygon of ``parts`` (all touched pixels); NaN where
-    unobserved or outside the composite.
+class NdviReader:
+    """Mean composite NDVI over polygons, the composite opened once for every call.
 
-    The composite is opened once and read tile by tile (``pipelines.tiling``): each
-    tile's NDVI window, with a halo, serves every part whose pixels lie inside it; a part
-    larger than that is read on its own.
+    The composite is read tile by tile (``pipelines.tiling``): each tile's NDVI window,
+    with a halo, serves every part whose pixels lie inside it; a part larger than that
+    is read on its own. The last ``CACHED_TILES`` windows are kept, so that calls for
+    neighbouring areas (the change overlay's batches) do not read a tile again.
     """
-    out = np.full(len(parts), np.nan)
-    if not len(parts):
-        return out
-    with rasterio.Env(), rasterio.open(composite) as src:  # one GDAL environment for all
-        band = list(src.descriptions).index("NDVI") + 1
+
+    CACHED_TILES = 4
+
+    def __init__(self, composite: Path, tile_px: int = DEFAULT_TILE) -> None:
+        self.path = composite
+        self.tile_px = tile_px
+        # one GDAL environment for all reads; GDAL's block cache small (the tiles kept
+        # here are the cache): left at its default (5 % of RAM), it grew with every tile
+        # read, 0.8 GiB over 100,000 sites
+        self._env = gdal_cache(NDVI_CACHE_BYTES)
+        self._src: Any = None
+        self._cache: OrderedDict[int, npt.NDArray[np.float32]] = OrderedDict()
+
+    def __enter__(self) -> NdviReader:
+        self._env.__enter__()
+        self._src = rasterio.open(self.path)
+        self.band = list(self._src.descriptions).index("NDVI") + 1
+        self.tiling = Tiling(self._src.height, self._src.width, self.tile_px, halo=NDVI_HALO)
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self._src.close()
+        self._cache.clear()
+        self._env.__exit__(kind, error, trace)
+
+    def _tile(self, k: int) -> npt.NDArray[np.float32]:
+        if k in self._cache:
+            self._cache.move_to_end(k)
+            return self._cache[k]
+        tile = self.tiling.tile(k // self.tiling.cols, k % self.tiling.cols)
+        buf: npt.NDArray[np.float32] = read_window(self._src, self.band, tile.read, self.path)
+        self._cache[k] = buf
+        if len(self._cache) > self.CACHED_TILES:
+            self._cache.popitem(last=False)
+        return buf
+
+    def means(self, parts: Any, crs_of_parts: int) -> npt.NDArray[np.float64]:
+        """Mean NDVI over each polygon of ``parts`` (all touched pixels); NaN where
+        unobserved or outside the composite."""
+        src, tile_px, tiling = self._src, self.tile_px, self.tiling
+        out = np.full(len(parts), np.nan)
+        if not len(parts):
+            return out
         geoms = np.asarray(parts, dtype=object)
         if src.crs is not None and src.crs.to_epsg() != crs_of_parts:
             to_comp = Transformer.from_crs(crs_of_parts, src.crs, always_xy=True).transform
@@ -117,13 +179,12 @@ def ndvi_means(
         r0c, c0c = np.clip(r0, 0, src.height), np.clip(c0, 0, src.width)
         r1c, c1c = np.clip(r1, 0, src.height), np.clip(c1, 0, src.width)
         inside = (r1c > r0c) & (c1c > c0c)
-        tiling = Tiling(src.height, src.width, tile_px, halo=NDVI_HALO)
         key = (r0c // tile_px) * tiling.cols + (c0c // tile_px)
         fits = inside & (r1c - r0c <= NDVI_HALO) & (c1c - c0c <= NDVI_HALO)
         for k in np.unique(key[fits]):
             tile = tiling.tile(int(k) // tiling.cols, int(k) % tiling.cols)
             idx = np.flatnonzero(fits & (key == k))
-            buf = read_window(src, band, tile.read, composite)
+            buf = self._tile(int(k))
             finite = np.isfinite(buf)
             wt = src.window_transform(tile.read.window)
             spans = {int(i): Span(int(r0c[i]), int(r1c[i]), int(c0c[i]), int(c1c[i])) for i in idx}
@@ -141,9 +202,17 @@ def ndvi_means(
                     out[i] = float(vals.mean(dtype=np.float64)) if vals.size else np.nan
         for j in np.flatnonzero(inside & ~fits).tolist():  # large parts: a read each
             span = Span(int(r0c[j]), int(r1c[j]), int(c0c[j]), int(c1c[j]))
-            data = read_window(src, band, span, composite)
+            data = read_window(src, self.band, span, self.path)
             out[j] = _mean_in(data, geoms[j], src.window_transform(span.window))
-    return out
+        return out
+
+
+def ndvi_means(
+    composite: Path, parts: Any, crs_of_parts: int, tile_px: int = DEFAULT_TILE
+) -> npt.NDArray[np.float64]:
+    """Mean composite NDVI over each polygon of ``parts`` (``NdviReader.means``)."""
+    with NdviReader(composite, tile_px) as reader:
+        return reader.means(parts, crs_of_parts)
 
 
 def _apart(spans: dict[int, Span], within: Span) -> list[list[int]]:
@@ -170,17 +239,15 @@ def _mean_in(data: npt.NDArray[np.float32], geom: shapely.Geometry, transform: A
     return float(values.mean(dtype=np.float64)) if values.size else float("nan")
 
 
-def _clean(frame: Any, epsg: int) -> Any:
-    """``frame`` in UTM with valid polygonal geometries snapped to 1 cm.
+def _clean(geoms: Any, epsg: int) -> npt.NDArray[np.object_]:
+    """``geoms`` (a GeoSeries) in UTM, valid, polygonal and snapped to 1 cm.
 
     Pixel-edge polygons that went to EPSG:4326 and back can touch themselves by a
     rounding error, which GEOS overlay refuses; snapping to a centimetre grid repairs
     that without moving anything by more than a centimetre.
     """
-    out = frame.to_crs(epsg)
-    geoms = shapely.set_precision(shapely.make_valid(out.geometry.to_numpy()), 0.01)
-    polys = [polygonal_part(g) for g in geoms]
-    return out.set_geometry(np.asarray(polys, dtype=object), crs=epsg)
+    out = shapely.set_precision(shapely.make_valid(geoms.to_crs(epsg).to_numpy()), 0.01)
+    return np.asarray([polygonal_part(g) for g in out], dtype=object)
 
 
 def _start(period_id: str) -> Any:
@@ -190,25 +257,25 @@ def _start(period_id: str) -> Any:
         return parse_period("2100").start
 
 
-def _earliest(geoms: Any, history: Any, fallback: str) -> list[str]:
-    """For each geometry, the earliest first_seen_period of the history rows it overlaps
-    (by area; an STRtree finds the candidates), else ``fallback``."""
+def _earliest(geoms: Any, shapes: Any, firsts: list[str], fallback: str) -> list[str]:
+    """For each geometry, the earliest ``firsts`` (first-seen periods) of the history
+    ``shapes`` it overlaps (by area; an STRtree finds the candidates), else ``fallback``."""
     out = [fallback] * len(geoms)
-    if history is None or len(history) == 0 or len(geoms) == 0:
+    if len(shapes) == 0 or len(geoms) == 0:
         return out
-    shapes = history.geometry.to_numpy()
     tree = shapely.STRtree(shapes)
     gi, hi = tree.query(np.asarray(geoms, dtype=object), predicate="intersects")
     if len(gi) == 0:
         return out
     overlap = shapely.area(shapely.intersection(np.asarray(geoms, dtype=object)[gi], shapes[hi]))
     gi, hi = gi[overlap > 0], hi[overlap > 0]
-    starts = history["period_start"].map(lambda d: d.toordinal()).to_numpy()[hi]
-    firsts = history["first_seen_period"].astype(str).to_numpy()[hi]
-    order = np.lexsort((firsts, starts, gi))  # by geometry, then earliest start, then name
-    gi, firsts = gi[order], firsts[order]
+    ordinal = {f: _start(f).toordinal() for f in set(firsts)}
+    starts = np.asarray([ordinal[f] for f in firsts], dtype=np.int64)[hi]
+    first = np.asarray(firsts, dtype=object)[hi]
+    order = np.lexsort((first.astype(str), starts, gi))  # by geometry, earliest start, name
+    gi, first = gi[order], first[order]
     first_of = np.flatnonzero(np.r_[True, gi[1:] != gi[:-1]])
-    for g, f in zip(gi[first_of].tolist(), firsts[first_of].tolist(), strict=True):
+    for g, f in zip(gi[first_of].tolist(), first[first_of].tolist(), strict=True):
         out[g] = f
     return out
 
@@ -242,41 +309,51 @@ def dissolve(geoms: Any) -> Any:
     return np.asarray(parts, dtype=object)
 
 
-def overlay_batches(
-    cur: Any, prev: Any, hist: Any, size: int
-) -> Iterator[tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], npt.NDArray[np.intp]]]:
-    """Indices into ``cur``, ``prev`` and ``hist`` (UTM geometries), batch by batch: each
-    batch is whole ``clusters`` of the three together, packed in order up to ``size``
-    geometries (a larger cluster is a batch of its own).
+def batch_ids(bounds: Any, size: int, sweep_m: float = SWEEP_M) -> tuple[npt.NDArray[np.intp], int]:
+    """The overlay batch of each geometry, from its bounds alone, and the batch count.
 
-    Every step of the overlay relates only intersecting geometries (a site and the
-    previous mining it touches, the history under it, the footprint's parts and the
-    sites on them), so running it on each batch gives the rows of one overlay of all.
+    A batch is whole clusters of geometries whose bounding boxes intersect one another,
+    directly or through others (an STRtree on the boxes and connected components), packed
+    up to ``size`` geometries (a larger cluster is a batch of its own). Every step of the
+    overlay relates only intersecting geometries (a site and the previous mining it
+    touches, the history under it, the footprint's parts and the sites on them), and
+    geometries that intersect have intersecting boxes, so running it batch by batch gives
+    the rows of one overlay of all. Clusters are packed in sweeps of ``sweep_m`` metres,
+    south to north and west to east, so that a batch covers a compact area (the NDVI
+    reads of neighbouring batches share their tiles). Empty geometries are clusters of
+    their own.
     """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
     if size < 1:
         raise ValueError(f"overlay batch size must be at least 1, got {size}")
-    n_cur, n_prev = len(cur), len(prev)
-    batch: list[npt.NDArray[np.intp]] = []
-    count = 0
-    for group in clusters(np.concatenate([np.asarray(g, dtype=object) for g in (cur, prev, hist)])):
-        if batch and count + len(group) > size:
-            yield _split_batch(np.concatenate(batch), n_cur, n_prev)
-            batch, count = [], 0
-        batch.append(group)
-        count += len(group)
-    if batch:
-        yield _split_batch(np.concatenate(batch), n_cur, n_prev)
-
-
-def _split_batch(
-    members: npt.NDArray[np.intp], n_cur: int, n_prev: int
-) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], npt.NDArray[np.intp]]:
-    members = np.sort(members)
-    return (
-        members[members < n_cur],
-        members[(members >= n_cur) & (members < n_cur + n_prev)] - n_cur,
-        members[members >= n_cur + n_prev] - n_cur - n_prev,
-    )
+    bounds = np.asarray(bounds, dtype=float).reshape(-1, 4)
+    n = len(bounds)
+    if n == 0:
+        return np.empty(0, np.intp), 0
+    real = np.flatnonzero(np.isfinite(bounds).all(axis=1))
+    boxes = shapely.box(*bounds[real].T)
+    a, b = shapely.STRtree(boxes).query(boxes, predicate="intersects")
+    graph = coo_matrix((np.ones(len(a), np.int8), (real[a], real[b])), shape=(n, n))
+    count, label = connected_components(graph, directed=False)
+    south, west = np.full(count, np.inf), np.full(count, np.inf)
+    np.fmin.at(south, label, bounds[:, 1])
+    np.fmin.at(west, label, bounds[:, 0])
+    first = np.full(count, n)
+    np.minimum.at(first, label, np.arange(n))
+    row = np.where(np.isfinite(south), np.floor(south / sweep_m), -np.inf)
+    col = np.where(np.isfinite(west), np.floor(west / sweep_m), -np.inf)
+    order = np.lexsort((first, col, row))
+    members = np.bincount(label, minlength=count)
+    batch_of = np.empty(count, np.intp)
+    batch, filled = 0, 0
+    for c, k in zip(order.tolist(), members[order].tolist(), strict=True):
+        if filled and filled + k > size:
+            batch, filled = batch + 1, 0
+        batch_of[c] = batch
+        filled += k
+    return batch_of[label], batch + 1
 
 
 def _local_unions(geoms: Any, others: Any) -> Any:
@@ -335,6 +412,309 @@ def _rows(
     }
 
 
+@dataclass
+class _Spill:
+    """An input table cleaned into the region's UTM zone, on disk (``row``, WKB
+    ``geometry`` and the columns asked for), with each geometry's bounds in memory."""
+
+    path: Path
+    bounds: npt.NDArray[np.float64]
+    area_ha: npt.NDArray[np.float64]
+
+
+def _spill(source: Path, epsg: int, target: Path, columns: tuple[str, ...], what: str) -> _Spill:
+    """``source`` (GeoParquet) cleaned (``_clean``) chunk by chunk into ``target``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema(
+        [("row", pa.int64()), ("geometry", pa.binary()), *((c, pa.string()) for c in columns)]
+    )
+    bounds, areas, rows = [], [], 0
+    with pq.ParquetWriter(target, schema) as writer:
+        for geoms, cols in read_chunks(source, (*columns, "area_ha")):
+            if geoms.crs is None:
+                raise GeoTableError(f"{source}: the {what} have no CRS")
+            clean = _clean(geoms, epsg)
+            table = pa.table(
+                {
+                    "row": np.arange(rows, rows + len(clean), dtype=np.int64),
+                    "geometry": shapely.to_wkb(clean),
+                    **{c: cols[c].cast(pa.string()) for c in columns},
+                },
+                schema=schema,
+            )
+            writer.write_table(table)
+            bounds.append(shapely.bounds(clean))
+            areas.append(cols["area_ha"].to_numpy(zero_copy_only=False).astype(np.float64))
+            rows += len(clean)
+    return _Spill(
+        target,
+        np.concatenate(bounds) if bounds else np.empty((0, 4)),
+        np.concatenate(areas) if areas else np.empty(0),
+    )
+
+
+FLOAT_COLUMNS = ("area_ha", "mean_ndvi")  # the rest: strings and the geometry
+
+
+@dataclass
+class ChangeTable:
+    """What ``change_table`` wrote: the GeoParquet, its row count and the summary."""
+
+    path: Path
+    rows: int
+    summary: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+
+class _Rows:
+    """Change rows gathered for one batch, then spilled (EPSG:4326, WKB) to a scratch
+    Parquet; the areas by kind summed exactly, in units of the rounded ``area_ha``."""
+
+    def __init__(self, region_id: str, period_id: str, epsg: int, target: Path) -> None:
+        import pyarrow as pa
+
+        self.region_id, self.period_id, self.epsg = region_id, period_id, epsg
+        kind = {"geometry": pa.binary(), "area_ha": pa.float64(), "mean_ndvi": pa.float64()}
+        self.spill = RowSpill(target, pa.schema([(c, kind.get(c, pa.string())) for c in COLUMNS]))
+        self.area_e4 = dict.fromkeys(KINDS, 0)  # sum of area_ha x 10,000 (exact integers)
+        self._clear()
+
+    def _clear(self) -> None:
+        self.kinds: list[str] = []
+        self.geoms: list[shapely.Geometry] = []
+        self.firsts: list[str] = []
+        self.site_ids: list[str | None] = []
+        self.ndvis: list[float] = []
+
+    def add(self, kind: str, geom: Any, first: Any, site: Any, ndvi: Any) -> None:
+        """Rows of one kind; each argument a sequence of the same length."""
+        self.kinds.extend([kind] * len(geom))
+        self.geoms.extend(geom)
+        self.firsts.extend(first)
+        self.site_ids.extend(site)
+        self.ndvis.extend(ndvi)
+
+    def flush(self) -> None:
+        import geopandas as gpd
+
+        rows = _rows(self.region_id, self.period_id, self.kinds, self.geoms, self.firsts, self.site_ids, self.ndvis)  # fmt: skip
+        self._clear()
+        if not rows["change_id"]:
+            return
+        # as GeoDataFrame.to_crs draws them: the same transformer, geometry by geometry
+        rows["geometry"] = gpd.GeoSeries(rows["geometry"], crs=self.epsg).to_crs(4326).to_numpy()
+        self.spill.write(rows)
+        for kind, area in zip(rows["kind"], rows["area_ha"], strict=True):
+            self.area_e4[kind] += round(area * 10_000)
+
+    @property
+    def count(self) -> int:
+        return self.spill.rows
+
+
+def _by_batch(con: Any, spill: Path, batches: npt.NDArray[np.intp], target: Path) -> Path:
+    """``spill`` sorted by batch (``batches``: the batch of each row) into ``target``,
+    in small row groups, so that one batch's rows are read without the others."""
+    import pyarrow as pa
+
+    con.register("batch_of", pa.table({"row": np.arange(len(batches), dtype=np.int64), "batch": batches.astype(np.int64)}))  # fmt: skip
+    con.execute(
+        f"COPY (SELECT s.*, b.batch FROM read_parquet({sql_literal(str(spill))}) s "
+        "JOIN batch_of b USING (row) ORDER BY b.batch, s.row) "
+        f"TO {sql_literal(str(target))} (FORMAT parquet, ROW_GROUP_SIZE {BATCH_ROW_GROUP})"
+    )
+    con.unregister("batch_of")
+    return target
+
+
+def _batch(con: Any, sorted_spill: Path, batch: int) -> Any:
+    """The rows of one batch (a pyarrow Table, in row order)."""
+    return con.execute(
+        f"SELECT * EXCLUDE (batch) FROM read_parquet({sql_literal(str(sorted_spill))}) "
+        "WHERE batch = ? ORDER BY row",
+        [batch],
+    ).to_arrow_table()
+
+
+def _strings(column: Any) -> list[Any]:
+    return list(column.to_pylist())
+
+
+def change_table(
+    region: Region,
+    period_id: str,
+    sites: Path,
+    previous_sites: Path | None,
+    target: Path,
+    *,
+    previous_change: Path | None = None,
+    composite: Path | None = None,
+    batch_size: int = OVERLAY_BATCH,
+    progress: Callable[[str], None] | None = None,
+) -> ChangeTable:
+    """The change rows of ``period_id`` written to ``target`` (GeoParquet, atomically),
+    from the GeoParquet tables of this period's sites, the previous period's
+    (``previous_sites`` None: the region's first period) and the previous period's
+    change rows; the summary without growth factors (``summarise`` adds them).
+
+    No table is held whole: each is read in chunks, cleaned into the region's UTM zone
+    and spilled to a scratch folder beside ``target``; the overlay runs batch by batch
+    (``batch_ids``: whole clusters of intersecting bounding boxes, at most about
+    ``batch_size`` geometries), with the composite opened once for the NDVI of all
+    batches; the rows are spilled as they come and sorted by ``change_id`` with DuckDB
+    into ``target``. The rows do not depend on the batch size.
+    """
+    say = progress or (lambda _m: None)
+    epsg = bbox_utm_epsg(region.bbox)
+    notes: list[str] = []
+    prev_period = region.previous_period(period_id)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with (
+        tempfile.TemporaryDirectory(prefix=".change-", dir=target.parent) as scratch,
+        scratch_db(Path(scratch)) as con,
+    ):
+        work = Path(scratch)
+        cur = _spill(sites, epsg, work / "cur.parquet", ("site_id", "first_seen_period"), "sites")  # fmt: skip
+        rows = _Rows(region.id, period_id, epsg, work / "rows.parquet")
+        if previous_sites is None:
+            notes.append("first period of the region: all its mining is new (the baseline)")
+            say(f"{period_id}: {len(cur.area_ha)} sites, the region's first period: all new")
+            for chunk in con.execute(
+                f"SELECT * FROM read_parquet({sql_literal(str(cur.path))}) ORDER BY row"
+            ).to_arrow_reader(READ_ROWS):
+                g = shapely.from_wkb(chunk.column("geometry"))
+                own = [v or period_id for v in _strings(chunk.column("first_seen_period"))]
+                rows.add("new", g, own, _strings(chunk.column("site_id")), [np.nan] * len(g))
+                rows.flush()
+        else:
+            prev = _spill(previous_sites, epsg, work / "prev.parquet", (), "previous sites")
+            hist = None
+            if previous_change is not None:
+                hist = _spill(previous_change, epsg, work / "hist.parquet", ("first_seen_period",), "previous change rows")  # fmt: skip
+                if not len(hist.bounds):
+                    hist = None
+            if hist is None:
+                notes.append(
+                    f"no asm_change for {prev_period.id if prev_period else 'the previous period'}: "
+                    "first_seen_period of older mining is a bound (that period), and land "
+                    "abandoned before it is not tracked"
+                )
+            bound = prev_period.id if prev_period else period_id
+            tables = [cur, prev, *([hist] if hist is not None else [])]
+            ids, count = batch_ids(np.concatenate([t.bounds for t in tables]), batch_size)
+            splits = np.cumsum([len(t.bounds) for t in tables])[:-1]
+            ordered = [
+                _by_batch(con, t.path, b, work / f"by-batch-{k}.parquet")
+                for k, (t, b) in enumerate(zip(tables, np.split(ids, splits), strict=True))
+            ]
+            say(
+                f"{period_id}: {len(cur.bounds)} sites against {len(prev.bounds)} previous and "
+                f"{len(hist.bounds) if hist is not None else 0} history rows, in {count} batches"
+            )
+            reader = NdviReader(composite) if composite is not None and composite.exists() else None
+            if reader is None:
+                notes.append("no composite for this period: re-vegetation not assessed")
+            with reader if reader is not None else contextlib.nullcontext():
+                last = time.perf_counter()
+                for b in range(count):
+                    parts = [_batch(con, path, b) for path in ordered]
+                    _overlay(rows, period_id, bound, parts, reader, epsg)
+                    rows.flush()
+                    if time.perf_counter() - last > PROGRESS_S or b == count - 1:
+                        last = time.perf_counter()
+                        say(f"{period_id}: batch {b + 1}/{count}, {rows.count} rows")
+        mining = pd_sum(cur.area_ha)
+        write_sorted(con, rows.spill, "change_id", target, _typed, 4326)
+    say(
+        f"{period_id}: {rows.count} change rows written to {target} in {time.perf_counter() - started:.1f} s"
+    )
+    summary = {
+        "region": region.id,
+        "period": period_id,
+        "period_start": region.period(period_id).start,
+        "site_count": len(cur.area_ha),
+        "mining_ha": round(mining, 4) if len(cur.area_ha) else 0.0,
+        **{f"{k}_ha": round(rows.area_e4[k] / 10_000, 4) for k in KINDS},
+        "previous_period": prev_period.id if previous_sites is not None and prev_period else None,
+        "notes": "; ".join(notes),
+    }
+    summary = summarise(summary, None, None)  # the growth columns, filled by the caller
+    return ChangeTable(path=target, rows=rows.count, summary=summary, notes=notes)
+
+
+def pd_sum(values: npt.NDArray[np.float64]) -> float:
+    """A column's sum as pandas sums it (the figure the summary always carried)."""
+    import pandas as pd
+
+    return float(pd.Series(values, dtype="float64").sum())
+
+
+def mining_ha(sites: Path) -> float:
+    """The mining area of a sites GeoParquet (its ``area_ha`` column alone is read)."""
+    import pyarrow.parquet as pq
+
+    column = pq.read_table(sites, columns=["area_ha"]).column("area_ha")
+    return pd_sum(column.to_numpy().astype(np.float64))
+
+
+def _typed(frame: Any) -> Any:
+    """The change columns in order, with their dtypes (floats and pandas strings)."""
+    frame = frame[list(COLUMNS)]
+    for col in COLUMNS:
+        if col in FLOAT_COLUMNS:
+            frame[col] = frame[col].astype("float64")
+        elif col != "geometry":
+            frame[col] = frame[col].astype("string")
+    return frame
+
+
+def _overlay(
+    rows: _Rows, period_id: str, bound: str, parts: list[Any], reader: NdviReader | None, epsg: int
+) -> None:
+    """The change rows of one batch (``parts``: its rows of this period's sites, the
+    previous period's and, if any, the previous change), added to ``rows``.
+
+    Everything here only meets geometries of its own batch (a batch is whole clusters
+    of intersecting geometries): the rows are those of one overlay of all.
+    """
+    cur, prev = parts[0], parts[1]
+    c_g = shapely.from_wkb(cur.column("geometry"))
+    p_g = shapely.from_wkb(prev.column("geometry"))
+    c_ids = _strings(cur.column("site_id"))
+    own = [v or period_id for v in _strings(cur.column("first_seen_period"))]
+    if len(parts) > 2:
+        h_g = shapely.from_wkb(parts[2].column("geometry"))
+        h_first = [str(v) for v in _strings(parts[2].column("first_seen_period"))]
+    else:
+        h_g, h_first = np.empty(0, object), []
+    near = _local_unions(c_g, p_g)  # per site: the previous mining it touches
+    kept = shapely.intersection(c_g, near)
+    fresh = shapely.area(kept) / 10_000 < MIN_PART_HA
+    idx = np.flatnonzero(fresh)
+    nan = [np.nan] * len(idx)
+    rows.add("new", c_g[idx], [own[i] for i in idx], [c_ids[i] for i in idx], nan)
+    idx = np.flatnonzero(~fresh)
+    nan = [np.nan] * len(idx)
+    rows.add("stable", kept[idx], _earliest(kept[idx], h_g, h_first, bound), [c_ids[i] for i in idx], nan)  # fmt: skip
+    grown = shapely.difference(c_g[idx], near[idx])
+    rows.add("expanded", grown, [period_id] * len(idx), [c_ids[i] for i in idx], nan)
+    # Everything mined before (last period's sites and the footprint its change carried),
+    # in connected parts, minus the mining of this period that touches it.
+    footprint = dissolve(np.concatenate([p_g, h_g]))
+    left = shapely.difference(footprint, _local_unions(footprint, c_g))
+    gone = shapely.get_parts(left[~shapely.is_empty(left)])
+    gone = gone[shapely.area(gone) / 10_000 >= MIN_PART_HA]
+    first = _earliest(gone, h_g, h_first, bound)
+    ndvi = reader.means(gone, epsg) if reader is not None else np.full(len(gone), np.nan)
+    green = np.isfinite(ndvi) & (ndvi >= NDVI_RECOVERED)
+    for kind, sel in (("revegetating", green), ("abandoned", ~green)):
+        i = np.flatnonzero(sel)
+        rows.add(kind, gone[i], [first[k] for k in i], [None] * len(i), ndvi[i].tolist())
+
+
 def detect_change(
     region: Region,
     period_id: str,
@@ -345,113 +725,27 @@ def detect_change(
     composite: Path | None = None,
     batch_size: int = OVERLAY_BATCH,
 ) -> ChangeResult:
-    """Change rows for ``period_id`` (sites frames in EPSG:4326; ``previous`` None: first).
-
-    The overlay runs batch by batch (``overlay_batches``), so its intermediate geometries
-    are those of at most about ``batch_size`` input geometries at a time; the rows do
-    not depend on it.
-    """
+    """``change_table`` for frames (sites in EPSG:4326; ``previous`` None: the region's
+    first period), the rows as a frame: the tables go through scratch GeoParquet files."""
     import geopandas as gpd
 
-    epsg = bbox_utm_epsg(region.bbox)
-    notes: list[str] = []
-    cur = _clean(current, epsg)
-    prev_period = region.previous_period(period_id)
-    kinds: list[str] = []
-    geoms: list[shapely.Geometry] = []
-    firsts: list[str] = []
-    site_ids: list[str | None] = []
-    ndvis: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="asmwatch-change-") as scratch:
+        work = Path(scratch)
 
-    def add(kind: str, geom: Any, first: Any, site: Any, ndvi: Any) -> None:
-        """Rows of one kind; each argument a sequence of the same length."""
-        kinds.extend([kind] * len(geom))
-        geoms.extend(geom)
-        firsts.extend(first)
-        site_ids.extend(site)
-        ndvis.extend(ndvi)
+        def put(frame: Any, name: str) -> Path | None:
+            if frame is None:
+                return None
+            frame.to_parquet(work / name, write_covering_bbox=True, index=False)
+            return work / name
 
-    own = [
-        str(v) if isinstance(v, str) and v else period_id
-        for v in cur.get("first_seen_period", [None] * len(cur))
-    ]
-    cur_g = cur.geometry.to_numpy()
-    cur_ids = [str(v) for v in cur["site_id"]]
-    if previous is None:
-        add("new", cur_g, own, cur_ids, [np.nan] * len(cur))
-        notes.append("first period of the region: all its mining is new (the baseline)")
-    else:
-        prev = _clean(previous, epsg)
-        history = None
-        if previous_change is not None and len(previous_change):
-            history = _clean(previous_change, epsg)
-            history = history.assign(
-                period_start=[_start(str(v)) for v in history["first_seen_period"]]
-            )
-        else:
-            notes.append(
-                f"no asm_change for {prev_period.id if prev_period else 'the previous period'}: "
-                "first_seen_period of older mining is a bound (that period), and land "
-                "abandoned before it is not tracked"
-            )
-        bound = prev_period.id if prev_period else period_id
-        prev_g = prev.geometry.to_numpy()
-        hist_g = history.geometry.to_numpy() if history is not None else np.empty(0, object)
-        gone_parts: list[Any] = []
-        gone_first: list[str] = []
-        for ci, pi, hi in overlay_batches(cur_g, prev_g, hist_g, batch_size):
-            # Everything below only meets geometries of its own batch (a batch is whole
-            # clusters of intersecting geometries): the rows are those of one overlay.
-            c_g, p_g = cur_g[ci], prev_g[pi]
-            hist = history.iloc[hi] if history is not None else None
-            near = _local_unions(c_g, p_g)  # per site: the previous mining it touches
-            kept = shapely.intersection(c_g, near)
-            fresh = shapely.area(kept) / 10_000 < MIN_PART_HA
-            idx = np.flatnonzero(fresh)
-            add("new", c_g[idx], [own[i] for i in ci[idx]], [cur_ids[i] for i in ci[idx]], [np.nan] * len(idx))  # fmt: skip
-            idx = np.flatnonzero(~fresh)
-            add("stable", kept[idx], _earliest(kept[idx], hist, bound), [cur_ids[i] for i in ci[idx]], [np.nan] * len(idx))  # fmt: skip
-            grown = shapely.difference(c_g[idx], near[idx])
-            add("expanded", grown, [period_id] * len(idx), [cur_ids[i] for i in ci[idx]], [np.nan] * len(idx))  # fmt: skip
-            # Everything mined before (last period's sites and the footprint its change
-            # carried), in connected parts, minus the mining of this period that touches it.
-            footprint = dissolve(p_g if hist is None else np.concatenate([p_g, hist_g[hi]]))
-            left = shapely.difference(footprint, _local_unions(footprint, c_g))
-            gone = shapely.get_parts(left[~shapely.is_empty(left)])
-            gone = gone[shapely.area(gone) / 10_000 >= MIN_PART_HA]
-            gone_parts.append(gone)
-            gone_first.extend(_earliest(gone, hist, bound))
-        gone = np.concatenate(gone_parts) if gone_parts else np.empty(0, object)
-        ndvi = np.full(len(gone), np.nan)
-        if composite is not None and composite.exists():
-            ndvi = ndvi_means(composite, gone, epsg)  # the composite opened once
-        else:
-            notes.append("no composite for this period: re-vegetation not assessed")
-        green = np.isfinite(ndvi) & (ndvi >= NDVI_RECOVERED)
-        for kind, sel in (("revegetating", green), ("abandoned", ~green)):
-            i = np.flatnonzero(sel)
-            add(kind, gone[i], [gone_first[k] for k in i], [None] * len(i), ndvi[i].tolist())
-
-    rows = _rows(region.id, period_id, kinds, geoms, firsts, site_ids, ndvis)
-    frame = gpd.GeoDataFrame(rows, columns=list(COLUMNS), geometry="geometry", crs=epsg)
-    frame = frame.sort_values("change_id").reset_index(drop=True).to_crs(4326)
-    for col in ("area_ha", "mean_ndvi"):
-        frame[col] = frame[col].astype("float64")
-    for col in ("change_id", "region", "period", "kind", "first_seen_period", "site_id"):
-        frame[col] = frame[col].astype("string")
-    by_kind = {k: float(frame.loc[frame["kind"] == k, "area_ha"].sum()) for k in KINDS}
-    summary = {
-        "region": region.id,
-        "period": period_id,
-        "period_start": region.period(period_id).start,
-        "site_count": len(current),
-        "mining_ha": round(float(current["area_ha"].sum()), 4) if len(current) else 0.0,
-        **{f"{k}_ha": round(v, 4) for k, v in by_kind.items()},
-        "previous_period": prev_period.id if previous is not None and prev_period else None,
-        "notes": "; ".join(notes),
-    }
-    summary = summarise(summary, None, None)  # the growth columns, filled by the caller
-    return ChangeResult(frame=frame, summary=summary, notes=notes)
+        table = change_table(
+            region, period_id, put(current, "sites.parquet"),  # type: ignore[arg-type]
+            put(previous, "previous.parquet"), work / "change.parquet",
+            previous_change=put(previous_change, "history.parquet"), composite=composite,
+            batch_size=batch_size,
+        )  # fmt: skip
+        frame = gpd.read_parquet(table.path)
+    return ChangeResult(frame=frame, summary=table.summary, notes=table.notes)
 
 
 def summarise(
@@ -469,20 +763,28 @@ def summarise(
     return out
 
 
-def write_change(result: ChangeResult, root: Path, region_id: str, period_id: str) -> Path:
-    """The change GeoParquet and the one-row summary Parquet, each written atomically."""
+def write_summary(summary: dict[str, Any], root: Path, region_id: str, period_id: str) -> Path:
+    """The one-row summary Parquet, written atomically."""
     import pandas as pd
 
+    frame = pd.DataFrame([summary])
+    for col in SUMMARY_FLOATS:  # a first period's nulls must still be DOUBLE columns
+        if col in frame:
+            frame[col] = frame[col].astype("float64")
+    for col in ("previous_period", "first_period", "notes"):
+        if col in frame:
+            frame[col] = frame[col].astype("string")
+    target = summary_path(root, region_id, period_id)
+    with atomic_path(target) as tmp:
+        frame.to_parquet(tmp, index=False)
+    return target
+
+
+def write_change(result: ChangeResult, root: Path, region_id: str, period_id: str) -> Path:
+    """A change frame's GeoParquet and its summary, each written atomically (the asset
+    writes the GeoParquet as ``change_table`` goes; this is for frames)."""
     target = change_path(root, region_id, period_id)
     with atomic_path(target) as tmp:
         result.frame.to_parquet(tmp, write_covering_bbox=True, index=False)
-    summary = pd.DataFrame([result.summary])
-    for col in SUMMARY_FLOATS:  # a first period's nulls must still be DOUBLE columns
-        if col in summary:
-            summary[col] = summary[col].astype("float64")
-    for col in ("previous_period", "first_period", "notes"):
-        if col in summary:
-            summary[col] = summary[col].astype("string")
-    with atomic_path(summary_path(root, region_id, period_id)) as tmp:
-        summary.to_parquet(tmp, index=False)
+    write_summary(result.summary, root, region_id, period_id)
     return target

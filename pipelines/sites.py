@@ -15,6 +15,7 @@ the centimetre in UTM), so re-running on the same raster gives the same ids.
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ import shapely.geometry
 from affine import Affine
 from scipy import ndimage
 
+from pipelines.geotable import READ_ROWS, RowSpill, scratch_db, write_sorted
 from pipelines.progress import Progress
 from pipelines.storage import atomic_path, partition_path
 from pipelines.tiling import (
@@ -193,23 +195,36 @@ def canonical(parts: list[shapely.Geometry]) -> shapely.Geometry:
     return shapely.normalize(shapely.simplify(geom, 0))
 
 
-def extract_sites(
+@dataclass
+class SitesTable:
+    """What ``sites_table`` wrote: the GeoParquet and its number of sites."""
+
+    path: Path
+    count: int
+
+
+def sites_table(
     probability: Path,
     region_id: str,
     period_id: str,
+    target: Path,
     *,
     threshold: float | None = None,
     mmu_ha: float = DEFAULT_MMU_HA,
     tile_px: int = DEFAULT_TILE,
     client: Client | Callable[[], Client] | None = None,
     progress: Callable[[str], None] | None = None,
-) -> Any:
-    """Site polygons (a GeoDataFrame in EPSG:4326) from a probability COG.
+) -> SitesTable:
+    """Site polygons from a probability COG, written to ``target`` (GeoParquet in
+    EPSG:4326, sorted by ``site_id``, atomically).
 
     Tile by tile (``tile_px``, with a ``SITES_HALO`` px halo; dask tasks on ``client``):
     the table is the same for any tile size, components that cross tile edges joined.
+    No table is held whole: the sites of finished tiles are spilled as they come (only
+    the components on tile seams wait for their neighbours), then sorted by DuckDB into
+    ``target`` (``geotable.write_sorted``).
     """
-    import geopandas as gpd
+    import pyarrow as pa
 
     if mmu_ha < 0:
         raise ValueError(f"minimum mapping unit must be >= 0 ha, got {mmu_ha}")
@@ -226,40 +241,92 @@ def extract_sites(
     where = "in this process" if cluster is None else "as dask tasks"
     say(f"asm_sites: {tiling.describe()}, {where}")
     report = Progress("asm_sites", tiling.n_tiles, say, unit="tiles done")
-    results: dict[tuple[int, int], TileSites] = {}
-    components: list[Component] = []
-    for done, (tile, res) in enumerate(
-        run_tiles(sites_tile, tiling.tiles(), job, client=cluster, name="sites"), start=1
+    rows = _SiteRows(region_id, period_id, transform, crs, mmu_ha)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    kind = {"geometry": pa.binary(), "area_ha": pa.float64(), "mean_probability": pa.float64(), "mapped_area_ha": pa.float64()}  # fmt: skip
+    schema = pa.schema([(c, kind.get(c, pa.string())) for c in COLUMNS])
+    with (
+        tempfile.TemporaryDirectory(prefix=".sites-", dir=target.parent) as scratch,
+        scratch_db(Path(scratch)) as con,
     ):
-        components.extend(res.whole)
-        res.whole = []
-        results[(tile.row, tile.col)] = res
-        report(done)
-    components.extend(merge_seams(tiling, results))
-    px_ha = abs(transform.a * transform.e) / 10_000
-    world = [transform.a, transform.b, transform.d, transform.e, transform.c, transform.f]
-    rows = []
-    for comp in components:
-        if comp.pixels * px_ha < mmu_ha:
-            continue
-        geom = shapely.affinity.affine_transform(canonical(comp.parts), world)
-        rounded = shapely.set_precision(geom, 0.01)
-        digest = hashlib.sha1(f"{region_id}|{period_id}|".encode() + shapely.to_wkb(rounded))
-        rows.append(
-            {
-                "site_id": f"{region_id}-{period_id}-{digest.hexdigest()[:12]}",
-                "region": region_id,
-                "period": period_id,
-                "area_ha": round(geom.area / 10_000, 4),
-                "mean_probability": round(comp.prob_sum / comp.pixels, 4),
-                "mapped_area_ha": np.nan,  # imported detections only
-                "first_seen_period": None,  # imported "new" layers only; see asm_change
-                "source": "model",
-                "geometry": geom,
-            }
-        )
-    frame = gpd.GeoDataFrame(rows, columns=list(COLUMNS), geometry="geometry", crs=crs)
-    return conform(frame.sort_values("site_id").reset_index(drop=True).to_crs(4326))
+        spill = RowSpill(Path(scratch) / "rows.parquet", schema)
+        results: dict[tuple[int, int], TileSites] = {}
+        pending: list[Component] = []
+        for done, (tile, res) in enumerate(
+            run_tiles(sites_tile, tiling.tiles(), job, client=cluster, name="sites"), start=1
+        ):
+            pending.extend(res.whole)
+            res.whole = []
+            results[(tile.row, tile.col)] = res
+            if len(pending) >= READ_ROWS:
+                spill.write(rows.of(pending))
+                pending = []
+            report(done)
+        pending.extend(merge_seams(tiling, results))
+        spill.write(rows.of(pending))
+        write_sorted(con, spill, "site_id", target, lambda f: conform(f[list(COLUMNS)]), 4326)
+    return SitesTable(target, spill.rows)
+
+
+@dataclass
+class _SiteRows:
+    """Components to site rows: the minimum mapping unit, the geometry on the map grid
+    and in EPSG:4326, the id, the area and the mean probability."""
+
+    region_id: str
+    period_id: str
+    transform: Any
+    crs: Any
+    mmu_ha: float
+
+    def of(self, components: list[Component]) -> dict[str, Any]:
+        import geopandas as gpd
+
+        t = self.transform
+        px_ha = abs(t.a * t.e) / 10_000
+        world = [t.a, t.b, t.d, t.e, t.c, t.f]
+        out: dict[str, list[Any]] = {c: [] for c in COLUMNS}
+        for comp in components:
+            if comp.pixels * px_ha < self.mmu_ha:
+                continue
+            geom = shapely.affinity.affine_transform(canonical(comp.parts), world)
+            rounded = shapely.set_precision(geom, 0.01)
+            digest = hashlib.sha1(f"{self.region_id}|{self.period_id}|".encode() + shapely.to_wkb(rounded))  # fmt: skip
+            out["site_id"].append(f"{self.region_id}-{self.period_id}-{digest.hexdigest()[:12]}")
+            out["region"].append(self.region_id)
+            out["period"].append(self.period_id)
+            out["area_ha"].append(round(geom.area / 10_000, 4))
+            out["mean_probability"].append(round(comp.prob_sum / comp.pixels, 4))
+            out["mapped_area_ha"].append(np.nan)  # imported detections only
+            out["first_seen_period"].append(None)  # imported "new" layers only; see asm_change
+            out["source"].append("model")
+            out["geometry"].append(geom)
+        # as GeoDataFrame.to_crs draws them: the same transformer, geometry by geometry
+        out["geometry"] = list(gpd.GeoSeries(out["geometry"], crs=self.crs).to_crs(4326))
+        return out
+
+
+def extract_sites(
+    probability: Path,
+    region_id: str,
+    period_id: str,
+    *,
+    threshold: float | None = None,
+    mmu_ha: float = DEFAULT_MMU_HA,
+    tile_px: int = DEFAULT_TILE,
+    client: Client | Callable[[], Client] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Any:
+    """``sites_table`` as a GeoDataFrame (EPSG:4326), through a scratch file."""
+    import geopandas as gpd
+
+    with tempfile.TemporaryDirectory(prefix="asmwatch-sites-") as scratch:
+        table = sites_table(
+            probability, region_id, period_id, Path(scratch) / "sites.parquet",
+            threshold=threshold, mmu_ha=mmu_ha, tile_px=tile_px, client=client,
+            progress=progress,
+        )  # fmt: skip
+        return gpd.read_parquet(table.path)
 
 
 def conform(frame: Any) -> Any:
@@ -272,7 +339,10 @@ def conform(frame: Any) -> Any:
 
 
 def write_sites(frame: Any, target: Path) -> Path:
-    """GeoParquet (EPSG:4326, bbox covering column), written atomically; empty is valid."""
+    """GeoParquet (EPSG:4326, bbox covering column), written atomically; empty is valid.
+    Row groups of ``ROW_GROUP_ROWS``: ``asm_change`` reads the file in chunks."""
+    from pipelines.geotable import ROW_GROUP_ROWS
+
     with atomic_path(target) as tmp:
-        frame.to_parquet(tmp, write_covering_bbox=True, index=False)
+        frame.to_parquet(tmp, write_covering_bbox=True, index=False, row_group_size=ROW_GROUP_ROWS)
     return target

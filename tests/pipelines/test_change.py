@@ -195,11 +195,10 @@ def test_indexed_overlay_matches_the_whole_union_overlay(tmp_path: Path) -> None
 def test_the_overlay_in_batches_gives_the_rows_of_one_overlay(
     tmp_path: Path, batch_size: int
 ) -> None:
-    """Batches of whole clusters of intersecting geometries (one cluster each, or a few
+    """Batches of whole clusters of intersecting boxes (one cluster each, or a few
     dozen geometries) give the same frame and summary as one batch of everything."""
     from bench.change import REGION as BENCH
     from bench.change import composite, world
-    from pipelines.change import overlay_batches
 
     cur, prev, hist = world(300, seed=5)
     comp = composite(tmp_path / "c.tif", 300)
@@ -211,23 +210,92 @@ def test_the_overlay_in_batches_gives_the_rows_of_one_overlay(
     assert part.summary == whole.summary
     # the batches split the work, cover every geometry once, and pack whole clusters
     from bench.change import EPSG as BENCH_EPSG
+    from pipelines.change import batch_ids, clusters
 
-    g = [np.asarray(f.to_crs(BENCH_EPSG).geometry) for f in (cur, prev, hist)]
-    batches = list(overlay_batches(*g, batch_size))
-    clusters = list(overlay_batches(*g, 1))
-    assert len(clusters) > 50
-    for k, frame in enumerate(g):
-        got = np.sort(np.concatenate([b[k] for b in batches]))
-        np.testing.assert_array_equal(got, np.arange(len(frame)))
+    every = np.concatenate([np.asarray(f.to_crs(BENCH_EPSG).geometry) for f in (cur, prev, hist)])
+    ids, count = batch_ids(shapely.bounds(every), batch_size)
+    assert set(ids.tolist()) == set(range(count))
+    for cluster in clusters(every):  # geometries that intersect share a batch
+        assert len(set(ids[cluster].tolist())) == 1
+    boxes, n_boxes = batch_ids(shapely.bounds(every), 1)  # a batch per cluster of boxes
+    assert n_boxes > 50
+    for b in range(count):  # full batches, or one cluster of boxes larger than a batch
+        members = np.flatnonzero(ids == b)
+        assert len(members) <= batch_size or len(set(boxes[members].tolist())) == 1
     if batch_size > 1:
-        assert len(batches) < len(clusters)
-        whole_clusters = {tuple(map(tuple, c)) for c in clusters}
-        for b in batches:
-            assert sum(map(len, b)) <= batch_size or tuple(map(tuple, b)) in whole_clusters
+        assert count < n_boxes
 
 
 def test_an_overlay_batch_size_below_one_is_refused() -> None:
-    from pipelines.change import overlay_batches
+    from pipelines.change import batch_ids
 
     with pytest.raises(ValueError, match="batch size must be at least 1, got 0"):
-        list(overlay_batches([], [], [], 0))
+        batch_ids(np.empty((0, 4)), 0)
+
+
+def test_change_tables_stream_from_and_to_geoparquet(tmp_path: Path) -> None:
+    """``change_table`` reads its tables in chunks and writes the rows sorted by id:
+    the file ``detect_change``'s frame would give, with no scratch left and the summary
+    of the frame; chunks of a few rows give the same file."""
+    import pyarrow.parquet as pq
+
+    import pipelines.geotable as geotable
+    from bench.change import REGION as BENCH
+    from bench.change import composite, tables
+    from pipelines.change import change_table
+
+    sites, previous, history = tables(tmp_path, 200, seed=2)
+    comp = composite(tmp_path / "c.tif", 200)
+    out = tmp_path / "out"
+    table = change_table(BENCH, "2021", sites, previous, out / "a.parquet", previous_change=history, composite=comp)  # fmt: skip
+    frame = gpd.read_parquet(table.path)
+    assert len(frame) == table.rows > 400
+    assert list(frame["change_id"]) == sorted(frame["change_id"])
+    assert sorted(p.name for p in out.iterdir()) == ["a.parquet"], "no scratch left behind"
+    areas = frame.groupby("kind")["area_ha"].sum()
+    for kind, ha in areas.items():
+        assert table.summary[f"{kind}_ha"] == pytest.approx(round(float(ha), 4), abs=1e-9)
+    assert table.summary["site_count"] == pq.read_metadata(sites).num_rows
+    meta = pq.read_metadata(table.path).metadata
+    assert b"covering" in meta[b"geo"] and "bbox" in pq.read_schema(table.path).names
+    # the same rows through chunks of 7 rows and batches of 50 geometries
+    small = pytest.MonkeyPatch()
+    small.setattr(geotable, "READ_ROWS", 7)
+    small.setattr("pipelines.change.READ_ROWS", 7)
+    try:
+        again = change_table(BENCH, "2021", sites, previous, out / "b.parquet", previous_change=history, composite=comp, batch_size=50)  # fmt: skip
+    finally:
+        small.undo()
+    other = gpd.read_parquet(again.path)
+    assert other.drop(columns="geometry").equals(frame.drop(columns="geometry"))
+    assert shapely.equals_exact(other.geometry.values, frame.geometry.values, 0).all()
+    assert again.summary == table.summary
+    first = pq.read_metadata(table.path).metadata[b"geo"]
+    assert pq.read_metadata(again.path).metadata[b"geo"] == first
+
+
+def test_change_table_names_a_table_it_cannot_read(tmp_path: Path) -> None:
+    """A sites file that is not GeoParquet, or has no CRS, fails in seconds naming the
+    file; the change written before is kept and no scratch is left."""
+    from pipelines.change import change_table
+    from pipelines.geotable import GeoTableError
+
+    good = tmp_path / "sites.parquet"
+    sites("2020", {"a": box(0, 0, 100, 100)}).to_parquet(good)
+    target = tmp_path / "change" / "2021.parquet"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    plain = tmp_path / "plain.parquet"
+    sites("2021", {"a": box(0, 0, 100, 100)}).to_wkb().to_parquet(plain)
+    with pytest.raises(GeoTableError, match=r"plain\.parquet: not a GeoParquet file"):
+        change_table(REGION, "2021", plain, good, target)
+    naive = tmp_path / "naive.parquet"
+    sites("2021", {"a": box(0, 0, 100, 100)}).set_crs(None, allow_override=True).to_parquet(naive)
+    with pytest.raises(GeoTableError, match=r"naive\.parquet: the sites have no CRS"):
+        change_table(REGION, "2021", naive, good, target)
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 not really")
+    with pytest.raises(GeoTableError, match=r"broken\.parquet: not a readable Parquet file"):
+        change_table(REGION, "2021", good, broken, target)
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["2021.parquet"]

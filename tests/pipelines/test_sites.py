@@ -90,3 +90,41 @@ def test_empty_mask_and_bad_input(tmp_path: Path) -> None:
         extract_sites(_raster(tmp_path / "g.tif", _scene(), crs="EPSG:4326"), "r", "2021")
     with pytest.raises(ValueError, match="minimum mapping unit"):
         extract_sites(tmp_path / "e.tif", "r", "2021", mmu_ha=-1)
+
+
+def test_sites_stream_to_geoparquet_in_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``sites_table`` spills the sites of finished tiles as they come and sorts them into
+    the GeoParquet: chunks of two rows and tiles of 128 px give the file one chunk of
+    everything gives, with no scratch left beside it; a raster it cannot use leaves the
+    old file as it was."""
+    import geopandas as gpd
+    import shapely
+
+    import pipelines.sites as sites_mod
+    from pipelines.sites import sites_table
+
+    rng = np.random.default_rng(4)
+    prob = np.zeros((384, 384), np.float32)
+    for _ in range(40):  # blobs of 4-14 px, some across the 128 px tile edges
+        r, c, h, w = *rng.integers(0, 370, 2), *rng.integers(4, 15, 2)
+        prob[r : r + h, c : c + w] = 0.9
+    src = _raster(tmp_path / "p.tif", prob)
+    out = tmp_path / "sites"
+    one = sites_table(src, "r", "2021", out / "one.parquet", mmu_ha=0.05, tile_px=4096)
+    monkeypatch.setattr(sites_mod, "READ_ROWS", 2)
+    monkeypatch.setattr("pipelines.geotable.READ_ROWS", 2)
+    many = sites_table(src, "r", "2021", out / "many.parquet", mmu_ha=0.05, tile_px=128)
+    assert one.count == many.count > 20
+    a, b = gpd.read_parquet(one.path), gpd.read_parquet(many.path)
+    assert a.drop(columns="geometry").equals(b.drop(columns="geometry"))
+    assert shapely.equals_exact(a.geometry.values, b.geometry.values, 0).all()
+    assert list(a["site_id"]) == sorted(a["site_id"])
+    assert pq.read_metadata(many.path).num_row_groups > 10, "written chunk by chunk"
+    assert pq.read_metadata(many.path).metadata[b"geo"] == pq.read_metadata(one.path).metadata[b"geo"]  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == ["many.parquet", "one.parquet"]
+    before = many.path.read_bytes()
+    with pytest.raises(ValueError, match="projected"):
+        sites_table(_raster(tmp_path / "g.tif", prob, crs="EPSG:4326"), "r", "2021", many.path)
+    assert many.path.read_bytes() == before
