@@ -51,8 +51,11 @@ from pipelines.geotable import (
     READ_ROWS,
     GeoTableError,
     RowSpill,
+    rank_of,
     read_chunks,
     scratch_db,
+    sort_rows,
+    streamed,
     write_sorted,
 )
 from pipelines.grid import bbox_utm_epsg
@@ -514,19 +517,12 @@ class _Rows:
         return self.spill.rows
 
 
-def _by_batch(con: Any, spill: Path, batches: npt.NDArray[np.intp], target: Path) -> Path:
-    """``spill`` sorted by batch (``batches``: the batch of each row) into ``target``,
-    in small row groups, so that one batch's rows are read without the others."""
-    import pyarrow as pa
-
-    con.register("batch_of", pa.table({"row": np.arange(len(batches), dtype=np.int64), "batch": batches.astype(np.int64)}))  # fmt: skip
-    con.execute(
-        f"COPY (SELECT s.*, b.batch FROM read_parquet({sql_literal(str(spill))}) s "
-        "JOIN batch_of b USING (row) ORDER BY b.batch, s.row) "
-        f"TO {sql_literal(str(target))} (FORMAT parquet, ROW_GROUP_SIZE {BATCH_ROW_GROUP})"
-    )
-    con.unregister("batch_of")
-    return target
+def _by_batch(spill: Path, batches: npt.NDArray[np.intp], target: Path) -> Path:
+    """``spill`` sorted by batch (``batches``: the batch of each row), a ``batch`` column
+    added, in small row groups, so that one batch's rows are read without the others."""
+    order = np.argsort(batches, kind="stable")  # by batch, then row
+    extra = {"batch": batches.astype(np.int64)}
+    return sort_rows(spill, target, rank_of(order), target.parent, extra=extra)
 
 
 def _batch(con: Any, sorted_spill: Path, batch: int) -> Any:
@@ -563,8 +559,8 @@ def change_table(
     and spilled to a scratch folder beside ``target``; the overlay runs batch by batch
     (``batch_ids``: whole clusters of intersecting bounding boxes, at most about
     ``batch_size`` geometries), with the composite opened once for the NDVI of all
-    batches; the rows are spilled as they come and sorted by ``change_id`` with DuckDB
-    into ``target``. The rows do not depend on the batch size.
+    batches; the rows are spilled as they come and sorted by ``change_id`` into ``target``
+    (``geotable.write_sorted``). The rows do not depend on the batch size.
     """
     say = progress or (lambda _m: None)
     epsg = bbox_utm_epsg(region.bbox)
@@ -582,9 +578,7 @@ def change_table(
         if previous_sites is None:
             notes.append("first period of the region: all its mining is new (the baseline)")
             say(f"{period_id}: {len(cur.area_ha)} sites, the region's first period: all new")
-            for chunk in con.execute(
-                f"SELECT * FROM read_parquet({sql_literal(str(cur.path))}) ORDER BY row"
-            ).to_arrow_reader(READ_ROWS):
+            for chunk in streamed(cur.path).iter_batches(batch_size=READ_ROWS):  # in order
                 g = shapely.from_wkb(chunk.column("geometry"))
                 own = [v or period_id for v in _strings(chunk.column("first_seen_period"))]
                 rows.add("new", g, own, _strings(chunk.column("site_id")), [np.nan] * len(g))
@@ -607,7 +601,7 @@ def change_table(
             ids, count = batch_ids(np.concatenate([t.bounds for t in tables]), batch_size)
             splits = np.cumsum([len(t.bounds) for t in tables])[:-1]
             ordered = [
-                _by_batch(con, t.path, b, work / f"by-batch-{k}.parquet")
+                _by_batch(t.path, b, work / f"by-batch-{k}.parquet")
                 for k, (t, b) in enumerate(zip(tables, np.split(ids, splits), strict=True))
             ]
             say(
@@ -627,7 +621,7 @@ def change_table(
                         last = time.perf_counter()
                         say(f"{period_id}: batch {b + 1}/{count}, {rows.count} rows")
         mining = pd_sum(cur.area_ha)
-        write_sorted(con, rows.spill, "change_id", target, _typed, 4326)
+        write_sorted(rows.spill, "change_id", target, _typed, 4326)
     say(
         f"{period_id}: {rows.count} change rows written to {target} in {time.perf_counter() - started:.1f} s"
     )

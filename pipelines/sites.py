@@ -31,7 +31,7 @@ import shapely.geometry
 from affine import Affine
 from scipy import ndimage
 
-from pipelines.geotable import READ_ROWS, RowSpill, scratch_db, write_sorted
+from pipelines.geotable import READ_ROWS, RowSpill, write_sorted
 from pipelines.progress import Progress
 from pipelines.storage import atomic_path, partition_path
 from pipelines.tiling import (
@@ -221,8 +221,8 @@ def sites_table(
     Tile by tile (``tile_px``, with a ``SITES_HALO`` px halo; dask tasks on ``client``):
     the table is the same for any tile size, components that cross tile edges joined.
     No table is held whole: the sites of finished tiles are spilled as they come (only
-    the components on tile seams wait for their neighbours), then sorted by DuckDB into
-    ``target`` (``geotable.write_sorted``).
+    the components on tile seams wait for their neighbours), then sorted into ``target``
+    (``geotable.write_sorted``).
     """
     import pyarrow as pa
 
@@ -245,10 +245,7 @@ def sites_table(
     target.parent.mkdir(parents=True, exist_ok=True)
     kind = {"geometry": pa.binary(), "area_ha": pa.float64(), "mean_probability": pa.float64(), "mapped_area_ha": pa.float64()}  # fmt: skip
     schema = pa.schema([(c, kind.get(c, pa.string())) for c in COLUMNS])
-    with (
-        tempfile.TemporaryDirectory(prefix=".sites-", dir=target.parent) as scratch,
-        scratch_db(Path(scratch)) as con,
-    ):
+    with tempfile.TemporaryDirectory(prefix=".sites-", dir=target.parent) as scratch:
         spill = RowSpill(Path(scratch) / "rows.parquet", schema)
         results: dict[tuple[int, int], TileSites] = {}
         pending: list[Component] = []
@@ -264,7 +261,7 @@ def sites_table(
             report(done)
         pending.extend(merge_seams(tiling, results))
         spill.write(rows.of(pending))
-        write_sorted(con, spill, "site_id", target, lambda f: conform(f[list(COLUMNS)]), 4326)
+        write_sorted(spill, "site_id", target, lambda f: conform(f[list(COLUMNS)]), 4326)
     return SitesTable(target, spill.rows)
 
 

@@ -85,3 +85,34 @@ def test_read_chunks_names_a_file_that_is_not_geoparquet(tmp_path: Path) -> None
     missing = tmp_path / "missing.parquet"
     with pytest.raises(GeoTableError, match=r"missing\.parquet: not a readable Parquet file"):
         list(read_chunks(missing))
+
+
+def test_rows_sort_by_buckets_in_bounded_pieces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``sort_rows`` deals the rows into buckets of consecutive ranks and sorts each:
+    buckets of 7 rows and chunks of 5 put every row at its rank, with the extra column,
+    in row groups of the size asked, and leave no bucket file behind."""
+    import pyarrow as pa
+
+    import pipelines.geotable as geotable
+
+    monkeypatch.setattr(geotable, "BUCKET_ROWS", 7)
+    monkeypatch.setattr(geotable, "READ_ROWS", 5)
+    n = 53
+    rng = np.random.default_rng(1)
+    source = tmp_path / "rows.parquet"
+    blobs = [bytes(rng.integers(0, 255, rng.integers(1, 40), dtype=np.uint8)) for _ in range(n)]
+    pq.write_table(pa.table({"row": np.arange(n), "blob": blobs}), source, row_group_size=11)
+    rank = geotable.rank_of(rng.permutation(n))
+    work = tmp_path / "work"
+    work.mkdir()
+    out = geotable.sort_rows(source, tmp_path / "sorted.parquet", rank, work, extra={"tag": rank * 10}, row_group_rows=4)  # fmt: skip
+    table = pq.read_table(out)
+    rows = table.column("row").to_numpy()
+    assert (rank[rows] == np.arange(n)).all(), "each row at its rank"
+    assert [blobs[r] for r in rows] == table.column("blob").to_pylist()
+    assert (table.column("tag").to_numpy() == rank[rows] * 10).all()
+    meta = pq.read_metadata(out)
+    assert all(meta.row_group(i).num_rows <= 4 for i in range(meta.num_row_groups))
+    assert list(work.iterdir()) == []
