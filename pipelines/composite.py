@@ -311,6 +311,25 @@ def redact(text: str) -> str:
     return _QUERY.sub(r"\1?<signed>", text)
 
 
+class _Redacting(logging.Filter):
+    """Redacts URL query strings from the records of a logger (``redact``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if "?" in msg:
+            record.msg, record.args = redact(msg), None
+        return True
+
+
+#: Loggers through which rasterio passes GDAL's messages. GDAL names the file it failed
+#: on, signed href included ("HTTP response code on https://...?...&sig=...: 0"), and
+#: rasterio logs that at WARNING: those records are redacted before any handler sees
+#: them (a logger's filters run first).
+GDAL_LOGGERS = ("rasterio", "rasterio._env", "rasterio._err", "rasterio._base", "rasterio._io", "rasterio.env")  # fmt: skip
+for _name in GDAL_LOGGERS:
+    logging.getLogger(_name).addFilter(_Redacting())
+
+
 def check_scene_files(
     items: Sequence[Mapping[str, Any]], roles: Sequence[str] = LOAD_ROLES, workers: int = 8
 ) -> tuple[list[Mapping[str, Any]], list[SkippedScene]]:

@@ -155,3 +155,18 @@ def test_composite_signs_planetary_computer_hrefs_before_reading(
     tokens.status = 500
     with pytest.raises(SigningError):
         composite_for_region(region, region.periods[0], tmp_path, chunk=128)
+
+
+def test_gdal_messages_that_rasterio_logs_lose_their_tokens(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """GDAL names the file it failed on, signed href included, and rasterio logs that:
+    the query string is redacted before any handler sees the record."""
+    import pipelines.composite as composite
+
+    href = "https://acct.blob.core.windows.net/c/T35MNM_SCL_20m.tif?st=2026&sp=rl&sig=tok1"
+    with caplog.at_level(logging.DEBUG):
+        for name in composite.GDAL_LOGGERS:
+            logging.getLogger(name).warning("CPLE_AppDefined in HTTP response code on %s: 0", href)
+    assert "sig=" not in caplog.text and "tok1" not in caplog.text
+    assert caplog.text.count("T35MNM_SCL_20m.tif?<signed>") == len(composite.GDAL_LOGGERS)
