@@ -8,7 +8,10 @@
 - ``new_scenes`` sensor: searches each watched region's STAC source for the current
   period and requests a ``refresh`` of the partition when it returns scenes that the
   stored ``scenes`` table does not hold (run key: region, period and the scene set, so
-  the same scenes never trigger twice).
+  the same scenes never trigger twice). Each tick ends within ``TICK_BUDGET_S`` whatever
+  the sources do: a search gets what is left of the budget (one retry, short timeouts)
+  and is abandoned past it; regions are taken in turn from where the last tick stopped,
+  and the tick's log and skip reason name every region not checked and why.
 - ``reports_after_alerts`` sensor: when ``alerts`` lands for a region, requests the
   ``report`` job for that region, so the published map follows every refresh.
 
@@ -24,7 +27,11 @@ import datetime as dt
 import hashlib
 import json
 import re
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as SearchTimeout
+from typing import Any
 
 import dagster as dg
 
@@ -105,60 +112,110 @@ def stored_scene_ids(settings: AsmwatchSettings, region_id: str, period_id: str)
     return {str(v) for v in pq.read_table(path, columns=["id"]).column("id").to_pylist()}
 
 
+#: A ``new_scenes`` tick returns within this many seconds, whatever the sources do
+#: (Dagster gives a sensor tick 60 s; the daemon evaluates the others meanwhile).
+TICK_BUDGET_S = 25.0
+#: A search is not started with less than this left in the tick; its region is then
+#: checked first on the next tick.
+MIN_SEARCH_S = 3.0
+#: Each request of a sensor's search: one retry, at most this long per attempt.
+SEARCH_TIMEOUT_S = 10.0
+
+
+def _in_turn(regions: list[Region], first: str | None) -> list[Region]:
+    """``regions`` starting from the one with id ``first`` (the last tick's stop)."""
+    ids = [r.id for r in regions]
+    at = ids.index(first) if first in ids else 0
+    return regions[at:] + regions[:at]
+
+
 @dg.sensor(
     job=refresh_job,
     minimum_interval_seconds=3600,
     default_status=dg.DefaultSensorStatus.STOPPED,
     description=(
         "Searches each region with refresh.watch_scenes for scenes of its current period "
-        "and requests a refresh of that partition when some are not in its scenes table."
+        "and requests a refresh of that partition when some are not in its scenes table. "
+        f"A tick ends within {TICK_BUDGET_S:.0f} s: regions are searched in turn from where "
+        "the last tick stopped, and the tick names those it did not check."
     ),
 )
 def new_scenes(
     context: dg.SensorEvaluationContext, settings: AsmwatchSettings, stac: StacResource
 ) -> dg.SensorResult:
-    from pipelines.stac.search import search_scenes
+    from pipelines.stac.search import RetrySettings, search_scenes
 
+    deadline = time.monotonic() + TICK_BUDGET_S
     config = settings.regions()
     today = dt.datetime.now(dt.UTC).date()
     cursor = json.loads(context.cursor) if context.cursor else {}
+    seen = cursor.get("regions", {})
+    watched = [r for r in config.regions if r.refresh.watch_scenes]
+    order = _in_turn(watched, cursor.get("next"))
     requests = []
     skipped = []
-    for region in config.regions:
-        if not region.refresh.watch_scenes:
-            continue
-        period = region.current_period(today)
-        try:
-            url = stac.url_for(region, settings.root(), log=context.log)
-            found = search_scenes(url, region, period, progress=context.log.debug)
-        except Exception as e:  # one unreachable source must not stop the others
-            context.log.warning(f"new_scenes {region.id} {period.id}: search failed: {e}")
-            skipped.append(f"{region.id}: search failed")
-            continue
-        ids = sorted(s.id for s in found.scenes)
-        new = sorted(set(ids) - stored_scene_ids(settings, region.id, period.id))
-        cursor[region.id] = {"period": period.id, "scenes": len(ids), "new": len(new)}
-        if not new:
-            skipped.append(f"{region.id} {period.id}: {len(ids)} scene(s), none new")
-            continue
-        digest = hashlib.sha1("\n".join(ids).encode()).hexdigest()[:16]
-        context.log.info(f"new_scenes {region.id} {period.id}: {len(new)} new scene(s): {', '.join(new[:5])}")  # fmt: skip
-        requests.append(
-            dg.RunRequest(
-                run_key=f"{region.id}|{period.id}|{digest}",
-                partition_key=partition_key(region.id, period.id),
-                tags={
-                    "asmwatch/trigger": "new_scenes",
-                    "asmwatch/region": region.id,
-                    "asmwatch/new_scenes": str(len(new)),
-                },
+    next_region = None
+    # a search runs in a thread so that the tick can leave it behind at the deadline
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="new_scenes")
+    try:
+        for i, region in enumerate(order):
+            period = region.current_period(today)
+            left = deadline - time.monotonic()
+            if left < MIN_SEARCH_S:
+                next_region = region.id
+                why = f"not checked: the tick's {TICK_BUDGET_S:.0f} s were spent (first next tick)"
+                for r in order[i:]:
+                    skipped.append(f"{r.id}: {why}")
+                    context.log.warning(f"new_scenes {r.id}: {why}")
+                break
+            retry = RetrySettings(
+                retries=1, backoff_s=0.2, timeout_s=min(SEARCH_TIMEOUT_S, left / 2)
             )
-        )
-    stac.stop_all()
+
+            def search(region: Region = region, period: Any = period, retry: Any = retry) -> Any:
+                url = stac.url_for(region, settings.root(), log=context.log)
+                return search_scenes(url, region, period, progress=context.log.debug, retry=retry)
+
+            try:
+                found = pool.submit(search).result(timeout=left)
+            except SearchTimeout:
+                why = f"search still running after {left:.0f} s, left behind (first next tick)"
+                context.log.warning(f"new_scenes {region.id} {period.id}: {why}")
+                skipped.append(f"{region.id}: {why}")
+                next_region = region.id
+                for r in order[i + 1 :]:
+                    skipped.append(f"{r.id}: not checked: the tick's budget was spent")
+                break
+            except Exception as e:  # one unreachable source must not stop the others
+                context.log.warning(f"new_scenes {region.id} {period.id}: search failed: {e}")
+                skipped.append(f"{region.id}: search failed")
+                continue
+            ids = sorted(s.id for s in found.scenes)
+            new = sorted(set(ids) - stored_scene_ids(settings, region.id, period.id))
+            seen[region.id] = {"period": period.id, "scenes": len(ids), "new": len(new)}
+            if not new:
+                skipped.append(f"{region.id} {period.id}: {len(ids)} scene(s), none new")
+                continue
+            digest = hashlib.sha1("\n".join(ids).encode()).hexdigest()[:16]
+            context.log.info(f"new_scenes {region.id} {period.id}: {len(new)} new scene(s): {', '.join(new[:5])}")  # fmt: skip
+            requests.append(
+                dg.RunRequest(
+                    run_key=f"{region.id}|{period.id}|{digest}",
+                    partition_key=partition_key(region.id, period.id),
+                    tags={
+                        "asmwatch/trigger": "new_scenes",
+                        "asmwatch/region": region.id,
+                        "asmwatch/new_scenes": str(len(new)),
+                    },
+                )
+            )
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        stac.stop_all()
     return dg.SensorResult(
         run_requests=requests,
         skip_reason=None if requests else "; ".join(skipped) or "no region is watched",
-        cursor=json.dumps(cursor, sort_keys=True),
+        cursor=json.dumps({"regions": seen, "next": next_region}, sort_keys=True),
     )
 
 

@@ -5,7 +5,7 @@ No ``from __future__ import annotations`` here: Dagster inspects the context ann
 
 import dagster as dg
 
-from assets.checks import specs, table_checks
+from assets.checks import column_schema, row_count, specs, table_checks
 from assets.composite import composite
 from assets.detection import asm_sites
 from assets.partitions import PARTITIONS, missing_partition, region_and_period
@@ -31,12 +31,13 @@ from pipelines.sites import sites_path
     owners=["team:asmwatch"],
     deps=[asm_sites, composite],
     check_specs=specs("asm_change"),
+    metadata=column_schema("asm_change"),
     description=(
         "Period-over-period ASM change for a region: new, expanded, stable, abandoned and "
         "re-vegetating areas (re-vegetation: mean composite NDVI >= 0.35 on land mined the "
         "period before), with first_seen_period. Needs asm_sites of this and the previous "
         "period of the region (materialise periods in order). GeoParquet at "
-        "change/<region>/<period>.parquet and the `asm_change` view; one row per region "
+        "`change/<region>/<period>.parquet` and the `asm_change` view; one row per region "
         "and period in the `region_summary` view (mining area, change by kind, growth "
         "against the previous and the first period)."
     ),
@@ -97,10 +98,10 @@ def asm_change(
 
     tables = [("asm_change", target, None), ("region_summary", summary_path(root, region.id, period.id), None)]  # fmt: skip
     return dg.MaterializeResult(
-        check_results=table_checks(tables, region, context.log),
+        check_results=table_checks(tables, region, context.log, f"{region.id} {period.id}"),
         metadata={
             "path": dg.MetadataValue.path(str(target)),
-            "rows": dg.MetadataValue.int(table.rows),
+            **row_count(target),
             "mining_ha": num(s["mining_ha"]),
             **{f"{k}_ha": num(s[f"{k}_ha"]) for k in KINDS},
             "growth_vs_previous": num(s["growth_vs_previous"]),

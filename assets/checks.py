@@ -8,6 +8,7 @@ table that breaks its contract stops the assets built on it in the same run.
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 
@@ -23,6 +24,22 @@ DESCRIPTIONS = {
         "AOI; scores in 0-100 and equal to the sum of their components; ids unique."
     ),
 }
+
+
+def column_schema(contract: str) -> dict[str, Any]:
+    """Definition metadata: the contract's columns and types as Dagster's column schema
+    (the UI's Columns tab), the same columns as docs/data-dictionary.md."""
+    columns = [dg.TableColumn(name, kind) for name, kind in CONTRACTS[contract].columns.items()]
+    return {"dagster/column_schema": dg.TableSchema(columns=columns)}
+
+
+def row_count(*paths: Path | None) -> dict[str, Any]:
+    """Runtime metadata: the rows of the files written (``dagster/row_count``), from
+    their Parquet footers; a file not written counts none."""
+    import pyarrow.parquet as pq
+
+    rows = sum(pq.read_metadata(p).num_rows for p in paths if p is not None and p.exists())
+    return {"dagster/row_count": dg.MetadataValue.int(rows)}
 
 
 def specs(asset: str) -> list[dg.AssetCheckSpec]:
@@ -61,19 +78,22 @@ def run_checks(tables: Sequence[tuple[str, Path, str | None]], region: Region) -
     return merged
 
 
-def results(outcomes: list[Outcome], log: dg.DagsterLogManager | None = None) -> list[dg.AssetCheckResult]:  # fmt: skip
+def results(
+    outcomes: list[Outcome], where: str, log: dg.DagsterLogManager | None = None
+) -> list[dg.AssetCheckResult]:
+    """Dagster check results; each message starts with ``where`` (the region and the
+    period checked), which the check's own history in the UI does not otherwise show."""
     out = []
     for o in outcomes:
+        description = f"{where}: {o.description}"
         if log is not None and not o.passed:
-            (log.error if o.severity == "ERROR" else log.warning)(
-                f"check {o.name}: {o.description}"
-            )
+            (log.error if o.severity == "ERROR" else log.warning)(f"check {o.name}: {description}")
         out.append(
             dg.AssetCheckResult(
                 check_name=o.name,
                 passed=o.passed,
                 severity=dg.AssetCheckSeverity.ERROR if o.severity == "ERROR" else dg.AssetCheckSeverity.WARN,
-                description=o.description[:2000],
+                description=description[:2000],
                 metadata={"details": dg.MetadataValue.json(o.metadata)},
             )
         )  # fmt: skip
@@ -86,7 +106,11 @@ def nothing_written(why: str) -> list[Outcome]:
 
 
 def table_checks(
-    tables: Sequence[tuple[str, Path, str | None]], region: Region, log: dg.DagsterLogManager
+    tables: Sequence[tuple[str, Path, str | None]],
+    region: Region,
+    log: dg.DagsterLogManager,
+    where: str | None = None,
 ) -> list[dg.AssetCheckResult]:
-    """``results(run_checks(...))``, logging failures."""
-    return results(run_checks(tables, region), log)
+    """``results(run_checks(...))``, logging failures; messages name ``where`` (default:
+    the region)."""
+    return results(run_checks(tables, region), where or region.id, log)

@@ -29,7 +29,6 @@ def _metadata(res: CompositeResult, threshold: float) -> dict[str, dg.MetadataVa
         "preview": preview,
         "empty": dg.MetadataValue.bool(res.empty),
         "valid_fraction": dg.MetadataValue.float(round(res.valid_fraction, 6)),
-        "min_valid_fraction": dg.MetadataValue.float(threshold),
         "scene_count": dg.MetadataValue.int(len(res.scenes_used)),
         "observations": dg.MetadataValue.int(res.observations),
         "skipped_count": dg.MetadataValue.int(len(res.skipped)),
@@ -47,8 +46,11 @@ def _metadata(res: CompositeResult, threshold: float) -> dict[str, dg.MetadataVa
         "band_means": dg.MetadataValue.json(res.band_means),
         "bands": dg.MetadataValue.json(list(OUTPUT_BANDS)),
         "crs": dg.MetadataValue.text(f"EPSG:{res.epsg}"),
+        # settings, not measurements: one JSON entry, which the UI does not plot
+        "settings": dg.MetadataValue.json(
+            {"min_valid_fraction": threshold, "resolution_m": res.resolution}
+        ),
         "shape": dg.MetadataValue.json(list(res.shape)),
-        "resolution_m": dg.MetadataValue.float(res.resolution),
         "size_mb": dg.MetadataValue.float(round(res.size_bytes / 2**20, 2)),
         "seconds": dg.MetadataValue.float(round(res.seconds, 2)),
     }
@@ -77,7 +79,7 @@ def _metadata(res: CompositeResult, threshold: float) -> dict[str, dg.MetadataVa
         "Cloud-masked (SCL 0, 1, 3, 8, 9, 10; optionally s2cloudless on the L1C twins) per-period median of B02 B03 B04 B08 B11 "
         "B12, a clear-observation count and NDVI, MNDWI and BSI, on the region's UTM "
         "grid at 10 m, built with odc-stac and dask. Lands as a tiled COG with overviews "
-        "at composite/<region>/<period>.tif."
+        "at `composite/<region>/<period>.tif`."
     ),
 )
 @fail_fast

@@ -5,7 +5,7 @@ No ``from __future__ import annotations`` here: Dagster inspects the context ann
 
 import dagster as dg
 
-from assets.checks import nothing_written, results, specs, table_checks
+from assets.checks import column_schema, nothing_written, results, row_count, specs, table_checks
 from assets.partitions import REGIONS, region_of
 from assets.resources import AsmwatchSettings, fail_fast
 from pipelines.catalog import refresh_views
@@ -19,13 +19,14 @@ from pipelines.embedded import context_path, ensure_world
     kinds={"geoparquet", "duckdb"},
     owners=["team:asmwatch"],
     check_specs=specs("context_layers"),
+    metadata=column_schema("context"),
     description=(
         "A region's context layers from the files its `context` names: protected areas, "
         "indigenous lands, LSM concessions, settlements, rivers and grievance logs "
         "(GeoJSON, GeoPackage, GeoParquet, zipped Shapefile; CSV with coordinates for "
         "settlements and grievances). Columns mapped through the regions file, CRS "
         "reprojected to EPSG:4326, invalid polygons repaired, anything else refused with "
-        "the file and feature named. GeoParquet at context/<region>/<layer>.parquet and one "
+        "the file and feature named. GeoParquet at `context/<region>/<layer>.parquet` and one "
         "DuckDB view per layer."
     ),
 )
@@ -65,7 +66,7 @@ def context_layers(
     return dg.MaterializeResult(
         check_results=table_checks(tables, region, context.log)
         if tables
-        else results(nothing_written(f"region {region.id} lists no context layers")),
+        else results(nothing_written(f"region {region.id} lists no context layers"), region.id),
         metadata={
             "layers": dg.MetadataValue.json(
                 {
@@ -79,6 +80,7 @@ def context_layers(
                 }
             ),
             **{f"{layer.kind}_count": dg.MetadataValue.int(len(layer.frame)) for layer in layers},
+            **row_count(*written.values()),
             "catalog": dg.MetadataValue.json(views),
         },
     )

@@ -26,12 +26,31 @@ from assets.scenes import scenes
 #: Region x period work up to the composite; then the model (all regions at once);
 #: then the per-partition detections and change (periods in order: change compares with
 #: the previous period). `asmwatch demo` runs them in that order.
-ingest_job = dg.define_asset_job("ingest", selection=[scenes, composite], tags=RUN_RETRY_TAGS)
-model_job = dg.define_asset_job("train_model", selection=[mining_model], tags=RUN_RETRY_TAGS)
-context_job = dg.define_asset_job("load_context", selection=[context_layers], tags=RUN_RETRY_TAGS)
+ingest_job = dg.define_asset_job(
+    "ingest", selection=[scenes, composite], tags=RUN_RETRY_TAGS,
+    description="STAC search and the median composite of one region and period.",
+)  # fmt: skip
+model_job = dg.define_asset_job(
+    "train_model", selection=[mining_model], tags=RUN_RETRY_TAGS,
+    description=(
+        "Trains the U-Net on the training periods' composites and truth (all regions at "
+        "once), or reuses the registered model when its inputs are unchanged."
+    ),
+)  # fmt: skip
+context_job = dg.define_asset_job(
+    "load_context", selection=[context_layers], tags=RUN_RETRY_TAGS,
+    description=(
+        "A region's reference layers (protected areas, indigenous lands, concessions, "
+        "settlements, grievances), checked and written as GeoParquet."
+    ),
+)  # fmt: skip
 detect_job = dg.define_asset_job(
     "detect", selection=[mining_probability, asm_sites, asm_change, *RISK_ASSETS],
     tags=RUN_RETRY_TAGS,
+    description=(
+        "Probability, sites, change and the risk tables of one region and period (run the "
+        "periods of a region in order: change compares with the previous period)."
+    ),
 )  # fmt: skip
 
 PC_KEY_VAR = "PC_SDK_SUBSCRIPTION_KEY"

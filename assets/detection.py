@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 
-from assets.checks import specs, table_checks
+from assets.checks import column_schema, row_count, specs, table_checks
 from assets.composite import composite
 from assets.partitions import PARTITIONS, region_and_period
 from assets.resources import AsmwatchSettings, DaskResource, TorchResource, fail_fast
@@ -55,11 +55,12 @@ def _scores_md(metrics: dict[str, Any]) -> str:
     owners=["team:asmwatch"],
     deps=[dg.AssetDep(composite, partition_mapping=dg.AllPartitionMapping())],
     check_specs=specs("mining_model"),
+    metadata=column_schema("models"),
     description=(
         "The mining segmentation model: a U-Net (segmentation-models-pytorch, ResNet-18 "
         "encoder, no pretrained weights) trained on the composites of regions with ground "
         "truth, the last period of each held out for evaluation. Reuses the registered "
-        "model when its inputs are unchanged. Checkpoints under models/<model_id>/, "
+        "model when its inputs are unchanged. Checkpoints under `models/<model_id>/`, "
         "records in the `models` view of the DuckDB catalog."
     ),
 )
@@ -88,8 +89,11 @@ def mining_model(
     h, b = r.metrics["heldout"], r.metrics["baseline_heldout"]
     models = root / "models" / "models.parquet"
     return dg.MaterializeResult(
-        check_results=table_checks([("models", models, None)], regions[0], context.log),
+        check_results=table_checks(
+            [("models", models, None)], regions[0], context.log, "model registry"
+        ),
         metadata={
+            **row_count(models),
             "model_id": dg.MetadataValue.text(r.model_id),
             "reused": dg.MetadataValue.bool(out.reused),
             "heldout_iou": dg.MetadataValue.float(h["iou"]),
@@ -167,13 +171,13 @@ def mining_probability(
         "detector": dg.MetadataValue.text(res.detector),
         "device": dg.MetadataValue.text(res.device),
         "mining_ha": dg.MetadataValue.float(res.mining_ha),
-        "threshold": dg.MetadataValue.float(res.threshold),
         "mining_fraction": dg.MetadataValue.float(round(res.mining_fraction, 5)),
         "mean_probability": dg.MetadataValue.float(round(res.mean_probability, 5)),
         "valid_fraction": dg.MetadataValue.float(round(res.valid_fraction, 5)),
         "seconds": dg.MetadataValue.float(round(res.seconds, 2)),
         "tiles": dg.MetadataValue.int(res.tiles),
-        "tile_px": dg.MetadataValue.int(res.tile_px),
+        # settings, not measurements: one JSON entry, which the UI does not plot
+        "settings": dg.MetadataValue.json({"threshold": res.threshold, "tile_px": res.tile_px}),
     }
     if res.metrics is not None:
         meta["truth_iou"] = dg.MetadataValue.float(res.metrics["iou"])
@@ -195,12 +199,13 @@ class AsmSitesConfig(dg.Config):
     owners=["team:asmwatch"],
     deps=[mining_probability],
     check_specs=specs("asm_sites"),
+    metadata=column_schema("asm_sites"),
     description=(
         "ASM site polygons for a region and period: the probability thresholded at the "
         "model's recorded threshold, cleaned (opening, closing), components under the "
         "minimum mapping unit (0.5 ha) dropped, polygonised with rasterio.features, tile "
         "by tile (dask tasks, 8 px halo) with components that cross tile edges joined. "
-        "GeoParquet (EPSG:4326, bbox covering) at sites/<region>/<period>.parquet and "
+        "GeoParquet (EPSG:4326, bbox covering) at `sites/<region>/<period>.parquet` and "
         "the `asm_sites` view. A region with `detections` in the regions file takes its "
         "sites from that file of external polygons instead (validated, clipped to the AOI)."
     ),
@@ -253,15 +258,18 @@ def asm_sites(
     total = float(areas["area_ha"].sum()) if len(areas) else 0.0
     context.log.info(f"asm_sites {region.id} {period.id}: {len(areas)} sites, {total:.1f} ha")
     return dg.MaterializeResult(
-        check_results=table_checks([("asm_sites", target, None)], region, context.log),
+        check_results=table_checks(
+            [("asm_sites", target, None)], region, context.log, f"{region.id} {period.id}"
+        ),
         metadata={
             "path": dg.MetadataValue.path(str(target)),
+            **row_count(target),
             "site_count": dg.MetadataValue.int(len(areas)),
             "total_area_ha": dg.MetadataValue.float(round(total, 2)),
             "largest_site_ha": dg.MetadataValue.float(
                 float(areas["area_ha"].max()) if len(areas) else 0.0
             ),
-            "mmu_ha": dg.MetadataValue.float(config.mmu_ha),
+            "settings": dg.MetadataValue.json({"mmu_ha": config.mmu_ha}),  # not plotted
             "source": dg.MetadataValue.text(
                 "model" if region.detections is None else f"imported: {region.detections.path}"
             ),

@@ -78,7 +78,7 @@ def stale_inputs(instance: dg.DagsterInstance, region_id: str, period_ids: list[
     ],
     description=(
         "Reports for people outside the team, per region, over all its periods: "
-        "reports/<region>/expansion.png (ASM coloured by the period first seen, over the "
+        "`reports/<region>/expansion.png` (ASM coloured by the period first seen, over the "
         "latest true-colour composite), report.html (area and growth per period, the "
         "concessions most at risk with their score components, pressure on protected and "
         "indigenous areas, latest alerts) and webmap.html (an offline Leaflet map with a "

@@ -10,7 +10,7 @@ from typing import Any
 import dagster as dg
 
 from assets.change import asm_change
-from assets.checks import specs, table_checks
+from assets.checks import column_schema, row_count, specs, table_checks
 from assets.context import context_layers
 from assets.detection import asm_sites
 from assets.partitions import PARTITIONS, region_and_period
@@ -77,10 +77,12 @@ def _run(
         df = pq.read_table(target, columns=names).to_pandas()
     context.log.info(f"{table} {region.id} {period.id}: {n} row(s) -> {target}")
     return dg.MaterializeResult(
-        check_results=table_checks([(table, target, None)], region, context.log),
+        check_results=table_checks(
+            [(table, target, None)], region, context.log, f"{region.id} {period.id}"
+        ),
         metadata={
             "path": dg.MetadataValue.path(str(target)),
-            "rows": dg.MetadataValue.int(n),
+            **row_count(target),
             **summary(df, lambda column: _counts(pf, column)),
             "catalog": dg.MetadataValue.json(views),
         },
@@ -107,6 +109,7 @@ def _md(df: Any, columns: list[str], empty: str) -> dg.MetadataValue:
 @dg.asset(
     partitions_def=PARTITIONS, group_name="risk", kinds={"duckdb", "parquet"},
     owners=["team:asmwatch"], deps=DEPS, check_specs=specs("concession_risk"),
+    metadata=column_schema("concession_risk"),
     description=(
         "ASM-LSM conflict risk per concession (sql/concession_risk.sql): ASM inside and "
         "at 0-1, 1-5 and 5-10 km, new ASM, growth against the previous period, nearest "
@@ -147,6 +150,7 @@ def concession_risk(
 @dg.asset(
     partitions_def=PARTITIONS, group_name="risk", kinds={"duckdb", "parquet"},
     owners=["team:asmwatch"], deps=DEPS, check_specs=specs("protected_area_pressure"),
+    metadata=column_schema("protected_area_pressure"),
     description=(
         "ASM pressure on each protected area and indigenous land of a region in a period "
         "(sql/protected_area_pressure.sql): sites touching it, ASM area inside it and its "
@@ -181,6 +185,7 @@ def protected_area_pressure(
 @dg.asset(
     partitions_def=PARTITIONS, group_name="risk", kinds={"duckdb", "geoparquet"},
     owners=["team:asmwatch"], deps=DEPS, check_specs=specs("hotspots"),
+    metadata=column_schema("hotspots"),
     description=(
         "H3 cells (resolution 7 by default) with their ASM area, new ASM area and site "
         "count (sql/hotspots.sql; the h3 package's cells), as GeoParquet with cell polygons."
@@ -202,6 +207,7 @@ def hotspots(
 @dg.asset(
     partitions_def=PARTITIONS, group_name="risk", kinds={"duckdb", "geoparquet"},
     owners=["team:asmwatch"], deps=DEPS, check_specs=specs("alerts"),
+    metadata=column_schema("alerts"),
     description=(
         "Early-warning alerts (sql/alerts.sql): new ASM within `alert_distance_m` of a "
         "concession, or inside a protected area or indigenous land, with severity. Ids are "

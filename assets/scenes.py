@@ -7,7 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets.checks import nothing_written, results, specs, table_checks
+from assets.checks import column_schema, nothing_written, results, row_count, specs, table_checks
 from assets.partitions import PARTITIONS, region_and_period
 from assets.resources import NETWORK_RETRY, AsmwatchSettings, StacResource, fail_fast
 from pipelines.catalog import refresh_views
@@ -20,13 +20,14 @@ from pipelines.scenes import find_scenes
     kinds={"stac", "geoparquet", "duckdb"},
     owners=["team:asmwatch"],
     check_specs=specs("scenes"),
+    metadata=column_schema("scenes"),
     retry_policy=NETWORK_RETRY,
     description=(
         "Sentinel-2 L2A scenes over the region's AOI in the period, from its STAC source "
         "(Earth Search, Planetary Computer, any STAC API or the embedded demo server): "
         "cloud-filtered, normalised (asset roles, scale/offset, processing baseline) and "
         "with reprocessing twins dropped. Lands as stac-geoparquet at "
-        "scenes/<region>/<period>.parquet and as the `scenes` view of the DuckDB catalog."
+        "`scenes/<region>/<period>.parquet` and as the `scenes` view of the DuckDB catalog."
     ),
 )
 @fail_fast
@@ -50,13 +51,18 @@ def scenes(
         for sc in out.result.scenes
     )
     checks = (
-        table_checks([("scenes", Path(s["path"]), None)], region, context.log)
+        table_checks(
+            [("scenes", Path(s["path"]), None)], region, context.log, f"{region.id} {period.id}"
+        )
         if s["path"]
-        else results(nothing_written(f"no scenes for {region.id} {period.id}: nothing written"))
+        else results(
+            nothing_written("no scenes in the period: nothing written"), f"{region.id} {period.id}"
+        )
     )
     return dg.MaterializeResult(
         check_results=checks,
         metadata={
+            **row_count(Path(s["path"]) if s["path"] else None),
             "scene_count": dg.MetadataValue.int(out.count),
             "returned": dg.MetadataValue.int(s["returned"]),
             "dropped": dg.MetadataValue.int(s["dropped"]),

@@ -253,7 +253,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             + (f", growth x{growth:.3f}" if growth is not None else "")
             + f"; ASM on {pressure['areas_with_asm']} of {pressure['areas']} protected/indigenous "
             f"areas ({pressure['asm_area_ha']:.1f} ha inside); top concession score "
-            f"{risk['max_score']:.1f}, {warned['rows']} alert(s)"
+            f"{risk['max_score']:.1f}, {warned['dagster/row_count']} alert(s)"
             + f"  [{time.monotonic() - t:.1f} s]"
         )
     t = time.monotonic()

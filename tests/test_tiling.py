@@ -142,7 +142,7 @@ def tiled_runs(
             )
             assert result.success
             meta = result.asset_materializations_for_node("mining_probability")[0].metadata
-            assert meta["tile_px"].value == size and meta["tiles"].value > 1  # type: ignore[operator]
+            assert meta["settings"].value["tile_px"] == size and meta["tiles"].value > 1  # type: ignore[index,operator]
         out[size] = root
     return out
 

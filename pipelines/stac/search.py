@@ -127,12 +127,14 @@ def search_scenes(
     accepts_filter: bool | None = None,
     max_items: int | None = None,
     progress: Callable[[str], None] | None = None,
+    retry: RetrySettings | None = None,
 ) -> SearchResult:
-    """Search ``url`` for the region's collection over its AOI and period, normalised."""
+    """Search ``url`` for the region's collection over its AOI and period, normalised
+    (``retry``: how hard to try each request; default ``RetrySettings.from_env()``)."""
     say = progress or log.info
     if accepts_filter is None:
         accepts_filter = region.source in ACCEPTS_FILTER
-    client = open_client(url, accepts_filter=accepts_filter)
+    client = open_client(url, accepts_filter=accepts_filter, retry=retry)
     use_filter = client.conforms_to(ConformanceClasses.FILTER)
     kwargs: dict[str, Any] = {
         "collections": [region.collection],

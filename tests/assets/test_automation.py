@@ -84,7 +84,7 @@ def test_new_scenes_sensor_requests_the_partition_with_new_scenes(tmp_path: Path
     (req,) = first.run_requests or []
     assert req.partition_key == partition_key("demo-huepetuhe", "2021")  # the current period
     assert req.tags["asmwatch/new_scenes"] == "4"  # never ingested: every scene is new
-    assert json.loads(first.cursor or "{}")["demo-huepetuhe"] == {"period": "2021", "scenes": 4, "new": 4}  # fmt: skip
+    assert json.loads(first.cursor or "{}")["regions"]["demo-huepetuhe"] == {"period": "2021", "scenes": 4, "new": 4}  # fmt: skip
 
     settings = _settings(tmp_path, regions)
     done = dg.materialize(
@@ -138,3 +138,54 @@ def test_the_refresh_job_runs_a_partition_end_to_end(
     assert len(checks) == 1 + 4 * 7 and all(c.passed for c in checks)
     # Re-running a partition gives the same sites, byte for byte.
     assert (root / "sites" / "demo-huepetuhe" / "2021.parquet").read_bytes() == before
+
+
+def test_a_sensor_tick_keeps_to_its_budget_and_names_what_it_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two sources that accept a connection and never answer, and one that refuses: the
+    tick returns within its budget, names every region and why, and the next tick starts
+    with the region this one did not reach."""
+    import socket
+    import time
+
+    import assets.automation as automation
+
+    monkeypatch.setattr(automation, "TICK_BUDGET_S", 3.0)
+    monkeypatch.setattr(automation, "MIN_SEARCH_S", 0.5)
+    monkeypatch.setattr(automation, "SEARCH_TIMEOUT_S", 1.0)
+    hang = socket.socket()
+    hang.bind(("127.0.0.1", 0))
+    hang.listen(16)  # connections complete in the backlog; nothing ever answers
+    slow = f"http://127.0.0.1:{hang.getsockname()[1]}/stac"
+
+    def region(rid: str, source: str) -> dict[str, object]:
+        return {"id": rid, "aoi": {"bbox": [-70.6, -13.1, -70.5, -13.0]}, "periods": [2021],
+                "source": source, "refresh": {"watch_scenes": True}}  # fmt: skip
+
+    regions = tmp_path / "regions.yaml"
+    doc = {"regions": [region("slow-a", slow), region("slow-b", slow), region("gone", "http://127.0.0.1:9/stac")]}  # fmt: skip
+    regions.write_text(yaml.safe_dump(doc))
+    instance = dg.DagsterInstance.ephemeral()
+    try:
+        t = time.monotonic()
+        first = _evaluate(tmp_path, regions, instance)
+        took = time.monotonic() - t
+        assert took < 3.0 + 1.5, f"the tick took {took:.1f} s"
+        said = first.skip_reason.skip_message if first.skip_reason else ""
+        assert not first.run_requests and all(r in (said or "") for r in ("slow-a", "slow-b", "gone"))  # fmt: skip
+        assert "slow-a: search failed" in (said or "")
+        assert "gone: not checked" in (said or ""), said
+        # slow-b was left behind at the deadline or never started, by how the time fell
+        first_next = json.loads(first.cursor or "{}")["next"]
+        assert first_next in ("slow-b", "gone")
+        with dg.build_sensor_context(
+            instance=instance, cursor=first.cursor,
+            resources={"settings": _settings(tmp_path, regions), "stac": StacResource()},
+        ) as ctx:  # fmt: skip
+            second = automation.new_scenes(ctx)
+        assert isinstance(second, dg.SensorResult)
+        said = second.skip_reason.skip_message if second.skip_reason else ""
+        assert (said or "").startswith(f"{first_next}: "), "taken first on the next tick"
+    finally:
+        hang.close()

@@ -66,7 +66,7 @@ def test_composite_materialises_and_rematerialises_identically(tmp_path: Path) -
     assert meta["path"] == str(path) and path.exists()
     assert meta["empty"] is False and meta["scene_count"] == _meta(result, "scenes")["scene_count"]
     assert isinstance(meta["valid_fraction"], float) and meta["valid_fraction"] > 0.5
-    assert meta["crs"] == "EPSG:32719" and meta["resolution_m"] == 10.0
+    assert meta["crs"] == "EPSG:32719" and meta["settings"]["resolution_m"] == 10.0
     assert meta["skipped_count"] == 0 and meta["clear_count"]["max"] >= 1  # type: ignore[index]
     (check,) = [
         c for c in result.get_asset_check_evaluations() if c.asset_key.path == ["composite"]

@@ -49,6 +49,10 @@ def test_scenes_materialises_demo_partition(tmp_path: Path) -> None:
         k: v.value for k, v in result.asset_materializations_for_node("scenes")[0].metadata.items()
     }
     assert meta["scene_count"] == 4 and meta["returned"] == 5 and meta["dropped"] == 1
+    assert meta["dagster/row_count"] == 4, "the file's rows, for the UI"
+    checks = result.get_asset_check_evaluations()
+    assert len(checks) == 4 and all(c.passed for c in checks)
+    assert all((c.description or "").startswith("demo-huepetuhe 2021: ") for c in checks)
     assert meta["tiles"] == ["19LCF"] and meta["server_side_filter"] is True
     path = tmp_path / "scenes" / "demo-huepetuhe" / "2021.parquet"
     assert meta["path"] == str(path) and path.exists()
@@ -86,3 +90,30 @@ def test_region_without_that_period_fails_clearly(tmp_path: Path) -> None:
     message = str(failure.step_failure_data.error.message)  # type: ignore[union-attr]
     assert "region 'demo-huepetuhe' has no period '2024'" in message
     assert not (tmp_path / "scenes").exists()
+
+
+def test_the_ui_reads_as_documented() -> None:
+    """Descriptions render (a path's ``<region>`` in backticks, not an HTML tag), every
+    job says what it runs, and every table asset carries its contract's column schema
+    (the UI's Columns tab)."""
+    import re
+
+    from pipelines.checks import CONTRACTS
+
+    def tags(text: str | None) -> list[str]:
+        return re.findall(r"<[a-z_]+>", re.sub(r"`[^`]*`", "", text or ""))
+
+    specs = {s.key.to_user_string(): s for s in defs.resolve_all_asset_specs()}
+    assert {k: tags(s.description) for k, s in specs.items() if tags(s.description)} == {}
+    jobs = [j for j in defs.resolve_all_job_defs() if not j.name.startswith("__")]
+    assert len(jobs) >= 6 and [j.name for j in jobs if not j.description] == []
+    tables = {
+        "scenes": "scenes", "asm_sites": "asm_sites", "asm_change": "asm_change",
+        "context_layers": "context", "mining_model": "models", "concession_risk": "concession_risk",
+        "protected_area_pressure": "protected_area_pressure", "hotspots": "hotspots",
+        "alerts": "alerts",
+    }  # fmt: skip
+    for asset, contract in tables.items():
+        schema = specs[asset].metadata["dagster/column_schema"]
+        columns = {c.name: c.type for c in schema.columns}
+        assert columns == CONTRACTS[contract].columns, asset

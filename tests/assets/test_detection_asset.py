@@ -55,7 +55,7 @@ def test_model_then_probability(tmp_path: Path) -> None:
 
     sites = dg.materialize([asm_sites], partition_key=key, resources=res)
     s = _meta(sites, "asm_sites")
-    assert sites.success and s["mmu_ha"] == 0.5
+    assert sites.success and s["settings"] == {"mmu_ha": 0.5}
     assert (tmp_path / "data" / "sites" / "demo-huepetuhe" / "2020.parquet").exists()
     assert isinstance(s["site_count"], int) and isinstance(s["total_area_ha"], float)
 
