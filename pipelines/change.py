@@ -77,8 +77,6 @@ NDVI_CACHE_BYTES = 64 * 2**20  # GDAL's block cache while the NDVI means are rea
 OVERLAY_BATCH = 1000
 #: Batches sweep the region in bands of this many metres (an NDVI tile of 1024 px).
 SWEEP_M = 10_240.0
-#: Rows per row group of the scratch tables sorted by batch: a batch reads its groups.
-BATCH_ROW_GROUP = 2048
 #: Seconds between progress lines of the overlay.
 PROGRESS_S = 10.0
 COLUMNS = (

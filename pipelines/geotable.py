@@ -5,13 +5,15 @@ previous period's sites and change rows, and its own rows): memory follows the c
 not the table.
 
 - ``read_chunks``: a GeoParquet file ``READ_ROWS`` rows at a time (pyarrow);
-- ``scratch_db``: a DuckDB connection for sorting and selecting scratch tables, its
-  memory held to ``SCRATCH_MEMORY`` (DuckDB spills to a folder beyond it);
+- ``streamed``: a Parquet file opened to be read batch by batch;
+- ``scratch_db``: a DuckDB connection for selecting from scratch tables (a batch's
+  rows), its memory held to ``SCRATCH_MEMORY``;
+- ``sort_rows``: a Parquet file's rows in a given order, an external sort by buckets;
 - ``GeoParquetWriter``: writes chunks of a GeoDataFrame into one GeoParquet file with
   the metadata ``GeoDataFrame.to_parquet(write_covering_bbox=True)`` writes for the whole
   frame (CRS, geometry types and bounds of all chunks, the ``bbox`` covering column);
 - ``RowSpill`` and ``write_sorted``: a table's rows spilled as they come, then sorted
-  (``sort_rows``, an external sort by buckets of rows) into that GeoParquet, atomically.
+  (``sort_rows``) into that GeoParquet, atomically.
 """
 
 from __future__ import annotations
