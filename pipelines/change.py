@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -46,14 +47,12 @@ import rasterio.features
 import shapely
 from pyproj import Transformer
 
-from pipelines.catalog import sql_literal
 from pipelines.geotable import (
     READ_ROWS,
     GeoTableError,
     RowSpill,
     rank_of,
     read_chunks,
-    scratch_db,
     sort_rows,
     streamed,
     write_sorted,
@@ -516,20 +515,49 @@ class _Rows:
 
 
 def _by_batch(spill: Path, batches: npt.NDArray[np.intp], target: Path) -> Path:
-    """``spill`` sorted by batch (``batches``: the batch of each row), a ``batch`` column
-    added, in small row groups, so that one batch's rows are read without the others."""
+    """``spill`` sorted by batch (``batches``: the batch of each row), then by row, with
+    a ``batch`` column: ``_batches`` reads it back a batch at a time."""
     order = np.argsort(batches, kind="stable")  # by batch, then row
     extra = {"batch": batches.astype(np.int64)}
     return sort_rows(spill, target, rank_of(order), target.parent, extra=extra)
 
 
-def _batch(con: Any, sorted_spill: Path, batch: int) -> Any:
-    """The rows of one batch (a pyarrow Table, in row order)."""
-    return con.execute(
-        f"SELECT * EXCLUDE (batch) FROM read_parquet({sql_literal(str(sorted_spill))}) "
-        "WHERE batch = ? ORDER BY row",
-        [batch],
-    ).to_arrow_table()
+def _batches(sorted_spill: Path) -> Iterator[tuple[int, Any]]:
+    """The rows of a spill sorted by batch (``_by_batch``), one batch at a time in batch
+    order: (batch, a pyarrow Table in row order, without the ``batch`` column). One
+    sequential read of the file, ``READ_ROWS`` rows at a time."""
+    import pyarrow as pa
+
+    current = -1
+    pending: list[Any] = []
+    for chunk in streamed(sorted_spill).iter_batches(batch_size=READ_ROWS):
+        ids = chunk.column("batch").to_numpy()
+        cuts = [0, *(np.flatnonzero(np.diff(ids)) + 1).tolist(), len(ids)]
+        for start, end in itertools.pairwise(cuts):
+            if ids[start] != current and pending:
+                yield current, pa.Table.from_batches(pending).drop_columns(["batch"])
+                pending = []
+            current = int(ids[start])
+            pending.append(chunk.slice(start, end - start))
+    if pending:
+        yield current, pa.Table.from_batches(pending).drop_columns(["batch"])
+
+
+def _aligned(sorted_spills: list[Path], count: int) -> Iterator[list[Any]]:
+    """For each batch ``0 .. count - 1``, its rows in each of ``sorted_spills`` (an
+    empty table where a spill has none)."""
+    readers = [_batches(path) for path in sorted_spills]
+    empty = [streamed(path).schema_arrow.empty_table().drop_columns(["batch"]) for path in sorted_spills]  # fmt: skip
+    heads = [next(r, None) for r in readers]
+    for b in range(count):
+        parts = []
+        for k, head in enumerate(heads):
+            if head is not None and head[0] == b:
+                parts.append(head[1])
+                heads[k] = next(readers[k], None)
+            else:
+                parts.append(empty[k])
+        yield parts
 
 
 def _strings(column: Any) -> list[Any]:
@@ -566,10 +594,7 @@ def change_table(
     prev_period = region.previous_period(period_id)
     target.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    with (
-        tempfile.TemporaryDirectory(prefix=".change-", dir=target.parent) as scratch,
-        scratch_db(Path(scratch)) as con,
-    ):
+    with tempfile.TemporaryDirectory(prefix=".change-", dir=target.parent) as scratch:
         work = Path(scratch)
         cur = _spill(sites, epsg, work / "cur.parquet", ("site_id", "first_seen_period"), "sites")  # fmt: skip
         rows = _Rows(region.id, period_id, epsg, work / "rows.parquet")
@@ -611,8 +636,7 @@ def change_table(
                 notes.append("no composite for this period: re-vegetation not assessed")
             with reader if reader is not None else contextlib.nullcontext():
                 last = time.perf_counter()
-                for b in range(count):
-                    parts = [_batch(con, path, b) for path in ordered]
+                for b, parts in enumerate(_aligned(ordered, count)):
                     _overlay(rows, period_id, bound, parts, reader, epsg)
                     rows.flush()
                     if time.perf_counter() - last > PROGRESS_S or b == count - 1:

@@ -6,8 +6,6 @@ not the table.
 
 - ``read_chunks``: a GeoParquet file ``READ_ROWS`` rows at a time (pyarrow);
 - ``streamed``: a Parquet file opened to be read batch by batch;
-- ``scratch_db``: a DuckDB connection for selecting from scratch tables (a batch's
-  rows), its memory held to ``SCRATCH_MEMORY``;
 - ``sort_rows``: a Parquet file's rows in a given order, an external sort by buckets;
 - ``GeoParquetWriter``: writes chunks of a GeoDataFrame into one GeoParquet file with
   the metadata ``GeoDataFrame.to_parquet(write_covering_bbox=True)`` writes for the whole
@@ -37,8 +35,6 @@ READ_ROWS = 2_000
 #: Rows per row group of the GeoParquet tables the stages write: a reader of chunks
 #: holds one row group's pages at a time.
 ROW_GROUP_ROWS = 10_000
-#: DuckDB's memory for scratch queries (a batch's rows); it spills to disk beyond it.
-SCRATCH_MEMORY = "128MB"
 #: Rows per bucket of ``sort_rows``: the rows it holds at a time.
 BUCKET_ROWS = 10_000
 #: Rows per row group of a sorted scratch table (a reader of one key's rows reads few).
@@ -98,20 +94,6 @@ def read_chunks(
             for c in columns
         }
         yield geoms, out
-
-
-def scratch_db(work: Path) -> Any:
-    """DuckDB in memory for scratch tables under ``work``: ``SCRATCH_MEMORY`` at most,
-    spilling to ``work``; no extension is loaded or fetched."""
-    import duckdb
-
-    con = duckdb.connect(
-        ":memory:",
-        config={"autoinstall_known_extensions": False, "autoload_known_extensions": False},
-    )
-    con.execute(f"SET memory_limit = '{SCRATCH_MEMORY}'")
-    con.execute("SET temp_directory = ?", [str(work)])
-    return con
 
 
 class GeoParquetWriter:
