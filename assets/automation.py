@@ -14,8 +14,11 @@
   and the tick's log and skip reason name every region not checked and why.
 - ``reports_after_alerts`` sensor: when ``alerts`` lands for a region, requests the
   ``report`` job for that region, so the published map follows every refresh.
+- ``region_partitions`` sensor (running by default): keeps the dynamic partitions equal
+  to the regions file (``assets.partitions.sync_partitions``): adds each region and each
+  period that has begun, and warns about partitions the file no longer defines.
 
-Schedules and sensors start stopped: switch them on in the UI (Automation) or with
+The other schedules and sensors start stopped: switch them on in the UI (Automation) or with
 ``dagster schedule start`` / ``dagster sensor start``; the daemon (``make ui`` runs it)
 evaluates them. Backfills: select partitions of ``refresh`` in the UI (Launch backfill)
 or run ``asmwatch backfill``; asm_change waits for the previous period inside a backfill.
@@ -38,12 +41,18 @@ import dagster as dg
 from assets.change import asm_change
 from assets.composite import composite
 from assets.detection import asm_sites, mining_probability
-from assets.partitions import PARTITIONS, partition_key
+from assets.partitions import (
+    REGION_PERIODS_NAME,
+    partition_key,
+    region_of_key,
+    sync_partitions,
+    today_of,
+)
 from assets.reports import region_report
 from assets.resources import AsmwatchSettings, StacResource
 from assets.risk import RISK_ASSETS, alerts
 from assets.scenes import scenes
-from pipelines.regions import Region, RegionsConfig, load_regions
+from pipelines.regions import Region, RegionsConfig
 
 #: Run-level retries (needs run_retries enabled in the instance's dagster.yaml): only
 #: for runs that die, not for steps that fail (those have their own retry policies).
@@ -66,9 +75,10 @@ def schedule_name(region_id: str) -> str:
 
 
 def refresh_periods(region: Region, today: dt.date) -> list[str]:
-    """The periods a scheduled refresh of ``region`` requests on ``today``."""
+    """The periods a scheduled refresh of ``region`` requests on ``today`` (open-ended
+    periods included up to the one containing ``today``)."""
     if region.refresh.period == "all":
-        return [p.id for p in region.periods]
+        return [p.id for p in region.periods_until(today)]
     return [region.current_period(today).id]
 
 
@@ -86,7 +96,16 @@ def _schedule(region: Region) -> dg.ScheduleDefinition:
     )
     def _refresh(context: dg.ScheduleEvaluationContext) -> Iterator[dg.RunRequest]:
         when = context.scheduled_execution_time or dt.datetime.now(dt.UTC)
-        for period_id in refresh_periods(region, when.date()):
+        period_ids = refresh_periods(region, when.date())
+        # An open-ended region's new period gets its partition when its time comes
+        # (the region_partitions sensor adds it too, within a minute of the day).
+        keys = [partition_key(region.id, p) for p in period_ids]
+        if context.instance_ref is not None:
+            have = set(context.instance.get_dynamic_partitions(REGION_PERIODS_NAME))
+            if new := [k for k in keys if k not in have]:
+                context.instance.add_dynamic_partitions(REGION_PERIODS_NAME, new)
+                context.log.info(f"{schedule_name(region.id)}: added partition(s) {', '.join(new)}")  # fmt: skip
+        for period_id in period_ids:
             yield dg.RunRequest(
                 run_key=f"{region.id}|{period_id}|{when.isoformat()}",
                 partition_key=partition_key(region.id, period_id),
@@ -96,15 +115,14 @@ def _schedule(region: Region) -> dg.ScheduleDefinition:
     return _refresh
 
 
-def build_schedules(config: RegionsConfig | None = None) -> list[dg.ScheduleDefinition]:
-    config = config or load_regions()
+def build_schedules(config: RegionsConfig) -> list[dg.ScheduleDefinition]:
     return [_schedule(r) for r in config.regions if r.refresh.cron]
 
 
 def stored_scene_ids(settings: AsmwatchSettings, region_id: str, period_id: str) -> set[str]:
     import pyarrow.parquet as pq
 
-    from pipelines.scenes import scenes_path
+    from pipelines.layout import scenes_path
 
     path = scenes_path(settings.root(), region_id, period_id)
     if not path.exists():
@@ -212,8 +230,13 @@ def new_scenes(
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         stac.stop_all()
+    keys = [r.partition_key for r in requests if isinstance(r.partition_key, str)]
     return dg.SensorResult(
         run_requests=requests,
+        # an open-ended region's current period may be newer than its partitions
+        dynamic_partitions_requests=[dg.AddDynamicPartitionsRequest(REGION_PERIODS_NAME, keys)]
+        if keys
+        else None,
         skip_reason=None if requests else "; ".join(skipped) or "no region is watched",
         cursor=json.dumps({"regions": seen, "next": next_region}, sort_keys=True),
     )
@@ -231,9 +254,38 @@ def reports_after_alerts(
     mat = asset_event.asset_materialization
     if mat is None or mat.partition is None:
         return
-    region_id = PARTITIONS.get_partition_key_from_str(mat.partition).keys_by_dimension["region"]
+    region_id = region_of_key(mat.partition)
     yield dg.RunRequest(
         run_key=f"{region_id}|{asset_event.timestamp}",
         partition_key=region_id,
         tags={"asmwatch/trigger": "alerts", "asmwatch/region": region_id},
+    )
+
+
+#: How often the region_partitions sensor compares the partitions with the regions file.
+PARTITION_SYNC_S = 60
+
+
+@dg.sensor(
+    minimum_interval_seconds=PARTITION_SYNC_S,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description=(
+        "Keeps the partitions equal to the regions file: adds each region, and each "
+        "region|period the file defines (open-ended periods when they begin); warns about "
+        "partitions the file no longer defines (their files stay; `asmwatch doctor` lists "
+        "them). Runs nothing."
+    ),
+)
+def region_partitions(
+    context: dg.SensorEvaluationContext, settings: AsmwatchSettings
+) -> dg.SkipReason:
+    config = settings.regions()
+    done = sync_partitions(context.instance, config, today_of(context))
+    if done.added:
+        context.log.info(f"region_partitions: added {len(done.added)}: {', '.join(done.added)}")
+    if (stale := done.stale_message(config)) is not None:
+        context.log.warning(f"region_partitions: {stale}")
+    return dg.SkipReason(
+        f"{len(config.partition_keys())} region|period partition(s) from {config.path}; "
+        f"added {len(done.added)}, {len(done.stale)} not in the file"
     )

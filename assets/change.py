@@ -8,24 +8,15 @@ import dagster as dg
 from assets.checks import column_schema, row_count, specs, table_checks
 from assets.composite import composite
 from assets.detection import asm_sites
-from assets.partitions import PARTITIONS, missing_partition, region_and_period
+from assets.partitions import REGION_PERIODS, missing_partition, region_and_period
 from assets.resources import AsmwatchSettings, fail_fast
 from pipelines.catalog import refresh_views
-from pipelines.change import (
-    KINDS,
-    change_path,
-    change_table,
-    mining_ha,
-    summarise,
-    summary_path,
-    write_summary,
-)
-from pipelines.composite import composite_path
-from pipelines.sites import sites_path
+from pipelines.change import KINDS, change_for_period
+from pipelines.errors import MissingInputError
 
 
 @dg.asset(
-    partitions_def=PARTITIONS,
+    partitions_def=REGION_PERIODS,
     group_name="change",
     kinds={"geoparquet", "duckdb"},
     owners=["team:asmwatch"],
@@ -48,42 +39,17 @@ def asm_change(
 ) -> dg.MaterializeResult:
     region, period = region_and_period(context, settings.regions())
     root = settings.root()
-    here = sites_path(root, region.id, period.id)
-    if not here.exists():
-        raise missing_partition(
-            context,
-            f"no sites at {here}: materialise `asm_sites` for {region.id}/{period.id} first",
+    try:
+        done = change_for_period(
+            root,
+            region,
+            period.id,
+            progress=lambda m: context.log.info(f"asm_change {region.id} {m}"),
         )
-    prev = region.previous_period(period.id)
-    there = last = None
-    if prev is not None:
-        there = sites_path(root, region.id, prev.id)
-        if not there.exists():
-            raise missing_partition(
-                context,
-                f"asm_change {region.id}/{period.id} compares with the previous "
-                f"period, {prev.id}, whose sites are missing ({there}): materialise "
-                f"`asm_sites` for {region.id}/{prev.id} first",
-            )
-        last = change_path(root, region.id, prev.id)
-    comp = composite_path(root, region.id, period.id)
-    table = change_table(
-        region, period.id, here, there, change_path(root, region.id, period.id),
-        previous_change=last if last is not None and last.exists() else None,
-        composite=comp if comp.exists() else None,
-        progress=lambda m: context.log.info(f"asm_change {region.id} {m}"),
-    )  # fmt: skip
-    first_period = region.periods[0]
-    first = None
-    if first_period.id == period.id:
-        first = (period.id, table.summary["mining_ha"])
-    elif (p := sites_path(root, region.id, first_period.id)).exists():
-        first = (first_period.id, mining_ha(p))
-    prev_ha = mining_ha(there) if there is not None else None
-    summary = summarise(table.summary, prev_ha, first)
-    target = table.path
-    write_summary(summary, root, region.id, period.id)
-    views = refresh_views(root)
+    except MissingInputError as e:
+        raise missing_partition(context, str(e)) from e
+    table, summary, target = done.table, done.summary, done.table.path
+    views = refresh_views(root, say=context.log.warning, regions=settings.regions().ids)
     s = summary
     context.log.info(
         f"asm_change {region.id} {period.id}: mining {s['mining_ha']:.1f} ha, "
@@ -93,10 +59,10 @@ def asm_change(
     for note in table.notes:
         context.log.info(f"asm_change {region.id} {period.id}: {note}")
 
-    def num(v: float | None) -> dg.MetadataValue:
-        return dg.MetadataValue.float(float(v)) if v is not None else dg.MetadataValue.null()
+    def num(v: float | None) -> float | None:
+        return float(v) if v is not None else None
 
-    tables = [("asm_change", target, None), ("region_summary", summary_path(root, region.id, period.id), None)]  # fmt: skip
+    tables = [("asm_change", target, None), ("region_summary", done.summary_path, None)]
     return dg.MaterializeResult(
         check_results=table_checks(tables, region, context.log, f"{region.id} {period.id}"),
         metadata={
@@ -106,8 +72,8 @@ def asm_change(
             **{f"{k}_ha": num(s[f"{k}_ha"]) for k in KINDS},
             "growth_vs_previous": num(s["growth_vs_previous"]),
             "growth_vs_first": num(s["growth_vs_first"]),
-            "previous_period": dg.MetadataValue.text(s["previous_period"] or "none"),
-            "notes": dg.MetadataValue.text(s["notes"] or "none"),
-            "catalog": dg.MetadataValue.json(views),
+            "previous_period": str(s["previous_period"] or "none"),
+            "notes": str(s["notes"] or "none"),
+            "catalog": views,
         },
     )

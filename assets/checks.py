@@ -39,7 +39,7 @@ def row_count(*paths: Path | None) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     rows = sum(pq.read_metadata(p).num_rows for p in paths if p is not None and p.exists())
-    return {"dagster/row_count": dg.MetadataValue.int(rows)}
+    return {"dagster/row_count": int(rows)}
 
 
 def specs(asset: str) -> list[dg.AssetCheckSpec]:
@@ -94,7 +94,7 @@ def results(
                 passed=o.passed,
                 severity=dg.AssetCheckSeverity.ERROR if o.severity == "ERROR" else dg.AssetCheckSeverity.WARN,
                 description=description[:2000],
-                metadata={"details": dg.MetadataValue.json(o.metadata)},
+                metadata={"details": o.metadata},
             )
         )  # fmt: skip
     return out

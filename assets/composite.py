@@ -3,9 +3,11 @@
 No ``from __future__ import annotations`` here: Dagster inspects the context annotation.
 """
 
+from typing import Any
+
 import dagster as dg
 
-from assets.partitions import PARTITIONS, region_and_period
+from assets.partitions import REGION_PERIODS, region_and_period
 from assets.resources import NETWORK_RETRY, AsmwatchSettings, DaskResource, StacResource, fail_fast
 from assets.scenes import scenes
 from pipelines.composite import OUTPUT_BANDS, CompositeResult, composite_for_region
@@ -14,7 +16,7 @@ from pipelines.reports import composite_preview, markdown_image
 VALID_FRACTION_CHECK = "valid_fraction"
 
 
-def _metadata(res: CompositeResult, threshold: float) -> dict[str, dg.MetadataValue]:
+def _metadata(res: CompositeResult, threshold: float) -> dict[str, Any]:
     skipped = "\n".join(f"| {s.id} | {s.reason} |" for s in res.skipped)
     hist = "\n".join(f"| {k} | {v} |" for k, v in res.clear_count_histogram.items())
     preview = (
@@ -22,42 +24,40 @@ def _metadata(res: CompositeResult, threshold: float) -> dict[str, dg.MetadataVa
             markdown_image(composite_preview(res.path), "true colour (B04 B03 B02)")
         )
         if not res.empty and res.path.exists()
-        else dg.MetadataValue.text("empty composite")
+        else "empty composite"
     )
     return {
         "path": dg.MetadataValue.path(str(res.path)),
         "preview": preview,
-        "empty": dg.MetadataValue.bool(res.empty),
-        "valid_fraction": dg.MetadataValue.float(round(res.valid_fraction, 6)),
-        "scene_count": dg.MetadataValue.int(len(res.scenes_used)),
-        "observations": dg.MetadataValue.int(res.observations),
-        "skipped_count": dg.MetadataValue.int(len(res.skipped)),
+        "empty": bool(res.empty),
+        "valid_fraction": float(round(res.valid_fraction, 6)),
+        "scene_count": len(res.scenes_used),
+        "observations": int(res.observations),
+        "skipped_count": len(res.skipped),
         "skipped_scenes": dg.MetadataValue.md(
             "| scene | reason |\n|---|---|\n" + skipped if skipped else "_none_"
         ),
-        "read_failures": dg.MetadataValue.json(res.read_failures),
-        "cloud_mask": dg.MetadataValue.text(res.cloud_mask),
-        "l1c_scenes": dg.MetadataValue.int(res.l1c_scenes),
-        "l1c_notes": dg.MetadataValue.json(res.l1c_notes),
-        "clear_count": dg.MetadataValue.json(res.clear_count_stats),
+        "read_failures": res.read_failures,
+        "cloud_mask": str(res.cloud_mask),
+        "l1c_scenes": int(res.l1c_scenes),
+        "l1c_notes": res.l1c_notes,
+        "clear_count": res.clear_count_stats,
         "clear_count_histogram": dg.MetadataValue.md(
             "| clear observations | pixels |\n|---|---|\n" + hist
         ),
-        "band_means": dg.MetadataValue.json(res.band_means),
-        "bands": dg.MetadataValue.json(list(OUTPUT_BANDS)),
-        "crs": dg.MetadataValue.text(f"EPSG:{res.epsg}"),
+        "band_means": res.band_means,
+        "bands": list(OUTPUT_BANDS),
+        "crs": str(f"EPSG:{res.epsg}"),
         # settings, not measurements: one JSON entry, which the UI does not plot
-        "settings": dg.MetadataValue.json(
-            {"min_valid_fraction": threshold, "resolution_m": res.resolution}
-        ),
-        "shape": dg.MetadataValue.json(list(res.shape)),
-        "size_mb": dg.MetadataValue.float(round(res.size_bytes / 2**20, 2)),
-        "seconds": dg.MetadataValue.float(round(res.seconds, 2)),
+        "settings": ({"min_valid_fraction": threshold, "resolution_m": res.resolution}),
+        "shape": list(res.shape),
+        "size_mb": float(round(res.size_bytes / 2**20, 2)),
+        "seconds": float(round(res.seconds, 2)),
     }
 
 
 @dg.asset(
-    partitions_def=PARTITIONS,
+    partitions_def=REGION_PERIODS,
     group_name="ingest",
     kinds={"dask", "cog", "sentinel2"},
     owners=["team:asmwatch"],
@@ -120,9 +120,9 @@ def composite(
                 severity=dg.AssetCheckSeverity.ERROR,
                 description=why,
                 metadata={
-                    "valid_fraction": dg.MetadataValue.float(round(res.valid_fraction, 6)),
-                    "min_valid_fraction": dg.MetadataValue.float(threshold),
-                    "empty": dg.MetadataValue.bool(res.empty),
+                    "valid_fraction": float(round(res.valid_fraction, 6)),
+                    "min_valid_fraction": float(threshold),
+                    "empty": bool(res.empty),
                 },
             )
         ],

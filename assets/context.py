@@ -9,8 +9,7 @@ from assets.checks import column_schema, nothing_written, results, row_count, sp
 from assets.partitions import REGIONS, region_of
 from assets.resources import AsmwatchSettings, fail_fast
 from pipelines.catalog import refresh_views
-from pipelines.context import TABLE_KINDS, context_table_path, read_context, write_context
-from pipelines.embedded import context_path, ensure_world
+from pipelines.context import context_for_region
 
 
 @dg.asset(
@@ -34,41 +33,25 @@ from pipelines.embedded import context_path, ensure_world
 def context_layers(
     context: dg.AssetExecutionContext, settings: AsmwatchSettings
 ) -> dg.MaterializeResult:
-    from pipelines.context import ContextError
-
     region = region_of(context, settings.regions())
     root = settings.root()
-    if region.source == "embedded":  # the demo's layers live in its simulated world
-        ensure_world(root, region, context.log.info)
-    layers = []
-    for kind in TABLE_KINDS:
-        path = context_path(root, region, kind)
-        if path is None:
-            continue
-        try:
-            layers.append(read_context(region, kind, path))
-        except ContextError as e:  # nothing is written unless every layer reads
-            raise dg.Failure(allow_retries=False, description=str(e)) from e
-    written = {}
+    done = context_for_region(root, region, context.log.info)
+    layers = [layer for layer, _ in done]
+    written = {layer.kind: path for layer, path in done}
     for layer in layers:
-        written[layer.kind] = write_context(layer, root, region.id)
         for note in layer.notes:
             context.log.warning(f"context {region.id} {layer.kind}: {note}")
         context.log.info(
             f"context {region.id} {layer.kind}: {len(layer.frame)} feature(s) from {layer.path}"
         )
-    for kind in TABLE_KINDS:  # a layer removed from the regions file leaves no stale table
-        stale = context_table_path(root, region.id, kind)
-        if kind not in written and stale.exists():
-            stale.unlink()
-    views = refresh_views(root)
+    views = refresh_views(root, say=context.log.warning, regions=settings.regions().ids)
     tables = [("context", path, kind) for kind, path in written.items()]
     return dg.MaterializeResult(
         check_results=table_checks(tables, region, context.log)
         if tables
         else results(nothing_written(f"region {region.id} lists no context layers"), region.id),
         metadata={
-            "layers": dg.MetadataValue.json(
+            "layers": (
                 {
                     layer.kind: {
                         "features": len(layer.frame),
@@ -79,8 +62,8 @@ def context_layers(
                     for layer in layers
                 }
             ),
-            **{f"{layer.kind}_count": dg.MetadataValue.int(len(layer.frame)) for layer in layers},
+            **{f"{layer.kind}_count": len(layer.frame) for layer in layers},
             **row_count(*written.values()),
-            "catalog": dg.MetadataValue.json(views),
+            "catalog": views,
         },
     )

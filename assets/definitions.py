@@ -1,8 +1,16 @@
-"""The Dagster code location of asmwatch (workspace.yaml loads this module)."""
+"""The asmwatch definitions, built from configuration by ``build_definitions``.
+
+The code location's entry point (``assets/location.py``, which workspace.yaml loads) is
+the one place that reads the environment; everything else gets a ``LocationConfig``.
+So a test, the CLI and the UI build the same definitions for whatever data root and
+regions file they are given, and the regions file is parsed once per build.
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import dagster as dg
 
@@ -11,6 +19,7 @@ from assets.automation import (
     build_schedules,
     new_scenes,
     refresh_job,
+    region_partitions,
     report_job,
     reports_after_alerts,
 )
@@ -22,6 +31,8 @@ from assets.reports import region_report
 from assets.resources import AsmwatchSettings, DaskResource, StacResource, TorchResource
 from assets.risk import RISK_ASSETS
 from assets.scenes import scenes
+from pipelines.regions import load_regions, regions_path
+from pipelines.storage import data_root
 
 #: Region x period work up to the composite; then the model (all regions at once);
 #: then the per-partition detections and change (periods in order: change compares with
@@ -56,33 +67,67 @@ detect_job = dg.define_asset_job(
 PC_KEY_VAR = "PC_SDK_SUBSCRIPTION_KEY"
 
 
-def stac_resource() -> StacResource:
+@dataclass(frozen=True)
+class LocationConfig:
+    """What the definitions are built for: the data root and the regions file."""
+
+    data_root: Path
+    regions_file: Path
+    #: Give the STAC resource the Planetary Computer key as ``dg.EnvVar(PC_KEY_VAR)``
+    #: (read by Dagster when a run starts; the UI shows the variable's name only).
+    pc_key_from_env: bool = False
+
+    @classmethod
+    def from_environment(cls) -> LocationConfig:
+        """``$ASMWATCH_DATA`` (else ./data), ``$ASMWATCH_REGIONS`` (else regions.yaml),
+        and whether ``$PC_SDK_SUBSCRIPTION_KEY`` is set."""
+        return cls(
+            data_root=data_root(None),
+            regions_file=regions_path().resolve(),
+            pc_key_from_env=bool(os.environ.get(PC_KEY_VAR)),
+        )
+
+
+def stac_resource(pc_key_from_env: bool) -> StacResource:
     """The STAC resource; a Planetary Computer key only as a Dagster EnvVar, so the UI
     and run config show the variable's name, never its value."""
-    if os.environ.get(PC_KEY_VAR):
+    if pc_key_from_env:
         return StacResource(pc_subscription_key=dg.EnvVar(PC_KEY_VAR))
     return StacResource()
 
 
-defs = dg.Definitions(
-    assets=[
-        scenes,
-        composite,
-        mining_model,
-        mining_probability,
-        asm_sites,
-        asm_change,
-        context_layers,
-        *RISK_ASSETS,
-        region_report,
-    ],
-    jobs=[ingest_job, model_job, detect_job, context_job, refresh_job, report_job],
-    schedules=build_schedules(),
-    sensors=[new_scenes, reports_after_alerts],
-    resources={
-        "settings": AsmwatchSettings(),
-        "stac": stac_resource(),
-        "dask": DaskResource(),
-        "torch_device": TorchResource(),
-    },
-)
+ASSETS = [
+    scenes,
+    composite,
+    mining_model,
+    mining_probability,
+    asm_sites,
+    asm_change,
+    context_layers,
+    *RISK_ASSETS,
+    region_report,
+]
+
+
+def build_definitions(config: LocationConfig) -> dg.Definitions:
+    """The assets, jobs, schedules, sensors and resources for ``config``.
+
+    The regions file is parsed here, once (a bad file fails the load with every
+    problem named); it decides the schedules. Partitions come from it at run time
+    (``assets.partitions``), so editing it needs no reload for new partitions.
+    """
+    regions = load_regions(config.regions_file)
+    return dg.Definitions(
+        assets=ASSETS,
+        jobs=[ingest_job, model_job, detect_job, context_job, refresh_job, report_job],
+        schedules=build_schedules(regions),
+        sensors=[new_scenes, reports_after_alerts, region_partitions],
+        resources={
+            "settings": AsmwatchSettings(
+                data_root=str(config.data_root), regions_file=str(config.regions_file)
+            ),
+            "stac": stac_resource(config.pc_key_from_env),
+            "dask": DaskResource(),
+            "torch_device": TorchResource(),
+        },
+    )

@@ -9,13 +9,14 @@ import dagster as dg
 
 from assets.checks import column_schema, row_count, specs, table_checks
 from assets.composite import composite
-from assets.partitions import PARTITIONS, region_and_period
+from assets.partitions import REGION_PERIODS, region_and_period
 from assets.resources import AsmwatchSettings, DaskResource, TorchResource, fail_fast
 from pipelines.catalog import refresh_views
 
 # torch and the detection stage load in the asset bodies, not at definition load (the
 # Dagster UI and every run's code location would otherwise pay about 2 s for torch).
-from pipelines.sites import sites_path, sites_table, write_sites
+from pipelines.errors import MissingInputError
+from pipelines.sites import sites_for_period
 
 if TYPE_CHECKING:
     from ml.train import TrainConfig
@@ -84,7 +85,7 @@ def mining_model(
         )  # fmt: skip
     except (ValueError, registry.RegistryError) as e:
         raise dg.Failure(allow_retries=False, description=str(e)) from e
-    views = refresh_views(root)
+    views = refresh_views(root, say=context.log.warning, regions=settings.regions().ids)
     r = out.record
     h, b = r.metrics["heldout"], r.metrics["baseline_heldout"]
     models = root / "models" / "models.parquet"
@@ -94,30 +95,30 @@ def mining_model(
         ),
         metadata={
             **row_count(models),
-            "model_id": dg.MetadataValue.text(r.model_id),
-            "reused": dg.MetadataValue.bool(out.reused),
-            "heldout_iou": dg.MetadataValue.float(h["iou"]),
-            "threshold": dg.MetadataValue.float(r.metrics["threshold"]),
-            "heldout_f1": dg.MetadataValue.float(h["f1"]),
-            "heldout_precision": dg.MetadataValue.float(h["precision"]),
-            "heldout_recall": dg.MetadataValue.float(h["recall"]),
-            "baseline_heldout_iou": dg.MetadataValue.float(b["iou"]),
+            "model_id": str(r.model_id),
+            "reused": bool(out.reused),
+            "heldout_iou": float(h["iou"]),
+            "threshold": float(r.metrics["threshold"]),
+            "heldout_f1": float(h["f1"]),
+            "heldout_precision": float(h["precision"]),
+            "heldout_recall": float(h["recall"]),
+            "baseline_heldout_iou": float(b["iou"]),
             "scores": dg.MetadataValue.md(_scores_md(r.metrics)),
-            "validation_iou": dg.MetadataValue.float(r.metrics["validation"]["iou"]),
-            "epochs": dg.MetadataValue.int(r.metrics["epochs"]),
-            "best_epoch": dg.MetadataValue.int(r.metrics["best_epoch"]),
-            "device": dg.MetadataValue.text(r.device),
-            "training_seconds": dg.MetadataValue.float(r.seconds),
-            "train_data": dg.MetadataValue.json(r.train_data),
-            "input_hash": dg.MetadataValue.text(r.input_hash),
+            "validation_iou": float(r.metrics["validation"]["iou"]),
+            "epochs": int(r.metrics["epochs"]),
+            "best_epoch": int(r.metrics["best_epoch"]),
+            "device": str(r.device),
+            "training_seconds": float(r.seconds),
+            "train_data": r.train_data,
+            "input_hash": str(r.input_hash),
             "path": dg.MetadataValue.path(str(registry.checkpoint_file(root, r))),
-            "catalog": dg.MetadataValue.json(views),
+            "catalog": views,
         },
     )
 
 
 @dg.asset(
-    partitions_def=PARTITIONS,
+    partitions_def=REGION_PERIODS,
     group_name="detect",
     kinds={"pytorch", "cog"},
     owners=["team:asmwatch"],
@@ -163,26 +164,26 @@ def mining_probability(
         raise dg.Failure(allow_retries=False, description=str(e)) from e
     from pipelines.reports import markdown_image, probability_preview
 
-    meta: dict[str, dg.MetadataValue] = {
+    meta: dict[str, Any] = {
         "path": dg.MetadataValue.path(str(res.path)),
         "preview": dg.MetadataValue.md(
             markdown_image(probability_preview(res.path), "mining probability (magma, 0-1)")
         ),
-        "detector": dg.MetadataValue.text(res.detector),
-        "device": dg.MetadataValue.text(res.device),
-        "mining_ha": dg.MetadataValue.float(res.mining_ha),
-        "mining_fraction": dg.MetadataValue.float(round(res.mining_fraction, 5)),
-        "mean_probability": dg.MetadataValue.float(round(res.mean_probability, 5)),
-        "valid_fraction": dg.MetadataValue.float(round(res.valid_fraction, 5)),
-        "seconds": dg.MetadataValue.float(round(res.seconds, 2)),
-        "tiles": dg.MetadataValue.int(res.tiles),
+        "detector": str(res.detector),
+        "device": str(res.device),
+        "mining_ha": float(res.mining_ha),
+        "mining_fraction": float(round(res.mining_fraction, 5)),
+        "mean_probability": float(round(res.mean_probability, 5)),
+        "valid_fraction": float(round(res.valid_fraction, 5)),
+        "seconds": float(round(res.seconds, 2)),
+        "tiles": int(res.tiles),
         # settings, not measurements: one JSON entry, which the UI does not plot
-        "settings": dg.MetadataValue.json({"threshold": res.threshold, "tile_px": res.tile_px}),
+        "settings": {"threshold": res.threshold, "tile_px": res.tile_px},
     }
     if res.metrics is not None:
-        meta["truth_iou"] = dg.MetadataValue.float(res.metrics["iou"])
-        meta["truth_ha"] = dg.MetadataValue.float(res.truth_ha or 0.0)
-        meta["truth_metrics"] = dg.MetadataValue.json(res.metrics)
+        meta["truth_iou"] = float(res.metrics["iou"])
+        meta["truth_ha"] = float(res.truth_ha or 0.0)
+        meta["truth_metrics"] = res.metrics
     return dg.MaterializeResult(metadata=meta)
 
 
@@ -193,7 +194,7 @@ class AsmSitesConfig(dg.Config):
 
 
 @dg.asset(
-    partitions_def=PARTITIONS,
+    partitions_def=REGION_PERIODS,
     group_name="detect",
     kinds={"geoparquet", "duckdb"},
     owners=["team:asmwatch"],
@@ -217,42 +218,21 @@ def asm_sites(
     settings: AsmwatchSettings,
     dask: DaskResource,
 ) -> dg.MaterializeResult:
-    regions = settings.regions()
-    region, period = region_and_period(context, regions)
-    from pipelines.detection import probability_path
-
+    region, period = region_and_period(context, settings.regions())
     root = settings.root()
-    notes: list[str] = []
-    target = sites_path(root, region.id, period.id)
-    if region.detections is not None:  # the region's sites come from a file
-        from pipelines.imports import imported_sites, read_detections
-
-        try:
-            detections = read_detections(region.detections)
-        except ValueError as e:
-            raise dg.Failure(allow_retries=False, description=str(e)) from e
-        notes = detections.notes
-        for note in notes:
-            context.log.warning(f"asm_sites {region.id}: {detections.path.name}: {note}")
-        write_sites(imported_sites(region, period.id, detections), target)
-    else:
-        src = probability_path(root, region.id, period.id)
-        if not src.exists():
-            raise dg.Failure(
-                description=f"no probability raster at {src}: materialise `mining_probability` "
-                f"for {region.id}/{period.id} first"
-            )
-        try:
-            sites_table(
-                src, region.id, period.id, target, mmu_ha=config.mmu_ha,
-                tile_px=settings.tile_px, client=lambda: dask.client(log=context.log),
-                progress=context.log.info,
-            )  # fmt: skip
-        except ValueError as e:
-            raise dg.Failure(allow_retries=False, description=str(e)) from e
+    try:
+        made = sites_for_period(
+            root, region, period.id, mmu_ha=config.mmu_ha, tile_px=settings.tile_px,
+            client=lambda: dask.client(log=context.log), progress=context.log.info,
+        )  # fmt: skip
+    except MissingInputError as e:
+        raise dg.Failure(description=str(e)) from e
+    for note in made.notes:
+        context.log.warning(f"asm_sites {region.id}: {note}")
+    target = made.path
     import pyarrow.parquet as pq
 
-    views = refresh_views(root)
+    views = refresh_views(root, say=context.log.warning, regions=settings.regions().ids)
     # the figures from the file's area columns alone (the table is not held whole)
     areas = pq.read_table(target, columns=["area_ha", "mapped_area_ha"]).to_pandas()
     total = float(areas["area_ha"].sum()) if len(areas) else 0.0
@@ -264,23 +244,17 @@ def asm_sites(
         metadata={
             "path": dg.MetadataValue.path(str(target)),
             **row_count(target),
-            "site_count": dg.MetadataValue.int(len(areas)),
-            "total_area_ha": dg.MetadataValue.float(round(total, 2)),
-            "largest_site_ha": dg.MetadataValue.float(
-                float(areas["area_ha"].max()) if len(areas) else 0.0
-            ),
-            "settings": dg.MetadataValue.json({"mmu_ha": config.mmu_ha}),  # not plotted
-            "source": dg.MetadataValue.text(
-                "model" if region.detections is None else f"imported: {region.detections.path}"
-            ),
+            "site_count": len(areas),
+            "total_area_ha": float(round(total, 2)),
+            "largest_site_ha": float(areas["area_ha"].max()) if len(areas) else 0.0,
+            "settings": {"mmu_ha": config.mmu_ha},  # not plotted
+            "source": made.source,
             # The provider's own figure; unknown (null), not 0, when the file has none.
             "mapped_area_ha": (
-                dg.MetadataValue.float(round(float(areas["mapped_area_ha"].sum()), 2))
-                if region.detections is not None and region.detections.mapped_area_field is not None
-                else dg.MetadataValue.null()
+                float(round(float(areas["mapped_area_ha"].sum()), 2)) if made.mapped_area else None
             ),
-            "import_notes": dg.MetadataValue.text("; ".join(notes) or "none"),
-            "empty": dg.MetadataValue.bool(len(areas) == 0),
-            "catalog": dg.MetadataValue.json(views),
+            "import_notes": "; ".join(made.notes) or "none",
+            "empty": bool(len(areas) == 0),
+            "catalog": views,
         },
     )

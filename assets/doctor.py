@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from pipelines.regions import split_partition_key
+
 #: Assets whose materialisations promise files, and the files (templates over the root).
 EXPECTED: dict[str, tuple[str, ...]] = {
     "scenes": ("scenes/{region}/{period}.parquet",),
@@ -48,7 +50,9 @@ def recorded_files(instance: Any) -> Iterator[tuple[str, str, str]]:
         for pk in sorted(instance.get_materialized_partitions(dg.AssetKey(asset))):
             if "|" not in pk:
                 continue
-            period, region = pk.split("|", 1)
+            region, period = split_partition_key(pk)
+            if region[:1].isdigit():  # recorded before 2026-12 as period|region
+                region, period = period, region
             if _metadata(instance, asset, pk).get("empty") is True:
                 continue  # the run found nothing and wrote nothing, on purpose
             for t in templates:

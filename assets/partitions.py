@@ -1,48 +1,139 @@
-"""Partitions: region x period, from the regions file.
+"""Partitions: the region|period keys the regions file defines, and nothing else.
 
-Reading the regions file is a local YAML read, cheap enough for definition load (no STAC
-call happens here). The period dimension is the union of every region's periods; a
-region asked for a period it does not list fails with a message naming its periods.
+Dagster's multi-dimensional partitions are the cross product of their dimensions (a
+``MultiPartitionsDefinition`` of 7 regions and 6 period ids has 42 keys, 8 of which no
+region has); Dagster has no sparse multi-partitions (dagster-io/dagster#10796), and its
+documented answer is one dimension whose keys encode both. So a region's period is one
+dynamic partition, ``region|period`` (``demo-huepetuhe|2021``), of ``REGION_PERIODS``,
+and a region is one of ``REGIONS``:
+
+- ``sync_partitions`` adds the keys the regions file defines (for open-ended periods,
+  those that have begun) to the instance. The ``region_partitions`` sensor (running by
+  default) does it every minute, a schedule adds its own period when its time comes,
+  and every ``asmwatch`` command that runs jobs does it first.
+- Keys the file no longer defines (a region or a period removed) are not deleted, so
+  their history stays readable; they are reported: by the sensor's log, by
+  ``asmwatch doctor``, and by the asset that refuses to run one.
+
+Nothing here reads the regions file at import: the definitions are the same for any
+file, and ``assets.definitions.build_definitions`` wires the file in.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+from dataclasses import dataclass
+from typing import Any
 
 import dagster as dg
 
-from pipelines.regions import Period, Region, RegionsConfig, load_regions
+from pipelines.regions import (
+    Period,
+    Region,
+    RegionsConfig,
+    partition_key,
+    split_partition_key,
+    utc_today,
+)
+
+__all__ = [
+    "REGIONS",
+    "REGION_PERIODS",
+    "REGION_PERIODS_NAME",
+    "PartitionSync",
+    "missing_partition",
+    "partition_key",
+    "region_and_period",
+    "region_of",
+    "split_partition_key",
+    "sync_partitions",
+]
+
+REGION_PERIODS_NAME = "region_period"
+#: One partition per region and period the regions file defines: ``region|period``.
+REGION_PERIODS = dg.DynamicPartitionsDefinition(name=REGION_PERIODS_NAME)
+#: Region-only assets (context layers, reports): one partition per region of the file.
+REGIONS = dg.DynamicPartitionsDefinition(name="region")
 
 
-def region_period_partitions(config: RegionsConfig | None = None) -> dg.MultiPartitionsDefinition:
-    config = config or load_regions()
-    return dg.MultiPartitionsDefinition(
-        {
-            "period": dg.StaticPartitionsDefinition(config.all_period_ids()),
-            "region": dg.StaticPartitionsDefinition(config.ids),
-        }
-    )
+@dataclass(frozen=True)
+class PartitionSync:
+    """What ``sync_partitions`` did and found."""
+
+    added: tuple[str, ...]  # keys added to the instance
+    stale: tuple[str, ...]  # keys in the instance that the regions file no longer defines
+
+    def stale_message(self, config: RegionsConfig) -> str | None:
+        if not self.stale:
+            return None
+        return (
+            f"{len(self.stale)} partition(s) in the Dagster instance are not in {config.path}: "
+            f"{', '.join(self.stale[:20])}{' ...' if len(self.stale) > 20 else ''}. Their "
+            "runs and files are kept but no longer refreshed, and their assets refuse to "
+            "run; `asmwatch doctor` lists their files (put the region back in the file, or "
+            "delete its files and the partitions)"
+        )
 
 
-def partition_key(region_id: str, period_id: str) -> dg.MultiPartitionKey:
-    return dg.MultiPartitionKey({"region": region_id, "period": period_id})
+def sync_partitions(
+    instance: dg.DagsterInstance, config: RegionsConfig, today: dt.date | None = None
+) -> PartitionSync:
+    """Add the partitions the regions file defines (periods begun by ``today``); report
+    the ones it no longer defines. Idempotent."""
+    wanted = {REGION_PERIODS.name: config.partition_keys(today), REGIONS.name: config.ids}
+    added: list[str] = []
+    stale: list[str] = []
+    for name, keys in wanted.items():
+        assert name is not None
+        have = instance.get_dynamic_partitions(name)
+        new = [k for k in keys if k not in set(have)]
+        if new:
+            instance.add_dynamic_partitions(name, new)
+            added += new
+        stale += [k for k in have if k not in set(keys)]
+    return PartitionSync(tuple(added), tuple(stale))
+
+
+def stale_partitions(instance: dg.DagsterInstance, config: RegionsConfig) -> list[str]:
+    """Partition keys in the instance that the regions file does not define (for doctor)."""
+    out = []
+    for defn, keys in ((REGION_PERIODS, set(config.partition_keys())), (REGIONS, set(config.ids))):
+        assert defn.name is not None
+        out += [k for k in instance.get_dynamic_partitions(defn.name) if k not in keys]
+    return out
 
 
 def region_and_period(
     context: dg.AssetExecutionContext, config: RegionsConfig
 ) -> tuple[Region, Period]:
-    keys = context.partition_key.keys_by_dimension
+    """The region and period of the run's ``region|period`` partition; a Failure that
+    names the regions file when it does not define them (a region removed from it)."""
     try:
-        region = config.get(keys["region"])
-        return region, region.period(keys["period"])
+        region_id, period_id = split_partition_key(context.partition_key)
+        region = config.get(region_id)
+        return region, region.period(period_id)
+    except ValueError as e:
+        raise dg.Failure(allow_retries=False, description=str(e)) from e
     except KeyError as e:
-        raise dg.Failure(allow_retries=False, description=str(e.args[0])) from e
+        raise dg.Failure(
+            allow_retries=False,
+            description=f"partition {context.partition_key}: {e.args[0]}",
+        ) from e
 
 
-PARTITIONS = region_period_partitions()
+def region_of(context: dg.AssetExecutionContext, config: RegionsConfig) -> Region:
+    try:
+        return config.get(context.partition_key)
+    except KeyError as e:
+        raise dg.Failure(
+            allow_retries=False, description=f"partition {context.partition_key}: {e.args[0]}"
+        ) from e
 
-#: Region-only assets (context layers): one partition per region of the regions file.
-REGIONS = dg.StaticPartitionsDefinition(load_regions().ids)
+
+def region_of_key(key: str) -> str:
+    """The region id of a ``region|period`` key (or of a region key)."""
+    return key.partition("|")[0]
 
 
 #: How often and how long a backfill run waits for another partition it needs
@@ -72,8 +163,7 @@ def missing_partition(context: dg.AssetExecutionContext, message: str) -> dg.Fai
     )
 
 
-def region_of(context: dg.AssetExecutionContext, config: RegionsConfig) -> Region:
-    try:
-        return config.get(context.partition_key)
-    except KeyError as e:
-        raise dg.Failure(allow_retries=False, description=str(e.args[0])) from e
+def today_of(context: Any) -> dt.date:
+    """The day a schedule tick is for (its scheduled time), else today (UTC)."""
+    when = getattr(context, "scheduled_execution_time", None)
+    return when.date() if when is not None else utc_today()

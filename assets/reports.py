@@ -6,7 +6,7 @@ No ``from __future__ import annotations`` here: Dagster inspects the context ann
 import dagster as dg
 
 from assets.change import asm_change
-from assets.partitions import REGIONS, region_of
+from assets.partitions import REGIONS, partition_key, region_of
 from assets.resources import AsmwatchSettings, fail_fast
 from assets.risk import BY_REGION, alerts, concession_risk, protected_area_pressure
 from pipelines.reports import REPORT_FILES, ReportError, make_reports, markdown_image
@@ -41,7 +41,7 @@ def stale_inputs(instance: dg.DagsterInstance, region_id: str, period_ids: list[
 
     problems = []
     for period in period_ids:
-        pk = f"{period}|{region_id}"  # the multi-partition key: period|region
+        pk = partition_key(region_id, period)
         for table, inputs in READS_FROM.items():
             made = _materialised_at(instance, table, pk)
             if made is None:
@@ -129,16 +129,16 @@ def region_report(
             "report": dg.MetadataValue.path(str(out.report_html)),
             "web_map": dg.MetadataValue.path(str(out.webmap_html)),
             "expansion_map": dg.MetadataValue.path(str(out.expansion_png)),
-            "periods": dg.MetadataValue.json(data.periods),
-            "mining_ha": dg.MetadataValue.float(float(last["mining_ha"])),
-            "growth_vs_first": dg.MetadataValue.float(float(last["growth_vs_first"] or 1.0)),
-            "top_concession": dg.MetadataValue.text(
+            "periods": data.periods,
+            "mining_ha": float(last["mining_ha"]),
+            "growth_vs_first": float(last["growth_vs_first"] or 1.0),
+            "top_concession": str(
                 f"{top[0]['name'] or top[0]['concession_id']}: {top[0]['score']:.1f} ({top[0]['band']})"
                 if top
                 else "none"
             ),
-            "alerts_latest": dg.MetadataValue.int(len(data.alerts.get(data.latest, []))),
-            "bytes": dg.MetadataValue.json(written),
+            "alerts_latest": len(data.alerts.get(data.latest, [])),
+            "bytes": written,
         },
         check_results=[
             dg.AssetCheckResult(

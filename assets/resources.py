@@ -39,14 +39,18 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def fail_fast(fn: F) -> F:
-    """Turn failures that retrying cannot fix into ``dg.Failure(allow_retries=False)``.
+    """Retries only for transient faults: anything else becomes
+    ``dg.Failure(allow_retries=False)``, whatever started the run.
 
-    A full disk, a read-only data root or a permission error (``pipelines.errors``)
-    would otherwise be retried like a network fault, for minutes, with a message like
-    GDAL's "TIFFAppendToStrip: Write error". Every asset body is wrapped: such a failure
-    ends the step at once, naming the cause and the path, in the UI and on the console.
+    Every asset body is wrapped. A network fault (a connection refused, reset or timed
+    out, an HTTP 429 or 5xx, a lost dask worker: ``pipelines.errors.transient_cause``)
+    is raised as it is, so the asset's retry policy (``NETWORK_RETRY`` on the assets
+    that talk to remote services) tries again. A full disk, a read-only data root or a
+    permission error ends the step at once, naming the cause and the path (GDAL would
+    say "TIFFAppendToStrip: Write error"); so does any other error (bad input, a broken
+    contract, a bug), which would fail the same way on every try.
     """
-    from pipelines.errors import deterministic_cause
+    from pipelines.errors import deterministic_cause, transient_cause
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -59,7 +63,15 @@ def fail_fast(fn: F) -> F:
             root = settings.root() if isinstance(settings, AsmwatchSettings) else None
             cause = deterministic_cause(e, root)
             if cause is None:
-                raise
+                if transient_cause(e) is not None:
+                    raise  # the retry policy, where the asset has one, tries again
+                raise dg.Failure(
+                    allow_retries=False,
+                    description=(
+                        f"{fn.__name__}: {type(e).__name__}: {e} "
+                        "(not retried: it would fail the same way)"
+                    ),
+                ) from e
             raise dg.Failure(
                 allow_retries=False,
                 description=(

@@ -3,7 +3,6 @@
 No ``from __future__ import annotations`` here: Dagster inspects the context annotation.
 """
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +12,7 @@ from assets.change import asm_change
 from assets.checks import column_schema, row_count, specs, table_checks
 from assets.context import context_layers
 from assets.detection import asm_sites
-from assets.partitions import PARTITIONS, region_and_period
+from assets.partitions import REGION_PERIODS, region_and_period
 from assets.resources import AsmwatchSettings, fail_fast
 from pipelines.catalog import refresh_views
 from pipelines.risk import (
@@ -25,9 +24,11 @@ from pipelines.risk import (
     write_rows,
 )
 
-with warnings.catch_warnings():  # beta in Dagster 1.13, and the mapping this graph needs
-    warnings.simplefilter("ignore", dg.BetaWarning)
-    BY_REGION = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="region")
+#: A region's tables (region|period) and its region-only assets (context layers,
+#: reports): Dagster maps between two single-dimension dynamic partition sets only as
+#: identity or "all", so the lineage says "all"; the assets read their own region's files
+#: (docs/automation.md, "Partitions").
+BY_REGION = dg.AllPartitionMapping()
 DEPS: list[dg.AssetsDefinition | dg.AssetDep] = [
     asm_sites,
     asm_change,
@@ -48,7 +49,7 @@ def _run(
     context: dg.AssetExecutionContext,
     settings: AsmwatchSettings,
     config: RiskConfig,
-    summary: Callable[[Any, Callable[[str], dict[str, Any]]], dict[str, dg.MetadataValue]],
+    summary: Callable[[Any, Callable[[str], dict[str, Any]]], dict[str, Any]],
 ) -> dg.MaterializeResult:
     """Compute one table for the partition, write it, refresh the views, report."""
     region, period = region_and_period(context, settings.regions())
@@ -63,7 +64,7 @@ def _run(
         )
     except RiskError as e:
         raise dg.Failure(allow_retries=False, description=str(e)) from e
-    views = refresh_views(root)
+    views = refresh_views(root, say=context.log.warning, regions=settings.regions().ids)
     # The summary reads the file back a few columns and rows at a time (it may be large).
     import pyarrow.parquet as pq
 
@@ -84,7 +85,7 @@ def _run(
             "path": dg.MetadataValue.path(str(target)),
             **row_count(target),
             **summary(df, lambda column: _counts(pf, column)),
-            "catalog": dg.MetadataValue.json(views),
+            "catalog": views,
         },
     )
 
@@ -107,7 +108,7 @@ def _md(df: Any, columns: list[str], empty: str) -> dg.MetadataValue:
 
 
 @dg.asset(
-    partitions_def=PARTITIONS, group_name="risk", kinds={"duckdb", "parquet"},
+    partitions_def=REGION_PERIODS, group_name="risk", kinds={"duckdb", "parquet"},
     owners=["team:asmwatch"], deps=DEPS, check_specs=specs("concession_risk"),
     metadata=column_schema("concession_risk"),
     description=(
@@ -121,11 +122,11 @@ def _md(df: Any, columns: list[str], empty: str) -> dg.MetadataValue:
 def concession_risk(
     context: dg.AssetExecutionContext, settings: AsmwatchSettings, config: RiskConfig
 ) -> dg.MaterializeResult:
-    def summary(df: Any, _counts: Callable[[str], dict[str, Any]]) -> dict[str, dg.MetadataValue]:
+    def summary(df: Any, _counts: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
         bands = df["band"].value_counts().to_dict() if len(df) else {}
         return {
-            "bands": dg.MetadataValue.json({k: int(v) for k, v in bands.items()}),
-            "max_score": dg.MetadataValue.float(float(df["score"].max()) if len(df) else 0.0),
+            "bands": {k: int(v) for k, v in bands.items()},
+            "max_score": float(df["score"].max()) if len(df) else 0.0,
             "top": _md(
                 df,
                 [
@@ -148,7 +149,7 @@ def concession_risk(
 
 
 @dg.asset(
-    partitions_def=PARTITIONS, group_name="risk", kinds={"duckdb", "parquet"},
+    partitions_def=REGION_PERIODS, group_name="risk", kinds={"duckdb", "parquet"},
     owners=["team:asmwatch"], deps=DEPS, check_specs=specs("protected_area_pressure"),
     metadata=column_schema("protected_area_pressure"),
     description=(
@@ -161,17 +162,13 @@ def concession_risk(
 def protected_area_pressure(
     context: dg.AssetExecutionContext, settings: AsmwatchSettings, config: RiskConfig
 ) -> dg.MaterializeResult:
-    def summary(df: Any, _counts: Callable[[str], dict[str, Any]]) -> dict[str, dg.MetadataValue]:
+    def summary(df: Any, _counts: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
         pressed = df[df["site_count"] > 0] if len(df) else df
         return {
-            "areas": dg.MetadataValue.int(len(df)),
-            "areas_with_asm": dg.MetadataValue.int(len(pressed)),
-            "asm_area_ha": dg.MetadataValue.float(
-                round(float(df["asm_area_ha"].sum()), 2) if len(df) else 0.0
-            ),
-            "new_asm_ha": dg.MetadataValue.float(
-                round(float(df["new_asm_ha"].sum()), 2) if len(df) else 0.0
-            ),
+            "areas": len(df),
+            "areas_with_asm": len(pressed),
+            "asm_area_ha": float(round(float(df["asm_area_ha"].sum()), 2) if len(df) else 0.0),
+            "new_asm_ha": float(round(float(df["new_asm_ha"].sum()), 2) if len(df) else 0.0),
             "top": _md(
                 pressed,
                 ["kind", "area_id", "name", "site_count", "asm_area_ha", "share_of_area"],
@@ -183,7 +180,7 @@ def protected_area_pressure(
 
 
 @dg.asset(
-    partitions_def=PARTITIONS, group_name="risk", kinds={"duckdb", "geoparquet"},
+    partitions_def=REGION_PERIODS, group_name="risk", kinds={"duckdb", "geoparquet"},
     owners=["team:asmwatch"], deps=DEPS, check_specs=specs("hotspots"),
     metadata=column_schema("hotspots"),
     description=(
@@ -195,9 +192,9 @@ def protected_area_pressure(
 def hotspots(
     context: dg.AssetExecutionContext, settings: AsmwatchSettings, config: RiskConfig
 ) -> dg.MaterializeResult:
-    def summary(df: Any, _counts: Callable[[str], dict[str, Any]]) -> dict[str, dg.MetadataValue]:
+    def summary(df: Any, _counts: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
         return {
-            "cells": dg.MetadataValue.int(len(df)),
+            "cells": len(df),
             "top": _md(df, ["h3_cell", "asm_area_ha", "new_asm_ha", "site_count"], "no ASM"),
         }
 
@@ -205,7 +202,7 @@ def hotspots(
 
 
 @dg.asset(
-    partitions_def=PARTITIONS, group_name="risk", kinds={"duckdb", "geoparquet"},
+    partitions_def=REGION_PERIODS, group_name="risk", kinds={"duckdb", "geoparquet"},
     owners=["team:asmwatch"], deps=DEPS, check_specs=specs("alerts"),
     metadata=column_schema("alerts"),
     description=(
@@ -219,10 +216,10 @@ def hotspots(
 def alerts(
     context: dg.AssetExecutionContext, settings: AsmwatchSettings, config: RiskConfig
 ) -> dg.MaterializeResult:
-    def summary(df: Any, counts: Callable[[str], dict[str, Any]]) -> dict[str, dg.MetadataValue]:
+    def summary(df: Any, counts: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
         sev = counts("severity")
         return {
-            "severity": dg.MetadataValue.json({k: int(v) for k, v in sev.items()}),
+            "severity": {k: int(v) for k, v in sev.items()},
             "latest": _md(
                 df,
                 ["severity", "kind", "feature_layer", "feature_name", "distance_m", "area_ha"],

@@ -8,14 +8,14 @@ from pathlib import Path
 import dagster as dg
 
 from assets.checks import column_schema, nothing_written, results, row_count, specs, table_checks
-from assets.partitions import PARTITIONS, region_and_period
+from assets.partitions import REGION_PERIODS, region_and_period
 from assets.resources import NETWORK_RETRY, AsmwatchSettings, StacResource, fail_fast
 from pipelines.catalog import refresh_views
 from pipelines.scenes import find_scenes
 
 
 @dg.asset(
-    partitions_def=PARTITIONS,
+    partitions_def=REGION_PERIODS,
     group_name="ingest",
     kinds={"stac", "geoparquet", "duckdb"},
     owners=["team:asmwatch"],
@@ -39,7 +39,7 @@ def scenes(
     root = settings.root()
     url = stac.url_for(region, root, log=context.log)
     out = find_scenes(url, region, period, root, progress=context.log.info)
-    views = refresh_views(root)
+    views = refresh_views(root, say=context.log.warning, regions=settings.regions().ids)
     s = out.summary()
     context.log.info(
         f"{region.id} {period.id}: {out.count} scenes kept of {s['returned']} returned "
@@ -63,20 +63,20 @@ def scenes(
         check_results=checks,
         metadata={
             **row_count(Path(s["path"]) if s["path"] else None),
-            "scene_count": dg.MetadataValue.int(out.count),
-            "returned": dg.MetadataValue.int(s["returned"]),
-            "dropped": dg.MetadataValue.int(s["dropped"]),
-            "too_cloudy": dg.MetadataValue.int(s["too_cloudy"]),
-            "empty": dg.MetadataValue.bool(out.count == 0),
-            "cloud_cover": dg.MetadataValue.json(s["cloud_cover"]),
-            "tiles": dg.MetadataValue.json(s["tiles"]),
-            "baselines": dg.MetadataValue.json(s["baselines"]),
-            "server_side_filter": dg.MetadataValue.bool(s["server_filter"]),
-            "l1c_twins": dg.MetadataValue.int(s["l1c_twins"]),
-            "l1c_unmatched": dg.MetadataValue.json(s["l1c_unmatched"]),
-            "stac_source": dg.MetadataValue.text(region.source),
+            "scene_count": int(out.count),
+            "returned": int(s["returned"]),
+            "dropped": int(s["dropped"]),
+            "too_cloudy": int(s["too_cloudy"]),
+            "empty": bool(out.count == 0),
+            "cloud_cover": s["cloud_cover"],
+            "tiles": s["tiles"],
+            "baselines": s["baselines"],
+            "server_side_filter": bool(s["server_filter"]),
+            "l1c_twins": int(s["l1c_twins"]),
+            "l1c_unmatched": s["l1c_unmatched"],
+            "stac_source": str(region.source),
             "path": dg.MetadataValue.path(s["path"] or "(no scenes)"),
-            "catalog": dg.MetadataValue.json(views),
+            "catalog": views,
             "scenes": dg.MetadataValue.md(
                 "| id | date | tile | cloud % | baseline |\n|---|---|---|---|---|\n" + rows
                 if rows

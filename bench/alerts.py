@@ -51,9 +51,8 @@ def write_world(root: Path, n_concessions: int, seed: int = 7) -> None:
     import shapely
 
     from pipelines.catalog import refresh_views
-    from pipelines.change import change_path
     from pipelines.context import COLUMNS as CTX
-    from pipelines.context import context_table_path
+    from pipelines.layout import change_path, context_table_path
 
     rng = np.random.default_rng(seed)
     w, s, e, n = BBOX

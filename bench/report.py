@@ -37,7 +37,8 @@ def write_grievances(root: Path, n: int, seed: int = 3) -> None:
     import shapely
 
     from pipelines.catalog import refresh_views
-    from pipelines.context import COLUMNS, context_table_path
+    from pipelines.context import COLUMNS
+    from pipelines.layout import context_table_path
     from pipelines.regions import load_regions
 
     region = load_regions(ROOT / "regions.yaml").get(REGION)
@@ -65,7 +66,7 @@ def write_change(root: Path, n: int, period: str = "2021", seed: int = 4) -> Non
     (squares of 20-60 m over the region, half of them first seen that period), written
     with DuckDB: a region with ``n`` sites as the web map and the report meet it."""
     from pipelines.catalog import connect, refresh_views
-    from pipelines.change import change_path
+    from pipelines.layout import change_path
     from pipelines.regions import load_regions
 
     region = load_regions(ROOT / "regions.yaml").get(REGION)

@@ -46,10 +46,9 @@ def write_world(root: Path, region_id: str, n_sites: int, n_concessions: int, se
     import geopandas as gpd
     import shapely
 
-    from pipelines.change import change_path
     from pipelines.context import COLUMNS as CTX
-    from pipelines.context import context_table_path
-    from pipelines.sites import COLUMNS, conform, sites_path
+    from pipelines.layout import change_path, context_table_path, sites_path
+    from pipelines.sites import COLUMNS, conform
 
     rng = np.random.default_rng(seed)
     for period, count in (("2019", int(n_sites * 0.9)), ("2020", n_sites)):

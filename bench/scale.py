@@ -191,8 +191,9 @@ def _stage(
     periods: tuple[str, ...] = ("2020", "2021"),
 ) -> None:
     from ml import registry
-    from pipelines.detection import map_probability, probability_path
-    from pipelines.sites import extract_sites, sites_path, sites_table
+    from pipelines.detection import map_probability
+    from pipelines.layout import probability_path, sites_path
+    from pipelines.sites import extract_sites, sites_table
 
     root_p = Path(root)
     if name in ("simulate", "composite"):
@@ -232,8 +233,8 @@ def _stage(
             extra |= {"sites": count}
     elif name == "change":
         from pipelines.catalog import refresh_views
-        from pipelines.change import change_path, change_table, mining_ha, summarise, write_summary
-        from pipelines.composite import composite_path
+        from pipelines.change import change_table, mining_ha, summarise, write_summary
+        from pipelines.layout import change_path, composite_path
 
         prev_sites = sites_path(root_p, region.id, "2020")
         changed = change_table(
@@ -257,13 +258,13 @@ def _stage(
         }
     elif name == "train":
         from ml.train import TrainConfig, train_unet
-        from pipelines.composite import composite_path
         from pipelines.detection import (
             CompositeChips,
             TrainingScene,
             fit_normalizer,
             validation_windows,
         )
+        from pipelines.layout import composite_path
 
         scene = TrainingScene(
             region.id, "2020", composite_path(root_p, region.id, "2020"),

@@ -31,8 +31,8 @@ def main() -> int:
     from distributed import Client
 
     from pipelines.composite import composite_for_region
+    from pipelines.layout import scenes_path
     from pipelines.regions import EmbeddedSpec, load_regions
-    from pipelines.scenes import scenes_path
     from pipelines.simulator import load_items, simulate_world
     from pipelines.stac.geoparquet import write_geoparquet
     from pipelines.stac.normalize import normalize_items

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,9 @@ from pipelines.storage import chmod_for_umask
 log = logging.getLogger(__name__)
 
 CATALOG_FILE = "asmwatch.duckdb"
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+#: The SQL files: the project's sql/, reached through the pipelines/sql link in a
+#: checkout and shipped as package data in a wheel.
+SQL_DIR = Path(__file__).resolve().parent / "sql"
 _DUCKDB_EXT_VERSION = "v" + duckdb.__version__
 
 
@@ -239,7 +241,11 @@ def files_literal(files: list[str]) -> str:
 
 
 def refresh_views(
-    root: Path, database: Path | None = None, *, say: Callable[[str], None] | None = None
+    root: Path,
+    database: Path | None = None,
+    *,
+    say: Callable[[str], None] | None = None,
+    regions: Collection[str] | None = None,
 ) -> dict[str, Any]:
     """(Re)create every view whose files exist; returns {view: status}.
 
@@ -252,6 +258,10 @@ def refresh_views(
     logged and named in the status (``asmwatch doctor`` says what to re-materialise).
     The view DDL comes from ``sql/<view>_view.sql`` with the file list substituted as
     literals (DDL takes no bound parameters).
+
+    ``regions``: the region ids of the regions file. Files of any other region (one
+    removed from the file) are left out of every view, each such region warned about and
+    named in the status, so its old rows are not served as if current.
     """
     from pipelines.integrity import parquet_problem
 
@@ -275,8 +285,15 @@ def refresh_views(
             tmp = Path(tempfile.mkdtemp(prefix="asmwatch-catalog-")) / tmp.name
         con = connect(tmp, root=root)
         try:
+            removed: dict[str, int] = {}
             for view, (sql_name, glob) in VIEWS.items():
                 files = view_files(root, glob)
+                if regions is not None and view != "models":
+                    kept = [f for f in files if f.split("/")[-2] in regions]
+                    for f in files:
+                        if f.split("/")[-2] not in regions:
+                            removed[f.split("/")[-2]] = removed.get(f.split("/")[-2], 0) + 1
+                    files = kept
                 if not files:
                     status[view] = "no files yet"
                     continue
@@ -312,6 +329,13 @@ def refresh_views(
                     status[view] = f"error: no usable file{left_out} (re-materialise its asset)"
                     continue
                 status[view] = f"{len(good)} file(s){left_out}"
+            for region_id, n in sorted(removed.items()):
+                warn(
+                    f"catalog: region {region_id!r} is not in the regions file: its {n} "
+                    "table file(s) are left out of the views (`asmwatch doctor` lists them)"
+                )
+            if removed:
+                status["regions_left_out"] = sorted(removed)
             con.execute("CHECKPOINT")
         except BaseException:
             con.close()

@@ -47,6 +47,7 @@ import rasterio.features
 import shapely
 from pyproj import Transformer
 
+from pipelines.errors import MissingInputError
 from pipelines.geotable import (
     READ_ROWS,
     GeoTableError,
@@ -58,8 +59,9 @@ from pipelines.geotable import (
     write_sorted,
 )
 from pipelines.grid import bbox_utm_epsg
+from pipelines.layout import change_path, composite_path, sites_path, summary_path
 from pipelines.regions import Region, RegionsError, parse_period
-from pipelines.storage import atomic_path, partition_path
+from pipelines.storage import atomic_path
 from pipelines.tiling import DEFAULT_TILE, Span, Tiling, gdal_cache, read_window
 from pipelines.vectors import polygonal_part
 
@@ -89,14 +91,6 @@ SUMMARY_FLOATS = (
     "mining_ha", *(f"{k}_ha" for k in KINDS), "previous_mining_ha", "growth_vs_previous",
     "first_mining_ha", "growth_vs_first",
 )  # fmt: skip
-
-
-def change_path(root: Path, region_id: str, period_id: str) -> Path:
-    return partition_path(root, "change", region_id, period_id, ".parquet")
-
-
-def summary_path(root: Path, region_id: str, period_id: str) -> Path:
-    return partition_path(root, "summary", region_id, period_id, ".parquet")
 
 
 @dataclass
@@ -804,3 +798,57 @@ def write_change(result: ChangeResult, root: Path, region_id: str, period_id: st
         result.frame.to_parquet(tmp, write_covering_bbox=True, index=False)
     write_summary(result.summary, root, region_id, period_id)
     return target
+
+
+@dataclass
+class PeriodChange:
+    """What ``change_for_period`` wrote: the change table, the summary row and its file."""
+
+    table: ChangeTable
+    summary: dict[str, Any]
+    summary_path: Path
+
+
+def change_for_period(
+    root: Path, region: Region, period_id: str, progress: Callable[[str], None] | None = None
+) -> PeriodChange:
+    """The change of one region's period against the one before, and its summary row.
+
+    Reads this period's and the previous period's sites, the previous change (for
+    first-seen periods) and the composite (for re-vegetation) from the data root;
+    writes ``change/`` and ``summary/``. ``MissingInputError`` names the sites to
+    materialise first when this period's or the previous one's are missing.
+    """
+    here = sites_path(root, region.id, period_id)
+    if not here.exists():
+        raise MissingInputError(
+            f"no sites at {here}: materialise `asm_sites` for {region.id}/{period_id} first"
+        )
+    prev = region.previous_period(period_id)
+    there = last = None
+    if prev is not None:
+        there = sites_path(root, region.id, prev.id)
+        if not there.exists():
+            raise MissingInputError(
+                f"asm_change {region.id}/{period_id} compares with the previous "
+                f"period, {prev.id}, whose sites are missing ({there}): materialise "
+                f"`asm_sites` for {region.id}/{prev.id} first"
+            )
+        last = change_path(root, region.id, prev.id)
+    comp = composite_path(root, region.id, period_id)
+    table = change_table(
+        region, period_id, here, there, change_path(root, region.id, period_id),
+        previous_change=last if last is not None and last.exists() else None,
+        composite=comp if comp.exists() else None,
+        progress=progress,
+    )  # fmt: skip
+    first_period = region.periods[0]
+    first = None
+    if first_period.id == period_id:
+        first = (period_id, table.summary["mining_ha"])
+    elif (p := sites_path(root, region.id, first_period.id)).exists():
+        first = (first_period.id, mining_ha(p))
+    prev_ha = mining_ha(there) if there is not None else None
+    summary = summarise(table.summary, prev_ha, first)
+    path = write_summary(summary, root, region.id, period_id)
+    return PeriodChange(table, summary, path)

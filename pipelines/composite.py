@@ -53,10 +53,10 @@ import shapely.geometry
 from pyproj import Transformer
 
 from pipelines.grid import window_for_bbox
+from pipelines.layout import composite_path
 from pipelines.median import masked_median_dn, masked_median_float
 from pipelines.progress import Progress
 from pipelines.stac.l1c import S2CLOUDLESS_BANDS
-from pipelines.storage import partition_path
 from pipelines.tiling import staged_cog
 
 if TYPE_CHECKING:
@@ -206,10 +206,6 @@ class CompositeResult:
             "cloud_mask": self.cloud_mask,
             "l1c_scenes": self.l1c_scenes,
         }
-
-
-def composite_path(root: Path, region_id: str, period_id: str) -> Path:
-    return partition_path(root, "composite", region_id, period_id, ".tif")
 
 
 # --------------------------------------------------------------------------- grid
@@ -953,7 +949,7 @@ def composite_for_region(
     ``pc_subscription_key``: Planetary Computer key for the SAS token API (default:
     ``$PC_SDK_SUBSCRIPTION_KEY``); never logged.
     """
-    from pipelines.scenes import scenes_path
+    from pipelines.layout import scenes_path
 
     src = scenes_path(root, region.id, period.id)
     items = read_scene_items(src) if src.exists() else []

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,8 +37,9 @@ import shapely
 import shapely.geometry
 
 from pipelines.grid import bbox_utm_epsg
+from pipelines.layout import context_table_path
 from pipelines.regions import CONTEXT_ROLES, Region
-from pipelines.storage import atomic_path, confined
+from pipelines.storage import atomic_path
 from pipelines.vectors import (
     LINEAR,
     POLYGONAL,
@@ -45,6 +48,8 @@ from pipelines.vectors import (
     read_vector,
     require_columns,
 )
+
+log = logging.getLogger(__name__)
 
 #: Layer kinds that become tables (``mining_labels`` and ``detections`` feed other stages).
 TABLE_KINDS = ("protected_areas", "indigenous_lands", "concessions", "settlements", "rivers", "grievances")  # fmt: skip
@@ -173,10 +178,6 @@ def keep_box(region: Region) -> Any:
     w, s, e, n = region.bbox
     k = KEEP_WITHIN_DEG
     return shapely.geometry.box(w - k, s - k, e + k, n + k)
-
-
-def context_table_path(root: Path, region_id: str, kind: str) -> Path:
-    return confined(root, "context", region_id, f"{kind}.parquet", names=(region_id, kind))
 
 
 ID_COLUMNS = {
@@ -386,3 +387,29 @@ def write_context(layer: ContextLayer, root: Path, region_id: str) -> Path:
     with atomic_path(target) as tmp:
         layer.frame.to_parquet(tmp, write_covering_bbox=True, index=False)
     return target
+
+
+def context_for_region(
+    root: Path, region: Region, say: Callable[[str], None] | None = None
+) -> list[tuple[ContextLayer, Path]]:
+    """Read every context layer the region lists, then write them all as GeoParquet
+    under ``context/<region>/`` (nothing is written unless every layer reads: a
+    ``ContextError`` names the file and the feature). A layer no longer listed loses
+    its table. Returns each layer with the table it was written to."""
+    from pipelines.embedded import context_path, ensure_world
+
+    say = say or log.info
+    if region.source == "embedded":  # the demo's layers live in its simulated world
+        ensure_world(root, region, say)
+    layers = []
+    for kind in TABLE_KINDS:
+        path = context_path(root, region, kind)
+        if path is not None:
+            layers.append(read_context(region, kind, path))
+    written = [(layer, write_context(layer, root, region.id)) for layer in layers]
+    kinds = {layer.kind for layer in layers}
+    for kind in TABLE_KINDS:  # a layer removed from the regions file leaves no stale table
+        stale = context_table_path(root, region.id, kind)
+        if kind not in kinds and stale.exists():
+            stale.unlink()
+    return written

@@ -43,12 +43,11 @@ from ml.infer import owned_plan, pick_device, plan_tiles, predict_tiled, sub_pla
 from ml.metrics import best_threshold, confusion, scores
 from ml.models import index_baseline
 from ml.train import Labelled, TrainConfig, train_unet
-from pipelines.composite import composite_path
 from pipelines.embedded import context_path, world_dir
 from pipelines.errors import first_line
+from pipelines.layout import composite_path, probability_path
 from pipelines.progress import Progress
 from pipelines.regions import Region
-from pipelines.storage import partition_path
 from pipelines.tiling import (
     DEFAULT_TILE,
     Span,
@@ -96,10 +95,6 @@ class ModelOutcome:
     record: registry.ModelRecord
     reused: bool
     messages: list[str] = field(default_factory=list)
-
-
-def probability_path(root: Path, region_id: str, period_id: str) -> Path:
-    return partition_path(root, "probability", region_id, period_id, ".tif")
 
 
 def training_scenes(root: Path, regions: Sequence[Region]) -> list[TrainingScene]:

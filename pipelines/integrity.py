@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import first_line
+from pipelines.regions import partition_key
 
 
 def parquet_problem(path: Path, *, deep: bool = False) -> str | None:
@@ -140,11 +141,28 @@ def _table_files(root: Path) -> Iterable[tuple[str, str, str, str | None]]:
             elif parts[0] == "context":
                 key = parts[1]  # region-partitioned
             else:
-                key = f"{p.stem}|{parts[-2]}"  # Dagster's multi-partition key: period|region
+                key = partition_key(parts[-2], p.stem)
             yield rel, view, assets.get(view, "context_layers"), key
 
 
 RASTERS = (("composite", "composite"), ("probability", "mining_probability"))
+
+
+def removed_region_files(root: Path, region_ids: Iterable[str]) -> dict[str, list[str]]:
+    """Files under ``root`` (tables, COGs, reports) of regions the regions file does not
+    define, by region id: what a region removed from the file left behind."""
+    from pipelines.catalog import VIEWS
+
+    keep = set(region_ids)
+    globs = [g for view, (_sql, g) in VIEWS.items() if view != "models"]
+    globs += [f"{folder}/*/*.tif" for folder, _asset in RASTERS] + ["reports/*/*"]
+    out: dict[str, list[str]] = {}
+    for glob in dict.fromkeys(globs):
+        for p in sorted(Path(root).glob(glob)):
+            region_id = p.parent.name
+            if region_id not in keep and p.is_file():
+                out.setdefault(region_id, []).append(p.relative_to(root).as_posix())
+    return dict(sorted(out.items()))
 
 
 def doctor(
@@ -182,7 +200,9 @@ def doctor(
             report.checked += 1
             rel = p.relative_to(root).as_posix()
             if problem := cog_problem(p):
-                report.findings.append(Finding(rel, problem, asset, f"{p.stem}|{p.parent.name}"))
+                report.findings.append(
+                    Finding(rel, problem, asset, partition_key(p.parent.name, p.stem))
+                )
     try:
         records = registry.records(root, say=report.notes.append)
     except registry.RegistryError as e:

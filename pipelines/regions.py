@@ -9,6 +9,7 @@ so ``asmwatch validate`` can print them all at once.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -95,6 +96,79 @@ class Period:
         return f"{self.start.isoformat()}T00:00:00Z/{self.end.isoformat()}T23:59:59Z"
 
 
+PERIOD_STEPS = ("year", "quarter")
+
+
+def year_or_quarter(period_id: str) -> Period | None:
+    """The calendar year (``2021``) or quarter (``2021Q3``) with that id; None if neither."""
+    if m := _YEAR_RE.match(period_id):
+        year = int(m.group(1))
+        return Period(period_id, dt.date(year, 1, 1), dt.date(year, 12, 31))
+    if m := _QUARTER_RE.match(period_id):
+        year, q = int(m.group(1)), int(m.group(2))
+        end = (
+            dt.date(year, 12, 31) if q == 4 else dt.date(year, 3 * q + 1, 1) - dt.timedelta(days=1)
+        )
+        return Period(period_id, dt.date(year, 3 * q - 2, 1), end)
+    return None
+
+
+@dataclass(frozen=True)
+class PeriodSeries:
+    """Open-ended periods: every year (or quarter) from ``first``, up to ``last`` if given.
+
+    The regions file says ``periods: {from: 2019, every: year}``; the region's periods
+    are then the series' periods that have started, so a new year's partition appears
+    when the year begins, without editing the file.
+    """
+
+    every: str  # year | quarter
+    first: Period
+    last: Period | None = None
+
+    def _id(self, year: int, index: int) -> str:
+        return str(year) if self.every == "year" else f"{year}Q{index}"
+
+    def next(self, period: Period) -> Period:
+        day = period.end + dt.timedelta(days=1)
+        index = 1 if self.every == "year" else (day.month - 1) // 3 + 1
+        out = year_or_quarter(self._id(day.year, index))
+        assert out is not None
+        return out
+
+    def containing(self, day: dt.date) -> Period:
+        index = 1 if self.every == "year" else (day.month - 1) // 3 + 1
+        out = year_or_quarter(self._id(day.year, index))
+        assert out is not None
+        return out
+
+    def until(self, day: dt.date) -> tuple[Period, ...]:
+        """The series' periods that have started by ``day`` (at least the first)."""
+        out = [self.first]
+        while True:
+            nxt = self.next(out[-1])
+            if nxt.start > day or (self.last is not None and nxt.start > self.last.start):
+                return tuple(out)
+            out.append(nxt)
+
+    def get(self, period_id: str) -> Period | None:
+        """The series' period with that id, started or not; None if not in the series."""
+        p = year_or_quarter(period_id)
+        if p is None or (self.every == "year") != ("Q" not in period_id):
+            return None
+        if p.start < self.first.start or (self.last is not None and p.start > self.last.start):
+            return None
+        return p
+
+    def describe(self) -> str:
+        to = f" to {self.last.id}" if self.last is not None else ""
+        return f"every {self.every} from {self.first.id}{to}"
+
+
+def utc_today() -> dt.date:
+    return dt.datetime.now(dt.UTC).date()
+
+
 @dataclass(frozen=True)
 class EmbeddedSpec:
     """How the embedded Sentinel-2 simulator builds this region's world."""
@@ -166,6 +240,9 @@ class Region:
     l1c_collection: str = DEFAULT_L1C_COLLECTION
     detections: DetectionsSpec | None = None
     refresh: RefreshSpec = field(default_factory=RefreshSpec)
+    #: Open-ended periods (``periods: {from: 2019, every: year}``); ``periods`` then holds
+    #: the series' periods that had started when the file was read.
+    series: PeriodSeries | None = None
 
     @property
     def uses_s2cloudless(self) -> bool:
@@ -182,21 +259,43 @@ class Region:
         for p in self.periods:
             if p.id == period_id:
                 return p
+        if self.series is not None and (later := self.series.get(period_id)) is not None:
+            if later.start > utc_today():  # the file was read before it began, or it has not
+                raise KeyError(
+                    f"region {self.id!r}: period {period_id!r} has not begun (it starts "
+                    f"{later.start.isoformat()}; periods {self.series.describe()})"
+                )
+            return later
         known = ", ".join(p.id for p in self.periods)
+        if self.series is not None:
+            known = f"{self.series.describe()}: {known}"
         raise KeyError(f"region {self.id!r} has no period {period_id!r} (it has: {known})")
 
+    def periods_until(self, today: dt.date) -> tuple[Period, ...]:
+        """The periods that have started by ``today`` (every listed one for a fixed list)."""
+        if self.series is not None:
+            return self.series.until(today)
+        return self.periods
+
     def current_period(self, today: dt.date) -> Period:
-        """The period containing ``today``; else the latest one that has started; else the first."""
-        for p in self.periods:
+        """The period containing ``today``; else the latest one that has started; else the first.
+
+        Open-ended periods roll forward: on 2027-01-04 a ``{from: 2019, every: year}``
+        region's current period is 2027, whenever the file was read.
+        """
+        periods = self.periods_until(today)
+        for p in periods:
             if p.start <= today <= p.end:
                 return p
-        started = [p for p in self.periods if p.start <= today]
-        return max(started, key=lambda p: p.start) if started else self.periods[0]
+        started = [p for p in periods if p.start <= today]
+        return max(started, key=lambda p: p.start) if started else periods[0]
 
     def previous_period(self, period_id: str) -> Period | None:
-        ids = [p.id for p in self.periods]
-        i = ids.index(self.period(period_id).id)
-        return self.periods[i - 1] if i > 0 else None
+        period = self.period(period_id)
+        periods = self.periods_until(max(period.start, utc_today()))
+        ids = [p.id for p in periods]
+        i = ids.index(period.id)
+        return periods[i - 1] if i > 0 else None
 
 
 @dataclass(frozen=True)
@@ -215,6 +314,12 @@ class RegionsConfig:
     def ids(self) -> list[str]:
         return [r.id for r in self.regions]
 
+    def partition_keys(self, today: dt.date | None = None) -> list[str]:
+        """Every ``region|period`` partition key of the file, periods that have begun by
+        ``today`` for open-ended ones, region by region in file order."""
+        day = today or utc_today()
+        return [partition_key(r.id, p.id) for r in self.regions for p in r.periods_until(day)]
+
     def all_period_ids(self) -> list[str]:
         """Every period id used by any region, in first-seen order (sorted within kind)."""
         seen: dict[str, None] = {}
@@ -224,15 +329,29 @@ class RegionsConfig:
         return sorted(seen)
 
 
+def partition_key(region_id: str, period_id: str) -> str:
+    """The key of a region's period in Dagster and in run records: ``region|period``."""
+    return f"{region_id}|{period_id}"
+
+
+def split_partition_key(key: str) -> tuple[str, str]:
+    """``(region, period)`` of a ``region|period`` key; ValueError naming it otherwise."""
+    region_id, sep, period_id = key.partition("|")
+    if not sep or not region_id or not period_id:
+        raise ValueError(f"{key!r} is not a region|period partition key")
+    return region_id, period_id
+
+
 def regions_path() -> Path:
     """The regions file: ``$ASMWATCH_REGIONS``, else ``regions.yaml`` in the working
-    directory, else the one at the project root."""
+    directory, else the project's own (the project root's in a checkout, through the
+    pipelines/regions.yaml link; package data in an installed wheel)."""
     if env := os.environ.get("ASMWATCH_REGIONS"):
         return Path(env)
     local = Path(DEFAULT_REGIONS_FILE)
     if local.exists():
         return local
-    return Path(__file__).resolve().parent.parent / DEFAULT_REGIONS_FILE
+    return (Path(__file__).resolve().parent / DEFAULT_REGIONS_FILE).resolve()  # the link's target
 
 
 def load_regions(path: str | os.PathLike[str] | None = None) -> RegionsConfig:
@@ -248,6 +367,9 @@ def load_regions(path: str | os.PathLike[str] | None = None) -> RegionsConfig:
             "(a few thousand vertices are plenty at 10 m), or give a bbox"
         ])  # fmt: skip
     raw = p.read_bytes()
+    key = (str(p.resolve()), hashlib.sha1(raw).hexdigest(), utc_today())
+    if (cached := _PARSED.get(key)) is not None:
+        return cached
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -261,7 +383,16 @@ def load_regions(path: str | os.PathLike[str] | None = None) -> RegionsConfig:
         doc = yaml.load(text, Loader=_StrictLoader)  # a safe loader (below)
     except yaml.YAMLError as e:
         raise RegionsError(str(p), [f"not valid YAML: {e}"]) from None
-    return parse_regions(doc, source=str(p), base_dir=p.parent)
+    config = parse_regions(doc, source=str(p), base_dir=p.parent)
+    if len(_PARSED) >= 16:
+        _PARSED.clear()
+    _PARSED[key] = config
+    return config
+
+
+#: Parsed regions files by (path, content digest, day): a file is parsed once per
+#: process and day (open-ended periods are expanded up to the day it is read).
+_PARSED: dict[tuple[str, str, dt.date], RegionsConfig] = {}
 
 
 #: Larger than any sensible regions file (the Madre de Dios outline is 0.1 MB); YAML
@@ -362,7 +493,12 @@ def _parse_region(
         problems.append(f"{where}.name: must be a non-empty string")
 
     bbox, geometry = _parse_aoi(raw.get("aoi"), f"{where}.aoi", problems)
-    periods = _parse_periods(raw.get("periods"), f"{where}.periods", problems)
+    series = None
+    if isinstance(raw.get("periods"), Mapping):
+        series = _parse_series(raw["periods"], f"{where}.periods", problems)
+        periods = list(series.until(utc_today())) if series is not None else []
+    else:
+        periods = _parse_periods(raw.get("periods"), f"{where}.periods", problems)
 
     source = raw.get("source", "earth-search")
     if not isinstance(source, str) or not (
@@ -429,6 +565,7 @@ def _parse_region(
         l1c_collection=str(l1c),
         detections=detections,
         refresh=refresh or RefreshSpec(),
+        series=series,
     )
 
 
@@ -466,10 +603,43 @@ def _parse_refresh(value: Any, where: str, problems: list[str]) -> RefreshSpec |
     return RefreshSpec(str(cron), str(tz), bool(watch), str(period))
 
 
-def _valid_cron(cron: str) -> bool:
-    from dagster._utils.schedules import is_valid_cron_string
+#: The five cron fields: (lowest, highest, names). Day of week 7 is Sunday too.
+_CRON_FIELDS = (
+    (0, 59, ()), (0, 23, ()), (1, 31, ()),
+    (1, 12, ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")),
+    (0, 7, ("sun", "mon", "tue", "wed", "thu", "fri", "sat")),
+)  # fmt: skip
+_CRON_ITEM = re.compile(r"^(\*|(\w+)(?:-(\w+))?)(?:/(\d+))?$")
 
-    return len(cron.split()) == 5 and bool(is_valid_cron_string(cron))
+
+def _valid_cron(cron: str) -> bool:
+    """A five-field cron expression (lists, ranges, steps, month and day names), as the
+    schedules take it; the library keeps no dependency on Dagster's private parser."""
+    fields = cron.split()
+    if len(fields) != 5:
+        return False
+    for text, (low, high, names) in zip(fields, _CRON_FIELDS, strict=True):
+
+        def value(token: str, low: int = low, names: tuple[str, ...] = names) -> int | None:
+            if token.isdigit():
+                return int(token)
+            name = token.lower()
+            if name in names:
+                return names.index(name) + (1 if low == 1 else 0)
+            return None
+
+        for item in text.split(","):
+            m = _CRON_ITEM.match(item)
+            if m is None or (m.group(4) is not None and int(m.group(4)) == 0):
+                return False
+            if m.group(1) == "*":
+                continue
+            bounds = [value(t) for t in (m.group(2), m.group(3)) if t is not None]
+            if any(b is None or not low <= b <= high for b in bounds):
+                return False
+            if len(bounds) == 2 and bounds[0] > bounds[1]:  # type: ignore[operator]
+                return False
+    return True
 
 
 def _parse_aoi(
@@ -569,9 +739,53 @@ ANTIMERIDIAN_ADVICE = (
 )
 
 
+def _parse_series(value: Mapping[str, Any], where: str, problems: list[str]) -> PeriodSeries | None:
+    """``{from: 2019, every: year}`` or ``{from: 2021Q1, every: quarter, to: 2024Q4}``."""
+    n = len(problems)
+    for key in value:
+        if key not in ("from", "every", "to"):
+            problems.append(f"{where}.{key}: unknown field (open-ended periods: from, every, to)")
+    every = value.get("every")
+    if every not in PERIOD_STEPS:
+        problems.append(f"{where}.every: {every!r}: use one of {', '.join(PERIOD_STEPS)}")
+        return None
+    ends: list[Period | None] = []
+    for key in ("from", "to"):
+        item = value.get(key)
+        if item is None:
+            if key == "from":
+                problems.append(f"{where}.from: missing; give the first {every} (e.g. {'2019' if every == 'year' else '2019Q1'})")  # fmt: skip
+            ends.append(None)
+            continue
+        if isinstance(item, int) and not isinstance(item, bool):
+            item = str(item)
+        if not isinstance(item, str):
+            problems.append(f"{where}.{key}: {item!r} is not a {every}")
+            ends.append(None)
+            continue
+        p = _parse_period(item, f"{where}.{key}", problems)
+        if p is None:
+            ends.append(None)
+            continue
+        if (every == "year") != ("Q" not in p.id):
+            problems.append(f"{where}.{key}: {p.id!r} is not a {every} (every: {every})")
+            ends.append(None)
+            continue
+        ends.append(p)
+    first, last = ends
+    if first is not None and last is not None and last.start < first.start:
+        problems.append(f"{where}: to {last.id} is before from {first.id}")
+    if len(problems) > n or first is None:
+        return None
+    return PeriodSeries(str(every), first, last)
+
+
 def _parse_periods(value: Any, where: str, problems: list[str]) -> list[Period]:
     if not isinstance(value, list) or not value:
-        problems.append(f"{where}: must be a non-empty list of years, quarters or date ranges")
+        problems.append(
+            f"{where}: must be a non-empty list of years, quarters or date ranges, or "
+            "open-ended as {from: 2019, every: year}"
+        )
         return []
     out: list[Period] = []
     for j, item in enumerate(value):
@@ -599,21 +813,11 @@ def _parse_period(item: Any, where: str, problems: list[str]) -> Period | None:
     if isinstance(item, int) and not isinstance(item, bool):
         item = str(item)
     if isinstance(item, str):
-        if m := _YEAR_RE.match(item):
-            year = int(m.group(1))
-            if not 2015 <= year <= 2100:
-                problems.append(f"{where}: year {year} is outside Sentinel-2's era (2015 on)")
+        if (p := year_or_quarter(item)) is not None:
+            if not 2015 <= p.start.year <= 2100:
+                problems.append(f"{where}: year {p.start.year} is outside Sentinel-2's era (2015 on)")  # fmt: skip
                 return None
-            return Period(item, dt.date(year, 1, 1), dt.date(year, 12, 31))
-        if m := _QUARTER_RE.match(item):
-            year, q = int(m.group(1)), int(m.group(2))
-            start = dt.date(year, 3 * q - 2, 1)
-            end = (
-                dt.date(year, 12, 31)
-                if q == 4
-                else dt.date(year, 3 * q + 1, 1) - dt.timedelta(days=1)
-            )
-            return Period(item, start, end)
+            return p
         problems.append(
             f"{where}: {item!r} is not a period: use a year (2021), a quarter (2021Q3) or "
             "{id, start, end} with ISO dates"

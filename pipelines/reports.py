@@ -24,11 +24,9 @@ page's script inserts as text, never as markup.
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -37,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.layout import report_dir
 from pipelines.regions import Region
 from pipelines.storage import atomic_path
 
@@ -65,12 +64,6 @@ COMPONENTS = ("inside", "proximity", "new", "growth", "people", "grievances")
 
 class ReportError(ValueError):
     """A report cannot be made (no catalog, nothing materialised for the region)."""
-
-
-def report_dir(root: Path, region_id: str) -> Path:
-    from pipelines.storage import confined
-
-    return confined(root, "reports", region_id)
 
 
 def period_colours(n: int) -> list[str]:
@@ -236,7 +229,7 @@ def gather(root: Path, region: Region) -> RegionData:
     import shapely
 
     from pipelines.catalog import CATALOG_FILE, open_catalog
-    from pipelines.composite import composite_path
+    from pipelines.layout import composite_path
     from pipelines.risk import SEVERITY_ORDER
 
     db = root / CATALOG_FILE
@@ -500,8 +493,9 @@ def _fmt(v: Any, digits: int = 1) -> str:
     return str(v)
 
 
-def region_report(data: RegionData, target: Path, png: bytes, webmap_name: str = "webmap.html") -> Path:  # fmt: skip
-    """Write the HTML region report (self-contained: the map is embedded)."""
+def templates() -> Any:
+    """The one template engine of the reports: Jinja2 over pipelines/templates, HTML
+    escaped by default, an undefined name an error, ``n`` formatting numbers."""
     import jinja2
 
     env = jinja2.Environment(
@@ -510,6 +504,12 @@ def region_report(data: RegionData, target: Path, png: bytes, webmap_name: str =
         undefined=jinja2.StrictUndefined,
     )
     env.filters["n"] = _fmt
+    return env
+
+
+def region_report(data: RegionData, target: Path, png: bytes, webmap_name: str = "webmap.html") -> Path:  # fmt: skip
+    """Write the HTML region report (self-contained: the map is embedded)."""
+    env = templates()
     latest = data.latest
     s = data.summary
     first, last = s[0], s[-1]
@@ -683,15 +683,20 @@ def web_map(data: RegionData, target: Path) -> Path:
     doc = json.dumps(web_data(data), separators=(",", ":"), allow_nan=False)
     # JSON inside <script> must not close the element: escape '<' (and so '</script>').
     doc = doc.replace("<", "\\u003c")
-    page = (Path(__file__).parent / "templates" / "webmap.html").read_text(encoding="utf-8")
-    values = {
-        "TITLE": html.escape(f"{data.region.name}: ASM web map"),
-        "LEAFLET_CSS": css,
-        "LEAFLET_JS": js.replace("</script", "<\\/script"),
-        "DATA": doc,
-    }
-    # One pass, so a placeholder-like string inside a value is never substituted again.
-    page = re.sub(r"\{\{([A-Z_]+)\}\}", lambda m: values[m.group(1)], page)
+    from markupsafe import Markup
+
+    # The title is escaped by the template; Leaflet's files and the data are made safe
+    # for their <style>/<script> elements here, and inserted as they are.
+    page = (
+        templates()
+        .get_template("webmap.html")
+        .render(
+            TITLE=f"{data.region.name}: ASM web map",
+            LEAFLET_CSS=Markup(css),
+            LEAFLET_JS=Markup(js.replace("</script", "<\\/script")),
+            DATA=Markup(doc),
+        )
+    )
     with atomic_path(target) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return target

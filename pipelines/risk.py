@@ -21,8 +21,9 @@ from typing import Any
 
 from pipelines.catalog import load_sql, open_catalog
 from pipelines.grid import bbox_utm_epsg
+from pipelines.layout import risk_path
 from pipelines.regions import Region
-from pipelines.storage import atomic_path, confined
+from pipelines.storage import atomic_path
 
 TABLES = ("concession_risk", "protected_area_pressure", "hotspots", "alerts")
 NEEDS: dict[str, tuple[str, ...]] = {
@@ -71,10 +72,6 @@ class RiskSettings:
     alert_distance_m: float = DEFAULT_ALERT_DISTANCE_M
     h3_resolution: int = DEFAULT_H3_RESOLUTION
     min_alert_ha: float = DEFAULT_MIN_ALERT_HA
-
-
-def risk_path(root: Path, table: str, region_id: str, period_id: str) -> Path:
-    return confined(root, "risk", table, region_id, f"{period_id}.parquet", names=(table, region_id, period_id))  # fmt: skip
 
 
 def _h3_function(con: Any) -> None:

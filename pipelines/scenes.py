@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines.layout import scenes_path
 from pipelines.regions import Period, Region
 from pipelines.stac.geoparquet import write_geoparquet
 from pipelines.stac.search import SearchResult, search_scenes
-from pipelines.storage import partition_path
 
 
 @dataclass(frozen=True)
@@ -43,10 +43,6 @@ class ScenesOutput:
             "l1c_unmatched": list(r.l1c_unmatched),
             "path": str(self.path) if self.path else None,
         }
-
-
-def scenes_path(root: Path, region_id: str, period_id: str) -> Path:
-    return partition_path(root, "scenes", region_id, period_id, ".parquet")
 
 
 def relative_hrefs(item: dict[str, Any], root: Path, target: Path) -> dict[str, Any]:

@@ -31,9 +31,11 @@ import shapely.geometry
 from affine import Affine
 from scipy import ndimage
 
+from pipelines.errors import MissingInputError
 from pipelines.geotable import READ_ROWS, RowSpill, write_sorted
+from pipelines.layout import probability_path, sites_path
 from pipelines.progress import Progress
-from pipelines.storage import atomic_path, partition_path
+from pipelines.storage import atomic_path
 from pipelines.tiling import (
     DEFAULT_TILE,
     Tile,
@@ -47,15 +49,13 @@ from pipelines.tiling import (
 if TYPE_CHECKING:
     from distributed import Client
 
+    from pipelines.regions import Region
+
 DEFAULT_MMU_HA = 0.5
 COLUMNS = (
     "site_id", "region", "period", "area_ha", "mean_probability", "mapped_area_ha",
     "first_seen_period", "source", "geometry",
 )  # fmt: skip
-
-
-def sites_path(root: Path, region_id: str, period_id: str) -> Path:
-    return partition_path(root, "sites", region_id, period_id, ".parquet")
 
 
 SITES_HALO = 8  # px of context per tile: the opening and closing reach 4 px
@@ -343,3 +343,50 @@ def write_sites(frame: Any, target: Path) -> Path:
     with atomic_path(target) as tmp:
         frame.to_parquet(tmp, write_covering_bbox=True, index=False, row_group_size=ROW_GROUP_ROWS)
     return target
+
+
+@dataclass
+class PeriodSites:
+    """What ``sites_for_period`` wrote, and where the sites came from."""
+
+    path: Path
+    source: str  # "model", or "imported: <file>"
+    notes: list[str]  # what the detections file's reader had to say
+    mapped_area: bool  # the file gives the provider's own mined area
+
+
+def sites_for_period(
+    root: Path,
+    region: Region,
+    period_id: str,
+    *,
+    mmu_ha: float = DEFAULT_MMU_HA,
+    tile_px: int = DEFAULT_TILE,
+    client: Any = None,
+    progress: Callable[[str], None] | None = None,
+) -> PeriodSites:
+    """The sites of one region's period, as GeoParquet at ``sites/<region>/<period>``:
+    from the region's detections file when it has one, else from the probability
+    raster (``MissingInputError`` when that is not there yet)."""
+    target = sites_path(root, region.id, period_id)
+    if region.detections is not None:  # the region's sites come from a file
+        from pipelines.imports import imported_sites, read_detections
+
+        detections = read_detections(region.detections)
+        write_sites(imported_sites(region, period_id, detections), target)
+        return PeriodSites(
+            target, f"imported: {region.detections.path}",
+            [f"{detections.path.name}: {note}" for note in detections.notes],
+            region.detections.mapped_area_field is not None,
+        )  # fmt: skip
+    src = probability_path(root, region.id, period_id)
+    if not src.exists():
+        raise MissingInputError(
+            f"no probability raster at {src}: materialise `mining_probability` "
+            f"for {region.id}/{period_id} first"
+        )
+    sites_table(
+        src, region.id, period_id, target, mmu_ha=mmu_ha, tile_px=tile_px, client=client,
+        progress=progress,
+    )  # fmt: skip
+    return PeriodSites(target, "model", [], False)

@@ -266,7 +266,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     import contextlib
     import io
 
-    from pipelines.cli import main
+    from assets.cli import main
 
     root = tmp_path_factory.mktemp("demo-run") / "data"
     out = io.StringIO()
@@ -293,3 +293,30 @@ def external_ip() -> str:
     if ip.startswith("127."):
         pytest.skip("no non-loopback address to probe")
     return ip
+
+
+def materialize(assets: Any, partition_key: str | None = None, **kwargs: Any) -> Any:
+    """``dg.materialize`` with the partition added to the instance first (an ephemeral
+    one unless ``instance=`` is given): partitions are dynamic (``assets.partitions``),
+    so a key exists once the regions file's sync, or this, has added it."""
+    import dagster as dg
+
+    from assets.partitions import REGION_PERIODS_NAME, REGIONS
+
+    instance = kwargs.pop("instance", None) or dg.DagsterInstance.ephemeral()
+    if partition_key is not None:
+        name = REGION_PERIODS_NAME if "|" in partition_key else REGIONS.name
+        assert name is not None
+        if not instance.has_dynamic_partition(name, partition_key):
+            instance.add_dynamic_partitions(name, [partition_key])
+    return dg.materialize(assets, partition_key=partition_key, instance=instance, **kwargs)
+
+
+def persistent_instance() -> Any:
+    """A Dagster instance in a temporary folder, with an instance ref (schedules resolve
+    dynamic partitions through it; an ephemeral one has none). Not entered as a context
+    manager: Dagster 1.13's ``__exit__`` leaves its defs-state storage set for the
+    process, and the next definitions load fails on the dead instance."""
+    import dagster as dg
+
+    return dg.DagsterInstance.local_temp()

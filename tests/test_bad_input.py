@@ -220,11 +220,12 @@ def test_the_suite_has_at_least_40_cases() -> None:
 def test_a_bad_layer_leaves_the_written_context_tables(tmp_path: Path) -> None:
     """context_layers with one broken file fails naming it; the tables of the previous
     good run stay byte for byte (the asset reads every layer before writing any)."""
-    import dagster as dg
+
     import yaml
 
     from assets.context import context_layers
     from assets.resources import AsmwatchSettings
+    from tests.conftest import materialize
 
     good = _write(tmp_path, "pa.geojson", ([POLY], 4326, {"name": ["Reserva"]}))
     conc = _write(tmp_path, "c.geojson", ([POLY], 4326, {"concession_id": ["C1"], "name": ["Mina"]}))  # fmt: skip
@@ -234,13 +235,13 @@ def test_a_bad_layer_leaves_the_written_context_tables(tmp_path: Path) -> None:
     regions.write_text(yaml.safe_dump(doc))
     res = {"settings": AsmwatchSettings(data_root=str(tmp_path / "data"), regions_file=str(regions))}  # fmt: skip
     key = "demo-huepetuhe"
-    assert dg.materialize([context_layers], partition_key=key, resources=res).success
+    assert materialize([context_layers], partition_key=key, resources=res).success
     tables = sorted((tmp_path / "data" / "context" / key).glob("*.parquet"))
     before = {p.name: p.read_bytes() for p in tables}
     assert set(before) == {"protected_areas.parquet", "concessions.parquet"}
 
     conc.write_text("this is not json")  # the concessions file gets damaged
-    failed = dg.materialize([context_layers], partition_key=key, resources=res, raise_on_error=False)  # fmt: skip
+    failed = materialize([context_layers], partition_key=key, resources=res, raise_on_error=False)  # fmt: skip
     assert not failed.success
     error = str(failed.get_step_failure_events()[0].event_specific_data.error)  # type: ignore[union-attr]
     assert f"concessions layer {conc}: cannot be read" in error

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.cli import main
+from assets.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,8 +98,11 @@ def test_demo_reports_a_failed_run_and_stops(
     monkeypatch.setenv("ASMWATCH_REGIONS", str(regions))
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
     assert main(["demo", "--data", str(tmp_path / "data"), "--regions", str(regions)]) == 1
-    err = capsys.readouterr().err
-    assert "2019: FAILED; see the run" in err and "make ui" in err
+    captured = capsys.readouterr()
+    err = captured.err
+    assert "2019: FAILED (ingest demo-huepetuhe|2019); see the run" in err and "asmwatch ui" in err
+    assert "asmwatch demo: FAILED at " in err and "composite: valid_fraction" in err
+    assert not [line for line in captured.out.splitlines() if line.startswith("  2020:")]  # stopped
 
 
 def _probe_regions(tmp_path: Path, source: str) -> Path:
@@ -174,3 +177,65 @@ def test_probe_fails_clearly_on_an_unreachable_api_or_unknown_period(
     assert "has no period '1999' (it has: 2019, 2020, 2021)" in capsys.readouterr().err
     assert main(["probe", "nowhere", "--regions", str(regions)]) == 2
     assert "no region 'nowhere'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_run_takes_an_imported_detections_region_offline(tmp_path: Path) -> None:
+    """`asmwatch run` on a region whose sites come from a file: no imagery and no model
+    are needed, so its STAC source (refusing connections here) is never called; every
+    other asset is materialised, periods in order, one line each; a selection and
+    `--from` run only what they name; an unknown asset fails in a second."""
+    import contextlib
+    import io
+
+    import geopandas as gpd
+    import shapely.geometry
+    import yaml
+
+    squares = [shapely.geometry.box(-70.54 + 0.004 * i, -12.99, -70.537 + 0.004 * i, -12.987) for i in range(3)]  # fmt: skip
+    gpd.GeoDataFrame({"period": ["2020", "2021", "2021"]}, geometry=squares, crs=4326).to_file(tmp_path / "found.geojson")  # fmt: skip
+    park = shapely.geometry.box(-70.545, -12.995, -70.53, -12.98)
+    gpd.GeoDataFrame({"name": ["Reserva"]}, geometry=[park], crs=4326).to_file(tmp_path / "pa.geojson")  # fmt: skip
+    conc = shapely.geometry.box(-70.536, -12.992, -70.526, -12.984)
+    gpd.GeoDataFrame({"concession_id": ["C1"], "name": ["Mina"]}, geometry=[conc], crs=4326).to_file(tmp_path / "c.geojson")  # fmt: skip
+    region = {
+        "id": "imported", "name": "Imported detections", "aoi": {"bbox": [-70.56, -13.01, -70.51, -12.965]},
+        "periods": [2020, 2021], "source": "http://127.0.0.1:9/stac",
+        "detections": {"file": "found.geojson", "mode": "new"},
+        "context": {"protected_areas": "pa.geojson", "concessions": "c.geojson"},
+    }  # fmt: skip
+    regions = tmp_path / "regions.yaml"
+    regions.write_text(yaml.safe_dump({"regions": [region]}))
+    root = tmp_path / "data"
+
+    def cli(*argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([*argv, "--data", str(root), "--regions", str(regions)])
+        return code, out.getvalue(), err.getvalue()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DAGSTER_HOME", str(root / "dagster_home"))
+        code, out, err = cli("run", "imported")
+        assert code == 0, out + err
+        assert "scenes, composite, mining_model, mining_probability left out" in out
+        lines = [line.strip() for line in out.splitlines()]
+        first = [line.split(":")[0] for line in lines if line.split(":")[0] in ("2020", "2021", "context layers", "region report")]  # fmt: skip
+        assert first == ["context layers", "2020", "2021", "region report"], out
+        assert any(line.startswith("2021: 3 sites") and line.endswith(" s]") for line in lines), out
+        assert not (root / "scenes").exists() and not (root / "composite").exists()
+        assert (root / "reports" / "imported" / "report.html").exists()
+        assert "0 failed" in out
+
+        code, out, err = cli("run", "imported", "--period", "2021", "--select", "asm_change")
+        assert code == 0, out + err
+        assert "assets: asm_change" in out and "2021: new" in out and "2020:" not in out
+
+        code, out, err = cli("run", "imported", "--from", "asm_change", "--period", "2021")
+        assert code == 0, out + err
+        assert "assets: asm_change, concession_risk, protected_area_pressure, hotspots, alerts, region_report" in out  # fmt: skip
+
+        code, out, err = cli("run", "imported", "--select", "asm_sitez")
+        assert code == 2 and "unknown asset(s) asm_sitez (known: scenes, composite" in err
+        code, out, err = cli("run", "imported", "--period", "2019")
+        assert code == 2 and "no period '2019'" in err

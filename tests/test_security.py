@@ -10,12 +10,9 @@ from urllib.parse import urlparse
 
 import pytest
 
+from assets.cli import main
 from assets.resources import StacResource
-from pipelines.cli import main
-from pipelines.context import context_table_path
-from pipelines.reports import report_dir
-from pipelines.risk import risk_path
-from pipelines.sites import sites_path
+from pipelines.layout import context_table_path, report_dir, risk_path, sites_path
 from pipelines.storage import UnsafePathError, partition_path
 from tests.conftest import external_ip
 
@@ -76,13 +73,15 @@ def test_the_sql_command_cannot_change_the_catalog(
 def test_the_planetary_computer_key_is_a_dagster_envvar(monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     import dagster as dg
 
-    from assets.definitions import PC_KEY_VAR, stac_resource
+    from assets.definitions import PC_KEY_VAR, LocationConfig, stac_resource
 
     monkeypatch.delenv(PC_KEY_VAR, raising=False)
-    assert stac_resource().pc_subscription_key == ""
+    assert LocationConfig.from_environment().pc_key_from_env is False
+    assert stac_resource(False).pc_subscription_key == ""
     secret = "pc-key-0b7d"
     monkeypatch.setenv(PC_KEY_VAR, secret)
-    stac = stac_resource()
+    assert LocationConfig.from_environment().pc_key_from_env is True
+    stac = stac_resource(True)
     assert isinstance(stac.pc_subscription_key, dg.EnvVar)
     assert stac.pc_subscription_key.env_var_name == PC_KEY_VAR  # the name, not the value
 

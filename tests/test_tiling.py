@@ -11,7 +11,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import dagster as dg
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -28,7 +27,7 @@ from assets.risk import RISK_ASSETS
 from pipelines.regions import load_regions
 from pipelines.sites import extract_sites
 from pipelines.tiling import Tiling, TilingError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, materialize
 
 REGION = "demo-huepetuhe"
 TILE_SIZES = (128, 256)  # the demo run itself used the default, larger than its raster
@@ -135,7 +134,7 @@ def tiled_runs(
             "stac": StacResource(),
         }
         for period in periods:
-            result = dg.materialize(
+            result = materialize(
                 [mining_probability, asm_sites, asm_change, *RISK_ASSETS],
                 partition_key=partition_key(REGION, period),
                 resources=res,
@@ -199,8 +198,8 @@ def test_a_tile_without_a_clear_pixel_gives_nan_and_no_sites(
     demo_run: tuple[Path, str], tmp_path: Path
 ) -> None:
     from ml import registry
-    from pipelines.composite import composite_path
     from pipelines.detection import map_probability
+    from pipelines.layout import composite_path
 
     root = _demo_copy(demo_run, tmp_path)
     region = load_regions(ROOT / "regions.yaml").get(REGION)
@@ -229,8 +228,8 @@ def test_a_corrupt_block_names_the_file_and_window_and_keeps_the_old_output(
     demo_run: tuple[Path, str], tmp_path: Path
 ) -> None:
     from ml import registry
-    from pipelines.composite import composite_path
-    from pipelines.detection import DetectionError, map_probability, probability_path
+    from pipelines.detection import DetectionError, map_probability
+    from pipelines.layout import composite_path, probability_path
 
     root = _demo_copy(demo_run, tmp_path)
     region = load_regions(ROOT / "regions.yaml").get(REGION)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.catalog import CATALOG_FILE, connect, refresh_views
-from tests.conftest import ROOT
+from tests.conftest import ROOT, materialize
 from tests.pipelines.test_catalog_storage import _sites
 
 
@@ -33,7 +33,7 @@ def _count(root: Path, sql: str = "SELECT count(*) FROM asm_sites") -> int:
 
 
 def _cli(*argv: str) -> tuple[int, str, str]:
-    from pipelines.cli import main
+    from assets.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -102,10 +102,10 @@ def test_a_moved_data_root_reads_its_own_files_and_model(
     import rasterio
 
     from ml import registry
-    from pipelines.composite import composite_path, read_scene_items
-    from pipelines.detection import map_probability, probability_path
+    from pipelines.composite import read_scene_items
+    from pipelines.detection import map_probability
+    from pipelines.layout import composite_path, probability_path, scenes_path
     from pipelines.regions import load_regions
-    from pipelines.scenes import scenes_path
 
     demo = demo_run[0]
     region = load_regions(ROOT / "regions.yaml").get("demo-huepetuhe")
@@ -140,7 +140,6 @@ def test_a_moved_data_root_reads_its_own_files_and_model(
 
 
 def test_a_missing_model_fails_the_asset_run_naming_the_file(demo_copy: Path) -> None:
-    import dagster as dg
 
     from assets.detection import mining_probability
     from assets.partitions import partition_key
@@ -150,7 +149,7 @@ def test_a_missing_model_fails_the_asset_run_naming_the_file(demo_copy: Path) ->
     rec = registry.latest(demo_copy)
     assert rec is not None
     (demo_copy / "models" / rec.model_id / "model.pt").unlink()
-    result = dg.materialize(
+    result = materialize(
         [mining_probability],
         partition_key=partition_key("demo-huepetuhe", "2021"),
         resources={
@@ -516,9 +515,37 @@ def test_doctor_finds_truncated_deleted_and_damaged_files(
     assert "change/demo-huepetuhe/2020.parquet: missing (a run recorded it as written)" in out
     assert "composite/demo-huepetuhe/2021.tif: not readable as a GeoTIFF" in out
     assert f"models/{rec.model_id}/model.pt" in out and "damaged" in out
-    for line in ("asm_sites 2021|demo-huepetuhe", "asm_change 2020|demo-huepetuhe", "composite 2021|demo-huepetuhe", "mining_model"):  # fmt: skip
+    for line in ("asm_sites demo-huepetuhe|2021", "asm_change demo-huepetuhe|2020", "composite demo-huepetuhe|2021", "mining_model"):  # fmt: skip
         assert f"\n  {line}\n" in out, line
-    assert "--select asm_sites --partition '2021|demo-huepetuhe'" in out
+    assert "--select asm_sites --partition 'demo-huepetuhe|2021'" in out
+
+
+def test_doctor_lists_a_region_removed_from_the_regions_file(demo_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The demo region taken out of the regions file: its partitions and files are
+    listed by doctor (not silently kept as if current), and the catalog stops serving
+    its rows."""
+    import yaml
+
+    from pipelines.catalog import refresh_views
+
+    monkeypatch.setenv("DAGSTER_HOME", str(demo_copy / "dagster_home"))
+    doc = yaml.safe_load((ROOT / "regions.yaml").read_text())
+    doc["regions"] = [r for r in doc["regions"] if r["id"] != "demo-huepetuhe"]
+    other = tmp_path / "without-demo.yaml"
+    other.write_text(yaml.safe_dump(doc))
+    code, out, err = _cli("doctor", "--data", str(demo_copy), "--regions", str(other), "--quick")
+    assert code == 0, out + err  # nothing is damaged
+    for key in ("demo-huepetuhe|2019", "demo-huepetuhe|2021"):
+        assert f"partition {key}: in the Dagster instance, not in {other}" in out, out
+    assert f"partition demo-huepetuhe: in the Dagster instance, not in {other}" in out
+    assert "region demo-huepetuhe: " in out and "sites/demo-huepetuhe/2019.parquet" in out
+    assert "(4 partition(s) and " in out  # 3 periods and the region
+    regions = [r["id"] for r in doc["regions"]]
+    status = refresh_views(demo_copy, say=lambda _m: None, regions=regions)
+    assert (
+        status["regions_left_out"] == ["demo-huepetuhe"] and status["asm_sites"] == "no files yet"
+    )
+    assert _count(demo_copy, "SELECT count(*) FROM information_schema.tables WHERE table_name = 'asm_sites'") == 0  # fmt: skip
 
 
 # 8. A report never mixes old and new results -------------------------------------------
@@ -541,19 +568,19 @@ def test_the_report_refuses_tables_older_than_their_inputs(
     res = {"settings": AsmwatchSettings(data_root=str(demo_copy), regions_file=str(ROOT / "regions.yaml"))}  # fmt: skip
     key = partition_key("demo-huepetuhe", "2021")
     # asm_change runs again; the risk tables do not (as when their step failed).
-    assert dg.materialize([asm_change], partition_key=key, resources=res, instance=instance).success  # fmt: skip
-    report = dg.materialize([region_report], partition_key="demo-huepetuhe", resources=res, instance=instance, raise_on_error=False)  # fmt: skip
+    assert materialize([asm_change], partition_key=key, resources=res, instance=instance).success  # fmt: skip
+    report = materialize([region_report], partition_key="demo-huepetuhe", resources=res, instance=instance, raise_on_error=False)  # fmt: skip
     assert not report.success
     failure = next(e for e in report.all_events if e.is_step_failure)
     message = failure.step_failure_data.error.message  # type: ignore[union-attr]
     for table in ("concession_risk", "protected_area_pressure", "alerts"):
-        assert f"{table} 2021|demo-huepetuhe (materialised" in message, message
+        assert f"{table} demo-huepetuhe|2021 (materialised" in message, message
     assert "older than its input asm_change" in message and "re-materialise" in message
-    assert "2020|demo-huepetuhe" not in message
+    assert "demo-huepetuhe|2020" not in message
     # Once they are re-materialised, the report is published.
     risk = [concession_risk, protected_area_pressure, alerts]
-    assert dg.materialize(risk, partition_key=key, resources=res, instance=instance).success
-    assert dg.materialize([region_report], partition_key="demo-huepetuhe", resources=res, instance=instance).success  # fmt: skip
+    assert materialize(risk, partition_key=key, resources=res, instance=instance).success
+    assert materialize([region_report], partition_key="demo-huepetuhe", resources=res, instance=instance).success  # fmt: skip
 
 
 # 15. Names are text, not maths ----------------------------------------------------------
@@ -759,8 +786,6 @@ def test_a_full_disk_and_a_read_only_root_fail_in_seconds_naming_the_cause(tmp_p
     error at scanline 0`."""
     import time
 
-    import dagster as dg
-
     from assets.composite import composite
     from assets.partitions import partition_key
     from assets.scenes import scenes
@@ -770,14 +795,14 @@ def test_a_full_disk_and_a_read_only_root_fail_in_seconds_naming_the_cause(tmp_p
     key = partition_key("demo-huepetuhe", "2020")
     with _tmpfs(48) as mnt:
         res = _resources(mnt, regions)
-        assert dg.materialize([scenes], partition_key=key, resources=res).success
+        assert materialize([scenes], partition_key=key, resources=res).success
         filler = mnt / "filler"
         with filler.open("wb") as f, contextlib.suppress(OSError):
             while True:
                 f.write(b"\0" * (1 << 20))
                 f.flush()
         t0 = time.monotonic()
-        full = dg.materialize([composite], partition_key=key, resources=res, raise_on_error=False)  # fmt: skip
+        full = materialize([composite], partition_key=key, resources=res, raise_on_error=False)  # fmt: skip
         elapsed = time.monotonic() - t0
         assert not full.success and _retries(full) == 0 and elapsed < 60
         message = _failure(full)
@@ -787,7 +812,7 @@ def test_a_full_disk_and_a_read_only_root_fail_in_seconds_naming_the_cause(tmp_p
 
         subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
         t0 = time.monotonic()
-        ro = dg.materialize([scenes], partition_key=key, resources=res, raise_on_error=False)
+        ro = materialize([scenes], partition_key=key, resources=res, raise_on_error=False)
         assert not ro.success and _retries(ro) == 0 and time.monotonic() - t0 < 60
         message = _failure(ro)
         assert "read-only file system" in message and str(mnt / "data") in message, message
@@ -831,7 +856,7 @@ def test_the_instance_never_reruns_a_run_for_a_failed_step(tmp_path: Path) -> No
     """The UI's asset job carries no tags: the instance's own setting must say it."""
     import yaml
 
-    from pipelines.cli import ensure_dagster_home
+    from assets.cli import ensure_dagster_home
 
     cfg = yaml.safe_load(ensure_dagster_home(tmp_path / "home").read_text())
     assert cfg["run_retries"] == {"enabled": True, "max_retries": 2, "retry_on_asset_or_op_failure": False}  # fmt: skip
@@ -901,7 +926,7 @@ def test_a_dagster_home_with_glob_characters_still_reads_its_dagster_yaml(
     ran on its defaults (telemetry on, the Welcome banner, no retry settings)."""
     import dagster as dg
 
-    from pipelines.cli import use_dagster_home
+    from assets.cli import use_dagster_home
 
     root = tmp_path / "data [ab]"
     monkeypatch.delenv("DAGSTER_HOME", raising=False)

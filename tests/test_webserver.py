@@ -27,6 +27,7 @@ ASSET_GRAPH = """
     description
     kinds
     isPartitioned
+    partitionKeys
     owners { ... on TeamAssetOwner { team } ... on UserAssetOwner { email } }
     assetChecksOrError { ... on AssetChecks { checks { name } } }
   }
@@ -130,6 +131,14 @@ def test_ui_serves_the_graph_and_launches_a_partition(tmp_path: Path) -> None:
             assert node["groupName"] and node["groupName"] != "default", key
             assert node["kinds"], key
             assert {"team": "asmwatch"} in node["owners"], key
+        # Only the region|period pairs the regions file defines (synced by `asmwatch ui`
+        # and the region_partitions sensor), not the region x period grid.
+        from pipelines.regions import load_regions
+
+        config = load_regions(ROOT / "regions.yaml")
+        assert nodes["scenes"]["partitionKeys"] == config.partition_keys()
+        assert "demo-huepetuhe|2024" not in nodes["scenes"]["partitionKeys"]
+        assert nodes["context_layers"]["partitionKeys"] == config.ids
         checks = {k: {c["name"] for c in n["assetChecksOrError"]["checks"]} for k, n in nodes.items()}  # fmt: skip
         for table in ("scenes", "asm_sites", "asm_change", "concession_risk", "alerts"):
             assert checks[table] == {"schema", "non_empty", "geometry_valid", "areas_plausible"}
@@ -146,9 +155,7 @@ def test_ui_serves_the_graph_and_launches_a_partition(tmp_path: Path) -> None:
             "runConfigData": {},
             "executionMetadata": {
                 "tags": [
-                    {"key": "dagster/partition", "value": "2021|demo-huepetuhe"},
-                    {"key": "dagster/partition/period", "value": "2021"},
-                    {"key": "dagster/partition/region", "value": "demo-huepetuhe"},
+                    {"key": "dagster/partition", "value": "demo-huepetuhe|2021"},
                 ]
             },
         }
@@ -163,13 +170,13 @@ def test_ui_serves_the_graph_and_launches_a_partition(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, f"run {run_id} still {run['status']}"
             time.sleep(2)
         assert run["status"] == "SUCCESS", (tmp_path / "ui.log").read_text()[-3000:]
-        assert {"assetKey": {"path": ["scenes"]}, "partition": "2021|demo-huepetuhe"} in run["assetMaterializations"]  # fmt: skip
+        assert {"assetKey": {"path": ["scenes"]}, "partition": "demo-huepetuhe|2021"} in run["assetMaterializations"]  # fmt: skip
         assert (tmp_path / "data" / "scenes" / "demo-huepetuhe" / "2021.parquet").exists()
         tags = {t["key"]: t["value"] for t in run["tags"]}
         assert tags.get("dagster/max_retries") == "2"  # the job's run-retry policy
 
-        # A backfill over two periods of the region x period grid, run by the daemon.
-        wanted = ["2019|demo-huepetuhe", "2020|demo-huepetuhe"]
+        # A backfill over two periods of the region, run by the daemon.
+        wanted = ["demo-huepetuhe|2019", "demo-huepetuhe|2020"]
         params = {"assetSelection": [{"path": ["scenes"]}], "partitionNames": wanted}
         backfill = _gql(url, BACKFILL, {"params": params})["launchPartitionBackfill"]
         assert backfill["__typename"] == "LaunchBackfillSuccess", backfill

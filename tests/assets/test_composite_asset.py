@@ -10,9 +10,10 @@ import pytest
 import yaml
 
 from assets.composite import VALID_FRACTION_CHECK, composite
-from assets.partitions import PARTITIONS, partition_key
+from assets.partitions import REGION_PERIODS, partition_key
 from assets.resources import AsmwatchSettings, DaskResource, StacResource
 from assets.scenes import scenes
+from tests.conftest import materialize
 
 
 def _regions_file(tmp_path: Path, min_valid_fraction: float = 0.5, cloud_mask: str = "scl") -> Path:
@@ -57,7 +58,7 @@ def _meta(result: dg.ExecuteInProcessResult, node: str) -> dict[str, object]:
 def test_composite_materialises_and_rematerialises_identically(tmp_path: Path) -> None:
     regions = _regions_file(tmp_path)
     key = partition_key("demo-huepetuhe", "2020")
-    result = dg.materialize(
+    result = materialize(
         [scenes, composite], partition_key=key, resources=_resources(tmp_path, regions)
     )
     assert result.success
@@ -74,7 +75,7 @@ def test_composite_materialises_and_rematerialises_identically(tmp_path: Path) -
     assert check.check_name == VALID_FRACTION_CHECK and check.passed and check.blocking
     first = path.read_bytes()
 
-    again = dg.materialize(
+    again = materialize(
         [composite],
         partition_key=key,
         resources=_resources(tmp_path, regions),
@@ -87,11 +88,11 @@ def test_blocking_check_stops_downstream_assets(tmp_path: Path) -> None:
     regions = _regions_file(tmp_path, min_valid_fraction=0.9999)
     ran: list[str] = []
 
-    @dg.asset(partitions_def=PARTITIONS, deps=["composite"])
+    @dg.asset(partitions_def=REGION_PERIODS, deps=["composite"])
     def downstream() -> None:
         ran.append("downstream")
 
-    result = dg.materialize(
+    result = materialize(
         [scenes, composite, downstream],
         partition_key=partition_key("demo-huepetuhe", "2019"),
         resources=_resources(tmp_path, regions),
@@ -129,7 +130,7 @@ def test_dask_resource_names_an_unreachable_scheduler() -> None:
 @pytest.mark.slow
 def test_s2cloudless_region_runs_through_both_assets(tmp_path: Path) -> None:
     regions = _regions_file(tmp_path, cloud_mask="scl+s2cloudless")
-    result = dg.materialize(
+    result = materialize(
         [scenes, composite],
         partition_key=partition_key("demo-huepetuhe", "2019"),
         resources=_resources(tmp_path, regions),

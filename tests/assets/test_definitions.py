@@ -5,16 +5,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import dagster as dg
 import pytest
 
-from assets.definitions import defs
-from assets.partitions import PARTITIONS, partition_key
+from assets.definitions import LocationConfig, build_definitions
+from assets.partitions import REGION_PERIODS, REGIONS, partition_key, sync_partitions
 from assets.resources import AsmwatchSettings, StacResource
 from assets.scenes import scenes
 from pipelines.catalog import connect
+from pipelines.regions import load_regions
+from tests.conftest import materialize
 
 ROOT = Path(__file__).resolve().parents[2]
+defs = build_definitions(LocationConfig(ROOT / "data", ROOT / "regions.yaml"))
 
 
 def test_definitions_load() -> None:
@@ -27,8 +29,51 @@ def test_definitions_load() -> None:
     jobs = {j.name for j in repo.get_all_jobs()}  # resolving each job checks its name
     assert jobs >= {"ingest", "train_model", "detect", "load_context"}
     assert {"asm_change", "context_layers"} <= keys
-    dims = {d.name: d.partitions_def.get_partition_keys() for d in PARTITIONS.partitions_defs}
-    assert "demo-huepetuhe" in dims["region"] and {"2019", "2020", "2021"} <= set(dims["period"])
+
+
+def test_only_the_partitions_the_regions_file_defines() -> None:
+    """The cross product of 7 regions and 6 period ids had 42 keys, 8 of which no region
+    has (2024|demo-huepetuhe); the partitions are now exactly the file's region|period
+    pairs, in the file's order."""
+    import dagster as dg
+
+    config = load_regions(ROOT / "regions.yaml")
+    instance = dg.DagsterInstance.ephemeral()
+    assert REGION_PERIODS.get_partition_keys(dynamic_partitions_store=instance) == []
+    done = sync_partitions(instance, config)
+    keys = REGION_PERIODS.get_partition_keys(dynamic_partitions_store=instance)
+    expected = [f"{r.id}|{p.id}" for r in config.regions for p in r.periods]
+    assert keys == expected and list(done.added) == [*expected, *config.ids]
+    assert keys[:3] == ["demo-huepetuhe|2019", "demo-huepetuhe|2020", "demo-huepetuhe|2021"]
+    assert "demo-huepetuhe|2024" not in keys and "madre-de-dios|2024" in keys
+    assert len(keys) == sum(len(r.periods) for r in config.regions) < len(config.ids) * len(config.all_period_ids())  # fmt: skip
+    assert REGIONS.get_partition_keys(dynamic_partitions_store=instance) == config.ids
+    again = sync_partitions(instance, config)
+    assert again.added == () and again.stale == ()  # idempotent
+
+
+def test_nothing_reads_the_environment_or_the_regions_file_at_import(tmp_path: Path) -> None:
+    """Importing the assets and the factory reads no file; only the code location's
+    entry point reads the environment, and it names a missing regions file."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ASMWATCH_REGIONS": str(tmp_path / "nowhere.yaml"), "ASMWATCH_DATA": str(tmp_path / "d")}  # fmt: skip
+    code = "import assets.definitions, assets.automation, assets.partitions, assets.risk, assets.reports; print('ok')"  # fmt: skip
+    ok = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert ok.returncode == 0 and ok.stdout.strip() == "ok", ok.stderr[-2000:]
+    bad = subprocess.run([sys.executable, "-c", "import assets.location"], env=env, capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert bad.returncode != 0 and "nowhere.yaml" in bad.stderr and "file not found" in bad.stderr
+    assert not (tmp_path / "d").exists()
+
+
+def test_the_factory_wires_the_data_root_as_resource_config(tmp_path: Path) -> None:
+    built = build_definitions(LocationConfig(tmp_path / "root", ROOT / "regions.yaml"))
+    settings = (built.resources or {})["settings"]
+    assert isinstance(settings, AsmwatchSettings)
+    assert settings.root() == tmp_path / "root"
+    assert Path(settings.regions_file) == ROOT / "regions.yaml"
 
 
 def _resources(tmp_path: Path) -> dict[str, object]:
@@ -43,7 +88,7 @@ def _resources(tmp_path: Path) -> dict[str, object]:
 @pytest.mark.slow
 def test_scenes_materialises_demo_partition(tmp_path: Path) -> None:
     key = partition_key("demo-huepetuhe", "2021")
-    result = dg.materialize([scenes], partition_key=key, resources=_resources(tmp_path))
+    result = materialize([scenes], partition_key=key, resources=_resources(tmp_path))
     assert result.success
     meta = {
         k: v.value for k, v in result.asset_materializations_for_node("scenes")[0].metadata.items()
@@ -74,7 +119,7 @@ def test_scenes_materialises_demo_partition(tmp_path: Path) -> None:
     # Re-materialising gives the same rows and reuses the simulated world.
     world_json = tmp_path / "embedded" / "demo-huepetuhe" / "world.json"
     mtime = world_json.stat().st_mtime_ns
-    again = dg.materialize([scenes], partition_key=key, resources=_resources(tmp_path))
+    again = materialize([scenes], partition_key=key, resources=_resources(tmp_path))
     assert again.success and world_json.stat().st_mtime_ns == mtime
     con = connect(tmp_path / "asmwatch.duckdb", read_only=True)
     assert con.execute("SELECT count(*) FROM scenes").fetchone() == (4,)
@@ -82,7 +127,7 @@ def test_scenes_materialises_demo_partition(tmp_path: Path) -> None:
 
 def test_region_without_that_period_fails_clearly(tmp_path: Path) -> None:
     key = partition_key("demo-huepetuhe", "2024")
-    result = dg.materialize(
+    result = materialize(
         [scenes], partition_key=key, resources=_resources(tmp_path), raise_on_error=False
     )
     assert not result.success

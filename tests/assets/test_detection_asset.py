@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import dagster as dg
 import pytest
 
 from assets.composite import composite
@@ -14,6 +13,7 @@ from assets.partitions import BACKFILL_WAIT_RETRIES, partition_key
 from assets.resources import TorchResource
 from assets.scenes import scenes
 from tests.assets.test_composite_asset import _meta, _regions_file, _resources
+from tests.conftest import materialize
 
 
 @pytest.mark.slow
@@ -25,15 +25,15 @@ def test_model_then_probability(tmp_path: Path) -> None:
     }
     for period in ("2019", "2020"):
         key = partition_key("demo-huepetuhe", period)
-        assert dg.materialize([scenes, composite], partition_key=key, resources=res).success
+        assert materialize([scenes, composite], partition_key=key, resources=res).success
 
     key = partition_key("demo-huepetuhe", "2020")
-    before = dg.materialize([mining_probability], partition_key=key, resources=res)
+    before = materialize([mining_probability], partition_key=key, resources=res)
     assert before.success and _meta(before, "mining_probability")["detector"] == "index-baseline"
 
     tiny = {"chip": 64, "batch": 4, "steps_per_epoch": 2, "max_epochs": 2, "patience": 2}
     run_config = {"ops": {"mining_model": {"config": tiny}}}
-    trained = dg.materialize([mining_model], resources=res, run_config=run_config)
+    trained = materialize([mining_model], resources=res, run_config=run_config)
     assert trained.success
     m = _meta(trained, "mining_model")
     assert m["reused"] is False and m["device"] == "cpu" and m["epochs"] == 2
@@ -41,11 +41,11 @@ def test_model_then_probability(tmp_path: Path) -> None:
     assert [d["role"] for d in m["train_data"]] == ["train", "heldout"]  # type: ignore[union-attr]
     assert Path(str(m["path"])).exists()
 
-    again = dg.materialize([mining_model], resources=res, run_config=run_config)
+    again = materialize([mining_model], resources=res, run_config=run_config)
     assert _meta(again, "mining_model")["reused"] is True
     assert _meta(again, "mining_model")["model_id"] == m["model_id"]
 
-    after = dg.materialize([mining_probability], partition_key=key, resources=res)
+    after = materialize([mining_probability], partition_key=key, resources=res)
     p = _meta(after, "mining_probability")
     assert p["detector"] == m["model_id"] and p["device"] == "cpu"
     assert (
@@ -53,7 +53,7 @@ def test_model_then_probability(tmp_path: Path) -> None:
         and (tmp_path / "data" / "probability" / "demo-huepetuhe" / "2020.tif").exists()
     )
 
-    sites = dg.materialize([asm_sites], partition_key=key, resources=res)
+    sites = materialize([asm_sites], partition_key=key, resources=res)
     s = _meta(sites, "asm_sites")
     assert sites.success and s["settings"] == {"mmu_ha": 0.5}
     assert (tmp_path / "data" / "sites" / "demo-huepetuhe" / "2020.parquet").exists()
@@ -84,7 +84,7 @@ def test_imported_detections_become_sites_without_a_model(tmp_path: Path) -> Non
     regions.write_text(yaml.safe_dump(doc))
     res = _resources(tmp_path, regions)
     key = partition_key("demo-huepetuhe", "2020")
-    result = dg.materialize([asm_sites], partition_key=key, resources=res)
+    result = materialize([asm_sites], partition_key=key, resources=res)
     meta = _meta(result, "asm_sites")
     assert result.success and meta["site_count"] == 3  # 2019's and 2020's, not the outsider
     assert meta["mapped_area_ha"] == 6.0 and str(meta["source"]).startswith("imported:")
@@ -101,7 +101,7 @@ def test_imported_detections_become_sites_without_a_model(tmp_path: Path) -> Non
     # A broken file fails the run with the file named; the sites written before stay.
     (tmp_path / "external.geojson").write_text('{"type": "FeatureCollection", "features": []}')
     before = (tmp_path / "data" / "sites" / "demo-huepetuhe" / "2020.parquet").read_bytes()
-    failed = dg.materialize([asm_sites], partition_key=key, resources=res, raise_on_error=False)
+    failed = materialize([asm_sites], partition_key=key, resources=res, raise_on_error=False)
     assert not failed.success
     assert "external.geojson has no features" in str(
         failed.get_step_failure_events()[0].event_specific_data.error
@@ -139,8 +139,8 @@ def test_change_and_region_summary_from_imported_detections(tmp_path: Path) -> N
     regions.write_text(yaml.safe_dump(doc))
     res = _resources(tmp_path, regions)
     k2019, k2020 = (partition_key("demo-huepetuhe", p) for p in ("2019", "2020"))
-    assert dg.materialize([asm_sites], partition_key=k2020, resources=res).success
-    early = dg.materialize([asm_change], partition_key=k2020, resources=res, raise_on_error=False)
+    assert materialize([asm_sites], partition_key=k2020, resources=res).success
+    early = materialize([asm_change], partition_key=k2020, resources=res, raise_on_error=False)
     assert not early.success
     error = str(early.get_step_failure_events()[0].event_specific_data.error)  # type: ignore[union-attr]
     assert "previous period, 2019, whose sites are missing" in error
@@ -149,7 +149,7 @@ def test_change_and_region_summary_from_imported_detections(tmp_path: Path) -> N
     # tries again (here 0 s apart) before failing with the same message.
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ASMWATCH_BACKFILL_WAIT_S", "0")
-        waited = dg.materialize(
+        waited = materialize(
             [asm_change], partition_key=k2020, resources=res, raise_on_error=False,
             tags={"dagster/backfill": "testbf"},
         )  # fmt: skip
@@ -157,7 +157,7 @@ def test_change_and_region_summary_from_imported_detections(tmp_path: Path) -> N
     retries = [e for e in waited.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
     assert len(retries) == BACKFILL_WAIT_RETRIES
     for key in (k2019, k2020):
-        assert dg.materialize([asm_sites, asm_change], partition_key=key, resources=res).success
+        assert materialize([asm_sites, asm_change], partition_key=key, resources=res).success
     con = connect(tmp_path / "data" / "asmwatch.duckdb", read_only=True)
     summary = con.execute(
         "SELECT period, mining_ha, new_ha, expanded_ha, stable_ha, abandoned_ha, "

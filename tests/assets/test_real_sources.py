@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import dagster as dg
 import pytest
 import yaml
 
@@ -19,7 +18,7 @@ from assets.partitions import partition_key
 from assets.resources import AsmwatchSettings, StacResource
 from assets.scenes import scenes
 from pipelines.catalog import connect
-from tests.conftest import shared
+from tests.conftest import materialize, shared
 
 CASSETTE = "stac/cassettes/xcube-stac_test_search_data_searchable_catalog_earth-search-v1.yaml"
 
@@ -54,7 +53,7 @@ def test_scenes_asset_against_a_recorded_earth_search_session(tmp_path: Path) ->
     }
     replay = vcr.VCR(record_mode="none", match_on=["method", "uri"])
     with replay.use_cassette(str(cassette)) as played:
-        result = dg.materialize(
+        result = materialize(
             [scenes], partition_key=partition_key("madre-de-dios", "2020"), resources=resources
         )
         asked = [(r.method, r.uri) for i, r in enumerate(played.requests) if played.play_counts[i]]

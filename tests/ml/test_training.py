@@ -107,7 +107,8 @@ def test_unet_beats_the_index_baseline_on_the_held_out_period(root: Path) -> Non
     import geopandas as gpd
 
     from pipelines.change import detect_change, summarise
-    from pipelines.sites import extract_sites, sites_path, write_sites
+    from pipelines.layout import sites_path
+    from pipelines.sites import extract_sites, write_sites
 
     region = small_region()
     previous, history, first, truth = None, None, None, {}

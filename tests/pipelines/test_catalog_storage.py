@@ -85,7 +85,8 @@ def _sites(root: Path, period: str, n: int) -> None:
     import geopandas as gpd
     import shapely
 
-    from pipelines.sites import COLUMNS, conform, sites_path, write_sites
+    from pipelines.layout import sites_path
+    from pipelines.sites import COLUMNS, conform, write_sites
 
     frame = gpd.GeoDataFrame(
         {"site_id": [f"s{i}" for i in range(n)], "region": "r", "period": period,

@@ -25,8 +25,9 @@ from pipelines.composite import (
     read_scene_items,
     region_geobox,
 )
+from pipelines.layout import scenes_path
 from pipelines.regions import Region, RegionsError, parse_regions
-from pipelines.scenes import find_scenes, scenes_path
+from pipelines.scenes import find_scenes
 from pipelines.stac.l1c import S2CLOUDLESS_BANDS, pair_l1c
 from pipelines.stac.normalize import normalize_items
 from tests.conftest import shared, small_region

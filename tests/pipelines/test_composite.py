@@ -28,7 +28,7 @@ from pipelines.composite import (
     read_scene_items,
     region_geobox,
 )
-from pipelines.scenes import scenes_path
+from pipelines.layout import scenes_path
 from tests.conftest import constant_scene, real_tile_items, shared, small_region
 
 BAND = {name: i for i, name in enumerate(OUTPUT_BANDS)}

@@ -8,7 +8,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import dagster as dg
 import geopandas as gpd
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ import yaml
 
 from pipelines.context import ContextError, read_context
 from pipelines.regions import parse_regions
-from tests.conftest import mdd_context, mdd_department, shared
+from tests.conftest import materialize, mdd_context, mdd_department, shared
 
 BBOX = [-70.6, -13.1, -70.4, -12.9]
 
@@ -70,7 +69,7 @@ def test_demo_layers_through_the_asset_and_duckdb(tmp_path: Path) -> None:
         )
     }
     regions.write_text(yaml.safe_dump(doc))
-    result = dg.materialize(
+    result = materialize(
         [context_layers], partition_key="demo-huepetuhe", resources=_resources(tmp_path, regions)
     )
     assert result.success
@@ -250,7 +249,7 @@ def test_pressure_asset_on_the_demo_layers(tmp_path: Path) -> None:
     }
     regions.write_text(yaml.safe_dump(doc))
     res = _resources(tmp_path, regions)
-    assert dg.materialize([context_layers], partition_key="demo-huepetuhe", resources=res).success
+    assert materialize([context_layers], partition_key="demo-huepetuhe", resources=res).success
     pa = gpd.read_parquet(
         tmp_path / "data" / "context" / "demo-huepetuhe" / "protected_areas.parquet"
     )
@@ -267,7 +266,7 @@ def test_pressure_asset_on_the_demo_layers(tmp_path: Path) -> None:
     doc["regions"][0]["detections"] = {"file": "det.geojson"}
     regions.write_text(yaml.safe_dump(doc))
     key = partition_key("demo-huepetuhe", "2019")
-    result = dg.materialize(
+    result = materialize(
         [asm_sites, asm_change, protected_area_pressure], partition_key=key, resources=res
     )
     assert result.success

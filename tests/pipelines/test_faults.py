@@ -17,6 +17,7 @@ import pytest
 import requests
 
 import pipelines.stac.search as search_mod
+from pipelines.errors import transient_cause
 from pipelines.stac.search import RetrySettings, StacSearchError, search_scenes
 from tests.conftest import small_region
 
@@ -46,11 +47,11 @@ class FaultProxy:
                     n = proxy.searches
                 action = proxy.rule(self.path, n)
                 proxy.log.append((self.path.split("?")[0], n, action))
-                if action == "500":
-                    self.send_response(500)
+                if action in ("500", "400"):
+                    self.send_response(int(action))
                     self.send_header("Content-Type", "application/json")
                     self.end_headers()
-                    self.wfile.write(b'{"code": "InternalError", "description": "injected"}')
+                    self.wfile.write(b'{"code": "Injected", "description": "injected"}')
                     return
                 if action == "stall":
                     time.sleep(proxy.stall_s)
@@ -132,6 +133,7 @@ def test_persistent_500s_fail_naming_the_url(proxy: FaultProxy, monkeypatch: pyt
     assert msg.startswith(f"STAC search at {proxy.url} failed: gave up after retries")
     assert "500" in msg
     assert proxy.attempts(2) == FAST.retries + 1  # the first try and 3 retries
+    assert transient_cause(e.value) is not None  # so the asset's retry policy tries again
 
 
 def test_a_stalled_page_is_retried_then_a_stalling_server_fails(proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
@@ -150,6 +152,7 @@ def test_a_stalled_page_is_retried_then_a_stalling_server_fails(proxy: FaultProx
     with pytest.raises(StacSearchError, match=r"timed out|ReadTimeout") as e:
         _search(proxy.url, monkeypatch)
     assert proxy.url in str(e.value)
+    assert transient_cause(e.value) is not None
 
 
 def test_server_down_at_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -159,9 +162,30 @@ def test_server_down_at_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     t0 = time.monotonic()
-    with pytest.raises(StacSearchError, match=rf"cannot open STAC API http://127.0.0.1:{port}/"):
+    with pytest.raises(StacSearchError, match=rf"cannot open STAC API http://127.0.0.1:{port}/") as e:  # fmt: skip
         _search(f"http://127.0.0.1:{port}/", monkeypatch)
     assert time.monotonic() - t0 >= 0.2 * (2 + 4) * 0.9  # 3 retries: 0, 0.4 and 0.8 s apart
+    assert transient_cause(e.value) is not None
+
+
+def test_what_is_transient_and_what_is_not(proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Only faults a later try may not meet are retried by the assets' policies: a 400
+    (a bad query) is not one, nor bad input or a bug; GDAL's curl and 5xx words are."""
+    import rasterio.errors
+
+    proxy.rule = lambda _p, n: "400" if n >= 2 else "pass"
+    with pytest.raises(StacSearchError) as e:
+        _search(proxy.url, monkeypatch)
+    assert transient_cause(e.value) is None, str(e.value)
+    for bad in (ValueError("regions.yaml: bad bbox"), KeyError("B04"), ZeroDivisionError()):
+        assert transient_cause(bad) is None
+    gdal = rasterio.errors.RasterioIOError("HTTP response code: 503 - https://x/B04.tif")
+    assert transient_cause(RuntimeError("composite failed")) is None
+    try:
+        raise RuntimeError("composite: block read failed") from gdal
+    except RuntimeError as chained:
+        assert transient_cause(chained) == "HTTP response code: 503 - https://x/B04.tif"
+    assert transient_cause(rasterio.errors.RasterioIOError("CURL error: Could not resolve host: x")) is not None  # fmt: skip
 
 
 def test_a_cog_truncated_while_the_run_reads_it(small_scenes_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
@@ -173,7 +197,7 @@ def test_a_cog_truncated_while_the_run_reads_it(small_scenes_root: Path, tmp_pat
 
     import pipelines.composite as comp
     from pipelines.composite import build_composite, read_scene_items, region_geobox
-    from pipelines.scenes import scenes_path
+    from pipelines.layout import scenes_path
 
     region = small_region()
     items = [json.loads(json.dumps(i)) for i in read_scene_items(scenes_path(small_scenes_root, region.id, "2021"))]  # fmt: skip

@@ -201,3 +201,25 @@ def test_unreadable_files(tmp_path: Path) -> None:
     empty.write_text("regions: []\n")
     with pytest.raises(RegionsError, match="non-empty list"):
         load_regions(empty)
+
+
+@pytest.mark.parametrize(
+    "cron, ok",
+    [
+        ("0 6 * * 1", True), ("*/15 0-6 * * mon-fri", True), ("0 0 1 jan,jul *", True),
+        ("0 12 1-15/2 * *", True), ("0 0 * * 7", True),
+        ("every monday", False), ("0 6 * *", False), ("60 * * * *", False), ("* 24 * * *", False),
+        ("* * 0 * *", False), ("* * * 13 *", False), ("* * * * 8", False), ("*/0 * * * *", False),
+        ("5-1 * * * *", False), ("0 6 * * mondy", False),
+    ],
+)  # fmt: skip
+def test_cron_expressions_are_checked_as_dagster_takes_them(cron: str, ok: bool) -> None:
+    """The regions file's cron is checked without Dagster's private parser; what it
+    accepts, a Dagster schedule accepts too."""
+    import dagster as dg
+
+    from pipelines.regions import _valid_cron
+
+    assert _valid_cron(cron) is ok
+    if ok:
+        dg.ScheduleDefinition(name="x", cron_schedule=cron, target=dg.AssetSelection.all())

@@ -13,9 +13,10 @@ from pipelines.catalog import refresh_views
 from pipelines.change import detect_change, write_change
 from pipelines.context import read_context, write_context
 from pipelines.imports import imported_sites, read_detections
+from pipelines.layout import sites_path
 from pipelines.regions import parse_regions
 from pipelines.risk import compute, write_table
-from pipelines.sites import sites_path, write_sites
+from pipelines.sites import write_sites
 from tests.conftest import mdd_context, mdd_department, shared
 
 PERIODS = ("2025Q2", "2025Q3", "2025Q4")

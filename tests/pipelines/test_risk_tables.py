@@ -15,9 +15,10 @@ from pyproj import Transformer
 from pipelines.catalog import connect, refresh_views
 from pipelines.change import detect_change, write_change
 from pipelines.context import read_context, write_context
+from pipelines.layout import sites_path
 from pipelines.regions import parse_regions
 from pipelines.risk import RiskError, RiskSettings, compute, write_table
-from pipelines.sites import COLUMNS, conform, sites_path, write_sites
+from pipelines.sites import COLUMNS, conform, write_sites
 
 HOSTILE = "Reserva'); DROP VIEW asm_sites; --"  # a name as an attacker would write it
 X0, Y0 = 330_000.0, 8_560_000.0  # UTM 19S, near -70.56, -13.03

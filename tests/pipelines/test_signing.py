@@ -114,8 +114,8 @@ def test_composite_signs_planetary_computer_hrefs_before_reading(
     import dataclasses
 
     from pipelines.composite import composite_for_region
+    from pipelines.layout import scenes_path
     from pipelines.regions import Period
-    from pipelines.scenes import scenes_path
     from pipelines.stac.geoparquet import write_geoparquet
     from pipelines.stac.normalize import normalize_items
     from tests.conftest import small_region

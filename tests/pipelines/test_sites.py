@@ -12,7 +12,8 @@ import rasterio
 from affine import Affine
 
 from pipelines.catalog import connect, refresh_views
-from pipelines.sites import extract_sites, sites_path, write_sites
+from pipelines.layout import sites_path
+from pipelines.sites import extract_sites, write_sites
 
 
 def _raster(path: Path, prob: np.ndarray, threshold: str = "0.5", crs: str = "EPSG:32719") -> Path:

@@ -172,7 +172,8 @@ def test_a_year_of_detections_belongs_to_each_quarter_it_spans() -> None:
 
 def test_a_file_without_periods_takes_one_from_the_regions_file(tmp_path: Path) -> None:
     """Amazon Mining Watch's Guinea file has no period column; mapped_area_ha is unknown."""
-    from pipelines.sites import sites_path, write_sites
+    from pipelines.layout import sites_path
+    from pipelines.sites import write_sites
 
     guinea = shared("context/asm_detections_amw_guinea_2024.geojson")
     doc = {

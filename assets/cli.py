@@ -1,9 +1,11 @@
-"""The ``asmwatch`` command: ``demo``, ``backfill``, ``validate``, ``probe``, ``ui``, ``sql``,
-``doctor``.
+"""The ``asmwatch`` command: ``run``, ``demo``, ``backfill``, ``validate``, ``probe``,
+``ui``, ``sql``, ``doctor``.
 
-``asmwatch demo`` is what ``make demo`` runs: it materialises the pipeline for every
-period of the embedded demo region through Dagster (in-process, recorded in the Dagster
-instance under the data root so ``make ui`` shows the runs) and prints what landed where.
+It lives with the Dagster layer (assets/): ``run``, ``demo`` and ``backfill`` build the
+definitions (``assets.definitions.build_definitions``) for the data root and regions
+file they are given and materialise a plan of steps (``assets.runner``) in-process,
+recorded in the Dagster instance under the data root so ``asmwatch ui`` shows the runs.
+``asmwatch demo`` is what ``make demo`` runs: every asset of the embedded demo region.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-DAGSTER_YAML = """# Written by asmwatch (pipelines/cli.py); edit freely, it is not overwritten.
+DAGSTER_YAML = """# Written by asmwatch (assets/cli.py); edit freely, it is not overwritten.
 telemetry:
   enabled: false
 # Run retries: a run that dies (lost worker, killed process) is retried up to twice.
@@ -85,6 +87,24 @@ def use_dagster_home(root: Path) -> Path:
     return home
 
 
+WORKSPACE_YAML = """# Written by asmwatch (assets/cli.py) at each `asmwatch ui`: the installed package's
+# code location, so the UI works from any folder and from a non-editable install.
+load_from:
+  - python_module:
+      module_name: assets.location
+      location_name: asmwatch
+"""
+
+
+def write_workspace(home: Path) -> Path:
+    """``$DAGSTER_HOME/workspace.yaml``, naming the installed code location."""
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / "workspace.yaml"
+    if not path.exists() or path.read_text() != WORKSPACE_YAML:
+        path.write_text(WORKSPACE_YAML)
+    return path
+
+
 def ensure_dagster_home(home: Path) -> Path:
     """Create DAGSTER_HOME with asmwatch's dagster.yaml unless one is there."""
     home.mkdir(parents=True, exist_ok=True)
@@ -95,16 +115,21 @@ def ensure_dagster_home(home: Path) -> Path:
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
-    """``dagster dev`` on 127.0.0.1 with the project's workspace and DAGSTER_HOME."""
+    """``dagster dev`` on 127.0.0.1 with DAGSTER_HOME and the code location in it."""
     root = data_root(args.data)
-    os.environ["ASMWATCH_DATA"] = str(root)
+    os.environ["ASMWATCH_DATA"] = str(root)  # for the code location's entry point
+    regions_file = Path(args.regions).resolve() if args.regions else regions_path().resolve()
+    os.environ["ASMWATCH_REGIONS"] = str(regions_file)
+    config = load_regions(regions_file)
     use_dagster_home(root)
     import dagster as dg
 
     from assets.runs import fail_dead_runs
 
-    fail_dead_runs(dg.DagsterInstance.get())
-    workspace = Path(__file__).resolve().parent.parent / "workspace.yaml"
+    instance = dg.DagsterInstance.get()
+    fail_dead_runs(instance)
+    _sync_partitions(instance, config)  # the region_partitions sensor keeps them so
+    workspace = write_workspace(Path(os.environ["DAGSTER_HOME"]))
     cmd = [str(Path(sys.executable).parent / "dagster"), "dev", "-w", str(workspace),
            "-h", "127.0.0.1", "-p", str(args.port)]  # fmt: skip
     print(f"asmwatch ui: {' '.join(cmd)} (DAGSTER_HOME={os.environ['DAGSTER_HOME']})", flush=True)
@@ -112,189 +137,121 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
-def _metadata(result: Any, node: str) -> dict[str, Any]:
-    """The first materialisation's metadata values of ``node`` in a run result."""
-    event = result.asset_materializations_for_node(node)[0]
-    return {k: v.value for k, v in event.metadata.items()}
+def _sync_partitions(instance: Any, config: Any) -> None:
+    """Add the regions file's partitions to the instance; warn about ones it dropped."""
+    from assets.partitions import sync_partitions
+
+    done = sync_partitions(instance, config)
+    if done.added:
+        print(f"  partitions: added {len(done.added)} from {config.path}")
+    if (stale := done.stale_message(config)) is not None:
+        print(f"warning: {stale}", file=sys.stderr)
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
+def _run_region(
+    args: argparse.Namespace,
+    region_id: str | None,
+    *,
+    select: list[str] | None = None,
+    start: str | None = None,
+) -> tuple[int, Any]:
+    """Plan and run the selection for the region's periods; (exit code, context)."""
     root = data_root(args.data)
-    os.environ["ASMWATCH_DATA"] = str(root)
-    if args.regions:
-        os.environ["ASMWATCH_REGIONS"] = str(Path(args.regions).resolve())
+    regions_file = Path(args.regions).resolve() if args.regions else regions_path().resolve()
     use_dagster_home(root)
-
-    config = load_regions(args.regions)
-    embedded = [r for r in config.regions if r.source == "embedded"]
-    if args.region:
-        try:
-            region = config.get(args.region)
-        except KeyError as e:
-            print(str(e.args[0]), file=sys.stderr)
-            return 2
-    elif embedded:
-        region = embedded[0]
-    else:
-        print("no region with source: embedded in the regions file", file=sys.stderr)
-        return 2
+    config = load_regions(regions_file)
+    if region_id is None:  # demo: the first embedded region
+        embedded = [r for r in config.regions if r.source == "embedded"]
+        if not embedded:
+            print("no region with source: embedded in the regions file", file=sys.stderr)
+            return 2, None
+        region_id = embedded[0].id
+    try:
+        region = config.get(region_id)
+    except KeyError as e:
+        print(str(e.args[0]), file=sys.stderr)
+        return 2, None
 
     import dagster as dg
 
-    from assets.definitions import defs
-    from assets.partitions import partition_key
-    from pipelines.composite import composite_path
-    from pipelines.scenes import scenes_path
-
-    periods = list(region.periods)
-    if args.periods:
-        wanted = [p.strip() for p in args.periods.split(",") if p.strip()]
-        try:
-            periods = [region.period(p) for p in wanted]
-        except KeyError as e:
-            print(str(e.args[0]), file=sys.stderr)
-            return 2
-        periods.sort(key=lambda p: p.start)  # change compares each period with the one before
-
+    from assets.definitions import PC_KEY_VAR, LocationConfig, build_definitions
+    from assets.runner import PlanError, execute, plan
     from assets.runs import fail_dead_runs, run_tags
 
-    print(f"asmwatch {args.cmd}: region {region.id} ({region.name}), data root {root}")
+    defs = build_definitions(
+        LocationConfig(root, regions_file, pc_key_from_env=bool(os.environ.get(PC_KEY_VAR)))
+    )
+    wanted = [p.strip() for chunk in (args.periods or []) for p in chunk.split(",") if p.strip()]
+    try:
+        the_plan = plan(defs, region, wanted, select, start)
+    except PlanError as e:
+        print(f"asmwatch {args.cmd}: {e}", file=sys.stderr)
+        return 2, None
+    steps = ", ".join(dict.fromkeys(a for s in the_plan.steps for a in s.assets))
+    print(
+        f"asmwatch {args.cmd}: region {region.id} ({region.name}), periods "
+        f"{', '.join(p.id for p in the_plan.periods)}, data root {root}\n  assets: {steps}"
+    )
     instance = dg.DagsterInstance.get()
     fail_dead_runs(instance)
-    run_config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
-
-    def run(job_name: str, label: str, key: Any = None, run_config_extra: Any = None) -> Any:
-        result = defs.resolve_job_def(job_name).execute_in_process(
-            instance=instance,
-            tags=run_tags(),
-            partition_key=key,
-            run_config={**run_config, **(run_config_extra or {})},
-            raise_on_error=False,
-        )
-        if not result.success:
-            print(f"  {label}: FAILED; see the run {result.run_id} in `make ui`", file=sys.stderr)
-            for ev in result.all_events:
-                if ev.is_step_failure and ev.step_failure_data is not None:
-                    err = ev.step_failure_data.error
-                    print(err.message if err else "", file=sys.stderr)
-            return None
-        for check in result.get_asset_check_evaluations():
-            warn = check.severity == dg.AssetCheckSeverity.WARN
-            outcome = "passed" if check.passed else "warning" if warn else "failed"
-            checks[outcome] += 1
-            if not check.passed:
-                name = f"{check.asset_key.to_user_string()}.{check.check_name}"
-                print(f"  check {name} ({label}): {outcome}: {check.description}", file=sys.stderr)
-        return result
-
-    checks = {"passed": 0, "warning": 0, "failed": 0}
+    _sync_partitions(instance, config)
+    train_cfg = {"max_epochs": args.train_epochs} if getattr(args, "train_epochs", 0) else {}
     t0 = time.monotonic()
-    rows = []
-    for period in periods:
-        t = time.monotonic()
-        result = run("ingest", period.id, partition_key(region.id, period.id))
-        if result is None:
-            return 1
-        meta: dict[str, Any] = _metadata(result, "scenes")
-        comp: dict[str, Any] = _metadata(result, "composite")
-        rows.append((period.id, meta, time.monotonic() - t))
-        cc = meta.get("cloud_cover") or {}
-        print(
-            f"  {period.id}: {meta['scene_count']} scenes (of {meta['returned']} returned, "
-            f"{meta['dropped']} dropped), cloud cover median {cc.get('median', '-')}%, "
-            f"tiles {', '.join(meta['tiles'])}; composite {comp['valid_fraction']:.1%} clear, "
-            f"mean {comp['clear_count']['mean']} clear obs/pixel, "
-            f"NDVI {comp['band_means'].get('NDVI', float('nan')):.2f}  "
-            f"[{time.monotonic() - t:.1f} s]"
-        )
-    t = time.monotonic()
-    layers = run("load_context", "context layers", region.id)
-    if layers is None:
-        return 1
-    counts = {k.removesuffix("_count"): v for k, v in _metadata(layers, "context_layers").items() if k.endswith("_count")}  # fmt: skip
-    print(
-        "  context layers: "
-        + ", ".join(f"{k} {v}" for k, v in counts.items())
-        + f"  [{time.monotonic() - t:.1f} s]"
-    )
-    t = time.monotonic()
-    print("  training the mining model (U-Net, CPU unless a GPU is present) ...", flush=True)
-    train_cfg = {"max_epochs": args.train_epochs} if args.train_epochs else {}
-    trained = run(
-        "train_model",
-        "mining_model",
-        run_config_extra={"ops": {"mining_model": {"config": train_cfg}}},
-    )
-    if trained is None:
-        return 1
-    m = _metadata(trained, "mining_model")
-    print(
-        f"  mining_model: {m['model_id']} ({'reused' if m['reused'] else 'trained'} on "
-        f"{m['device']}), held-out IoU {m['heldout_iou']:.3f} vs index baseline "
-        f"{m['baseline_heldout_iou']:.3f}  [{time.monotonic() - t:.1f} s]"
-    )
-    for period in periods:
-        t = time.monotonic()
-        detected = run("detect", f"{period.id} detection", partition_key(region.id, period.id))
-        if detected is None:
-            return 1
-        p = _metadata(detected, "mining_probability")
-        sites = _metadata(detected, "asm_sites")
-        change = _metadata(detected, "asm_change")
-        pressure = _metadata(detected, "protected_area_pressure")
-        risk = _metadata(detected, "concession_risk")
-        warned = _metadata(detected, "alerts")
-        growth = change["growth_vs_previous"]
-        print(
-            f"  {period.id}: mining {p['mining_ha']:.1f} ha detected (truth {p.get('truth_ha', '?')} ha) "
-            f"in {sites['site_count']} sites ({sites['total_area_ha']:.1f} ha >= 0.5 ha), "
-            f"IoU {p.get('truth_iou', float('nan')):.3f}; new {change['new_ha'] + change['expanded_ha']:.1f} ha, "
-            f"re-vegetating {change['revegetating_ha']:.1f} ha"
-            + (f", growth x{growth:.3f}" if growth is not None else "")
-            + f"; ASM on {pressure['areas_with_asm']} of {pressure['areas']} protected/indigenous "
-            f"areas ({pressure['asm_area_ha']:.1f} ha inside); top concession score "
-            f"{risk['max_score']:.1f}, {warned['dagster/row_count']} alert(s)"
-            + f"  [{time.monotonic() - t:.1f} s]"
-        )
-    t = time.monotonic()
-    reported = run("report", "region report", region.id)
-    if reported is None:
-        return 1
-    rep = _metadata(reported, "region_report")
-    print(f"  region report: periods {', '.join(rep['periods'])}  [{time.monotonic() - t:.1f} s]")
-    print(
-        f"  asset checks: {checks['passed']} passed, {checks['warning']} warning(s), "
-        f"{checks['failed']} failed"
-    )
-    print(f"done in {time.monotonic() - t0:.1f} s\n")
-    print("Results:")
-    print(f"  scenes (stac-geoparquet): {root / 'scenes' / region.id}/<period>.parquet")
-    for period_id, _meta, _ in rows:
-        print(f"    {scenes_path(root, region.id, period_id)}")
-    print(f"  composites (COG):         {root / 'composite' / region.id}/<period>.tif")
-    for period_id, _meta, _ in rows:
-        print(f"    {composite_path(root, region.id, period_id)}")
-    print(f"  mining probability (COG): {root / 'probability' / region.id}/<period>.tif")
-    print(f"  models (registry):        {root / 'models'}  (view: models)")
-    print(
-        f"  ASM sites (GeoParquet):   {root / 'sites' / region.id}/<period>.parquet  (view: asm_sites)"
-    )
-    print(
-        f"  ASM change (GeoParquet):  {root / 'change' / region.id}/<period>.parquet  (views: asm_change, region_summary)"
-    )
-    print(
-        f"  context layers:           {root / 'context' / region.id}/<layer>.parquet  (views: protected_areas, indigenous_lands, concessions, settlements, rivers, grievances)"
-    )
-    print(
-        f"  risk tables (GeoParquet): {root / 'risk'}/<table>/{region.id}/<period>.parquet  (views: concession_risk, protected_area_pressure, hotspots, alerts)"
-    )
-    print(
-        f"  DuckDB catalog:           {root / 'asmwatch.duckdb'}  (views: scenes, models, asm_sites, asm_change, region_summary, the risk tables and the context layers)"
-    )
-    print(
-        f"  embedded world:           {root / 'embedded' / region.id}  (COGs, STAC items, truth masks, context layers)"
-    )
-    print(f"  Dagster runs:             {os.environ['DAGSTER_HOME']}  (open with `make ui`)")
+    outcome = execute(
+        defs, instance, the_plan,
+        tags=run_tags(),
+        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+        job_config={"train_model": {"ops": {"mining_model": {"config": train_cfg}}}},
+        say=lambda m: print(m, flush=True),
+        warn=lambda m: print(m, file=sys.stderr, flush=True),
+    )  # fmt: skip
+    c = outcome.checks
+    print(f"  asset checks: {c['passed']} passed, {c['warning']} warning(s), {c['failed']} failed")
+    if outcome.failed is not None:
+        print(f"asmwatch {args.cmd}: FAILED at {outcome.failed}", file=sys.stderr)
+        return 1, None
+    print(f"done in {time.monotonic() - t0:.1f} s")
+    return 0, (root, region, the_plan, outcome)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    select = [a.strip() for a in args.select.split(",") if a.strip()] if args.select else None
+    code, _ = _run_region(args, args.region, select=select, start=args.start)
+    return code
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """Every asset of a region (the first embedded one for ``demo``), then where it all is."""
+    code, done = _run_region(args, getattr(args, "region", None))
+    if code != 0:
+        return code
+    root, region, the_plan, outcome = done
+    periods = the_plan.periods
+    from pipelines.layout import composite_path, scenes_path
+
+    ran = {a for step in the_plan.steps for a in step.assets}
+    rep = outcome.meta("region_report", region.id)
+    print("\nResults:")
+    if "scenes" in ran:
+        print(f"  scenes (stac-geoparquet): {root / 'scenes' / region.id}/<period>.parquet")
+        for period in periods:
+            print(f"    {scenes_path(root, region.id, period.id)}")
+    if "composite" in ran:
+        print(f"  composites (COG):         {root / 'composite' / region.id}/<period>.tif")
+        for period in periods:
+            print(f"    {composite_path(root, region.id, period.id)}")
+    if "mining_probability" in ran:
+        print(f"  mining probability (COG): {root / 'probability' / region.id}/<period>.tif")
+    if "mining_model" in ran:
+        print(f"  models (registry):        {root / 'models'}  (view: models)")
+    print(f"  ASM sites (GeoParquet):   {root / 'sites' / region.id}/<period>.parquet  (view: asm_sites)")  # fmt: skip
+    print(f"  ASM change (GeoParquet):  {root / 'change' / region.id}/<period>.parquet  (views: asm_change, region_summary)")  # fmt: skip
+    print(f"  context layers:           {root / 'context' / region.id}/<layer>.parquet  (views: protected_areas, indigenous_lands, concessions, settlements, rivers, grievances)")  # fmt: skip
+    print(f"  risk tables (GeoParquet): {root / 'risk'}/<table>/{region.id}/<period>.parquet  (views: concession_risk, protected_area_pressure, hotspots, alerts)")  # fmt: skip
+    print(f"  DuckDB catalog:           {root / 'asmwatch.duckdb'}  (views: scenes, models, asm_sites, asm_change, region_summary, the risk tables and the context layers)")  # fmt: skip
+    if region.source == "embedded":
+        print(f"  embedded world:           {root / 'embedded' / region.id}  (COGs, STAC items, truth masks, context layers)")  # fmt: skip
+    print(f"  Dagster runs:             {os.environ['DAGSTER_HOME']}  (open with `asmwatch ui`)")
     _print_summary(root, region.id)
     _print_risk(root, region.id, periods[-1].id)
     print("\nReports (open in a browser; they work offline):")
@@ -413,11 +370,18 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     """Check every file the catalog and the recorded runs expect; say what to re-run."""
     from ml import registry
     from pipelines.catalog import refresh_views
-    from pipelines.integrity import doctor
+    from pipelines.integrity import doctor, removed_region_files
 
     root = data_root(args.data)
     print(f"asmwatch doctor: data root {root}")
     recorded: list[tuple[str, str, str]] = []
+    stale: list[str] = []
+    removed = 0
+    try:
+        config = load_regions(args.regions)
+    except RegionsError as e:
+        print(f"  warning: the regions file cannot be read, so regions removed from it are not checked: {e.problems[0]}")  # fmt: skip
+        config = None
     home = Path(os.environ.get("DAGSTER_HOME") or root / "dagster_home")
     if (home / "dagster.yaml").exists() or (home / "storage").exists():
         home = use_dagster_home(root)
@@ -430,8 +394,23 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         fail_dead_runs(instance)
         recorded = list(recorded_files(instance))
         print(f"  Dagster instance {home}: {len(recorded)} file(s) recorded as written")
+        if config is not None:
+            from assets.partitions import stale_partitions
+
+            stale = stale_partitions(instance, config)
+            for stale_key in stale:
+                print(f"  partition {stale_key}: in the Dagster instance, not in {config.path} (no longer refreshed)")  # fmt: skip
     else:
         print(f"  no Dagster instance at {home}: checking the files only")
+    if config is not None:
+        for region_id, files in removed_region_files(root, config.ids).items():
+            removed += len(files)
+            print(
+                f"  region {region_id}: {len(files)} file(s) under {root}, not in "
+                f"{config.path}; left out of the catalog: "
+                + ", ".join(files[:5])
+                + (" ..." if len(files) > 5 else "")
+            )
     if args.fix:
         print(f"  --fix: rebuilding the model registry table ({len(registry.rebuild(root))} model(s)) and the catalog")  # fmt: skip
         refresh_views(root, say=lambda m: print(f"  {m}"))
@@ -440,13 +419,15 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         print(f"  note: {note}")
     if report.ok:
         print(f"OK: {report.checked} file(s) checked, none missing or damaged")
+        if stale or removed:
+            print(f"  ({len(stale)} partition(s) and {removed} file(s) of regions not in the regions file, above)")  # fmt: skip
         return 0
     print(f"{len(report.findings)} problem(s) in {report.checked} file(s) checked:")
     for f in report.findings:
         print(f"  {f.path}: {f.problem}")
     todo = report.rematerialise()
     if todo:
-        workspace = Path(__file__).resolve().parent.parent / "workspace.yaml"
+        workspace = write_workspace(Path(os.environ.get("DAGSTER_HOME") or root / "dagster_home"))
         print("Re-materialise (in the UI, or from a shell):")
         for asset, key in todo:
             part = f" --partition '{key}'" if key else ""
@@ -504,76 +485,119 @@ def _cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+DATA_HELP = "data root (default: $ASMWATCH_DATA or ./data)"
+REGIONS_HELP = "regions file (default: $ASMWATCH_REGIONS or regions.yaml)"
+PERIOD_HELP = "period id(s), repeated or comma-separated (default: every period of the region)"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("asmwatch")
+    except PackageNotFoundError:  # running from a checkout that is not installed
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="asmwatch", description="Watch artisanal and small-scale mining from space."
+        prog="asmwatch",
+        description="Watch artisanal and small-scale mining from space.",
+        epilog=(
+            "Examples:\n  asmwatch demo\n  asmwatch run madre-de-dios --period 2023\n"
+            '  asmwatch sql "SELECT * FROM region_summary"'
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    ap.add_argument("--version", action="version", version=f"asmwatch {_version()}")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    v = sub.add_parser("validate", help="check a regions file and print every problem")
-    v.add_argument(
-        "file", nargs="?", help="regions file (default: $ASMWATCH_REGIONS or regions.yaml)"
-    )
+    def command(name: str, help: str, *examples: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name, help=help, description=help[:1].upper() + help[1:] + ".",
+            epilog="Examples:\n" + "\n".join(f"  {e}" for e in examples),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )  # fmt: skip
+
+    v = command("validate", "check a regions file and print every problem",
+                "asmwatch validate", "asmwatch validate my-regions.yaml")  # fmt: skip
+    v.add_argument("file", nargs="?", help=REGIONS_HELP)
     v.set_defaults(func=_cmd_validate)
 
-    d = sub.add_parser("demo", help="run the pipeline on the embedded demo region")
-    d.add_argument("--data", help="data root (default: $ASMWATCH_DATA or ./data)")
-    d.add_argument("--regions", help="regions file (default: $ASMWATCH_REGIONS or regions.yaml)")
+    r = command(
+        "run", "materialise a selection of assets for a region's periods, in order",
+        "asmwatch run madre-de-dios --period 2023 --period 2024",
+        "asmwatch run madre-de-dios --period 2024 --select asm_sites,asm_change",
+        "asmwatch run kwale --from asm_sites      # sites and everything after them",
+    )  # fmt: skip
+    r.add_argument("region", help="region id from the regions file")
+    r.add_argument("--period", dest="periods", action="append", help=PERIOD_HELP)
+    which = r.add_mutually_exclusive_group()
+    which.add_argument("--select", help="comma-separated assets to materialise (default: all)")
+    which.add_argument("--from", dest="start", metavar="ASSET", help="this asset and all downstream of it")  # fmt: skip
+    r.add_argument("--data", help=DATA_HELP)
+    r.add_argument("--regions", help=REGIONS_HELP)
+    r.add_argument("--train-epochs", type=int, default=0, help="cap the model's training epochs")
+    r.set_defaults(func=_cmd_run)
+
+    d = command("demo", "run every asset of the embedded demo region and say where the results are",
+                "asmwatch demo", "asmwatch demo --data /tmp/asmwatch --train-epochs 2")  # fmt: skip
+    d.add_argument("--data", help=DATA_HELP)
+    d.add_argument("--regions", help=REGIONS_HELP)
     d.add_argument("--region", help="region id (default: the first embedded region)")
     d.add_argument(
         "--train-epochs", type=int, default=0,
         help="cap the model's training epochs (default: the asset's, 20 with early stopping)",
     )  # fmt: skip
-    d.add_argument("--periods", help="comma-separated period ids (default: all of the region's)")
+    d.add_argument("--periods", action="append", help=PERIOD_HELP)
     d.set_defaults(func=_cmd_demo)
 
-    b = sub.add_parser(
-        "backfill",
-        help="run every asset of one region, period by period in order, then its report",
-    )
+    b = command("backfill", "run every asset of one region, period by period in order, then its report",
+                "asmwatch backfill madre-de-dios", "asmwatch backfill madre-de-dios --periods 2023,2024")  # fmt: skip
     b.add_argument("region", help="region id from the regions file")
-    b.add_argument("--periods", help="comma-separated period ids (default: all of the region's)")
-    b.add_argument("--data", help="data root (default: $ASMWATCH_DATA or ./data)")
-    b.add_argument("--regions", help="regions file (default: $ASMWATCH_REGIONS or regions.yaml)")
+    b.add_argument("--periods", action="append", help=PERIOD_HELP)
+    b.add_argument("--data", help=DATA_HELP)
+    b.add_argument("--regions", help=REGIONS_HELP)
     b.add_argument("--train-epochs", type=int, default=0, help="cap the model's training epochs")
     b.set_defaults(func=_cmd_demo)
 
-    u = sub.add_parser("ui", help="start the Dagster UI (dagster dev) on 127.0.0.1")
-    u.add_argument("--data", help="data root (default: $ASMWATCH_DATA or ./data)")
+    u = command("ui", "start the Dagster UI (dagster dev) on 127.0.0.1",
+                "asmwatch ui", "asmwatch ui --data /srv/asmwatch --port 3001")  # fmt: skip
+    u.add_argument("--data", help=DATA_HELP)
+    u.add_argument("--regions", help=REGIONS_HELP)
     u.add_argument("--port", type=int, default=3000)
     u.set_defaults(func=_cmd_ui)
 
-    p = sub.add_parser(
-        "probe",
-        help="before a first run: search one period of a region and read-check its clearest scenes",
-    )
+    p = command("probe", "before a first run: search one period of a region and read-check its clearest scenes",
+                "asmwatch probe madre-de-dios", "asmwatch probe kwale --period 2023 --scenes 4")  # fmt: skip
     p.add_argument("region", help="region id from the regions file")
     p.add_argument("--period", help="period id (default: the region's latest)")
     p.add_argument("--scenes", type=int, default=2, help="scenes to read-check (default 2)")
-    p.add_argument("--regions", help="regions file (default: $ASMWATCH_REGIONS or regions.yaml)")
+    p.add_argument("--regions", help=REGIONS_HELP)
     p.add_argument("--data", help="data root, for embedded regions (default: $ASMWATCH_DATA or ./data)")  # fmt: skip
     p.set_defaults(func=_cmd_probe)
 
-    dr = sub.add_parser(
-        "doctor",
-        help="check every table, COG and model file; print what to re-materialise (exit 1 if any)",
-    )
-    dr.add_argument("--data", help="data root (default: $ASMWATCH_DATA or ./data)")
+    dr = command("doctor", "check every table, COG and model file; print what to re-materialise (exit 1 if any)",
+                 "asmwatch doctor", "asmwatch doctor --quick --data /srv/asmwatch", "asmwatch doctor --fix")  # fmt: skip
+    dr.add_argument("--data", help=DATA_HELP)
+    dr.add_argument("--regions", help=REGIONS_HELP)
     dr.add_argument("--quick", action="store_true", help="read Parquet footers only, not every row group")  # fmt: skip
     dr.add_argument("--fix", action="store_true", help="first rebuild the catalog and the registry table (derived; nothing is lost)")  # fmt: skip
     dr.set_defaults(func=_cmd_doctor)
 
-    s = sub.add_parser("sql", help="run a query against the DuckDB catalog (read-only)")
-    s.add_argument("query")
-    s.add_argument("--data", help="data root (default: $ASMWATCH_DATA or ./data)")
-    s.add_argument("--max-rows", type=int, default=50, help="rows shown (0: all, csv/json only)")
-    s.add_argument(
+    q = command("sql", "run a query against the DuckDB catalog (read-only)",
+                "asmwatch sql \"SELECT period, mining_ha FROM region_summary ORDER BY period\"",
+                "asmwatch sql \"SELECT * FROM alerts\" --format csv --max-rows 0 > alerts.csv")  # fmt: skip
+    q.add_argument("query")
+    q.add_argument("--data", help=DATA_HELP)
+    q.add_argument("--max-rows", type=int, default=50, help="rows shown (0: all, csv/json only)")
+    q.add_argument(
         "--format",
         choices=("box", "csv", "json"),
         default="box",
         help="box (default), csv, or json lines",
     )
-    s.set_defaults(func=_cmd_sql)
+    q.set_defaults(func=_cmd_sql)
 
     args = ap.parse_args(argv)
     try:
