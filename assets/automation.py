@@ -46,7 +46,6 @@ from assets.partitions import (
     partition_key,
     region_of_key,
     sync_partitions,
-    today_of,
 )
 from assets.reports import region_report
 from assets.resources import AsmwatchSettings, StacResource
@@ -280,11 +279,14 @@ def region_partitions(
     context: dg.SensorEvaluationContext, settings: AsmwatchSettings
 ) -> dg.SkipReason:
     config = settings.regions()
-    done = sync_partitions(context.instance, config, today_of(context))
+    done = sync_partitions(context.instance, config)
     if done.added:
         context.log.info(f"region_partitions: added {len(done.added)}: {', '.join(done.added)}")
-    if (stale := done.stale_message(config)) is not None:
-        context.log.warning(f"region_partitions: {stale}")
+    # the warning is logged when the set of such partitions changes, not every minute
+    stale = json.dumps(sorted(done.stale))
+    if (message := done.stale_message(config)) is not None and stale != context.cursor:
+        context.log.warning(f"region_partitions: {message}")
+    context.update_cursor(stale)
     return dg.SkipReason(
         f"{len(config.partition_keys())} region|period partition(s) from {config.path}; "
         f"added {len(done.added)}, {len(done.stale)} not in the file"

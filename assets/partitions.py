@@ -24,7 +24,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import dagster as dg
 
@@ -34,7 +33,6 @@ from pipelines.regions import (
     RegionsConfig,
     partition_key,
     split_partition_key,
-    utc_today,
 )
 
 __all__ = [
@@ -161,9 +159,3 @@ def missing_partition(context: dg.AssetExecutionContext, message: str) -> dg.Fai
         description=message + (f" (waited {BACKFILL_WAIT_RETRIES} times)" if backfill else ""),
         allow_retries=False,
     )
-
-
-def today_of(context: Any) -> dt.date:
-    """The day a schedule tick is for (its scheduled time), else today (UTC)."""
-    when = getattr(context, "scheduled_execution_time", None)
-    return when.date() if when is not None else utc_today()

@@ -196,7 +196,8 @@ def execute(
             for key, message in errors:
                 warn(f"    {key}: {message}")
             first = errors[0] if errors else ("", "the run failed")
-            out.failed = f"{first[0] or step.job} {step.partition or ''}: {first[1]}".replace("  ", " ")  # fmt: skip
+            what = " ".join(x for x in (first[0] or step.job, step.partition) if x)
+            out.failed = f"{what}: {first[1]}"
             return out
         say(f"  {step.label}: {describe(step, out)}  [{time.monotonic() - t:.1f} s]")
     return out

@@ -14,9 +14,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pipelines.composite import LOAD_ROLES, check_scene_files, signed_item, signer_for
+from pipelines.composite import LOAD_ROLES, check_scene_files
 from pipelines.regions import Period, Region
 from pipelines.stac.search import SearchResult, search_scenes
+from pipelines.stac.signing import signed_item, signer_for
 
 
 @dataclass

@@ -18,6 +18,8 @@ from __future__ import annotations
 import datetime as dt
 import os
 import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 import requests
@@ -94,3 +96,18 @@ class PlanetaryComputerSigner:
                 expiry = expiry.replace(tzinfo=dt.UTC)
             self._tokens[(account, container)] = (expiry, token)
             return token
+
+
+def signer_for(
+    items: Sequence[Mapping[str, Any]], subscription_key: str | None = None
+) -> PlanetaryComputerSigner | None:
+    """A Planetary Computer signer when any of the items' hrefs needs one, else None."""
+    if any(needs_signing(a["href"]) for i in items for a in i["assets"].values()):
+        return PlanetaryComputerSigner(subscription_key=subscription_key or None)
+    return None
+
+
+def signed_item(item: Mapping[str, Any], sign: Callable[[str], str]) -> dict[str, Any]:
+    """The item with every asset href passed through ``sign`` (Planetary Computer SAS)."""
+    assets = {k: {**a, "href": sign(a["href"])} for k, a in item["assets"].items()}
+    return {**item, "assets": assets}

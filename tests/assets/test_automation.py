@@ -277,11 +277,16 @@ def _removed_region(tmp_path: Path, regions: Path, demo: dict[str, object], inst
     from pipelines.catalog import refresh_views
     from pipelines.integrity import removed_region_files
 
+    cursor: list[str | None] = [None]
+
     def tick() -> tuple[str, list[str]]:
         with dg.build_sensor_context(
-            instance=instance, resources={"settings": _settings(tmp_path, regions)}
+            instance=instance,
+            cursor=cursor[0],
+            resources={"settings": _settings(tmp_path, regions)},
         ) as ctx:
             result = region_partitions(ctx)
+            cursor[0] = ctx.cursor  # the partitions not in the file, warned about once
         assert isinstance(result, dg.SkipReason)
         return result.skip_message or "", instance.get_dynamic_partitions("region_period")
 
@@ -295,6 +300,7 @@ def _removed_region(tmp_path: Path, regions: Path, demo: dict[str, object], inst
     said, keys = tick()
     assert f"added 0, {year - 2018 + 1} not in the file" in said  # its periods and itself
     assert "open|2019" in keys  # kept: its history stays readable
+    assert json.loads(cursor[0] or "[]")[:2] == ["open", "open|2019"]
 
     # its files stay on disk, but the catalog no longer serves them, and doctor names them
     settings = _settings(tmp_path, regions)

@@ -195,7 +195,7 @@ def test_a_cog_truncated_while_the_run_reads_it(small_scenes_root: Path, tmp_pat
     import json
     import shutil
 
-    import pipelines.composite as comp
+    import pipelines.composite.write as comp  # build_composite checks the files there
     from pipelines.composite import build_composite, read_scene_items, region_geobox
     from pipelines.layout import scenes_path
 
