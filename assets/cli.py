@@ -413,7 +413,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
             )
     if args.fix:
         print(f"  --fix: rebuilding the model registry table ({len(registry.rebuild(root))} model(s)) and the catalog")  # fmt: skip
-        refresh_views(root, say=lambda m: print(f"  {m}"))
+        refresh_views(root, say=lambda m: print(f"  {m}"), regions=config.ids if config else None)
     report = doctor(root, deep=not args.quick, recorded=recorded)
     for note in report.notes:
         print(f"  note: {note}")
