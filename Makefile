@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml requirements.lock
 demo: $(STAMP)
 	$(BIN)/asmwatch demo
 
-# Debian's Chromium for the web-map test (tests/test_reports.py drives it with Playwright,
+# Debian's Chromium for the web-map test (tests/pipelines/test_reports.py drives it with Playwright,
 # which never downloads a browser of its own). Installed when missing and we are root.
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \

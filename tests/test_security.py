@@ -1,6 +1,6 @@
 """Security: loopback-only servers, paths confined to the data root, a read-only SQL
 command for analysts. (Credentials: tests/pipelines/test_signing.py; SQL parameters
-with hostile names: tests/pipelines/test_risk_tables.py and tests/test_reports.py.)"""
+with hostile names: tests/pipelines/test_risk_tables.py and tests/pipelines/test_reports.py.)"""
 
 from __future__ import annotations
 

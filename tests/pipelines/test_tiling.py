@@ -1,6 +1,6 @@
 """Property tests (Hypothesis) of the tiling arithmetic: for any raster size, tile size
 and halo, the tiles' cores cover every pixel exactly once and each read window is its
-core grown by the halo, clipped to the raster. (tests/test_tiling.py runs the stages
+core grown by the halo, clipped to the raster. (tests/test_tile_invariance.py runs the stages
 at several tile sizes and checks their outputs are equal.)"""
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import requests
 
 from tests.conftest import external_ip
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ASSET_GRAPH = """
 {
   assetNodes {

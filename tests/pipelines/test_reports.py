@@ -21,7 +21,7 @@ from pipelines.catalog import connect, refresh_views
 from pipelines.regions import load_regions
 from pipelines.reports import ReportError, make_reports, period_colours
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 REGION = "demo-huepetuhe"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -8,7 +8,7 @@ import pytest
 
 from assets.cli import main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_validate_ok(capsys: pytest.CaptureFixture[str]) -> None:
