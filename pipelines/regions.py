@@ -129,18 +129,15 @@ class PeriodSeries:
     def _id(self, year: int, index: int) -> str:
         return str(year) if self.every == "year" else f"{year}Q{index}"
 
-    def next(self, period: Period) -> Period:
-        day = period.end + dt.timedelta(days=1)
+    def containing(self, day: dt.date) -> Period:
+        """The year (quarter) that contains ``day``."""
         index = 1 if self.every == "year" else (day.month - 1) // 3 + 1
         out = year_or_quarter(self._id(day.year, index))
         assert out is not None
         return out
 
-    def containing(self, day: dt.date) -> Period:
-        index = 1 if self.every == "year" else (day.month - 1) // 3 + 1
-        out = year_or_quarter(self._id(day.year, index))
-        assert out is not None
-        return out
+    def next(self, period: Period) -> Period:
+        return self.containing(period.end + dt.timedelta(days=1))
 
     def until(self, day: dt.date) -> tuple[Period, ...]:
         """The series' periods that have started by ``day`` (at least the first)."""
