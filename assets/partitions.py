@@ -51,8 +51,9 @@ __all__ = [
 REGION_PERIODS_NAME = "region_period"
 #: One partition per region and period the regions file defines: ``region|period``.
 REGION_PERIODS = dg.DynamicPartitionsDefinition(name=REGION_PERIODS_NAME)
+REGIONS_NAME = "region"
 #: Region-only assets (context layers, reports): one partition per region of the file.
-REGIONS = dg.DynamicPartitionsDefinition(name="region")
+REGIONS = dg.DynamicPartitionsDefinition(name=REGIONS_NAME)
 
 
 @dataclass(frozen=True)
@@ -74,32 +75,34 @@ class PartitionSync:
         )
 
 
+def _wanted(config: RegionsConfig, today: dt.date | None) -> dict[str, list[str]]:
+    """The keys the regions file defines, by dynamic partitions name."""
+    return {REGION_PERIODS_NAME: config.partition_keys(today), REGIONS_NAME: config.ids}
+
+
+def stale_partitions(
+    instance: dg.DagsterInstance, config: RegionsConfig, today: dt.date | None = None
+) -> list[str]:
+    """Partition keys in the instance that the regions file does not define."""
+    out: list[str] = []
+    for name, keys in _wanted(config, today).items():
+        keep = set(keys)
+        out += [k for k in instance.get_dynamic_partitions(name) if k not in keep]
+    return out
+
+
 def sync_partitions(
     instance: dg.DagsterInstance, config: RegionsConfig, today: dt.date | None = None
 ) -> PartitionSync:
     """Add the partitions the regions file defines (periods begun by ``today``); report
     the ones it no longer defines. Idempotent."""
-    wanted = {REGION_PERIODS.name: config.partition_keys(today), REGIONS.name: config.ids}
     added: list[str] = []
-    stale: list[str] = []
-    for name, keys in wanted.items():
-        assert name is not None
-        have = instance.get_dynamic_partitions(name)
-        new = [k for k in keys if k not in set(have)]
-        if new:
+    for name, keys in _wanted(config, today).items():
+        have = set(instance.get_dynamic_partitions(name))
+        if new := [k for k in keys if k not in have]:
             instance.add_dynamic_partitions(name, new)
             added += new
-        stale += [k for k in have if k not in set(keys)]
-    return PartitionSync(tuple(added), tuple(stale))
-
-
-def stale_partitions(instance: dg.DagsterInstance, config: RegionsConfig) -> list[str]:
-    """Partition keys in the instance that the regions file does not define (for doctor)."""
-    out = []
-    for defn, keys in ((REGION_PERIODS, set(config.partition_keys())), (REGIONS, set(config.ids))):
-        assert defn.name is not None
-        out += [k for k in instance.get_dynamic_partitions(defn.name) if k not in keys]
-    return out
+    return PartitionSync(tuple(added), tuple(stale_partitions(instance, config, today)))
 
 
 def region_and_period(

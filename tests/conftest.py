@@ -312,11 +312,13 @@ def materialize(assets: Any, partition_key: str | None = None, **kwargs: Any) ->
     return dg.materialize(assets, partition_key=partition_key, instance=instance, **kwargs)
 
 
-def persistent_instance() -> Any:
-    """A Dagster instance in a temporary folder, with an instance ref (schedules resolve
-    dynamic partitions through it; an ephemeral one has none). Not entered as a context
-    manager: Dagster 1.13's ``__exit__`` leaves its defs-state storage set for the
-    process, and the next definitions load fails on the dead instance."""
+def persistent_instance(home: Path) -> Any:
+    """A Dagster instance stored under ``home``, with an instance ref (schedules resolve
+    dynamic partitions through it; an ephemeral one has none). Under the test's own
+    folder: ``local_temp()``'s temporary folder goes when Dagster drops its last
+    reference to the instance, sometimes mid-test. Not entered as a context manager:
+    Dagster 1.13's ``__exit__`` leaves its defs-state storage set for the process."""
     import dagster as dg
 
-    return dg.DagsterInstance.local_temp()
+    home.mkdir(parents=True, exist_ok=True)
+    return dg.DagsterInstance.local_temp(str(home))

@@ -25,7 +25,7 @@ UTC = dt.UTC
 defs = build_definitions(LocationConfig(ROOT / "data", ROOT / "regions.yaml"))
 
 
-def test_a_schedule_per_region_with_its_cadence() -> None:
+def test_a_schedule_per_region_with_its_cadence(tmp_path: Path) -> None:
     config = load_regions(ROOT / "regions.yaml")
     scheduled = {s.name: s for s in defs.schedules or []}
     assert set(scheduled) == {schedule_name(r.id) for r in config.regions if r.refresh.cron}
@@ -35,7 +35,7 @@ def test_a_schedule_per_region_with_its_cadence() -> None:
     for when, period in ((dt.datetime(2020, 3, 2, 6, tzinfo=UTC), "2020"),
                          (dt.datetime(2026, 11, 23, 6, tzinfo=UTC), "2021")):  # fmt: skip
         ctx = dg.build_schedule_context(
-            instance=persistent_instance(),
+            instance=persistent_instance(tmp_path / f"home-{period}"),
             scheduled_execution_time=when,
             repository_def=defs.get_repository_def(),
         )
@@ -224,7 +224,7 @@ def test_open_ended_periods_roll_forward_in_the_schedule(tmp_path: Path) -> None
 
     built = build_definitions(LocationConfig(tmp_path / "data", regions))
     (schedule,) = built.schedules or []
-    instance = persistent_instance()
+    instance = persistent_instance(tmp_path / "home")
     sync_partitions(instance, config)
     assert not instance.has_dynamic_partition("region_period", "open|2027")
     for when, period in ((dt.datetime(2027, 1, 4, 6, tzinfo=UTC), "2027"),
@@ -269,7 +269,7 @@ def test_partitions_follow_the_file_and_a_removed_region_is_reported(tmp_path: P
     demo = next(r for r in doc["regions"] if r["id"] == "demo-huepetuhe")
     regions = tmp_path / "regions.yaml"
     regions.write_text(yaml.safe_dump({"regions": [demo, OPEN]}))
-    _removed_region(tmp_path, regions, demo, persistent_instance())
+    _removed_region(tmp_path, regions, demo, persistent_instance(tmp_path / "home"))
 
 
 def _removed_region(tmp_path: Path, regions: Path, demo: dict[str, object], instance: dg.DagsterInstance) -> None:  # fmt: skip
