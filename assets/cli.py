@@ -190,7 +190,7 @@ def _run_region(
     steps = ", ".join(dict.fromkeys(a for s in the_plan.steps for a in s.assets))
     print(
         f"asmwatch {args.cmd}: region {region.id} ({region.name}), periods "
-        f"{', '.join(p.id for p in the_plan.periods)}, data root {root}\n  assets: {steps}"
+        f"{', '.join(p.id for p in the_plan.periods)}, data root {root}, regions file {regions_file}\n  assets: {steps}"
     )
     instance = dg.DagsterInstance.get()
     fail_dead_runs(instance)
