@@ -195,7 +195,7 @@ def _run_region(
     instance = dg.DagsterInstance.get()
     fail_dead_runs(instance)
     _sync_partitions(instance, config)
-    train_cfg = {"max_epochs": args.train_epochs} if getattr(args, "train_epochs", 0) else {}
+    train_cfg = {"max_epochs": args.train_epochs} if args.train_epochs else {}
     t0 = time.monotonic()
     outcome = execute(
         defs, instance, the_plan,

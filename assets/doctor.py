@@ -11,19 +11,20 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from pipelines.layout import TEMPLATES
 from pipelines.regions import split_partition_key
 
 #: Assets whose materialisations promise files, and the files (templates over the root).
 EXPECTED: dict[str, tuple[str, ...]] = {
-    "scenes": ("scenes/{region}/{period}.parquet",),
-    "composite": ("composite/{region}/{period}.tif",),
-    "mining_probability": ("probability/{region}/{period}.tif",),
-    "asm_sites": ("sites/{region}/{period}.parquet",),
-    "asm_change": ("change/{region}/{period}.parquet", "summary/{region}/{period}.parquet"),
-    "concession_risk": ("risk/concession_risk/{region}/{period}.parquet",),
-    "protected_area_pressure": ("risk/protected_area_pressure/{region}/{period}.parquet",),
-    "hotspots": ("risk/hotspots/{region}/{period}.parquet",),
-    "alerts": ("risk/alerts/{region}/{period}.parquet",),
+    "scenes": (TEMPLATES["scenes"],),
+    "composite": (TEMPLATES["composite"],),
+    "mining_probability": (TEMPLATES["probability"],),
+    "asm_sites": (TEMPLATES["sites"],),
+    "asm_change": (TEMPLATES["change"], TEMPLATES["summary"]),
+    **{
+        table: (TEMPLATES["risk"].replace("{table}", table),)
+        for table in ("concession_risk", "protected_area_pressure", "hotspots", "alerts")
+    },
 }
 
 

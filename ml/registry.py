@@ -29,11 +29,11 @@ from torch import nn
 from ml.features import Normalizer
 from ml.models import UnetSpec, build_unet
 from pipelines.errors import first_line
+from pipelines.layout import MODELS_DIR
 from pipelines.storage import atomic_dir, atomic_path
 
 log = logging.getLogger(__name__)
 
-MODELS_DIR = "models"
 TABLE = "models.parquet"
 #: Bumped when training code changes what a given input produces.
 TRAINING_VERSION = "2"  # 2: decision threshold chosen on validation data

@@ -25,11 +25,11 @@ import duckdb
 
 from pipelines.context import TABLE_KINDS as CONTEXT_TABLES
 from pipelines.errors import first_line
+from pipelines.layout import CATALOG_FILE
 from pipelines.storage import chmod_for_umask
 
 log = logging.getLogger(__name__)
 
-CATALOG_FILE = "asmwatch.duckdb"
 #: The SQL files: the project's sql/, reached through the pipelines/sql link in a
 #: checkout and shipped as package data in a wheel.
 SQL_DIR = Path(__file__).resolve().parent / "sql"
@@ -288,12 +288,11 @@ def refresh_views(
             removed: dict[str, int] = {}
             for view, (sql_name, glob) in VIEWS.items():
                 files = view_files(root, glob)
-                if regions is not None and view != "models":
-                    kept = [f for f in files if f.split("/")[-2] in regions]
-                    for f in files:
-                        if f.split("/")[-2] not in regions:
-                            removed[f.split("/")[-2]] = removed.get(f.split("/")[-2], 0) + 1
-                    files = kept
+                if regions is not None and view != "models":  # <table>/<region>/<file>
+                    gone = [f.split("/")[-2] for f in files if f.split("/")[-2] not in regions]
+                    for region_id in gone:
+                        removed[region_id] = removed.get(region_id, 0) + 1
+                    files = [f for f in files if f.split("/")[-2] in regions]
                 if not files:
                     status[view] = "no files yet"
                     continue

@@ -20,12 +20,12 @@ shape::
     asmwatch.duckdb                             the catalog (views over the tables)
 
 Every name is checked (``pipelines.storage.confined``): no id can reach outside the
-root. ``TEMPLATES`` gives the same shapes as text, for code that lists or globs them.
+root. ``TEMPLATES`` gives the same shapes as text, for code that lists them (doctor's
+expected files).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.storage import confined, partition_path
@@ -81,45 +81,3 @@ def context_table_path(root: Path, region_id: str, kind: str) -> Path:
 
 def report_dir(root: Path, region_id: str) -> Path:
     return confined(root, "reports", region_id)
-
-
-@dataclass(frozen=True)
-class DataLayout:
-    """The paths of one data root: ``DataLayout(root).sites("kwale", "2023")``."""
-
-    root: Path
-
-    def scenes(self, region_id: str, period_id: str) -> Path:
-        return scenes_path(self.root, region_id, period_id)
-
-    def composite(self, region_id: str, period_id: str) -> Path:
-        return composite_path(self.root, region_id, period_id)
-
-    def probability(self, region_id: str, period_id: str) -> Path:
-        return probability_path(self.root, region_id, period_id)
-
-    def sites(self, region_id: str, period_id: str) -> Path:
-        return sites_path(self.root, region_id, period_id)
-
-    def change(self, region_id: str, period_id: str) -> Path:
-        return change_path(self.root, region_id, period_id)
-
-    def summary(self, region_id: str, period_id: str) -> Path:
-        return summary_path(self.root, region_id, period_id)
-
-    def risk(self, table: str, region_id: str, period_id: str) -> Path:
-        return risk_path(self.root, table, region_id, period_id)
-
-    def context(self, region_id: str, kind: str) -> Path:
-        return context_table_path(self.root, region_id, kind)
-
-    def reports(self, region_id: str) -> Path:
-        return report_dir(self.root, region_id)
-
-    @property
-    def models(self) -> Path:
-        return self.root / MODELS_DIR
-
-    @property
-    def catalog(self) -> Path:
-        return self.root / CATALOG_FILE
