@@ -7,7 +7,12 @@ STAMP  := $(VENV)/.asmwatch-installed
 export ASMWATCH_DATA ?= $(CURDIR)/data
 export DAGSTER_HOME ?= $(ASMWATCH_DATA)/dagster_home
 
-.PHONY: demo test ui bench lint setup clean browser
+.PHONY: demo test test-all ui bench lint setup clean browser
+
+# `make test` leaves out the tests marked slow (end-to-end runs: the demo, the Dagster UI,
+# dask clusters of processes, tile invariance, killed runs); CI (CI=true) and `make
+# test-all` run every test.
+SLOW := $(if $(filter true 1,$(CI)),,-m "not slow")
 
 setup: $(STAMP)
 
@@ -20,7 +25,7 @@ $(STAMP): pyproject.toml requirements.lock
 demo: $(STAMP)
 	$(BIN)/asmwatch demo
 
-# Debian's Chromium for the web-map test (tests/pipelines/test_reports.py drives it with Playwright,
+# Debian's Chromium for the web-map test (tests/pipelines/stages/test_reports.py drives it with Playwright,
 # which never downloads a browser of its own). Installed when missing and we are root.
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
@@ -30,6 +35,11 @@ browser:
 	  else echo "chromium is missing (sudo apt-get install chromium); the web-map test will skip"; fi; }
 
 test: $(STAMP) browser
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/python -m pytest $(SLOW)
+
+test-all: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest

@@ -121,7 +121,7 @@ def build_schedules(config: RegionsConfig) -> list[dg.ScheduleDefinition]:
 def stored_scene_ids(settings: AsmwatchSettings, region_id: str, period_id: str) -> set[str]:
     import pyarrow.parquet as pq
 
-    from pipelines.layout import scenes_path
+    from pipelines.infra.layout import scenes_path
 
     path = scenes_path(settings.root(), region_id, period_id)
     if not path.exists():
@@ -160,7 +160,7 @@ def _in_turn(regions: list[Region], first: str | None) -> list[Region]:
 def new_scenes(
     context: dg.SensorEvaluationContext, settings: AsmwatchSettings, stac: StacResource
 ) -> dg.SensorResult:
-    from pipelines.stac.search import RetrySettings, search_scenes
+    from pipelines.stages.stac.search import RetrySettings, search_scenes
 
     deadline = time.monotonic() + TICK_BUDGET_S
     config = settings.regions()

@@ -10,9 +10,9 @@ from assets.composite import composite
 from assets.detection import asm_sites
 from assets.partitions import REGION_PERIODS, missing_partition, region_and_period
 from assets.resources import AsmwatchSettings, fail_fast
-from pipelines.catalog import refresh_views
-from pipelines.change import KINDS, change_for_period
-from pipelines.errors import MissingInputError
+from pipelines.infra.errors import MissingInputError
+from pipelines.stages.catalog import refresh_views
+from pipelines.stages.change import KINDS, change_for_period
 
 
 @dg.asset(

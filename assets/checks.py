@@ -1,4 +1,4 @@
-"""Asset checks from the data contracts of pipelines/checks.py.
+"""Asset checks from the data contracts of pipelines/infra/checks.py.
 
 Each table asset declares ``check_specs=specs(...)`` and returns
 ``check_results=results(...)`` computed on the files it has just written, so every
@@ -12,7 +12,7 @@ from typing import Any
 
 import dagster as dg
 
-from pipelines.checks import CHECKS, CONTRACTS, Outcome, check_table
+from pipelines.infra.checks import CHECKS, CONTRACTS, Outcome, check_table
 from pipelines.regions import Region
 
 DESCRIPTIONS = {

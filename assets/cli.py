@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipelines.infra.storage import data_root
 from pipelines.regions import RegionsError, load_regions, regions_path
-from pipelines.storage import data_root
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -227,7 +227,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return code
     root, region, the_plan, outcome = done
     periods = the_plan.periods
-    from pipelines.layout import composite_path, scenes_path
+    from pipelines.infra.layout import composite_path, scenes_path
 
     ran = {a for step in the_plan.steps for a in step.assets}
     rep = outcome.meta("region_report", region.id)
@@ -270,7 +270,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _query(root: Path, sql: str, params: list[Any]) -> list[Any]:
     """Rows of one bound query on a read-only connection to the catalog."""
-    from pipelines.catalog import open_catalog
+    from pipelines.stages.catalog import open_catalog
 
     con = open_catalog(root, say=lambda m: print(m, file=sys.stderr))
     try:
@@ -281,7 +281,7 @@ def _query(root: Path, sql: str, params: list[Any]) -> list[Any]:
 
 def _print_risk(root: Path, region_id: str, period_id: str) -> None:
     """The riskiest concessions and the most severe alerts of the latest period."""
-    from pipelines.risk import SEVERITY_ORDER
+    from pipelines.stages.risk import SEVERITY_ORDER
 
     top = _query(
         root,
@@ -334,9 +334,9 @@ def _print_summary(root: Path, region_id: str) -> None:
 
 def _cmd_probe(args: argparse.Namespace) -> int:
     """Search one period of a region and read-check its clearest scenes."""
-    from pipelines.probe import probe
-    from pipelines.stac.search import StacSearchError
-    from pipelines.stac.signing import SigningError
+    from pipelines.infra.probe import probe
+    from pipelines.stages.stac.search import StacSearchError
+    from pipelines.stages.stac.signing import SigningError
 
     config = load_regions(Path(args.regions) if args.regions else None)
     try:
@@ -347,7 +347,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         return 2
     server = None
     if region.source == "embedded":
-        from pipelines.embedded import start_server
+        from pipelines.embedded.source import start_server
 
         server = start_server(data_root(args.data), region, say=print)
         url = server.url
@@ -369,8 +369,8 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 def _cmd_doctor(args: argparse.Namespace) -> int:
     """Check every file the catalog and the recorded runs expect; say what to re-run."""
     from ml import registry
-    from pipelines.catalog import refresh_views
-    from pipelines.integrity import doctor, removed_region_files
+    from pipelines.infra.integrity import doctor, removed_region_files
+    from pipelines.stages.catalog import refresh_views
 
     root = data_root(args.data)
     print(f"asmwatch doctor: data root {root}")
@@ -440,7 +440,7 @@ def _cmd_sql(args: argparse.Namespace) -> int:
     """A query against the catalog: read-only, no file access outside the data root."""
     import duckdb
 
-    from pipelines.catalog import (
+    from pipelines.stages.catalog import (
         AnalystQueryError,
         CatalogError,
         connect_analyst,

@@ -10,8 +10,8 @@ import dagster as dg
 from assets.partitions import REGION_PERIODS, region_and_period
 from assets.resources import NETWORK_RETRY, AsmwatchSettings, DaskResource, StacResource, fail_fast
 from assets.scenes import scenes
-from pipelines.composite import OUTPUT_BANDS, CompositeResult, composite_for_region
-from pipelines.reports import composite_preview, markdown_image
+from pipelines.stages.composite import OUTPUT_BANDS, CompositeResult, composite_for_region
+from pipelines.stages.reports import composite_preview, markdown_image
 
 VALID_FRACTION_CHECK = "valid_fraction"
 

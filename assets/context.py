@@ -8,8 +8,8 @@ import dagster as dg
 from assets.checks import column_schema, nothing_written, results, row_count, specs, table_checks
 from assets.partitions import REGIONS, region_of
 from assets.resources import AsmwatchSettings, fail_fast
-from pipelines.catalog import refresh_views
-from pipelines.context import context_for_region
+from pipelines.stages.catalog import refresh_views
+from pipelines.stages.context import context_for_region
 
 
 @dg.asset(

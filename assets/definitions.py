@@ -31,8 +31,8 @@ from assets.reports import region_report
 from assets.resources import AsmwatchSettings, DaskResource, StacResource, TorchResource
 from assets.risk import RISK_ASSETS
 from assets.scenes import scenes
+from pipelines.infra.storage import data_root
 from pipelines.regions import load_regions, regions_path
-from pipelines.storage import data_root
 
 #: Region x period work up to the composite; then the model (all regions at once);
 #: then the per-partition detections and change (periods in order: change compares with

@@ -11,12 +11,12 @@ from assets.checks import column_schema, row_count, specs, table_checks
 from assets.composite import composite
 from assets.partitions import REGION_PERIODS, region_and_period
 from assets.resources import AsmwatchSettings, DaskResource, TorchResource, fail_fast
-from pipelines.catalog import refresh_views
 
 # torch and the detection stage load in the asset bodies, not at definition load (the
 # Dagster UI and every run's code location would otherwise pay about 2 s for torch).
-from pipelines.errors import MissingInputError
-from pipelines.sites import sites_for_period
+from pipelines.infra.errors import MissingInputError
+from pipelines.stages.catalog import refresh_views
+from pipelines.stages.sites import sites_for_period
 
 if TYPE_CHECKING:
     from ml.train import TrainConfig
@@ -73,7 +73,7 @@ def mining_model(
     torch_device: TorchResource,
 ) -> dg.MaterializeResult:
     from ml import registry
-    from pipelines.detection import train_mining_model
+    from pipelines.stages.detection import train_mining_model
 
     root = settings.root()
     regions = settings.regions().regions
@@ -141,7 +141,7 @@ def mining_probability(
     dask: DaskResource,
 ) -> dg.MaterializeResult:
     from ml import registry
-    from pipelines.detection import map_probability
+    from pipelines.stages.detection import map_probability
 
     config = settings.regions()
     region, period = region_and_period(context, config)
@@ -162,7 +162,7 @@ def mining_probability(
         )  # fmt: skip
     except (ValueError, registry.RegistryError) as e:
         raise dg.Failure(allow_retries=False, description=str(e)) from e
-    from pipelines.reports import markdown_image, probability_preview
+    from pipelines.stages.reports import markdown_image, probability_preview
 
     meta: dict[str, Any] = {
         "path": dg.MetadataValue.path(str(res.path)),

@@ -3,7 +3,7 @@
 A partition whose table file was deleted is not simply absent to the catalog: Dagster
 still shows it materialised, and ``region_summary`` still counts its sites. Each
 materialisation recorded here names the files it wrote (by the assets' path rules), so
-``pipelines.integrity.doctor`` can report the ones that are gone.
+``pipelines.infra.integrity.doctor`` can report the ones that are gone.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from pipelines.layout import TEMPLATES
+from pipelines.infra.layout import TEMPLATES
 from pipelines.regions import split_partition_key
 
 #: Assets whose materialisations promise files, and the files (templates over the root).

@@ -9,7 +9,7 @@ from assets.change import asm_change
 from assets.partitions import REGIONS, partition_key, region_of
 from assets.resources import AsmwatchSettings, fail_fast
 from assets.risk import BY_REGION, alerts, concession_risk, protected_area_pressure
-from pipelines.reports import REPORT_FILES, ReportError, make_reports, markdown_image
+from pipelines.stages.reports import REPORT_FILES, ReportError, make_reports, markdown_image
 
 REPORT_CHECK = "report_complete"
 

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import dagster as dg
 from pydantic import PrivateAttr
 
-from pipelines.embedded import start_server
+from pipelines.embedded.server import EmbeddedStacServer
+from pipelines.embedded.source import start_server
+from pipelines.infra.storage import data_root
 from pipelines.regions import Region, RegionsConfig, load_regions
-from pipelines.stac.server import EmbeddedStacServer
-from pipelines.storage import data_root
 
 if TYPE_CHECKING:
     from distributed import Client, LocalCluster
@@ -43,14 +43,14 @@ def fail_fast(fn: F) -> F:
     ``dg.Failure(allow_retries=False)``, whatever started the run.
 
     Every asset body is wrapped. A network fault (a connection refused, reset or timed
-    out, an HTTP 429 or 5xx, a lost dask worker: ``pipelines.errors.transient_cause``)
+    out, an HTTP 429 or 5xx, a lost dask worker: ``pipelines.infra.errors.transient_cause``)
     is raised as it is, so the asset's retry policy (``NETWORK_RETRY`` on the assets
     that talk to remote services) tries again. A full disk, a read-only data root or a
     permission error ends the step at once, naming the cause and the path (GDAL would
     say "TIFFAppendToStrip: Write error"); so does any other error (bad input, a broken
     contract, a bug), which would fail the same way on every try.
     """
-    from pipelines.errors import deterministic_cause, transient_cause
+    from pipelines.infra.errors import deterministic_cause, transient_cause
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -182,7 +182,7 @@ class DaskResource(dg.ConfigurableResource):
         else:
             import os
 
-            from pipelines.tiling import worker_environ
+            from pipelines.infra.tiling import worker_environ
 
             n = self.n_workers or os.cpu_count() or 1
             with worker_environ():

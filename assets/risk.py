@@ -14,8 +14,8 @@ from assets.context import context_layers
 from assets.detection import asm_sites
 from assets.partitions import REGION_PERIODS, region_and_period
 from assets.resources import AsmwatchSettings, fail_fast
-from pipelines.catalog import refresh_views
-from pipelines.risk import (
+from pipelines.stages.catalog import refresh_views
+from pipelines.stages.risk import (
     DEFAULT_ALERT_DISTANCE_M,
     DEFAULT_H3_RESOLUTION,
     DEFAULT_MIN_ALERT_HA,

@@ -10,8 +10,8 @@ import dagster as dg
 from assets.checks import column_schema, nothing_written, results, row_count, specs, table_checks
 from assets.partitions import REGION_PERIODS, region_and_period
 from assets.resources import NETWORK_RETRY, AsmwatchSettings, StacResource, fail_fast
-from pipelines.catalog import refresh_views
-from pipelines.scenes import find_scenes
+from pipelines.stages.catalog import refresh_views
+from pipelines.stages.scenes import find_scenes
 
 
 @dg.asset(

@@ -42,10 +42,10 @@ import rasterio.features
 import shapely
 from pyproj import Transformer
 
-from pipelines.grid import bbox_utm_epsg
+from pipelines.infra.grid import bbox_utm_epsg
 from pipelines.regions import Region, RegionsError, parse_period
-from pipelines.storage import atomic_path, partition_path
-from pipelines.vectors import polygonal_part
+from pipelines.infra.storage import atomic_path, partition_path
+from pipelines.infra.vectors import polygonal_part
 
 KINDS = ("new", "expanded", "stable", "abandoned", "revegetating")
 # Mean composite NDVI at which formerly mined land counts as re-vegetating. Bare tailings,

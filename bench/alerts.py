@@ -8,7 +8,7 @@ geometry. The issue's case: 200,000 concessions crashed `alerts` at 20 GiB (Arro
 2 GiB arrays).
 
 For N/10 and N concessions, each in a fresh process so peak memory is its own:
-- `streamed`: ``pipelines.risk.write_rows`` (DuckDB writes the Parquet file itself,
+- `streamed`: ``pipelines.stages.risk.write_rows`` (DuckDB writes the Parquet file itself,
   row group by row group, within ``MEMORY_LIMIT``), what the asset runs;
 - `in memory` (the baseline, the previous code path): ``compute`` to an Arrow table,
   then ``write_table`` through GeoPandas.
@@ -50,9 +50,9 @@ def write_world(root: Path, n_concessions: int, seed: int = 7) -> None:
     import geopandas as gpd
     import shapely
 
-    from pipelines.catalog import refresh_views
-    from pipelines.context import COLUMNS as CTX
-    from pipelines.layout import change_path, context_table_path
+    from pipelines.infra.layout import change_path, context_table_path
+    from pipelines.stages.catalog import refresh_views
+    from pipelines.stages.context import COLUMNS as CTX
 
     rng = np.random.default_rng(seed)
     w, s, e, n = BBOX
@@ -87,7 +87,7 @@ def write_world(root: Path, n_concessions: int, seed: int = 7) -> None:
 def _run(variant: str, root: str, out: mp.Queue) -> None:  # type: ignore[type-arg]
     import pyarrow.parquet as pq
 
-    from pipelines.risk import compute, write_rows, write_table
+    from pipelines.stages.risk import compute, write_rows, write_table
 
     t = time.perf_counter()
     if variant == "streamed":

@@ -18,9 +18,9 @@ import pystac
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from pipelines.embedded.simulator import load_items, simulate_world  # noqa: E402
 from pipelines.regions import load_regions  # noqa: E402
-from pipelines.simulator import load_items, simulate_world  # noqa: E402
-from pipelines.stac.normalize import normalize_items  # noqa: E402
+from pipelines.stages.stac.normalize import normalize_items  # noqa: E402
 
 
 def items() -> list[dict]:

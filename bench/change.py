@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.grid import bbox_utm_epsg
+from pipelines.infra.grid import bbox_utm_epsg
 from pipelines.regions import parse_regions
 
 REGION = parse_regions(
@@ -121,7 +121,7 @@ def _run(
     The peak is the kernel's high-water mark of this process's own memory (``VmHWM``),
     not ``ru_maxrss``, which keeps the RSS of the parent it was forked from.
     """
-    from pipelines.change import change_table
+    from pipelines.stages.change import change_table
 
     t = time.perf_counter()
     res = change_table(
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import pyarrow.parquet as pq
 
-    from pipelines.change import mining_ha
+    from pipelines.stages.change import mining_ha
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, nargs="*", default=[1_000, 10_000, 100_000])

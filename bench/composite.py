@@ -33,7 +33,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipelines.composite import (  # noqa: E402
+from pipelines.embedded.simulator import load_items, simulate_world  # noqa: E402
+from pipelines.regions import EmbeddedSpec, load_regions  # noqa: E402
+from pipelines.stages.composite import (  # noqa: E402
     REFLECTANCE_BANDS,
     composite_array,
     load_stack,
@@ -41,10 +43,8 @@ from pipelines.composite import (  # noqa: E402
     plan_observations,
     region_geobox,
 )
-from pipelines.regions import EmbeddedSpec, load_regions  # noqa: E402
-from pipelines.simulator import load_items, simulate_world  # noqa: E402
-from pipelines.stac.l1c import pair_l1c  # noqa: E402
-from pipelines.stac.normalize import normalize_items  # noqa: E402
+from pipelines.stages.stac.l1c import pair_l1c  # noqa: E402
+from pipelines.stages.stac.normalize import normalize_items  # noqa: E402
 
 
 def measure(fn: Callable[[], Any], repeats: int) -> tuple[float, float, Any]:

@@ -41,7 +41,7 @@ from scale import _client, simulated_region  # noqa: E402
 
 def world(work: Path, mpx: float | None, km: float | None, scenes: int) -> tuple[Any, Path]:
     """The simulated region and its world folder, simulated unless already there."""
-    from pipelines.simulator import simulate_world
+    from pipelines.embedded.simulator import simulate_world
 
     _, demo_mpx = simulated_region(1, None, scenes)  # the demo's own area
     region, _ = simulated_region((mpx or 1.0) / demo_mpx, km, scenes)
@@ -57,7 +57,7 @@ def decode_bound(items: list[dict[str, Any]], threads: int) -> tuple[float, int,
     """Seconds to decode every band file the composite reads, once; (s, files, bytes)."""
     import rasterio
 
-    from pipelines.composite import LOAD_ROLES
+    from pipelines.stages.composite import LOAD_ROLES
 
     hrefs = [item["assets"][role]["href"] for item in items for role in LOAD_ROLES]
 
@@ -75,7 +75,7 @@ def decode_bound(items: list[dict[str, Any]], threads: int) -> tuple[float, int,
 def stage(region: Any, items: list[dict[str, Any]], target: Path) -> tuple[float, float, list[str]]:
     """``build_composite`` on a fresh LocalCluster: (stage s, cluster s, its progress
     lines with the seconds since the start, where the time goes)."""
-    from pipelines.composite import build_composite, region_geobox
+    from pipelines.stages.composite import build_composite, region_geobox
 
     t = time.perf_counter()
     client = _client()
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="asmwatch-composite-io-"))
     work.mkdir(parents=True, exist_ok=True)
-    from pipelines.simulator import load_items
+    from pipelines.embedded.simulator import load_items
 
     region, folder = world(work, None if args.km else args.mpx, args.km, args.scenes)
     items = [i for i in load_items(folder) if i["id"].endswith("_0_L2A")]

@@ -32,8 +32,8 @@ from affine import Affine
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipelines.composite import build_composite  # noqa: E402
-from pipelines.stac.normalize import ROLE_BANDS, ROLE_RESOLUTION  # noqa: E402
+from pipelines.stages.composite import build_composite  # noqa: E402
+from pipelines.stages.stac.normalize import ROLE_BANDS, ROLE_RESOLUTION  # noqa: E402
 
 X0, Y1 = 300_000.0, 8_600_020.0  # 19LCF's upper-left corner
 EPSG = 32719

@@ -2,7 +2,7 @@
 
 Takes a data root where `asmwatch demo` has run (``--root``, default ``$ASMWATCH_DATA``
 or ``./data``), copies it, replaces the demo region's grievance log by N generated
-grievances around the region, and times ``pipelines.reports.make_reports`` (map, report,
+grievances around the region, and times ``pipelines.stages.reports.make_reports`` (map, report,
 web map) in a fresh process for N/10 and N, with its peak memory and the web map's size.
 Baseline: the same report at N/10 in the same run (linear time is 10x).
 
@@ -36,10 +36,10 @@ def write_grievances(root: Path, n: int, seed: int = 3) -> None:
     import geopandas as gpd
     import shapely
 
-    from pipelines.catalog import refresh_views
-    from pipelines.context import COLUMNS
-    from pipelines.layout import context_table_path
+    from pipelines.infra.layout import context_table_path
     from pipelines.regions import load_regions
+    from pipelines.stages.catalog import refresh_views
+    from pipelines.stages.context import COLUMNS
 
     region = load_regions(ROOT / "regions.yaml").get(REGION)
     w, s, e, north = region.bbox
@@ -65,9 +65,9 @@ def write_change(root: Path, n: int, period: str = "2021", seed: int = 4) -> Non
     """Replace the demo region's change rows of ``period`` by ``n`` small mining areas
     (squares of 20-60 m over the region, half of them first seen that period), written
     with DuckDB: a region with ``n`` sites as the web map and the report meet it."""
-    from pipelines.catalog import connect, refresh_views
-    from pipelines.layout import change_path
+    from pipelines.infra.layout import change_path
     from pipelines.regions import load_regions
+    from pipelines.stages.catalog import connect, refresh_views
 
     region = load_regions(ROOT / "regions.yaml").get(REGION)
     w, s, e, north = region.bbox
@@ -96,7 +96,7 @@ def write_change(root: Path, n: int, period: str = "2021", seed: int = 4) -> Non
 
 def _run(root: str, out: mp.Queue) -> None:  # type: ignore[type-arg]
     from pipelines.regions import load_regions
-    from pipelines.reports import make_reports
+    from pipelines.stages.reports import make_reports
 
     region = load_regions(ROOT / "regions.yaml").get(REGION)
     t = time.perf_counter()

@@ -4,7 +4,7 @@ Generates a region of 10 x 10 degrees with N small ASM site polygons (50-300 m s
 a tenth of them new this period, plus 10,000 concessions (1-5 km, fixed), 20
 protected areas, 20 indigenous lands, 1,000 settlements and 1,000 grievances. They are
 written the way the assets write them (GeoParquet plus catalog views). Each risk query
-(`pipelines.risk.compute`) then runs with a tenth of the sites and with all of them. Printed:
+(`pipelines.stages.risk.compute`) then runs with a tenth of the sites and with all of them. Printed:
 seconds per query, and the ratio of the two times next to the 10x that linear scaling
 would give (a quadratic join would show about 100x).
 
@@ -25,9 +25,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipelines.catalog import refresh_views  # noqa: E402
 from pipelines.regions import parse_regions  # noqa: E402
-from pipelines.risk import TABLES, compute  # noqa: E402
+from pipelines.stages.catalog import refresh_views  # noqa: E402
+from pipelines.stages.risk import TABLES, compute  # noqa: E402
 
 BBOX = (-75.0, -15.0, -65.0, -5.0)  # about 1.2 million km2 of the western Amazon
 
@@ -46,9 +46,9 @@ def write_world(root: Path, region_id: str, n_sites: int, n_concessions: int, se
     import geopandas as gpd
     import shapely
 
-    from pipelines.context import COLUMNS as CTX
-    from pipelines.layout import change_path, context_table_path, sites_path
-    from pipelines.sites import COLUMNS, conform
+    from pipelines.infra.layout import change_path, context_table_path, sites_path
+    from pipelines.stages.context import COLUMNS as CTX
+    from pipelines.stages.sites import COLUMNS, conform
 
     rng = np.random.default_rng(seed)
     for period, count in (("2019", int(n_sites * 0.9)), ("2020", n_sites)):

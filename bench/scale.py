@@ -140,9 +140,9 @@ def simulated_region(k: float, km: float | None, scenes: int) -> tuple[Any, floa
     demo's centre, one period (2021) of ``scenes`` acquisitions: (region, Mpx)."""
     import dataclasses
 
-    from pipelines.grid import window_for_bbox
+    from pipelines.embedded.simulator.world import MARGIN_M
+    from pipelines.infra.grid import window_for_bbox
     from pipelines.regions import EmbeddedSpec, load_regions
-    from pipelines.simulator.world import MARGIN_M
 
     demo = load_regions(ROOT / "regions.yaml").get(REGION)
     w, s, e, n = demo.bbox
@@ -172,7 +172,7 @@ def simulated_region(k: float, km: float | None, scenes: int) -> tuple[Any, floa
 def _client() -> Any:
     from distributed import Client, LocalCluster
 
-    from pipelines.tiling import worker_environ
+    from pipelines.infra.tiling import worker_environ
 
     with worker_environ():
         cluster = LocalCluster(
@@ -191,9 +191,9 @@ def _stage(
     periods: tuple[str, ...] = ("2020", "2021"),
 ) -> None:
     from ml import registry
-    from pipelines.detection import map_probability
-    from pipelines.layout import probability_path, sites_path
-    from pipelines.sites import extract_sites, sites_table
+    from pipelines.infra.layout import probability_path, sites_path
+    from pipelines.stages.detection import map_probability
+    from pipelines.stages.sites import extract_sites, sites_table
 
     root_p = Path(root)
     if name in ("simulate", "composite"):
@@ -232,9 +232,9 @@ def _stage(
                 ).count  # fmt: skip
             extra |= {"sites": count}
     elif name == "change":
-        from pipelines.catalog import refresh_views
-        from pipelines.change import change_table, mining_ha, summarise, write_summary
-        from pipelines.layout import change_path, composite_path
+        from pipelines.infra.layout import change_path, composite_path
+        from pipelines.stages.catalog import refresh_views
+        from pipelines.stages.change import change_table, mining_ha, summarise, write_summary
 
         prev_sites = sites_path(root_p, region.id, "2020")
         changed = change_table(
@@ -249,7 +249,7 @@ def _stage(
         refresh_views(root_p)
         untimed = time.perf_counter() - t
     elif name == "report":
-        from pipelines.reports import make_reports
+        from pipelines.stages.reports import make_reports
 
         reports = make_reports(root_p, region, say=lambda _m: None)
         extra = {
@@ -258,13 +258,13 @@ def _stage(
         }
     elif name == "train":
         from ml.train import TrainConfig, train_unet
-        from pipelines.detection import (
+        from pipelines.infra.layout import composite_path
+        from pipelines.stages.detection import (
             CompositeChips,
             TrainingScene,
             fit_normalizer,
             validation_windows,
         )
-        from pipelines.layout import composite_path
 
         scene = TrainingScene(
             region.id, "2020", composite_path(root_p, region.id, "2020"),
@@ -289,13 +289,13 @@ def _world_stage(name: str, world: Path, region: Any) -> dict[str, Any]:
     """``simulate``: the embedded world of ``region`` into ``world``; ``composite``: its
     composite on a LocalCluster (the scenes read as the composite asset reads them)."""
     if name == "simulate":
-        from pipelines.simulator import simulate_world
+        from pipelines.embedded.simulator import simulate_world
 
         started = time.perf_counter()
         info = simulate_world(region, world)
         return {"seconds": time.perf_counter() - started, "scenes": len(info.items)}
-    from pipelines.composite import build_composite, region_geobox
-    from pipelines.simulator import load_items
+    from pipelines.embedded.simulator import load_items
+    from pipelines.stages.composite import build_composite, region_geobox
 
     t = time.perf_counter()
     client = _client()

@@ -30,12 +30,12 @@ def main() -> int:
     import rasterio
     from distributed import Client
 
-    from pipelines.composite import composite_for_region
-    from pipelines.layout import scenes_path
+    from pipelines.embedded.simulator import load_items, simulate_world
+    from pipelines.infra.layout import scenes_path
     from pipelines.regions import EmbeddedSpec, load_regions
-    from pipelines.simulator import load_items, simulate_world
-    from pipelines.stac.geoparquet import write_geoparquet
-    from pipelines.stac.normalize import normalize_items
+    from pipelines.stages.composite import composite_for_region
+    from pipelines.stages.stac.geoparquet import write_geoparquet
+    from pipelines.stages.stac.normalize import normalize_items
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=1536)

@@ -77,7 +77,7 @@ def read_features(
     goes over the bus (reflectance keeps 3 significant digits, finer than the model's
     fp16 arithmetic needs). A window that cannot be read names the file and the window.
     """
-    from pipelines.tiling import Span, read_window
+    from pipelines.infra.tiling import Span, read_window
 
     indexes = feature_indexes(src, path)
     span = window if window is not None else Span(0, src.height, 0, src.width)
@@ -195,8 +195,8 @@ def rasterize_labels(path: Path, like: Scene, period: str | None = None) -> npt.
 def label_shapes(path: Path, crs: Any, period: str | None = None) -> list[tuple[Any, int]]:
     """The (geometry, 1) pairs of a mining labels file in ``crs``, validated, filtered to
     the polygons that count for ``period`` (see ``rasterize_labels``)."""
+    from pipelines.infra.vectors import POLYGONAL, check_geometry, read_vector
     from pipelines.regions import parse_period
-    from pipelines.vectors import POLYGONAL, check_geometry, read_vector
 
     frame = read_vector(path, "mining labels file", LabelsError)
     geoms = [

@@ -28,9 +28,9 @@ from torch import nn
 
 from ml.features import Normalizer
 from ml.models import UnetSpec, build_unet
-from pipelines.errors import first_line
-from pipelines.layout import MODELS_DIR
-from pipelines.storage import atomic_dir, atomic_path
+from pipelines.infra.errors import first_line
+from pipelines.infra.layout import MODELS_DIR
+from pipelines.infra.storage import atomic_dir, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +142,14 @@ def _scan(root: Path) -> list[ModelRecord]:
     return out
 
 
+def _age(r: ModelRecord) -> tuple[dt.datetime, str]:
+    """Registration order: ``created_at`` as a time (to the microsecond; older records
+    have whole seconds), then the id."""
+    return dt.datetime.fromisoformat(r.created_at), r.model_id
+
+
 def _write_table(root: Path, recs: list[ModelRecord]) -> None:
-    rows = [r.row() for r in sorted(recs, key=lambda r: (r.created_at, r.model_id))]
+    rows = [r.row() for r in sorted(recs, key=_age)]
     with atomic_path(models_dir(root) / TABLE) as tmp_table:
         pq.write_table(pa.Table.from_pylist(rows), tmp_table)
 
@@ -183,14 +189,14 @@ def find(root: Path, input_hash_: str) -> ModelRecord | None:
         r for r in records(root)
         if r.input_hash == input_hash_ and checkpoint_file(root, r).exists()
     ]  # fmt: skip
-    return max(hits, key=lambda r: r.created_at) if hits else None
+    return max(hits, key=_age) if hits else None
 
 
 def latest(root: Path, kind: str = "unet") -> ModelRecord | None:
     """The newest registered model of ``kind``, whether or not its file is there
     (``load`` then fails naming the file: never a silent fall back to another model)."""
     hits = [r for r in records(root) if r.kind == kind]
-    return max(hits, key=lambda r: (r.created_at, r.model_id)) if hits else None
+    return max(hits, key=_age) if hits else None
 
 
 def register(
@@ -212,7 +218,12 @@ def register(
     id and row; the table is rewritten atomically from the model folders' metadata.
     """
     with _lock(root):
+        # Microseconds, and later than any record: two models registered within one
+        # second must not tie, or ``latest`` would pick one of them by its hash.
         created = dt.datetime.now(dt.UTC)
+        newest = max((_age(r)[0] for r in records(root)), default=None)
+        if newest is not None and created <= newest:
+            created = newest + dt.timedelta(microseconds=1)
         base = f"unet-{created:%Y%m%dT%H%M%S}-{input_hash_[:8]}"
         model_id, n = base, 1
         while (models_dir(root) / model_id).exists():
@@ -221,7 +232,7 @@ def register(
         target = models_dir(root) / model_id
         record = ModelRecord(
             model_id=model_id,
-            created_at=created.isoformat(timespec="seconds"),
+            created_at=created.isoformat(timespec="microseconds"),
             kind="unet",
             input_hash=input_hash_,
             path=f"{MODELS_DIR}/{model_id}/model.pt",  # relative to the data root

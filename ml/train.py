@@ -24,7 +24,7 @@ from torch import nn
 from ml.features import IGNORE
 from ml.infer import predict_tiled
 from ml.models import UnetSpec, build_unet
-from pipelines.progress import Progress
+from pipelines.infra.progress import Progress
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,14 @@
 """Regions configuration: the YAML file that says where and when asmwatch looks.
 
 First step of the flow: everything downstream (the STAC search, the composite grid, the
-partitions) is driven by the typed ``Region`` objects built here. Loading collects every
-problem in the file, each naming the field (``regions[2].aoi.bbox``) and what is wrong,
-so ``asmwatch validate`` can print them all at once.
+partitions) is driven by the typed ``Region`` objects built here.
+
+The file's schema is a set of pydantic v2 models (``RegionEntry`` and the blocks it
+holds: ``Aoi``, ``SeriesSpec``, ``EmbeddedSpec``, ``RefreshSpec``, ``DetectionsSpec``):
+Literal fields for the closed sets, field validators for AOIs, periods and cron. Loading
+collects every problem in the file, and ``_problems`` words each pydantic error in the
+house style, naming the field path (``regions[2] (mdd).aoi.bbox: ...``) and what is
+wrong, so ``asmwatch validate`` can print them all at once.
 """
 
 from __future__ import annotations
@@ -12,19 +17,31 @@ import datetime as dt
 import hashlib
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import shapely
 import shapely.geometry
 import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails
 
 DEFAULT_REGIONS_FILE = "regions.yaml"
 
+#: Source presets; a region may also give the http(s) URL of any STAC API.
 Source = Literal["earth-search", "planetary-computer", "embedded"]
-KNOWN_SOURCES: tuple[str, ...] = ("earth-search", "planetary-computer", "embedded")
+KNOWN_SOURCES: tuple[str, ...] = get_args(Source)
 
 #: Public STAC endpoints of the source presets; ``embedded`` is started by asmwatch.
 SOURCE_URLS: dict[str, str] = {
@@ -37,10 +54,12 @@ DEFAULT_L1C_COLLECTION = "sentinel-2-l1c"
 #: Cloud masks a composite can use: Sen2Cor's SCL alone, or SCL plus s2cloudless run
 #: on the matching L1C scene (s2cloudless needs top-of-atmosphere bands, B10 among them,
 #: which L2A does not carry; Earth Search has them as ``sentinel-2-l1c``).
-CLOUD_MASKS: tuple[str, ...] = ("scl", "scl+s2cloudless")
+CloudMask = Literal["scl", "scl+s2cloudless"]
+CLOUD_MASKS: tuple[str, ...] = get_args(CloudMask)
+S2CLOUDLESS: CloudMask = "scl+s2cloudless"
 
 #: Context-layer kinds a region may bring (see docs/data-dictionary.md).
-CONTEXT_KINDS: tuple[str, ...] = (
+ContextKind = Literal[
     "protected_areas",
     "indigenous_lands",
     "concessions",
@@ -49,10 +68,11 @@ CONTEXT_KINDS: tuple[str, ...] = (
     "grievances",
     "detections",
     "mining_labels",  # polygons of mining (e.g. by period) to train and evaluate on
-)
+]
+CONTEXT_KINDS: tuple[str, ...] = get_args(ContextKind)
 
 #: Attribute roles a context layer's columns can be mapped to (regions file:
-#: ``context: {kind: {file: ..., <role>: <column>}}``); see pipelines/context.py.
+#: ``context: {kind: {file: ..., <role>: <column>}}``); see pipelines/stages/context.py.
 CONTEXT_ROLES: dict[str, tuple[str, ...]] = {
     "protected_areas": ("id", "name", "category"),
     "indigenous_lands": ("id", "name", "category"),
@@ -64,12 +84,25 @@ CONTEXT_ROLES: dict[str, tuple[str, ...]] = {
     "mining_labels": ("period",),
 }
 
+#: How often open-ended periods repeat; how a schedule picks periods; how imported
+#: detections are read; what a grievance's status may mean (open ones count in risk).
+PeriodStep = Literal["year", "quarter"]
+PERIOD_STEPS: tuple[str, ...] = get_args(PeriodStep)
+RefreshPeriod = Literal["current", "all"]
+REFRESH_PERIODS: tuple[str, ...] = get_args(RefreshPeriod)
+DetectionMode = Literal["presence", "new"]
+DETECTION_MODES: tuple[str, ...] = get_args(DetectionMode)
+GrievanceState = Literal["open", "closed"]
+GRIEVANCE_STATES: tuple[str, ...] = get_args(GrievanceState)
+
 # Ids become directory names, partition keys and SQL literals in views: keep them to a
 # safe alphabet so no id can escape the data root or break a statement.
 _ID_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _PERIOD_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
 _YEAR_RE = re.compile(r"^(\d{4})$")
 _QUARTER_RE = re.compile(r"^(\d{4})Q([1-4])$")
+_COLLECTION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_URL_RE = re.compile(r"^https?://[^\s/$.?#][^\s]*$")
 
 
 class RegionsError(ValueError):
@@ -96,9 +129,6 @@ class Period:
         return f"{self.start.isoformat()}T00:00:00Z/{self.end.isoformat()}T23:59:59Z"
 
 
-PERIOD_STEPS = ("year", "quarter")
-
-
 def year_or_quarter(period_id: str) -> Period | None:
     """The calendar year (``2021``) or quarter (``2021Q3``) with that id; None if neither."""
     if m := _YEAR_RE.match(period_id):
@@ -122,7 +152,7 @@ class PeriodSeries:
     when the year begins, without editing the file.
     """
 
-    every: str  # year | quarter
+    every: PeriodStep
     first: Period
     last: Period | None = None
 
@@ -166,21 +196,75 @@ def utc_today() -> dt.date:
     return dt.datetime.now(dt.UTC).date()
 
 
-@dataclass(frozen=True)
-class EmbeddedSpec:
+# ------------------------------------------------------------------ the file's schema
+
+
+class _Problems(ValueError):
+    """Problems a validator found, each ``<where>: <message>`` with ``where`` relative to
+    the field it validates (``""``, ``"[1].start"``, ``".bbox"``); ``_problems`` puts the
+    field's path in front."""
+
+    def __init__(self, items: Sequence[str]) -> None:
+        self.items = list(items)
+        super().__init__("; ".join(self.items))
+
+
+def _checked(parse: Callable[..., Any], value: Any, *args: Any) -> Any:
+    """Run a ``parse(value, where, problems, ...)`` helper; raise ``_Problems`` if it found any."""
+    problems: list[str] = []
+    out = parse(value, "", problems, *args)
+    if problems:
+        raise _Problems(problems)
+    return out
+
+
+def _says(**extra: str) -> dict[str, Any]:
+    """Field metadata ``_problems`` reads: ``unknown`` words a Literal field's bad value
+    (``{value!r}``, ``{choices}``); ``kind`` names a number field's kind."""
+    return dict(extra)
+
+
+class _Spec(BaseModel):
+    """A block of the regions file: unknown keys refused, no coercion (``"yes"`` is not
+    a boolean, ``true`` is not a number), immutable once read."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        strict=True,
+        validate_by_name=True,
+        validate_by_alias=True,
+        arbitrary_types_allowed=True,
+    )
+
+
+def _base_dir(info: ValidationInfo) -> Path | None:
+    context = info.context if isinstance(info.context, Mapping) else {}
+    base = context.get("base_dir")
+    return Path(base) if base is not None else None
+
+
+def _resolve(path: str, base_dir: Path | None) -> str:
+    p = Path(path)
+    if not p.is_absolute() and base_dir is not None:
+        p = base_dir / p
+    return str(p)
+
+
+class EmbeddedSpec(_Spec):
     """How the embedded Sentinel-2 simulator builds this region's world."""
 
-    seed: int = 42
-    scenes_per_period: int = 4
-    growth_factor: float = 1.5
+    seed: int = Field(default=42, ge=0, le=2**32 - 1, json_schema_extra=_says(kind="whole number"))
+    scenes_per_period: int = Field(
+        default=4, ge=1, le=24, json_schema_extra=_says(kind="whole number")
+    )
+    growth_factor: float = Field(
+        default=1.5, ge=1.0, le=10.0, json_schema_extra=_says(kind="float")
+    )
     reprocessed_twins: bool = True
 
 
-DETECTION_MODES = ("presence", "new")
-
-
-@dataclass(frozen=True)
-class RefreshSpec:
+class RefreshSpec(_Spec):
     """When Dagster refreshes a region (schedule ``refresh_<id>``, sensor ``new_scenes``).
 
     ``cron``: the schedule's cadence (five-field cron, in ``timezone``); empty: no
@@ -192,14 +276,35 @@ class RefreshSpec:
     cron: str = ""
     timezone: str = "UTC"
     watch_scenes: bool = True
-    period: str = "current"
+    period: RefreshPeriod = Field(
+        default="current", json_schema_extra=_says(unknown="{value!r}: use one of {choices}")
+    )
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, cron: str) -> str:
+        if cron and not _valid_cron(cron):
+            raise ValueError(
+                f"{cron!r} is not a five-field cron expression "
+                "(minute hour day-of-month month day-of-week, e.g. '0 6 * * 1')"
+            )
+        return cron
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, tz: str) -> str:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(tz)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"unknown time zone {tz!r} (an IANA name like 'UTC', 'America/Lima')"
+            ) from None
+        return tz
 
 
-REFRESH_PERIODS = ("current", "all")
-
-
-@dataclass(frozen=True)
-class DetectionsSpec:
+class DetectionsSpec(_Spec):
     """A file of external ASM polygons that replaces the model's sites for a region.
 
     ``mode``: ``presence`` (each feature is mining present in its period) or ``new``
@@ -207,12 +312,332 @@ class DetectionsSpec:
     mining" layers: a period's sites are every feature of that period or earlier).
     """
 
-    path: str
+    path: str = Field(alias="file", description="the file of polygons (GeoJSON, GeoPackage, ...)")  # fmt: skip
     period_field: str = "period"
     mapped_area_field: str | None = None  # the provider's own mined area (ha), if any
     period: str | None = None  # one period for every feature (a file with no period column)
     id_field: str | None = None
-    mode: str = "presence"
+    mode: DetectionMode = "presence"
+
+    @field_validator("path")
+    @classmethod
+    def _file(cls, path: str, info: ValidationInfo) -> str:
+        if not path.strip():
+            raise ValueError("must be a file path")
+        return _resolve(path, _base_dir(info))
+
+    @field_validator("period_field", "mapped_area_field", "id_field")
+    @classmethod
+    def _column(cls, column: str | None) -> str | None:
+        if column is not None and not column.strip():
+            raise ValueError("must be a column name")
+        return column
+
+    @field_validator("period", mode="before")
+    @classmethod
+    def _period(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        return _checked(_parse_period, value).id
+
+    @model_validator(mode="after")
+    def _one_period_source(self) -> DetectionsSpec:
+        if self.period is not None and "period_field" in self.model_fields_set:
+            raise _Problems([
+                ": give either period (one period for every feature) or period_field (a "
+                "column of the file), not both"
+            ])  # fmt: skip
+        return self
+
+
+@dataclass(frozen=True)
+class ContextSpec:
+    """A region's context layers: kind -> file; kind -> {role: column} (and ``crs``)
+    for layers given as a mapping; grievance status values -> open | closed."""
+
+    files: Mapping[str, str] = field(default_factory=dict)
+    fields: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    status_values: Mapping[str, str] = field(default_factory=dict)
+
+
+_AOI_HINT = "give 'bbox: [west, south, east, north]' or 'geometry'"
+
+
+class Aoi(_Spec):
+    """Where a region is: a bbox or a GeoJSON (Multi)Polygon, in EPSG:4326."""
+
+    bbox: tuple[float, float, float, float] | None = None
+    geometry: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_of(cls, value: Any) -> Any:
+        if not isinstance(value, Mapping):
+            raise ValueError(f"must be a mapping: {_AOI_HINT}")
+        if not ({"bbox", "geometry"} & set(value)):
+            raise ValueError(f"missing; {_AOI_HINT}")
+        if "bbox" in value and "geometry" in value:
+            raise ValueError("give either bbox or geometry, not both")
+        return value
+
+    @field_validator("bbox", mode="plain")
+    @classmethod
+    def _bbox(cls, value: Any) -> tuple[float, float, float, float] | None:
+        return None if value is None else _checked(_parse_bbox, value)
+
+    @field_validator("geometry", mode="plain")
+    @classmethod
+    def _geometry(cls, value: Any) -> dict[str, Any] | None:
+        return None if value is None else _checked(_parse_geometry, value)[1]
+
+    def bounds_and_geometry(self) -> tuple[tuple[float, float, float, float], dict[str, Any]]:
+        if self.bbox is not None:
+            return self.bbox, shapely.geometry.mapping(shapely.geometry.box(*self.bbox))
+        assert self.geometry is not None
+        w, s, e, n = shapely.geometry.shape(self.geometry).bounds
+        return (w, s, e, n), self.geometry
+
+
+class SeriesSpec(_Spec):
+    """Open-ended periods: ``{from: 2019, every: year}`` or ``{from: 2021Q1, every: quarter, to: 2024Q4}``."""
+
+    first: Period = Field(alias="from", description="give the first year or quarter (2019, 2019Q1)")  # fmt: skip
+    every: PeriodStep = Field(json_schema_extra=_says(unknown="{value!r}: use one of {choices}"))
+    last: Period | None = Field(default=None, alias="to")
+
+    @field_validator("first", "last", mode="plain")
+    @classmethod
+    def _period(cls, value: Any) -> Period | None:
+        if value is None:
+            return None
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str):
+            raise ValueError(f"{value!r} is not a year or a quarter")
+        period: Period = _checked(_parse_period, value)
+        return period
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SeriesSpec:
+        problems = [
+            f".{key}: {p.id!r} is not a {self.every} (every: {self.every})"
+            for key, p in (("from", self.first), ("to", self.last))
+            if p is not None and (self.every == "year") != ("Q" not in p.id)
+        ]
+        if not problems and self.last is not None and self.last.start < self.first.start:
+            problems.append(f": to {self.last.id} is before from {self.first.id}")
+        if problems:
+            raise _Problems(problems)
+        return self
+
+    def series(self) -> PeriodSeries:
+        return PeriodSeries(self.every, self.first, self.last)
+
+
+class RegionEntry(_Spec):
+    """One region as the file gives it (after ``defaults`` are merged in)."""
+
+    id: str = Field(description="a safe id, e.g. madre-de-dios")
+    name: str | None = None
+    description: str = ""
+    aoi: Aoi = Field(description=_AOI_HINT)
+    periods: tuple[Period, ...] | PeriodSeries = Field(
+        description="a list of years, quarters or date ranges, or {from: 2019, every: year}"
+    )
+    source: str = "earth-search"
+    collection: str = DEFAULT_COLLECTION
+    max_cloud_cover: float = Field(default=60, ge=0, le=100)
+    min_valid_fraction: float = Field(default=0.5, ge=0, le=1)
+    cloud_mask: CloudMask = Field(
+        default="scl",
+        json_schema_extra=_says(unknown="unknown cloud mask {value!r}: use one of {choices}"),
+    )
+    l1c_collection: str = DEFAULT_L1C_COLLECTION
+    context: ContextSpec = ContextSpec()
+    embedded: EmbeddedSpec | None = None
+    detections: DetectionsSpec | None = None
+    refresh: RefreshSpec = RefreshSpec()
+
+    @field_validator("id")
+    @classmethod
+    def _safe_id(cls, rid: str) -> str:
+        if not _ID_RE.match(rid):
+            raise ValueError(
+                f"{rid!r} is not a safe id: use 1-63 lowercase letters, digits, '-' or '_', "
+                "starting with a letter (ids name folders and SQL values, so '/', '..', "
+                "quotes and spaces are refused)"
+            )
+        return rid
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str | None) -> str | None:
+        if name is not None and not name.strip():
+            raise ValueError("must be a non-empty string")
+        return name
+
+    @field_validator("periods", mode="plain")
+    @classmethod
+    def _periods(cls, value: Any) -> tuple[Period, ...] | PeriodSeries:
+        if isinstance(value, Mapping):
+            try:
+                return SeriesSpec.model_validate(value).series()
+            except ValidationError as e:
+                raise _Problems(_problems(e, SeriesSpec)) from None
+        return tuple(_checked(_parse_periods, value))
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, source: str) -> str:
+        if source not in KNOWN_SOURCES and not _URL_RE.match(source):
+            raise ValueError(
+                f"unknown source {source!r}: use one of {', '.join(KNOWN_SOURCES)} or an "
+                "http(s) URL of a STAC API"
+            )
+        return source
+
+    @field_validator("collection", "l1c_collection")
+    @classmethod
+    def _collection(cls, collection: str) -> str:
+        if not _COLLECTION_RE.match(collection):
+            raise ValueError(f"{collection!r} is not a valid collection id")
+        return collection
+
+    @field_validator("context", mode="plain")
+    @classmethod
+    def _context(cls, value: Any, info: ValidationInfo) -> ContextSpec:
+        files, fields, status_values = _checked(_parse_context, value, _base_dir(info))
+        return ContextSpec(files, fields, status_values)
+
+    @field_validator("refresh", mode="before")
+    @classmethod
+    def _no_refresh(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    @model_validator(mode="after")
+    def _s2cloudless_needs_l1c(self) -> RegionEntry:
+        if self.cloud_mask == S2CLOUDLESS and self.source == "planetary-computer":
+            raise _Problems([
+                ".cloud_mask: s2cloudless needs Sentinel-2 L1C scenes, which Planetary "
+                "Computer does not serve; use source earth-search (or a STAC API with L1C)"
+            ])  # fmt: skip
+        return self
+
+    def region(self) -> Region:
+        bbox, geometry = self.aoi.bounds_and_geometry()
+        series = self.periods if isinstance(self.periods, PeriodSeries) else None
+        periods = series.until(utc_today()) if series is not None else self.periods
+        assert isinstance(periods, tuple)
+        embedded = self.embedded
+        if embedded is None and self.source == "embedded":
+            embedded = EmbeddedSpec()
+        return Region(
+            id=self.id,
+            name=self.name if self.name is not None else self.id,
+            description=self.description,
+            bbox=bbox,
+            geometry=geometry,
+            periods=periods,
+            source=self.source,
+            collection=self.collection,
+            max_cloud_cover=float(self.max_cloud_cover),
+            context=dict(self.context.files),
+            context_fields={k: dict(v) for k, v in self.context.fields.items()},
+            status_values=dict(self.context.status_values),
+            embedded=embedded,
+            min_valid_fraction=float(self.min_valid_fraction),
+            cloud_mask=self.cloud_mask,
+            l1c_collection=self.l1c_collection,
+            detections=self.detections,
+            refresh=self.refresh,
+            series=series,
+        )
+
+
+def _problems(error: ValidationError, model: type[BaseModel]) -> list[str]:
+    """Each of pydantic's errors as ``<path>: <what is wrong>``, the path relative to
+    ``model`` (``.aoi.bbox``, ``.periods[1].start``), in the house's words."""
+    out: list[str] = []
+    for e in error.errors(include_url=False):
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"])
+        cause = (e.get("ctx") or {}).get("error")
+        if isinstance(cause, _Problems):
+            out.extend(where + item for item in cause.items)
+        else:
+            out.append(f"{where}: {_message(e, model)}")
+    return out
+
+
+def _message(e: ErrorDetails, model: type[BaseModel]) -> str:
+    loc, kind, value = e["loc"], e["type"], e["input"]
+    info = _field_at(model, loc)
+    says = info.json_schema_extra if info is not None and isinstance(info.json_schema_extra, dict) else {}  # fmt: skip
+    if kind == "extra_forbidden":
+        parent = _model_at(model, loc[:-1])
+        known = sorted(f.alias or name for name, f in parent.model_fields.items()) if parent else []
+        return f"unknown field (known: {', '.join(known)})"
+    if kind == "missing":
+        hint = info.description if info is not None else None
+        return f"missing; {hint}" if hint else "missing"
+    if kind == "literal_error":
+        choices = ", ".join(re.findall(r"'([^']*)'", str((e.get("ctx") or {}).get("expected", ""))))
+        template = str(says.get("unknown", "{value!r} must be one of {choices}"))
+        return template.format(value=value, choices=choices)
+    bounds = _bounds(info)
+    if bounds is not None and kind in _NUMBER_ERRORS:
+        lo, hi = (int(b) if b.is_integer() else b for b in bounds)
+        return f"{value!r} must be a {says.get('kind', 'number')} from {lo} to {hi}"
+    if kind == "bool_type":
+        return f"{value!r} must be true or false"
+    if kind == "string_type":
+        return f"{value!r} must be text"
+    if kind in ("model_type", "dict_type"):
+        sub = _model_at(model, loc)
+        fields = f" ({', '.join(f.alias or n for n, f in sub.model_fields.items())})" if sub else ""
+        return f"must be a mapping{fields}, got {type(value).__name__}"
+    if kind == "value_error":
+        return str((e.get("ctx") or {}).get("error", e["msg"]))
+    return e["msg"]
+
+
+_NUMBER_ERRORS = {
+    "greater_than_equal", "less_than_equal", "float_type", "int_type", "int_from_float",
+    "finite_number",
+}  # fmt: skip
+
+
+def _bounds(info: FieldInfo | None) -> tuple[float, float] | None:
+    if info is None:
+        return None
+    lo = next((m.ge for m in info.metadata if hasattr(m, "ge")), None)
+    hi = next((m.le for m in info.metadata if hasattr(m, "le")), None)
+    return (float(lo), float(hi)) if lo is not None and hi is not None else None
+
+
+def _field_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> FieldInfo | None:
+    """The field an error's ``loc`` points at, following nested models."""
+    parent = _model_at(model, loc[:-1])
+    if parent is None or not loc or not isinstance(loc[-1], str):
+        return None
+    by_name = {f.alias or n: f for n, f in parent.model_fields.items()}
+    return by_name.get(loc[-1])
+
+
+def _model_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    current: type[BaseModel] | None = model
+    for part in loc:
+        if current is None or not isinstance(part, str):
+            return None
+        info = {f.alias or n: f for n, f in current.model_fields.items()}.get(part)
+        if info is None:
+            return None
+        candidates = (info.annotation, *get_args(info.annotation))
+        current = next(
+            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
+        )
+    return current
 
 
 @dataclass(frozen=True)
@@ -425,7 +850,7 @@ class _StrictLoader(_BaseLoader):
 def parse_regions(
     doc: Any, source: str = "<regions>", base_dir: Path | None = None
 ) -> RegionsConfig:
-    """Validate an already-parsed regions document."""
+    """Validate an already-parsed regions document; ``RegionsError`` lists every problem."""
     problems: list[str] = []
     if not isinstance(doc, Mapping) or "regions" not in doc:
         raise RegionsError(source, ["top level must be a mapping with a 'regions' list"])
@@ -444,160 +869,24 @@ def parse_regions(
         if not isinstance(raw, Mapping):
             problems.append(f"{where}: must be a mapping, got {type(raw).__name__}")
             continue
-        merged = {**defaults, **raw}
-        rid = raw.get("id")
-        if isinstance(rid, str):
-            where = f"regions[{i}] ({rid})"
-        region = _parse_region(merged, where, problems, base_dir)
-        if region is None:
+        if isinstance(raw.get("id"), str):
+            where = f"regions[{i}] ({raw['id']})"
+        try:
+            entry = RegionEntry.model_validate({**defaults, **raw}, context={"base_dir": base_dir})
+        except ValidationError as e:
+            problems.extend(where + p for p in _problems(e, RegionEntry))
             continue
-        if region.id in seen:
-            problems.append(
-                f"{where}.id: duplicate id {region.id!r} (also regions[{seen[region.id]}])"
-            )
+        if entry.id in seen:
+            problems.append(f"{where}.id: duplicate id {entry.id!r} (also regions[{seen[entry.id]}])")  # fmt: skip
             continue
-        seen[region.id] = i
-        regions.append(region)
+        seen[entry.id] = i
+        regions.append(entry.region())
     if problems:
         raise RegionsError(source, problems)
     return RegionsConfig(path=Path(source), regions=tuple(regions))
 
 
-def _parse_region(
-    raw: Mapping[str, Any], where: str, problems: list[str], base_dir: Path | None
-) -> Region | None:
-    n_before = len(problems)
-    known = {
-        "id", "name", "description", "aoi", "periods", "source", "collection",
-        "max_cloud_cover", "context", "embedded", "min_valid_fraction", "cloud_mask",
-        "l1c_collection", "detections", "refresh",
-    }  # fmt: skip
-    for key in raw:
-        if key not in known:
-            problems.append(f"{where}.{key}: unknown field (known: {', '.join(sorted(known))})")
-
-    rid = raw.get("id")
-    if not isinstance(rid, str) or not rid:
-        problems.append(f"{where}.id: missing or not a string")
-    elif not _ID_RE.match(rid):
-        problems.append(
-            f"{where}.id: {rid!r} is not a safe id: use 1-63 lowercase letters, digits, '-' "
-            "or '_', starting with a letter (ids name folders and SQL values, so '/', '..', "
-            "quotes and spaces are refused)"
-        )
-    name = raw.get("name", rid)
-    if not isinstance(name, str) or not name.strip():
-        problems.append(f"{where}.name: must be a non-empty string")
-
-    bbox, geometry = _parse_aoi(raw.get("aoi"), f"{where}.aoi", problems)
-    series = None
-    if isinstance(raw.get("periods"), Mapping):
-        series = _parse_series(raw["periods"], f"{where}.periods", problems)
-        periods = list(series.until(utc_today())) if series is not None else []
-    else:
-        periods = _parse_periods(raw.get("periods"), f"{where}.periods", problems)
-
-    source = raw.get("source", "earth-search")
-    if not isinstance(source, str) or not (
-        source in KNOWN_SOURCES or re.match(r"^https?://[^\s/$.?#][^\s]*$", source)
-    ):
-        problems.append(
-            f"{where}.source: unknown source {source!r}: use one of "
-            f"{', '.join(KNOWN_SOURCES)} or an http(s) URL of a STAC API"
-        )
-    collection = raw.get("collection", DEFAULT_COLLECTION)
-    if not isinstance(collection, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", collection):
-        problems.append(f"{where}.collection: {collection!r} is not a valid collection id")
-
-    mcc = raw.get("max_cloud_cover", 60)
-    if isinstance(mcc, bool) or not isinstance(mcc, int | float) or not 0 <= mcc <= 100:
-        problems.append(f"{where}.max_cloud_cover: {mcc!r} must be a number from 0 to 100")
-    mvf = raw.get("min_valid_fraction", 0.5)
-    if isinstance(mvf, bool) or not isinstance(mvf, int | float) or not 0 <= mvf <= 1:
-        problems.append(f"{where}.min_valid_fraction: {mvf!r} must be a number from 0 to 1")
-
-    cloud_mask = raw.get("cloud_mask", "scl")
-    if cloud_mask not in CLOUD_MASKS:
-        problems.append(
-            f"{where}.cloud_mask: unknown cloud mask {cloud_mask!r}: use one of "
-            f"{', '.join(CLOUD_MASKS)}"
-        )
-    l1c = raw.get("l1c_collection", DEFAULT_L1C_COLLECTION)
-    if not isinstance(l1c, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", l1c):
-        problems.append(f"{where}.l1c_collection: {l1c!r} is not a valid collection id")
-    if cloud_mask == "scl+s2cloudless" and source == "planetary-computer":
-        problems.append(
-            f"{where}.cloud_mask: s2cloudless needs Sentinel-2 L1C scenes, which Planetary "
-            "Computer does not serve; use source earth-search (or a STAC API with L1C)"
-        )
-
-    context, context_fields, status_values = _parse_context(
-        raw.get("context"), f"{where}.context", problems, base_dir
-    )
-    embedded = _parse_embedded(raw.get("embedded"), f"{where}.embedded", problems)
-    detections = _parse_detections(raw.get("detections"), f"{where}.detections", problems, base_dir)
-    refresh = _parse_refresh(raw.get("refresh"), f"{where}.refresh", problems)
-    if source == "embedded" and embedded is None and raw.get("embedded") is None:
-        embedded = EmbeddedSpec()
-
-    if len(problems) > n_before:
-        return None
-    assert isinstance(rid, str) and bbox is not None and geometry is not None
-    return Region(
-        id=rid,
-        name=str(name),
-        description=str(raw.get("description", "")),
-        bbox=bbox,
-        geometry=geometry,
-        periods=tuple(periods),
-        source=str(source),
-        collection=str(collection),
-        max_cloud_cover=float(mcc),
-        context=context,
-        context_fields=context_fields,
-        status_values=status_values,
-        embedded=embedded,
-        min_valid_fraction=float(mvf),
-        cloud_mask=str(cloud_mask),
-        l1c_collection=str(l1c),
-        detections=detections,
-        refresh=refresh or RefreshSpec(),
-        series=series,
-    )
-
-
-def _parse_refresh(value: Any, where: str, problems: list[str]) -> RefreshSpec | None:
-    if value is None:
-        return RefreshSpec()
-    if not isinstance(value, Mapping):
-        problems.append(f"{where}: must be a mapping with cron, timezone, watch_scenes, period")
-        return None
-    n = len(problems)
-    for key in value:
-        if key not in ("cron", "timezone", "watch_scenes", "period"):
-            problems.append(f"{where}.{key}: unknown field (known: cron, period, timezone, watch_scenes)")  # fmt: skip
-    cron = value.get("cron", "")
-    if not isinstance(cron, str) or (cron and not _valid_cron(cron)):
-        problems.append(
-            f"{where}.cron: {cron!r} is not a five-field cron expression "
-            "(minute hour day-of-month month day-of-week, e.g. '0 6 * * 1')"
-        )
-    tz = value.get("timezone", "UTC")
-    try:
-        import zoneinfo
-
-        zoneinfo.ZoneInfo(str(tz))
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        problems.append(f"{where}.timezone: unknown time zone {tz!r} (an IANA name like 'UTC', 'America/Lima')")  # fmt: skip
-    watch = value.get("watch_scenes", True)
-    if not isinstance(watch, bool):
-        problems.append(f"{where}.watch_scenes: {watch!r} must be true or false")
-    period = value.get("period", "current")
-    if period not in REFRESH_PERIODS:
-        problems.append(f"{where}.period: {period!r}: use one of {', '.join(REFRESH_PERIODS)}")
-    if len(problems) > n:
-        return None
-    return RefreshSpec(str(cron), str(tz), bool(watch), str(period))
+# ------------------------------------------------------------------ field validators' helpers
 
 
 #: The five cron fields: (lowest, highest, names). Day of week 7 is Sunday too.
@@ -637,23 +926,6 @@ def _valid_cron(cron: str) -> bool:
             if len(bounds) == 2 and bounds[0] > bounds[1]:  # type: ignore[operator]
                 return False
     return True
-
-
-def _parse_aoi(
-    aoi: Any, where: str, problems: list[str]
-) -> tuple[tuple[float, float, float, float] | None, dict[str, Any] | None]:
-    if not isinstance(aoi, Mapping) or not ({"bbox", "geometry"} & set(aoi)):
-        problems.append(f"{where}: missing; give 'bbox: [west, south, east, north]' or 'geometry'")
-        return None, None
-    if "bbox" in aoi and "geometry" in aoi:
-        problems.append(f"{where}: give either bbox or geometry, not both")
-        return None, None
-    if "bbox" in aoi:
-        bbox = _parse_bbox(aoi["bbox"], f"{where}.bbox", problems)
-        if bbox is None:
-            return None, None
-        return bbox, shapely.geometry.mapping(shapely.geometry.box(*bbox))
-    return _parse_geometry(aoi["geometry"], f"{where}.geometry", problems)
 
 
 def _parse_bbox(
@@ -736,47 +1008,6 @@ ANTIMERIDIAN_ADVICE = (
 )
 
 
-def _parse_series(value: Mapping[str, Any], where: str, problems: list[str]) -> PeriodSeries | None:
-    """``{from: 2019, every: year}`` or ``{from: 2021Q1, every: quarter, to: 2024Q4}``."""
-    n = len(problems)
-    for key in value:
-        if key not in ("from", "every", "to"):
-            problems.append(f"{where}.{key}: unknown field (open-ended periods: from, every, to)")
-    every = value.get("every")
-    if every not in PERIOD_STEPS:
-        problems.append(f"{where}.every: {every!r}: use one of {', '.join(PERIOD_STEPS)}")
-        return None
-    ends: list[Period | None] = []
-    for key in ("from", "to"):
-        item = value.get(key)
-        if item is None:
-            if key == "from":
-                problems.append(f"{where}.from: missing; give the first {every} (e.g. {'2019' if every == 'year' else '2019Q1'})")  # fmt: skip
-            ends.append(None)
-            continue
-        if isinstance(item, int) and not isinstance(item, bool):
-            item = str(item)
-        if not isinstance(item, str):
-            problems.append(f"{where}.{key}: {item!r} is not a {every}")
-            ends.append(None)
-            continue
-        p = _parse_period(item, f"{where}.{key}", problems)
-        if p is None:
-            ends.append(None)
-            continue
-        if (every == "year") != ("Q" not in p.id):
-            problems.append(f"{where}.{key}: {p.id!r} is not a {every} (every: {every})")
-            ends.append(None)
-            continue
-        ends.append(p)
-    first, last = ends
-    if first is not None and last is not None and last.start < first.start:
-        problems.append(f"{where}: to {last.id} is before from {first.id}")
-    if len(problems) > n or first is None:
-        return None
-    return PeriodSeries(str(every), first, last)
-
-
 def _parse_periods(value: Any, where: str, problems: list[str]) -> list[Period]:
     if not isinstance(value, list) or not value:
         problems.append(
@@ -854,10 +1085,6 @@ def _parse_date(value: Any, where: str, problems: list[str]) -> dt.date | None:
     return None
 
 
-#: What a grievance's status may mean: open grievances count in the risk score.
-GRIEVANCE_STATES = ("open", "closed")
-
-
 def _parse_context(
     value: Any, where: str, problems: list[str], base_dir: Path | None
 ) -> tuple[dict[str, str], dict[str, dict[str, str]], dict[str, str]]:
@@ -930,92 +1157,3 @@ def _parse_status_values(value: Any, where: str, problems: list[str]) -> dict[st
         else:
             out[raw] = str(state)
     return out
-
-
-def _parse_detections(
-    value: Any, where: str, problems: list[str], base_dir: Path | None
-) -> DetectionsSpec | None:
-    if value is None:
-        return None
-    if not isinstance(value, Mapping):
-        problems.append(f"{where}: must be a mapping with at least 'file'")
-        return None
-    known = {"file", "period_field", "period", "mapped_area_field", "id_field", "mode"}
-    n_before = len(problems)
-    for key in value:
-        if key not in known:
-            problems.append(f"{where}.{key}: unknown field (known: {', '.join(sorted(known))})")
-    path = value.get("file")
-    if not isinstance(path, str) or not path.strip():
-        problems.append(f"{where}.file: missing or not a file path")
-    for key in ("period_field", "mapped_area_field", "id_field"):
-        v = value.get(key)
-        if v is not None and (not isinstance(v, str) or not v.strip()):
-            problems.append(f"{where}.{key}: must be a column name")
-    constant = value.get("period")
-    if constant is not None:
-        constant = str(constant)
-        if "period_field" in value:
-            problems.append(
-                f"{where}: give either period (one period for every feature) or "
-                "period_field (a column of the file), not both"
-            )
-        try:
-            parse_period(constant, f"{where}.period")
-        except RegionsError as e:
-            problems.extend(e.problems)
-    mode = value.get("mode", "presence")
-    if mode not in DETECTION_MODES:
-        problems.append(f"{where}.mode: {mode!r} must be one of {', '.join(DETECTION_MODES)}")
-    if len(problems) > n_before:
-        return None
-    assert isinstance(path, str)
-    p = Path(path)
-    if not p.is_absolute() and base_dir is not None:
-        p = base_dir / p
-    return DetectionsSpec(
-        path=str(p),
-        period_field=str(value.get("period_field", "period")),
-        period=constant,
-        mapped_area_field=value.get("mapped_area_field"),
-        id_field=value.get("id_field"),
-        mode=str(mode),
-    )
-
-
-def _parse_embedded(value: Any, where: str, problems: list[str]) -> EmbeddedSpec | None:
-    if value is None:
-        return None
-    if not isinstance(value, Mapping):
-        problems.append(f"{where}: must be a mapping")
-        return None
-    spec = EmbeddedSpec()
-    kwargs: dict[str, Any] = {}
-    limits: dict[str, tuple[type, float, float]] = {
-        "seed": (int, 0, 2**32 - 1),
-        "scenes_per_period": (int, 1, 24),
-        "growth_factor": (float, 1.0, 10.0),
-    }
-    for key, raw in value.items():
-        if key == "reprocessed_twins":
-            if not isinstance(raw, bool):
-                problems.append(f"{where}.{key}: must be true or false")
-            else:
-                kwargs[key] = raw
-            continue
-        if key not in limits:
-            problems.append(
-                f"{where}.{key}: unknown field (known: {', '.join([*limits, 'reprocessed_twins'])})"
-            )
-            continue
-        typ, lo, hi = limits[key]
-        ok_type = isinstance(raw, int | float) and not isinstance(raw, bool)
-        if typ is int:
-            ok_type = isinstance(raw, int) and not isinstance(raw, bool)
-        if not ok_type or not lo <= raw <= hi:
-            problems.append(
-                f"{where}.{key}: {raw!r} must be a {typ.__name__} from {lo:g} to {hi:g}"
-            )
-            continue
-        kwargs[key] = typ(raw)
-    return EmbeddedSpec(**{**spec.__dict__, **kwargs})

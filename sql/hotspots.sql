@@ -2,7 +2,7 @@
 -- $region, $period, $resolution (H3 resolution, 7 by default: about 5 km2 cells). A
 -- site's or change area's whole area counts in the cell of its representative point
 -- (sites are far smaller than a cell). h3_cell(lat, lon, resolution) is the h3 package's
--- latlng_to_cell, registered by pipelines/risk.py.
+-- latlng_to_cell, registered by pipelines/stages/risk.py.
 WITH pieces AS (
     SELECT h3_cell(ST_Y(ST_PointOnSurface(geometry)), ST_X(ST_PointOnSurface(geometry)),
                    $resolution) AS h3_cell,

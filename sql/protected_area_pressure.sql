@@ -1,7 +1,7 @@
 -- protected_area_pressure: ASM on each protected area and indigenous land of one region
 -- in one period. Bound parameters only: $region, $period, and $utm, the region's UTM CRS
 -- ('EPSG:32719') in which areas are measured. Reads the views asm_sites, asm_change,
--- protected_areas and indigenous_lands; pipelines/risk.py runs it and writes the rows
+-- protected_areas and indigenous_lands; pipelines/stages/risk.py runs it and writes the rows
 -- to risk/protected_area_pressure/<region>/<period>.parquet.
 WITH areas AS (
     SELECT feature_id AS area_id, 'protected' AS kind, name, category, area_ha, geometry

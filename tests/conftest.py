@@ -14,7 +14,7 @@ import pytest
 from pipelines.regions import EmbeddedSpec, Period, Region, load_regions
 
 # Unreachable STAC APIs are part of several tests: retry them quickly (the retry
-# behaviour itself is tested in tests/pipelines/test_faults.py with its own settings).
+# behaviour itself is tested in tests/pipelines/stages/test_faults.py with its own settings).
 os.environ.setdefault("ASMWATCH_STAC_BACKOFF_S", "0.05")
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,7 +46,7 @@ def real_tile_items(
     from affine import Affine
     from odc.geo.geobox import GeoBox
 
-    from pipelines.stac.normalize import normalize_item
+    from pipelines.stages.stac.normalize import normalize_item
 
     d = shared(REAL_TILE)
     raw = json.loads((d / "S2A_29RKH_20200219_0_L2A.json").read_text())
@@ -134,7 +134,7 @@ def demo_region() -> Region:
 
 @pytest.fixture(scope="session")
 def small_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pipelines.simulator import simulate_world
+    from pipelines.embedded.simulator import simulate_world
 
     out = tmp_path_factory.mktemp("world") / "test-small"
     simulate_world(small_region(), out)
@@ -144,9 +144,9 @@ def small_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def small_server(small_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real stac-fastapi server on 127.0.0.1 over the small world."""
-    from pipelines.simulator import load_items
-    from pipelines.stac.geoparquet import write_geoparquet
-    from pipelines.stac.server import EmbeddedStacServer
+    from pipelines.embedded.server import EmbeddedStacServer
+    from pipelines.embedded.simulator import load_items
+    from pipelines.stages.stac.geoparquet import write_geoparquet
 
     d = tmp_path_factory.mktemp("serve")
     gp = write_geoparquet(load_items(small_world), d / "items.parquet")
@@ -157,7 +157,7 @@ def small_server(small_world: Path, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(scope="session")
 def small_scenes_root(small_server: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data root holding the scenes stage's output for every period of the small world."""
-    from pipelines.scenes import find_scenes
+    from pipelines.stages.scenes import find_scenes
 
     root = tmp_path_factory.mktemp("root")
     region = small_region()
@@ -200,7 +200,7 @@ def constant_scene(
     from affine import Affine
     from pyproj import Transformer
 
-    from pipelines.stac.normalize import ROLE_BANDS, ROLE_RESOLUTION
+    from pipelines.stages.stac.normalize import ROLE_BANDS, ROLE_RESOLUTION
 
     x0, y0, x1, y1 = bounds
     assets: dict[str, Any] = {}
@@ -245,7 +245,7 @@ def small_composites_root(small_scenes_root: Path, small_world: Path) -> Path:
     where the detection stage looks for them (embedded/<region>/truth)."""
     import shutil
 
-    from pipelines.composite import composite_for_region
+    from pipelines.stages.composite import composite_for_region
 
     region = small_region()
     for period in region.periods:

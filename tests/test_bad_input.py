@@ -18,10 +18,10 @@ import shapely
 from affine import Affine
 from rasterio.crs import CRS
 
-from pipelines.context import ContextError, read_context
-from pipelines.imports import DetectionsError, read_detections
 from pipelines.regions import DetectionsSpec, RegionsError, parse_regions
-from pipelines.stac.normalize import NormalizeError, normalize_item
+from pipelines.stages.context import ContextError, read_context
+from pipelines.stages.imports import DetectionsError, read_detections
+from pipelines.stages.stac.normalize import NormalizeError, normalize_item
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = {"id": "r", "aoi": {"bbox": [-70.56, -13.01, -70.51, -12.965]}, "periods": [2020, 2021]}

@@ -56,10 +56,10 @@ def test_a_wheel_install_runs_outside_the_checkout(tmp_path: Path) -> None:
     work.mkdir()
     probe = (
         "import assets, pipelines, sys; "
-        "from pipelines.catalog import load_sql; from pipelines.regions import regions_path, load_regions; "
+        "from pipelines.stages.catalog import load_sql; from pipelines.regions import regions_path, load_regions; "
         "print(pipelines.__file__); print(regions_path()); print(len(load_regions().regions)); "
         "print(len(load_sql('alerts')) > 100); "
-        "from pipelines.reports import templates; "
+        "from pipelines.stages.reports import templates; "
         "print(templates().get_template('report.html.j2').name)"
     )  # fmt: skip
     out = subprocess.run([str(py), "-c", probe], capture_output=True, text=True, cwd=work, env=env)

@@ -1,6 +1,6 @@
 """Security: loopback-only servers, paths confined to the data root, a read-only SQL
-command for analysts. (Credentials: tests/pipelines/test_signing.py; SQL parameters
-with hostile names: tests/pipelines/test_risk_tables.py and tests/pipelines/test_reports.py.)"""
+command for analysts. (Credentials: tests/pipelines/stages/test_signing.py; SQL parameters
+with hostile names: tests/pipelines/stages/test_risk_tables.py and tests/pipelines/stages/test_reports.py.)"""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 
 from assets.cli import main
 from assets.resources import StacResource
-from pipelines.layout import context_table_path, report_dir, risk_path, sites_path
-from pipelines.storage import UnsafePathError, partition_path
+from pipelines.infra.layout import context_table_path, report_dir, risk_path, sites_path
+from pipelines.infra.storage import UnsafePathError, partition_path
 from tests.conftest import external_ip
 
 

@@ -24,9 +24,9 @@ from assets.detection import asm_sites, mining_probability
 from assets.partitions import partition_key
 from assets.resources import AsmwatchSettings, DaskResource, StacResource, TorchResource
 from assets.risk import RISK_ASSETS
+from pipelines.infra.tiling import Tiling, TilingError
 from pipelines.regions import load_regions
-from pipelines.sites import extract_sites
-from pipelines.tiling import Tiling, TilingError
+from pipelines.stages.sites import extract_sites
 from tests.conftest import ROOT, materialize
 
 REGION = "demo-huepetuhe"
@@ -198,8 +198,8 @@ def test_a_tile_without_a_clear_pixel_gives_nan_and_no_sites(
     demo_run: tuple[Path, str], tmp_path: Path
 ) -> None:
     from ml import registry
-    from pipelines.detection import map_probability
-    from pipelines.layout import composite_path
+    from pipelines.infra.layout import composite_path
+    from pipelines.stages.detection import map_probability
 
     root = _demo_copy(demo_run, tmp_path)
     region = load_regions(ROOT / "regions.yaml").get(REGION)
@@ -228,8 +228,8 @@ def test_a_corrupt_block_names_the_file_and_window_and_keeps_the_old_output(
     demo_run: tuple[Path, str], tmp_path: Path
 ) -> None:
     from ml import registry
-    from pipelines.detection import DetectionError, map_probability
-    from pipelines.layout import composite_path, probability_path
+    from pipelines.infra.layout import composite_path, probability_path
+    from pipelines.stages.detection import DetectionError, map_probability
 
     root = _demo_copy(demo_run, tmp_path)
     region = load_regions(ROOT / "regions.yaml").get(REGION)
@@ -329,7 +329,7 @@ def test_tiles_run_on_two_workers_and_survive_losing_one(
     from distributed import Client, get_task_stream
 
     from ml import registry
-    from pipelines.detection import map_probability
+    from pipelines.stages.detection import map_probability
 
     address, procs = two_workers
     root = _demo_copy(demo_run, tmp_path)
@@ -365,7 +365,7 @@ def test_tiles_run_on_two_workers_and_survive_losing_one(
 def test_local_cluster_workers_keep_glibcs_mmap_threshold() -> None:
     """Dask's MALLOC_TRIM_THRESHOLD_ freezes glibc's mmap threshold at 128 KiB (the U-Net
     tiles ran 24 % slower); the resource's workers start with WORKER_ENV beside it."""
-    from pipelines.tiling import WORKER_ENV
+    from pipelines.infra.tiling import WORKER_ENV
 
     resource = DaskResource(n_workers=1, memory_limit="1GiB")
     try:
@@ -410,7 +410,7 @@ def _levels(path: Path) -> list[np.ndarray]:
 def test_cog_overviews_written_block_by_block_are_gdals_average(tmp_path: Path) -> None:
     """staged_cog's own overview levels equal those GDAL's COG driver computes (AVERAGE,
     NaN left out) bit for bit, on a raster of several blocks whose sides halve evenly."""
-    from pipelines.tiling import staged_cog
+    from pipelines.infra.tiling import staged_cog
 
     data, profile = _float_raster(1024, 1536)
     for name, kw in (("ours.tif", {}), ("gdal.tif", {"gdal_overviews": "AVERAGE"})):
@@ -427,7 +427,7 @@ def test_cog_overviews_written_block_by_block_are_gdals_average(tmp_path: Path) 
 def test_cog_overviews_of_odd_sides_average_what_each_group_has(tmp_path: Path) -> None:
     """Odd rows and columns: each level is rounded up (gdaladdo's sizes), the last row and
     column average the pixels they have; the file is a COG with its tags and bands."""
-    from pipelines.tiling import reduce_average, staged_cog
+    from pipelines.infra.tiling import reduce_average, staged_cog
 
     data, profile = _float_raster(1101, 1333, bands=2)
     target = tmp_path / "odd.tif"
@@ -455,7 +455,7 @@ def test_cog_overviews_of_odd_sides_average_what_each_group_has(tmp_path: Path) 
 def test_cog_overviews_refuse_a_raster_they_cannot_average(tmp_path: Path) -> None:
     """An integer raster, or a float one whose nodata is a number, would be averaged
     wrongly: refused by name before a block is written, the previous file kept."""
-    from pipelines.tiling import staged_cog
+    from pipelines.infra.tiling import staged_cog
 
     target = tmp_path / "p.tif"
     target.write_bytes(b"previous")

@@ -9,6 +9,7 @@ torch checkpoints, subprocesses for concurrency, and the ``asmwatch`` command.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import io
 import os
 import shutil
@@ -19,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.catalog import CATALOG_FILE, connect, refresh_views
+from pipelines.stages.catalog import CATALOG_FILE, connect, refresh_views
 from tests.conftest import ROOT, materialize
-from tests.pipelines.test_catalog_storage import _sites
+from tests.pipelines.stages.test_catalog_storage import _sites
 
 
 def _count(root: Path, sql: str = "SELECT count(*) FROM asm_sites") -> int:
@@ -68,8 +69,8 @@ def test_glob_characters_in_the_data_root_never_read_another_folder(
 ) -> None:
     """Before: ``read_parquet('<root>/sites/*/*.parquet')`` with root ``data [ab]``
     read ``data a``'s files, and every check passed."""
-    from pipelines.catalog import connect_analyst, run_analyst_query
-    from pipelines.checks import CONTRACTS, check_table
+    from pipelines.infra.checks import CONTRACTS, check_table
+    from pipelines.stages.catalog import connect_analyst, run_analyst_query
     from tests.conftest import small_region
 
     root = tmp_path / name
@@ -102,10 +103,10 @@ def test_a_moved_data_root_reads_its_own_files_and_model(
     import rasterio
 
     from ml import registry
-    from pipelines.composite import read_scene_items
-    from pipelines.detection import map_probability
-    from pipelines.layout import composite_path, probability_path, scenes_path
+    from pipelines.infra.layout import composite_path, probability_path, scenes_path
     from pipelines.regions import load_regions
+    from pipelines.stages.composite import read_scene_items
+    from pipelines.stages.detection import map_probability
 
     demo = demo_run[0]
     region = load_regions(ROOT / "regions.yaml").get("demo-huepetuhe")
@@ -205,6 +206,12 @@ def test_six_processes_registering_at_once_keep_six_models(tmp_path: Path) -> No
     folders = sorted(p.name for p in (tmp_path / "models").iterdir() if p.is_dir())
     assert len(recs) == 6 and len(folders) == 6
     assert sorted(r.model_id for r in recs) == folders
+    # Registered within a second or so of each other, they still have a strict order,
+    # so ``latest`` is the last one registered, not one of a tie picked by its hash.
+    times = [dt.datetime.fromisoformat(r.created_at) for r in recs]
+    assert len(set(times)) == 6
+    latest = registry.latest(tmp_path)
+    assert latest is not None and dt.datetime.fromisoformat(latest.created_at) == max(times)
     # A damaged table is rebuilt from the folders' metadata.json, with a line saying so.
     (tmp_path / "models" / "models.parquet").write_bytes(b"\0" * 100)
     said: list[str] = []
@@ -272,7 +279,7 @@ def test_written_files_follow_the_umask(tmp_path: Path, umask: int) -> None:
     import numpy as np
     from affine import Affine
 
-    from pipelines.tiling import staged_cog
+    from pipelines.infra.tiling import staged_cog
 
     old = os.umask(umask)
     try:
@@ -322,7 +329,7 @@ def test_another_account_reads_the_demo_outputs(demo_run: tuple[Path, str]) -> N
 def test_a_missing_or_damaged_catalog_is_rebuilt_with_one_line(
     demo_copy: Path, damage: str
 ) -> None:
-    from pipelines.catalog import ensure_catalog, open_catalog
+    from pipelines.stages.catalog import ensure_catalog, open_catalog
 
     db = demo_copy / CATALOG_FILE
     rows = _count(demo_copy)
@@ -349,7 +356,7 @@ def test_a_missing_or_damaged_catalog_is_rebuilt_with_one_line(
 
 
 def test_only_a_held_lock_mentions_other_sessions(tmp_path: Path) -> None:
-    from pipelines.catalog import CatalogError
+    from pipelines.stages.catalog import CatalogError
 
     bad = tmp_path / "bad.duckdb"
     bad.write_bytes(os.urandom(8192))
@@ -378,9 +385,9 @@ def test_the_stac_server_serves_a_data_root_with_quotes_and_brackets(
     """Before: a ' in the data root broke the server's SQL, and the search retried 5 min."""
     import requests
 
-    from pipelines.simulator import load_items
-    from pipelines.stac.geoparquet import write_geoparquet
-    from pipelines.stac.server import EmbeddedStacServer
+    from pipelines.embedded.server import EmbeddedStacServer
+    from pipelines.embedded.simulator import load_items
+    from pipelines.stages.stac.geoparquet import write_geoparquet
 
     d = tmp_path / "it's [ab] here"
     gp = write_geoparquet(load_items(small_world), d / "items.parquet")
@@ -397,7 +404,7 @@ STARTER = """
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from pipelines.stac.server import EmbeddedStacServer
+from pipelines.embedded.server import EmbeddedStacServer
 server = EmbeddedStacServer(Path(sys.argv[1]), Path(sys.argv[2]))
 print(server.start(), server._safe_dir, flush=True)
 sys.stdin.readline()
@@ -410,8 +417,8 @@ def test_the_stac_server_dies_with_its_parent_on_kill_9(small_world: Path, tmp_p
 
     import requests
 
-    from pipelines.simulator import load_items
-    from pipelines.stac.geoparquet import write_geoparquet
+    from pipelines.embedded.simulator import load_items
+    from pipelines.stages.stac.geoparquet import write_geoparquet
 
     gp = write_geoparquet(load_items(small_world), tmp_path / "items.parquet")
     parent = subprocess.Popen(
@@ -499,8 +506,8 @@ def test_doctor_finds_truncated_deleted_and_damaged_files(
     comp = demo_copy / "composite" / "demo-huepetuhe" / "2021.tif"
     comp.write_bytes(comp.read_bytes()[: comp.stat().st_size * 2 // 3])
     # The stage that reads it says which file and what to do, not only GDAL's words.
-    from pipelines.detection import DetectionError, map_probability
     from pipelines.regions import load_regions
+    from pipelines.stages.detection import DetectionError, map_probability
 
     region = load_regions(ROOT / "regions.yaml").get("demo-huepetuhe")
     with pytest.raises(DetectionError, match=r"composite .*2021.tif: cannot read rows 0-\d+, cols 0-\d+ \(row offset 0, col offset 0.*asmwatch doctor"):  # fmt: skip
@@ -526,7 +533,7 @@ def test_doctor_lists_a_region_removed_from_the_regions_file(demo_copy: Path, tm
     its rows."""
     import yaml
 
-    from pipelines.catalog import refresh_views
+    from pipelines.stages.catalog import refresh_views
 
     monkeypatch.setenv("DAGSTER_HOME", str(demo_copy / "dagster_home"))
     doc = yaml.safe_load((ROOT / "regions.yaml").read_text())
@@ -595,7 +602,7 @@ def test_a_region_name_with_dollars_is_drawn_as_text(
     import matplotlib.text
 
     from pipelines.regions import load_regions
-    from pipelines.reports import expansion_map, gather
+    from pipelines.stages.reports import expansion_map, gather
 
     region = load_regions(ROOT / "regions.yaml").get("demo-huepetuhe")
     original = matplotlib.text.Text.draw
@@ -673,9 +680,9 @@ def test_context_layers_reaching_past_the_region_pass_their_own_check(tmp_path: 
     import geopandas as gpd
     import shapely
 
-    from pipelines.checks import CONTRACTS, check_table
-    from pipelines.context import KEEP_WITHIN_DEG, read_context, write_context
+    from pipelines.infra.checks import CONTRACTS, check_table
     from pipelines.regions import load_regions
+    from pipelines.stages.context import KEEP_WITHIN_DEG, read_context, write_context
     from tests.conftest import shared
 
     region = load_regions(ROOT / "regions.yaml").get("cuyuni-mazaruni")
@@ -739,7 +746,7 @@ def test_an_aoi_across_the_antimeridian_is_refused_with_how_to_split_it() -> Non
     with pytest.raises(RegionsError, match="two regions, one on each side"):
         parse_regions(doc)
     # Each half on its own is a region with its own zone: 60S and 1S.
-    from pipelines.grid import bbox_utm_epsg
+    from pipelines.infra.grid import bbox_utm_epsg
 
     east = {"type": "Polygon", "coordinates": fiji["coordinates"][0]}  # type: ignore[index]
     west = {"type": "Polygon", "coordinates": fiji["coordinates"][1]}  # type: ignore[index]
@@ -824,8 +831,8 @@ def test_a_permission_error_is_named_with_its_path(tmp_path: Path) -> None:
     (a forked child that drops to `nobody`: root itself is never refused)."""
     import tempfile
 
-    from pipelines.errors import deterministic_cause
-    from pipelines.storage import atomic_path
+    from pipelines.infra.errors import deterministic_cause
+    from pipelines.infra.storage import atomic_path
 
     d = Path(tempfile.mkdtemp(prefix="asmwatch-perm-"))
     try:
@@ -873,7 +880,7 @@ def test_alerts_are_written_streaming_with_the_rows_of_the_in_memory_query(demo_
     import geopandas as gpd
 
     from pipelines.regions import load_regions
-    from pipelines.risk import compute, write_rows
+    from pipelines.stages.risk import compute, write_rows
 
     region = load_regions(ROOT / "regions.yaml").get("demo-huepetuhe")
     import datetime as dt
@@ -902,7 +909,7 @@ def test_a_large_grievance_log_reaches_the_web_map_as_counts_on_a_grid(demo_copy
 
     from bench.report import write_grievances
     from pipelines.regions import load_regions
-    from pipelines.reports import MAX_POINTS, gather, web_data
+    from pipelines.stages.reports import MAX_POINTS, gather, web_data
 
     n = 3 * MAX_POINTS
     write_grievances(demo_copy, n)

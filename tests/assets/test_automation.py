@@ -274,8 +274,8 @@ def test_partitions_follow_the_file_and_a_removed_region_is_reported(tmp_path: P
 
 def _removed_region(tmp_path: Path, regions: Path, demo: dict[str, object], instance: dg.DagsterInstance) -> None:  # fmt: skip
     from assets.automation import region_partitions
-    from pipelines.catalog import refresh_views
-    from pipelines.integrity import removed_region_files
+    from pipelines.infra.integrity import removed_region_files
+    from pipelines.stages.catalog import refresh_views
 
     cursor: list[str | None] = [None]
 

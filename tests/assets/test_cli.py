@@ -123,7 +123,7 @@ def _probe_regions(tmp_path: Path, source: str) -> Path:
 def test_probe_searches_and_read_checks_the_clearest_scenes(
     small_server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from pipelines.stac.search import search_scenes
+    from pipelines.stages.stac.search import search_scenes
     from tests.conftest import small_region
 
     regions = _probe_regions(tmp_path, small_server)
@@ -141,9 +141,9 @@ def test_probe_searches_and_read_checks_the_clearest_scenes(
 
 
 def test_probe_names_an_unreadable_band(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from pipelines.simulator import load_items, simulate_world
-    from pipelines.stac.geoparquet import write_geoparquet
-    from pipelines.stac.server import EmbeddedStacServer
+    from pipelines.embedded.server import EmbeddedStacServer
+    from pipelines.embedded.simulator import load_items, simulate_world
+    from pipelines.stages.stac.geoparquet import write_geoparquet
     from tests.conftest import small_region
 
     world = tmp_path / "world"

@@ -11,8 +11,8 @@ from assets.definitions import LocationConfig, build_definitions
 from assets.partitions import REGION_PERIODS, REGIONS, partition_key, sync_partitions
 from assets.resources import AsmwatchSettings, StacResource
 from assets.scenes import scenes
-from pipelines.catalog import connect
 from pipelines.regions import load_regions
+from pipelines.stages.catalog import connect
 from tests.conftest import materialize
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -143,7 +143,7 @@ def test_the_ui_reads_as_documented() -> None:
     (the UI's Columns tab)."""
     import re
 
-    from pipelines.checks import CONTRACTS
+    from pipelines.infra.checks import CONTRACTS
 
     def tags(text: str | None) -> list[str]:
         return re.findall(r"<[a-z_]+>", re.sub(r"`[^`]*`", "", text or ""))

@@ -66,7 +66,7 @@ def test_imported_detections_become_sites_without_a_model(tmp_path: Path) -> Non
     import shapely.geometry
     import yaml
 
-    from pipelines.catalog import connect
+    from pipelines.stages.catalog import connect
 
     squares = [shapely.geometry.box(-70.54 + 0.004 * i, -12.99, -70.537 + 0.004 * i, -12.987) for i in range(3)]  # fmt: skip
     squares.append(shapely.geometry.box(-70.6, -12.99, -70.597, -12.987))  # outside the AOI
@@ -116,7 +116,7 @@ def test_change_and_region_summary_from_imported_detections(tmp_path: Path) -> N
     import yaml
 
     from assets.change import asm_change
-    from pipelines.catalog import connect
+    from pipelines.stages.catalog import connect
 
     def sq(x: float, d: float) -> shapely.geometry.Polygon:
         return shapely.geometry.box(-70.545 + x, -12.995, -70.545 + x + d, -12.995 + d)

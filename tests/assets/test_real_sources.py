@@ -17,7 +17,7 @@ import yaml
 from assets.partitions import partition_key
 from assets.resources import AsmwatchSettings, StacResource
 from assets.scenes import scenes
-from pipelines.catalog import connect
+from pipelines.stages.catalog import connect
 from tests.conftest import materialize, shared
 
 CASSETTE = "stac/cassettes/xcube-stac_test_search_data_searchable_catalog_earth-search-v1.yaml"

@@ -11,8 +11,8 @@ import rasterio
 
 from ml import registry
 from ml.train import TrainConfig
-from pipelines.catalog import connect, refresh_views
-from pipelines.detection import (
+from pipelines.stages.catalog import connect, refresh_views
+from pipelines.stages.detection import (
     DetectionError,
     map_probability,
     train_mining_model,
@@ -106,9 +106,9 @@ def test_unet_beats_the_index_baseline_on_the_held_out_period(root: Path) -> Non
     # Through sites and change: area per period within 10 % of the truth, growth within 0.1.
     import geopandas as gpd
 
-    from pipelines.change import detect_change, summarise
-    from pipelines.layout import sites_path
-    from pipelines.sites import extract_sites, write_sites
+    from pipelines.infra.layout import sites_path
+    from pipelines.stages.change import detect_change, summarise
+    from pipelines.stages.sites import extract_sites, write_sites
 
     region = small_region()
     previous, history, first, truth = None, None, None, {}

@@ -223,3 +223,83 @@ def test_cron_expressions_are_checked_as_dagster_takes_them(cron: str, ok: bool)
     assert _valid_cron(cron) is ok
     if ok:
         dg.ScheduleDefinition(name="x", cron_schedule=cron, target=dg.AssetSelection.all())
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (
+            lambda r: r.update(refresh="weekly"),
+            "refresh: must be a mapping (cron, timezone, watch_scenes, period), got str",
+        ),
+        (lambda r: r.update(aoi="peru"), "aoi: must be a mapping: give 'bbox"),
+        (lambda r: r.pop("periods"), "periods: missing; a list of years"),
+        (lambda r: r.pop("id"), "id: missing; a safe id"),
+        (lambda r: r.update(name=3), "name: 3 must be text"),
+        (
+            lambda r: r.update(max_cloud_cover=True),
+            "max_cloud_cover: True must be a number from 0 to 100",
+        ),
+        (lambda r: r.update(max_cloud_cover="lots"), "max_cloud_cover: 'lots' must be a number"),
+        (
+            lambda r: r.update(source="embedded", embedded={"scenes_per_period": 2.5}),
+            "embedded.scenes_per_period: 2.5 must be a whole number from 1 to 24",
+        ),
+        (
+            lambda r: r.update(source="embedded", embedded={"seed": -1}),
+            "embedded.seed: -1 must be a whole number from 0 to 4294967295",
+        ),
+        (
+            lambda r: r.update(source="embedded", embedded={"wind": 3}),
+            "embedded.wind: unknown field (known: growth_factor, reprocessed_twins, scenes_per_period, seed)",
+        ),
+        (
+            lambda r: r.update(refresh={"period": "latest"}),
+            "refresh.period: 'latest': use one of current, all",
+        ),
+        (lambda r: r.update(detections={"file": " "}), "detections.file: must be a file path"),
+        (
+            lambda r: r.update(detections={"file": "d.gpkg", "period": "20x1"}),
+            "detections.period: '20x1' is not a period",
+        ),
+        (
+            lambda r: r.update(
+                periods=[2020, {"id": "x y", "start": "2020-01-01", "end": "2020-02-01"}]
+            ),
+            "periods[1].id: 'x y' must be",
+        ),
+        (
+            lambda r: r.update(collection="s2 l2a"),
+            "collection: 's2 l2a' is not a valid collection id",
+        ),
+    ],
+)
+def test_schema_errors_are_worded_with_their_path(mutate: Any, expected: str) -> None:
+    """The pydantic schema's own errors (types, missing fields, ranges, Literal sets,
+    nested blocks) come out in the same words and with the same paths as the rest."""
+    problems = problems_for(mutate)
+    assert any(expected in p for p in problems), problems
+    assert all(p.startswith("regions[0]") for p in problems), problems
+    assert not any("Input should" in p or "Value error" in p for p in problems), problems
+
+
+def test_the_schema_is_pydantic_with_closed_sets_as_literals() -> None:
+    from typing import get_args
+
+    from pipelines.regions import (
+        CLOUD_MASKS,
+        EmbeddedSpec,
+        RefreshSpec,
+        RegionEntry,
+        SeriesSpec,
+    )
+
+    assert get_args(RegionEntry.model_fields["cloud_mask"].annotation) == CLOUD_MASKS
+    assert get_args(RefreshSpec.model_fields["period"].annotation) == ("current", "all")
+    assert get_args(SeriesSpec.model_fields["every"].annotation) == ("year", "quarter")
+    # Blocks are immutable, and strict: YAML's "yes" is not a boolean.
+    spec = EmbeddedSpec(seed=3)
+    with pytest.raises(Exception, match="frozen"):
+        spec.seed = 4  # type: ignore[misc]
+    r = parse_regions({"regions": [{**GOOD["regions"][0], "refresh": {"cron": "0 6 * * 1"}}]})
+    assert r.regions[0].refresh == RefreshSpec(cron="0 6 * * 1")

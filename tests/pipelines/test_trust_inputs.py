@@ -14,9 +14,9 @@ import pytest
 import shapely
 import shapely.geometry
 
-from pipelines.context import ContextError, read_context, status_key, write_context
-from pipelines.imports import imported_sites, read_detections
 from pipelines.regions import RegionsError, load_regions, parse_regions
+from pipelines.stages.context import ContextError, read_context, status_key, write_context
+from pipelines.stages.imports import imported_sites, read_detections
 from tests.conftest import ROOT, mdd_department, shared
 
 OPEN_WORDS = ["abierto", "pendiente", "en proceso", "Abierta", "Open ", "open\u00a0", "EN TRÁMITE", "en_cours", "Em análise", "ouverte"]  # fmt: skip
@@ -88,8 +88,8 @@ def test_concession_scores_do_not_drop_with_spanish_statuses(
 ) -> None:
     """The demo's grievances (no status column: all open) against the same log with
     every status spelt in Spanish: the concession scores are identical."""
-    from pipelines.catalog import refresh_views
-    from pipelines.risk import compute
+    from pipelines.stages.catalog import refresh_views
+    from pipelines.stages.risk import compute
 
     root = tmp_path / "data"
     shutil.copytree(demo_run[0], root, symlinks=True)
@@ -172,8 +172,8 @@ def test_a_year_of_detections_belongs_to_each_quarter_it_spans() -> None:
 
 def test_a_file_without_periods_takes_one_from_the_regions_file(tmp_path: Path) -> None:
     """Amazon Mining Watch's Guinea file has no period column; mapped_area_ha is unknown."""
-    from pipelines.layout import sites_path
-    from pipelines.sites import write_sites
+    from pipelines.infra.layout import sites_path
+    from pipelines.stages.sites import write_sites
 
     guinea = shared("context/asm_detections_amw_guinea_2024.geojson")
     doc = {

@@ -1,0 +1,364 @@
+"""Write: the blocks computed on the cluster and written into a COG with overviews, the
+statistics gathered on the way, and the stage end to end (``build_composite``,
+``composite_for_region``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+import rasterio
+import rasterio.features
+import rasterio.windows
+
+from pipelines.infra.layout import composite_path
+from pipelines.infra.progress import Progress
+from pipelines.infra.tiling import staged_cog
+from pipelines.stages.composite.inputs import (
+    BAND_DESCRIPTIONS,
+    CLOUD_MASKS,
+    COUNT_BAND,
+    DEFAULT_CHUNK,
+    DEFAULT_RESOLUTION,
+    L1C_ROLES,
+    MASKED_SCL,
+    OUTPUT_BANDS,
+    REFLECTANCE_BANDS,
+    CompositeError,
+    CompositeResult,
+    _check_l1c,
+    aoi_mask,
+    check_scene_files,
+    plan_observations,
+    read_scene_items,
+    redact,
+    region_geobox,
+)
+from pipelines.stages.composite.load import _cluster_memory, load_stack, safe_chunk, task_bytes
+from pipelines.stages.composite.reduce import composite_array
+from pipelines.stages.stac.signing import signed_item, signer_for
+
+if TYPE_CHECKING:
+    import dask.array
+    from distributed import Client
+    from odc.geo.geobox import GeoBox
+
+    from pipelines.regions import Period, Region
+
+log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------- write
+
+
+def _blocks(arr: dask.array.Array) -> list[tuple[rasterio.windows.Window, Any]]:
+    delayed = arr.to_delayed()
+    out = []
+    y0 = 0
+    for iy, h in enumerate(arr.chunks[1]):
+        x0 = 0
+        for ix, w in enumerate(arr.chunks[2]):
+            out.append((rasterio.windows.Window(x0, y0, w, h), delayed[0, iy, ix]))
+            x0 += w
+        y0 += h
+    return out
+
+
+def compute_blocks(
+    arr: dask.array.Array, client: Client | None = None, in_flight: int | None = None
+) -> Iterator[tuple[rasterio.windows.Window, npt.NDArray[np.float32]]]:
+    """Yield (window, block) as blocks finish, keeping a bounded number in flight."""
+    import dask
+
+    blocks = _blocks(arr)
+    if client is None:
+        n = in_flight or (os.cpu_count() or 2)
+        for i in range(0, len(blocks), n):
+            batch = blocks[i : i + n]
+            results = dask.compute(*[d for _, d in batch], scheduler="threads")
+            for (win, _), block in zip(batch, results, strict=True):
+                yield win, block
+        return
+
+    from pipelines.infra.tiling import as_finished
+
+    for (win, _), block in as_finished(client, blocks, lambda b: client.compute(b[1]), in_flight):
+        yield win, block
+
+
+@dataclass
+class _Stats:
+    aoi_pixels: int = 0
+    valid_pixels: int = 0
+    histogram: dict[int, int] = field(default_factory=dict)
+    band_sums: dict[str, float] = field(default_factory=dict)
+    band_counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, block: npt.NDArray[np.float32], inside: npt.NDArray[np.bool_]) -> None:
+        count = block[len(REFLECTANCE_BANDS)][inside]
+        self.aoi_pixels += int(inside.sum())
+        self.valid_pixels += int((count > 0).sum())
+        values, freq = np.unique(count.astype(np.int64), return_counts=True)
+        for v, f in zip(values.tolist(), freq.tolist(), strict=True):
+            self.histogram[v] = self.histogram.get(v, 0) + f
+        for i, name in enumerate(OUTPUT_BANDS):
+            if name == COUNT_BAND:
+                continue
+            vals = block[i][inside]
+            vals = vals[np.isfinite(vals)]
+            self.band_sums[name] = self.band_sums.get(name, 0.0) + float(vals.sum())
+            self.band_counts[name] = self.band_counts.get(name, 0) + int(vals.size)
+
+    def count_stats(self) -> dict[str, float]:
+        if not self.histogram:
+            return {"min": 0, "max": 0, "mean": 0.0, "median": 0.0}
+        keys = sorted(self.histogram)
+        total = sum(self.histogram.values())
+        mean = sum(k * f for k, f in self.histogram.items()) / total
+        acc, median = 0, keys[0]
+        for k in keys:
+            acc += self.histogram[k]
+            if acc * 2 >= total:
+                median = k
+                break
+        return {"min": keys[0], "max": keys[-1], "mean": round(mean, 3), "median": median}
+
+    def means(self) -> dict[str, float]:
+        return {
+            k: round(self.band_sums[k] / self.band_counts[k], 5)
+            for k in self.band_sums
+            if self.band_counts.get(k)
+        }
+
+
+def write_composite(
+    blocks: Iterator[tuple[rasterio.windows.Window, npt.NDArray[np.float32]]],
+    geobox: GeoBox,
+    target: Path,
+    *,
+    n_blocks: int,
+    aoi: Mapping[str, Any] | None,
+    tags: Mapping[str, str],
+    progress: Callable[[str], None] = log.info,
+) -> _Stats:
+    """Stream blocks into a tiled GTiff, then copy it to a COG with overviews, atomically."""
+    stats = _Stats()
+    h, w = geobox.shape.yx
+    profile = {
+        "width": w, "height": h, "count": len(OUTPUT_BANDS), "dtype": "float32",
+        "crs": str(geobox.crs), "transform": geobox.affine, "nodata": float("nan"),
+        "predictor": 3,
+    }  # fmt: skip
+    # Blocks arrive in any order, which the COG layout cannot take: staged_cog stages a
+    # tiled GTiff beside the target, writes its overviews block by block, then GDAL's COG
+    # driver lays them out.
+    with staged_cog(target, profile, progress=progress) as dst:
+        for i, name in enumerate(OUTPUT_BANDS, start=1):
+            dst.set_band_description(i, name)
+            dst.update_tags(i, description=BAND_DESCRIPTIONS[name])
+        report = Progress("composite", n_blocks, progress, unit="blocks written")
+        for done, (win, block) in enumerate(blocks, start=1):
+            dst.write(block, window=win)
+            inside = (
+                aoi_mask(aoi, geobox, win)
+                if aoi is not None
+                else np.ones(block.shape[1:], dtype=bool)
+            )
+            stats.add(block, inside)
+            report(done)
+        dst.update_tags(**tags)
+    return stats
+
+
+def _empty_blocks(
+    geobox: GeoBox, chunk: int
+) -> Iterator[tuple[rasterio.windows.Window, npt.NDArray[np.float32]]]:
+    h, w = geobox.shape.yx
+    for y0 in range(0, h, chunk):
+        for x0 in range(0, w, chunk):
+            bh, bw = min(chunk, h - y0), min(chunk, w - x0)
+            block = np.full((len(OUTPUT_BANDS), bh, bw), np.nan, dtype=np.float32)
+            block[len(REFLECTANCE_BANDS)] = 0
+            yield rasterio.windows.Window(x0, y0, bw, bh), block
+
+
+class _ReadFailures(logging.Handler):
+    """Collects odc-loader's 'Ignoring read failure reading <uri>' warnings."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = redact(record.getMessage())
+        if "read failure" in msg and msg not in self.messages:
+            self.messages.append(msg)
+
+
+def build_composite(
+    items: Sequence[Mapping[str, Any]],
+    geobox: GeoBox,
+    target: Path,
+    *,
+    region: str = "",
+    period: str = "",
+    aoi: Mapping[str, Any] | None = None,
+    client: Client | None = None,
+    chunk: int = DEFAULT_CHUNK,
+    resampling: str = "bilinear",
+    sign: Callable[[str], str] | None = None,
+    cloud_mask: str = "scl",
+    progress: Callable[[str], None] = log.info,
+) -> CompositeResult:
+    """Composite ``items`` on ``geobox`` into a COG at ``target``: the whole stage.
+
+    ``sign`` rewrites each asset href just before reading (Planetary Computer's SAS
+    tokens); the items passed in are not modified. ``cloud_mask="scl+s2cloudless"``
+    also masks what s2cloudless finds on each scene's L1C twin (where it has one).
+    """
+    if chunk < 64:
+        raise CompositeError(f"chunk must be at least 64 pixels, got {chunk}")
+    if cloud_mask not in CLOUD_MASKS:
+        raise CompositeError(f"unknown cloud_mask {cloud_mask!r}: use one of {CLOUD_MASKS}")
+    started = time.perf_counter()
+    if sign is not None:
+        items = [signed_item(item, sign) for item in items]
+    ok, skipped = check_scene_files(items)
+    for s in skipped:
+        progress(f"composite: skipping scene {s.id}: {s.reason}")
+    s2c = cloud_mask == "scl+s2cloudless"
+    l1c_notes: list[str] = []
+    if s2c:
+        ok, l1c_notes = _check_l1c(ok)
+        for note in l1c_notes:
+            progress(f"composite: {note}")
+        with_twin = sum(1 for i in ok if L1C_ROLES[0] in i["assets"])
+        progress(f"composite: s2cloudless on the L1C twins of {with_twin} of {len(ok)} scenes")
+        if ok and not with_twin:
+            s2c = False
+    lon = geobox.extent.to_crs("EPSG:4326").centroid.coords[0][0]
+    tagged, observations = plan_observations(ok, lon)
+    n_ch = math.ceil(geobox.shape.y / chunk) * math.ceil(geobox.shape.x / chunk)
+    failures = _ReadFailures()
+    empty = not observations
+    tags = {
+        "asmwatch_region": region,
+        "asmwatch_period": period,
+        "asmwatch_scenes": ",".join(str(i["id"]) for i in ok),
+        "asmwatch_skipped": ",".join(s.id for s in skipped),
+        "asmwatch_empty": str(empty).lower(),
+        "asmwatch_masked_scl": ",".join(map(str, MASKED_SCL)),
+        "asmwatch_cloud_mask": "scl+s2cloudless" if s2c else "scl",
+    }
+    if empty:
+        progress(
+            f"composite: no usable scenes for {region or 'the AOI'} {period}; "
+            "writing an empty (all-nodata) composite"
+        )
+        stats = write_composite(
+            _empty_blocks(geobox, chunk), geobox, target,
+            n_blocks=n_ch, aoi=aoi, tags=tags, progress=progress,
+        )  # fmt: skip
+    else:
+        if client is not None:
+            memory, threads = _cluster_memory(client)
+            fitted = safe_chunk(chunk, len(observations), memory, threads, s2c)
+            if fitted != chunk:
+                progress(
+                    f"composite: chunk {chunk} px would need about "
+                    f"{task_bytes(chunk, len(observations), s2c) / 2**30:.1f} GiB per task with "
+                    f"{len(observations)} observations; using {fitted} px to stay within "
+                    f"the workers' {memory / 2**30 if memory else 0:.1f} GiB"
+                )
+                chunk = fitted
+                n_ch = math.ceil(geobox.shape.y / chunk) * math.ceil(geobox.shape.x / chunk)
+        progress(
+            f"composite: {len(ok)} scenes in {len(observations)} observations onto "
+            f"{geobox.shape.x}x{geobox.shape.y} px ({geobox.crs}, {geobox.resolution.x:g} m), "
+            f"{n_ch} blocks of {chunk} px"
+        )
+        ds = load_stack(tagged, geobox, chunk=chunk, resampling=resampling, s2cloudless=s2c)
+        arr = composite_array(ds, observations, s2cloudless=s2c)
+        odc_log = logging.getLogger("odc.loader")
+        odc_log.addHandler(failures)
+        try:
+            if client is not None:
+                client.forward_logging("odc.loader", level=logging.WARNING)
+            stats = write_composite(
+                compute_blocks(arr, client), geobox, target,
+                n_blocks=n_ch, aoi=aoi, tags=tags, progress=progress,
+            )  # fmt: skip
+        finally:
+            odc_log.removeHandler(failures)
+        for msg in failures.messages:
+            progress(f"composite: {msg}")
+    return CompositeResult(
+        path=target,
+        region=region,
+        period=period,
+        epsg=int(geobox.crs.epsg or 0) if geobox.crs is not None else 0,
+        shape=(geobox.shape.y, geobox.shape.x),
+        resolution=float(geobox.resolution.x),
+        scenes_used=[str(i["id"]) for i in ok],
+        skipped=skipped,
+        observations=len(observations),
+        valid_fraction=stats.valid_pixels / stats.aoi_pixels if stats.aoi_pixels else 0.0,
+        clear_count_stats=stats.count_stats(),
+        clear_count_histogram=dict(sorted(stats.histogram.items())),
+        band_means=stats.means(),
+        size_bytes=target.stat().st_size,
+        seconds=time.perf_counter() - started,
+        empty=empty,
+        read_failures=list(failures.messages),
+        cloud_mask="scl+s2cloudless" if s2c else "scl",
+        l1c_scenes=sum(1 for i in ok if L1C_ROLES[0] in i["assets"]) if s2c else 0,
+        l1c_notes=l1c_notes,
+    )
+
+
+def composite_for_region(
+    region: Region,
+    period: Period,
+    root: Path,
+    *,
+    client: Client | None = None,
+    chunk: int = DEFAULT_CHUNK,
+    resolution: float = DEFAULT_RESOLUTION,
+    progress: Callable[[str], None] = log.info,
+    pc_subscription_key: str | None = None,
+) -> CompositeResult:
+    """Composite a region's stored scenes for one period (no scenes file: empty).
+
+    ``pc_subscription_key``: Planetary Computer key for the SAS token API (default:
+    ``$PC_SDK_SUBSCRIPTION_KEY``); never logged.
+    """
+    from pipelines.infra.layout import scenes_path
+
+    src = scenes_path(root, region.id, period.id)
+    items = read_scene_items(src) if src.exists() else []
+    if not src.exists():
+        progress(f"composite: no scenes file {src} (the period has no scenes)")
+    signer = signer_for(items, pc_subscription_key)
+    if signer is not None:
+        progress(f"composite: signing Azure Blob hrefs with tokens from {signer.token_url}")
+    return build_composite(
+        items,
+        region_geobox(region, resolution),
+        composite_path(root, region.id, period.id),
+        region=region.id,
+        period=period.id,
+        aoi=region.geometry,
+        client=client,
+        chunk=chunk,
+        sign=signer,
+        cloud_mask=region.cloud_mask,
+        progress=progress,
+    )

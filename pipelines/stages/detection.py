@@ -1,0 +1,659 @@
+"""The detection stage: train the mining model, and map mining probability per period.
+
+Fourth step of the flow (composite -> **probability** -> sites). Training data are the
+composites of regions that have ground truth: the embedded world's truth masks in the
+demo (``embedded/<region>/truth/<period>.tif``); label rasters or polygons of real
+regions come the same way. The last period of each such region is held out: the model
+never sees it, and its IoU, F1, precision and recall against the truth (with those of
+the index baseline beside them) are the figures the model is registered with. Within
+the training periods, the eastern quarter of the AOI is the validation strip that early
+stopping watches.
+
+Output of ``map_probability``: ``probability/<region>/<period>.tif``, a COG of float32
+mining probability (NaN where the composite has no clear look), from the latest
+registered U-Net, or from the index baseline when no model exists.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+import rasterio
+import rasterio.errors
+from rasterio._err import CPLE_BaseError  # GDAL's errors, raised as they come
+
+from ml import registry
+from ml.features import (
+    IGNORE,
+    LabelSource,
+    Normalizer,
+    feature_indexes,
+    read_features,
+)
+from ml.infer import owned_plan, pick_device, plan_tiles, predict_tiled, sub_plan
+from ml.metrics import best_threshold, confusion, scores
+from ml.models import index_baseline
+from ml.train import Labelled, TrainConfig, train_unet
+from pipelines.embedded.source import context_path, world_dir
+from pipelines.infra.errors import first_line
+from pipelines.infra.layout import composite_path, probability_path
+from pipelines.infra.progress import Progress
+from pipelines.infra.tiling import (
+    DEFAULT_TILE,
+    Span,
+    Tile,
+    TileReadError,
+    Tiling,
+    check_tile_size,
+    gpu_workers,
+    resolve_client,
+    run_tiles,
+    staged_cog,
+)
+from pipelines.regions import Region
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+VAL_FRACTION = 0.25  # eastern share of each training scene kept for early stopping
+VAL_WINDOW = 512  # validation strips are predicted in windows of up to this edge, px
+MAX_VAL_WINDOWS = 32  # per composite: early stopping's cost and memory do not grow with the AOI
+NORM_WINDOWS, NORM_WINDOW = 64, 64  # the normaliser's pixel sample: windows per composite, edge
+THRESHOLD = 0.5  # for the index baseline, and for models registered without one
+# (tile edge, tiles per forward pass) when not configured: small tiles keep CPU memory
+# low; on a GPU, large tiles waste less on overlap (docs/performance.md).
+INFER_DEFAULTS = {"cpu": (256, 16), "cuda": (2048, 6)}
+# Processing tile on CUDA: several 2048 px inference windows per task, so that the GPU
+# gets full batches and the per-task overhead stays small against 1,000 Mpx/s.
+GPU_TILE = 8192
+
+
+class DetectionError(ValueError):
+    """Missing or unusable inputs; the message names them and what to run first."""
+
+
+@dataclass(frozen=True)
+class TrainingScene:
+    region: str
+    period: str
+    composite: Path
+    labels: Path
+    heldout: bool
+
+
+@dataclass
+class ModelOutcome:
+    record: registry.ModelRecord
+    reused: bool
+    messages: list[str] = field(default_factory=list)
+
+
+def training_scenes(root: Path, regions: Sequence[Region]) -> list[TrainingScene]:
+    """Composites with truth: every period of each embedded region, the last held out."""
+    out = []
+    for region in regions:
+        polygons = context_path(root, region, "mining_labels")
+        if (region.source != "embedded" and polygons is None) or len(region.periods) < 2:
+            continue
+        for i, period in enumerate(region.periods):
+            truth = world_dir(root, region) / "truth" / f"{period.id}.tif"
+            out.append(
+                TrainingScene(
+                    region=region.id,
+                    period=period.id,
+                    composite=composite_path(root, region.id, period.id),
+                    labels=polygons if polygons is not None else truth,
+                    heldout=i == len(region.periods) - 1,
+                )
+            )
+    if not out:
+        raise DetectionError(
+            "no labelled training data: the model trains on regions with ground truth "
+            "(source: embedded, or a `mining_labels` polygon layer in context) and at "
+            "least two periods"
+        )
+    missing = [s for s in out if not s.composite.exists() or not s.labels.exists()]
+    if missing:
+        names = ", ".join(f"{s.region}/{s.period}" for s in missing)
+        raise DetectionError(
+            f"training inputs missing for {names}: materialise `composite` for those "
+            "partitions first (labels come with the embedded world)"
+        )
+    return out
+
+
+def _describe(root: Path, s: TrainingScene) -> dict[str, str]:
+    def rel(p: Path) -> str:  # relative to the data root where it lies inside it
+        return p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p)
+
+    return {
+        "region": s.region,
+        "period": s.period,
+        "role": "heldout" if s.heldout else "train",
+        "composite": rel(s.composite),
+        "labels": rel(s.labels),
+    }
+
+
+class CompositeChips:
+    """A training composite read chip by chip (``ml.train.ChipSource``): normalised
+    features, labels on the chip's grid, the eastern validation strip ignored."""
+
+    def __init__(self, scene: TrainingScene, norm: Normalizer) -> None:
+        self.name = f"{scene.region}/{scene.period}"
+        self.path = scene.composite
+        self.src = rasterio.open(scene.composite)
+        self.norm = norm
+        self.cut = int(self.src.width * (1 - VAL_FRACTION))
+        self.labels_src = LabelSource(scene.labels, self.src.crs, scene.period)
+        self._last: tuple[tuple[int, int, int], npt.NDArray[np.float32]] | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.src.height), int(self.src.width)
+
+    def _raw(self, r0: int, c0: int, size: int) -> npt.NDArray[np.float32]:
+        key = (r0, c0, size)
+        if self._last is None or self._last[0] != key:
+            span = Span(r0, r0 + size, c0, c0 + size)
+            self._last = (key, read_features(self.src, self.path, span))
+        return self._last[1]
+
+    def labels(self, r0: int, c0: int, size: int) -> npt.NDArray[np.uint8]:
+        raw = self._raw(r0, c0, size)
+        span = Span(r0, r0 + size, c0, c0 + size)
+        valid = np.asarray(np.isfinite(raw).all(axis=0))
+        y = self.labels_src.read(self.src.window_transform(span.window), valid)
+        y[:, max(0, self.cut - c0) :] = IGNORE  # the validation strip
+        return y
+
+    def features(self, r0: int, c0: int, size: int) -> npt.NDArray[np.float32]:
+        return self.norm.apply(self._raw(r0, c0, size))
+
+    def close(self) -> None:
+        self.src.close()
+        self.labels_src.close()
+
+
+def fit_normalizer(scenes: Sequence[TrainingScene], seed: int) -> Normalizer:
+    """Per-band mean and std from ``NORM_WINDOWS`` random windows of each composite."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for s in scenes:
+        with rasterio.open(s.composite) as src:
+            size = min(NORM_WINDOW, src.height, src.width)
+            for _ in range(NORM_WINDOWS):
+                r0 = int(rng.integers(0, src.height - size + 1))
+                c0 = int(rng.integers(0, src.width - size + 1))
+                feats = read_features(src, s.composite, Span(r0, r0 + size, c0, c0 + size))
+                samples.append(feats[:, np.isfinite(feats).all(axis=0)])
+    return Normalizer.fit(samples)
+
+
+def validation_windows(scene: TrainingScene, norm: Normalizer) -> list[Labelled]:
+    """The eastern strip of a training composite in windows of up to ``VAL_WINDOW`` px,
+    at most ``MAX_VAL_WINDOWS`` of them spread over the strip (memory: bounded)."""
+    with rasterio.open(scene.composite) as src:
+        cut = int(src.width * (1 - VAL_FRACTION))
+        rows, cols = _even_split(src.height), _even_split(src.width - cut)
+        spans = [Span(r0, r1, c0 + cut, c1 + cut) for r0, r1 in rows for c0, c1 in cols]
+        if len(spans) > MAX_VAL_WINDOWS:
+            pick = np.linspace(0, len(spans) - 1, MAX_VAL_WINDOWS).round().astype(int)
+            spans = [spans[i] for i in sorted(set(pick.tolist()))]
+        out = []
+        with LabelSource(scene.labels, src.crs, scene.period) as labels:
+            for span in spans:
+                raw = read_features(src, scene.composite, span)
+                y = labels.read(src.window_transform(span.window), np.isfinite(raw).all(axis=0))
+                name = f"{scene.region}/{scene.period}:val:{span.row0},{span.col0}"
+                out.append(Labelled(name, norm.apply(raw), y))
+    return out
+
+
+def _even_split(size: int, edge: int = VAL_WINDOW) -> list[tuple[int, int]]:
+    """[start, end) pieces of near-equal length, at most ``edge``, covering ``size``."""
+    n = max(1, -(-size // edge))
+    cuts = [round(i * size / n) for i in range(n + 1)]
+    return list(itertools.pairwise(cuts))
+
+
+def heldout_confusion(
+    scene: TrainingScene, model: Any, norm: Normalizer, threshold: float, dev: Any
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """(U-Net, index baseline) confusion counts on a held-out composite, tile by tile,
+    with the inference plan of the whole composite (as ``mining_probability``)."""
+    unet, base = np.zeros(4, np.int64), np.zeros(4, np.int64)
+    with rasterio.open(scene.composite) as src, LabelSource(scene.labels, src.crs, scene.period) as labels:  # fmt: skip
+        whole = plan_tiles(src.height, src.width, 256, 32)
+        for t in Tiling(src.height, src.width, DEFAULT_TILE).tiles():
+            c = t.core
+            part, (r0, r1, c0, c1) = sub_plan(whole, c.row0, c.row1, c.col0, c.col1)
+            feats = read_features(src, scene.composite, Span(r0, r1, c0, c1))
+            prob = predict_tiled(model, feats, normalizer=norm, plan=part, device=dev)
+            rows, cols = c.within(Span(r0, r1, c0, c1))
+            prob, core = prob[rows, cols], feats[:, rows, cols]
+            y = labels.read(src.window_transform(c.window), np.isfinite(core).all(axis=0))
+            unet += np.asarray(confusion(prob, y, threshold))
+            base += np.asarray(confusion(index_baseline(core), y, THRESHOLD))
+    return unet, base
+
+
+def train_mining_model(
+    root: Path,
+    regions: Sequence[Region],
+    *,
+    config: TrainConfig | None = None,
+    device: str = "auto",
+    force: bool = False,
+    progress: Callable[[str], None] = print,
+) -> ModelOutcome:
+    """Train (or reuse) the U-Net on the labelled composites; register it with metrics."""
+    cfg = config or TrainConfig()
+    scenes = training_scenes(root, regions)
+    files = [p for s in scenes for p in (s.composite, s.labels)]
+    key = registry.input_hash(files, {**cfg.to_dict(), "val_fraction": VAL_FRACTION})
+    if not force and (hit := registry.find(root, key)) is not None:
+        progress(f"mining_model: inputs unchanged (hash {key}); reusing {hit.model_id}")
+        return ModelOutcome(record=hit, reused=True)
+
+    train_scenes = [s for s in scenes if not s.heldout]
+    test_scenes = [s for s in scenes if s.heldout]
+    # No composite is read whole: the normaliser sees a sample of windows, training
+    # reads chips, validation a bounded set of windows, the test tile by tile.
+    norm = fit_normalizer(train_scenes, cfg.seed)
+    train = [CompositeChips(s, norm) for s in train_scenes]
+    val = [w for s in train_scenes for w in validation_windows(s, norm)]
+    dev = pick_device(device)
+    progress(
+        f"mining_model: training a U-Net ({cfg.spec.encoder}) on {len(train)} composite(s) "
+        f"[{', '.join(t.name for t in train)}] on {dev}, chips read window by window; "
+        f"{len(val)} validation window(s); held out: "
+        f"{', '.join(f'{s.region}/{s.period}' for s in test_scenes)}"
+    )
+    try:
+        result = train_unet(train, val, cfg, device=dev, progress=progress)
+    finally:
+        for t in train:
+            t.close()
+    # The decision threshold is chosen on the validation windows, never on held-out data.
+    val_probs = [
+        (predict_tiled(result.model, v.x, tile=128, overlap=16, device=dev), v.y) for v in val
+    ]
+    threshold, val_iou = best_threshold(val_probs)
+    progress(f"mining_model: threshold {threshold} (validation IoU {val_iou:.3f})")
+
+    unet_cm = np.zeros(4, np.int64)
+    base_cm = np.zeros(4, np.int64)
+    per_scene = {}
+    for s in test_scenes:
+        u, b = heldout_confusion(s, result.model, norm, threshold, dev)
+        unet_cm += u
+        base_cm += b
+        per_scene[f"{s.region}/{s.period}"] = {
+            "unet": scores(*(int(v) for v in u)),
+            "baseline": scores(*(int(v) for v in b)),
+        }
+    metrics: dict[str, Any] = {
+        "heldout": scores(*(int(v) for v in unet_cm)),
+        "baseline_heldout": scores(*(int(v) for v in base_cm)),
+        "heldout_scenes": per_scene,
+        "validation": result.best_val,
+        "best_epoch": result.best_epoch,
+        "epochs": result.epochs,
+        "threshold": threshold,
+        "baseline_threshold": THRESHOLD,
+    }
+    record = registry.register(
+        root,
+        result.model,
+        cfg.spec,
+        norm,
+        input_hash_=key,
+        device=result.device,
+        seconds=result.seconds,
+        train_data=[_describe(root, s) for s in scenes],
+        metrics=metrics,
+        config={**cfg.to_dict(), "val_fraction": VAL_FRACTION},
+    )
+    h, b = record.metrics["heldout"], record.metrics["baseline_heldout"]
+    progress(
+        f"mining_model: {record.model_id} held-out IoU {h['iou']:.3f} (index baseline "
+        f"{b['iou']:.3f}), F1 {h['f1']:.3f}, trained in {result.seconds:.0f} s on {result.device}"
+    )
+    return ModelOutcome(record=record, reused=False)
+
+
+@dataclass
+class ProbabilityResult:
+    path: Path
+    detector: str  # a model id, or "index-baseline"
+    device: str
+    mean_probability: float
+    mining_fraction: float  # share of valid pixels >= threshold
+    threshold: float
+    mining_ha: float
+    valid_fraction: float
+    seconds: float
+    metrics: dict[str, Any] | None  # against truth, where the region has it
+    truth_ha: float | None = None  # true mining area on the same grid, where known
+    tiles: int = 1
+    tile_px: int = DEFAULT_TILE
+
+
+@dataclass(frozen=True)
+class ProbabilityJob:
+    """What every tile task of one probability raster needs (pickled to dask workers)."""
+
+    composite: str
+    root: str
+    record: registry.ModelRecord | None
+    height: int
+    width: int
+    threshold: float
+    device: str = "auto"
+    infer_tile: int = 0  # 0: INFER_DEFAULTS for the device
+    overlap: int = 32
+    batch: int = 0
+    dtype: str = "float16"
+    compile: bool | str = False
+    truth: str | None = None  # truth raster (embedded worlds): per-tile confusion
+
+
+@dataclass
+class TileProbability:
+    """One tile's share of the probability: the sums of the inference windows that
+    start in its core, over the pixels they reach (``span``: the core, and up to one
+    window past its bottom and right edges). The partition adds the shares."""
+
+    span: Span
+    part: npt.NDArray[np.float32]
+    device: str
+
+
+def _windows(job: ProbabilityJob, dev_type: str, core: Span) -> Any:
+    """The inference windows (``owned_plan``) that start in ``core``; None for the
+    index baseline or when none starts there."""
+    if job.record is None:
+        return None
+    infer = job.infer_tile or INFER_DEFAULTS[dev_type][0]
+    whole = _whole_plan(job.height, job.width, infer, job.overlap)
+    return owned_plan(whole, core.row0, core.row1, core.col0, core.col1)
+
+
+@functools.lru_cache(maxsize=4)
+def _whole_plan(height: int, width: int, tile: int, overlap: int) -> Any:
+    """The raster's inference plan, made once per process for all its tiles."""
+    return plan_tiles(height, width, tile, overlap)
+
+
+def tile_extent(core: Span, owned: Any) -> Span:
+    """The pixels ``probability_tile`` returns: the core, and where its windows reach."""
+    if owned is None:
+        return core
+    _, (_r0, r1, _c0, c1) = owned
+    return Span(core.row0, max(core.row1, r1), core.col0, max(core.col1, c1))
+
+
+_MODELS: dict[tuple[str, int, int], tuple[Any, Any]] = {}
+
+
+def _model(job: ProbabilityJob) -> tuple[Any, Any]:
+    """The job's model and normaliser, loaded once per process (a dask worker keeps it
+    across tiles); a checkpoint that changed or went missing is loaded (or refused) anew."""
+    assert job.record is not None
+    path = registry.checkpoint_file(Path(job.root), job.record)
+    try:
+        st = path.stat()
+        key = (str(path), st.st_mtime_ns, st.st_size)
+    except OSError:
+        key = None
+    if key is None or key not in _MODELS:
+        model, norm, _ = registry.load(Path(job.root), job.record)  # names what is wrong
+        _MODELS.clear()  # one model at a time per process
+        if key is not None:
+            _MODELS[key] = (model, norm)
+        return model, norm
+    return _MODELS[key]
+
+
+def probability_tile(tile: Tile, job: ProbabilityJob) -> TileProbability:
+    """One tile's share of the mining probability (a dask task): the U-Net on the
+    inference windows of the whole-raster plan that start in the tile's core (each
+    window belongs to exactly one tile, so none is computed twice), from windowed reads
+    of the composite; or the index baseline over the core."""
+    import torch
+
+    from pipelines.infra.tiling import in_dask_worker, worker_threads
+
+    dev = pick_device(job.device)
+    if in_dask_worker() and dev.type == "cpu":
+        torch.set_num_threads(worker_threads())  # the worker's share of the cores
+    core = tile.core
+    owned = _windows(job, dev.type, core)
+    span = tile_extent(core, owned)
+    part = np.zeros(span.shape, np.float32)
+    with rasterio.open(job.composite) as src:
+        if job.record is None:
+            feats = read_features(src, job.composite, core)
+            part = index_baseline(feats).astype(np.float32)
+            part[~np.isfinite(feats).all(axis=0)] = np.nan
+            return TileProbability(span, part, "cpu")
+        if owned is None:  # no window starts here: the neighbours' windows cover it
+            return TileProbability(span, part, str(dev))
+        plan, (r0, r1, c0, c1) = owned
+        on_gpu = dev.type == "cuda"
+        read = Span(r0, r1, c0, c1)
+        feats = read_features(
+            src, job.composite, read, pinned=on_gpu, dtype=np.float16 if on_gpu else np.float32
+        )
+    model, norm = _model(job)
+    if on_gpu and job.compile:
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(job.root) / "cache" / "inductor"))  # fmt: skip
+    out = predict_tiled(
+        model, feats, normalizer=norm, plan=plan, batch=job.batch or INFER_DEFAULTS[dev.type][1],
+        device=dev, dtype=job.dtype, compile=job.compile,
+    )  # fmt: skip
+    rows, cols = read.within(span)
+    part[rows, cols] = out
+    return TileProbability(span, part, str(dev))
+
+
+def map_probability(
+    root: Path,
+    region: Region,
+    period_id: str,
+    *,
+    record: registry.ModelRecord | None,
+    device: str = "auto",
+    tile: int = 0,
+    overlap: int = 32,
+    batch: int = 0,
+    dtype: str = "float16",
+    compile: bool | str = False,
+    tile_px: int = 0,
+    client: Client | Callable[[], Client] | None = None,
+    progress: Callable[[str], None] = print,
+) -> ProbabilityResult:
+    """Mining probability COG for one composite, from ``record`` or the index baseline.
+
+    Processing tiles of ``tile_px`` (0: ``DEFAULT_TILE``; ``GPU_TILE`` on CUDA) run as
+    dask tasks on ``client`` (in this process without one; a factory is called only
+    when there is more than one tile), each reading its composite
+    window; ``tile`` is the largest inference window (the model's own tiling, the same
+    plan whatever ``tile_px``), so the output does not depend on ``tile_px``.
+    """
+    src = composite_path(root, region.id, period_id)
+    if not src.exists():
+        raise DetectionError(
+            f"no composite at {src}: materialise `composite` for {region.id}/{period_id} first"
+        )
+    started = time.perf_counter()
+    dev = pick_device(device)
+    try:
+        with rasterio.open(src) as ds:
+            height, width, transform, crs = ds.height, ds.width, ds.transform, ds.crs
+            feature_indexes(ds, src)
+    except (rasterio.errors.RasterioError, CPLE_BaseError) as e:
+        raise _damaged(src, region, period_id, e) from e
+    tiling = Tiling(height, width, check_tile_size(tile_px or _auto_tile(dev.type)))
+    cluster = resolve_client(client, tiling.n_tiles)
+    resources = None
+    if cluster is not None and gpu_workers(cluster):  # tasks go to the GPU workers
+        import torch
+
+        dev, resources = torch.device("cuda"), {"GPU": 1.0}
+        tiling = Tiling(height, width, check_tile_size(tile_px or _auto_tile(dev.type)))
+    truth = world_dir(root, region) / "truth" / f"{period_id}.tif"
+    threshold = THRESHOLD if record is None else float(record.metrics.get("threshold", THRESHOLD))
+    job = ProbabilityJob(
+        composite=str(src), root=str(root), record=record, height=height, width=width,
+        threshold=threshold, device=dev.type, infer_tile=tile, overlap=overlap, batch=batch,
+        dtype=dtype, compile=compile,
+        truth=str(truth) if region.source == "embedded" and truth.exists() else None,
+    )  # fmt: skip
+    where = "in this process" if cluster is None else "as dask tasks"
+    if record is None:
+        progress("mining_probability: no trained model registered; using the index baseline")
+        detector = "index-baseline"
+    else:
+        infer = tile or INFER_DEFAULTS[dev.type][0]
+        plan = plan_tiles(height, width, infer, overlap)
+        progress(
+            f"mining_probability: {record.model_id} on {dev}: {plan.n_tiles} inference windows "
+            f"of {plan.tile_h} x {plan.tile_w} px, overlap >= {overlap}, batch "
+            f"{batch or INFER_DEFAULTS[dev.type][1]}"
+            + (f", {dtype}{' compiled' if compile else ''}" if dev.type == "cuda" else "")
+        )
+        detector = record.model_id
+    progress(f"mining_probability: {tiling.describe()}, {where}")
+    report = Progress("mining_probability", tiling.n_tiles, progress, unit="tiles done")
+    target = probability_path(root, region.id, period_id)
+    profile = {
+        "width": width, "height": height, "count": 1, "dtype": "float32", "crs": crs,
+        "transform": transform, "nodata": float("nan"), "predictor": 3,
+    }  # fmt: skip
+    # Tiles return their windows' sums over their core and up to a window past it; a
+    # core is final (written, counted) once every tile reaching into it has returned.
+    tiles = tiling.tiles()
+    reach = {t.key: tile_extent(t.core, _windows(job, dev.type, t.core)) for t in tiles}
+    cores = {(t.row, t.col): t for t in tiles}
+    waiting: dict[tuple[int, int], int] = {k: 0 for k in cores}
+    for t in tiles:
+        for k in _cores_under(reach[t.key], tiling):
+            waiting[k] += 1
+    sums: dict[tuple[int, int], npt.NDArray[np.float32]] = {}
+    stats = _ProbabilityStats(threshold)
+    used = set()
+    t_infer = time.perf_counter()
+    labels = LabelSource(Path(job.truth), crs) if job.truth is not None else None
+    try:
+        with staged_cog(target, profile, progress=progress) as dst:
+            dst.set_band_description(1, "mining_probability")
+            done = run_tiles(
+                probability_tile, tiles, job, client=cluster, resources=resources,
+                name=f"probability-{region.id}-{period_id}",
+            )  # fmt: skip
+            for n_done, (_tile, out) in enumerate(done, start=1):
+                used.add(out.device)
+                for k in _cores_under(out.span, tiling):
+                    core = cores[k].core
+                    acc = sums.setdefault(k, np.zeros(core.shape, np.float32))
+                    lo = Span(
+                        max(core.row0, out.span.row0), min(core.row1, out.span.row1),
+                        max(core.col0, out.span.col0), min(core.col1, out.span.col1),
+                    )  # fmt: skip
+                    acc[lo.within(core)] += out.part[lo.within(out.span)]
+                    waiting[k] -= 1
+                    if waiting[k] == 0:
+                        prob = np.clip(sums.pop(k), 0.0, 1.0)
+                        dst.write(prob, 1, window=core.window)
+                        stats.add(prob, labels, dst.window_transform(core.window))
+                report(n_done)
+            dst.update_tags(asmwatch_detector=detector, asmwatch_threshold=str(threshold))
+    except TileReadError as e:
+        raise DetectionError(
+            f"the composite {e}: it is damaged or cut short. Re-materialise `composite` for "
+            f"{region.id}/{period_id}; `asmwatch doctor` lists every damaged file"
+        ) from e
+    except (rasterio.errors.RasterioError, CPLE_BaseError) as e:
+        raise _damaged(src, region, period_id, e) from e
+    finally:
+        if labels is not None:
+            labels.close()
+    if record is not None:
+        progress(
+            f"mining_probability: {height * width / 1e6:.1f} Mpx in "
+            f"{time.perf_counter() - t_infer:.2f} s"
+        )
+    px_ha = abs(transform.a * transform.e) / 10_000
+    total = height * width
+    return ProbabilityResult(
+        path=target,
+        detector=detector,
+        device=",".join(sorted(used)) or dev.type,
+        mean_probability=stats.prob_sum / stats.valid if stats.valid else 0.0,
+        mining_fraction=stats.mining / stats.valid if stats.valid else 0.0,
+        mining_ha=round(stats.mining * px_ha, 2),
+        valid_fraction=stats.valid / total,
+        seconds=time.perf_counter() - started,
+        metrics=scores(*(int(v) for v in stats.cm)) if job.truth is not None else None,
+        truth_ha=round(stats.truth_mining * px_ha, 2) if job.truth is not None else None,
+        threshold=threshold,
+        tiles=tiling.n_tiles,
+        tile_px=tiling.size,
+    )
+
+
+def _cores_under(span: Span, tiling: Tiling) -> list[tuple[int, int]]:
+    """(row, col) of the tile cores ``span`` overlaps."""
+    size = tiling.size
+    return [
+        (r, c)
+        for r in range(span.row0 // size, (span.row1 - 1) // size + 1)
+        for c in range(span.col0 // size, (span.col1 - 1) // size + 1)
+    ]
+
+
+@dataclass
+class _ProbabilityStats:
+    """The partition's figures, summed over finished cores."""
+
+    threshold: float
+    valid: int = 0
+    mining: int = 0
+    prob_sum: float = 0.0
+    truth_mining: int = 0
+    cm: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(4, np.int64))
+
+    def add(
+        self, prob: npt.NDArray[np.float32], labels: LabelSource | None, transform: Any
+    ) -> None:
+        valid = np.isfinite(prob)
+        self.valid += int(valid.sum())
+        self.mining += int((valid & (prob >= self.threshold)).sum())
+        self.prob_sum += float(np.sum(prob[valid], dtype=np.float64))
+        if labels is not None:
+            y = labels.read(transform, valid)
+            self.cm += np.asarray(confusion(prob, y, self.threshold))
+            self.truth_mining += int((y == 1).sum())
+
+
+def _auto_tile(device_type: str) -> int:
+    return GPU_TILE if device_type == "cuda" else DEFAULT_TILE
+
+
+def _damaged(src: Path, region: Region, period_id: str, e: Exception) -> DetectionError:
+    return DetectionError(
+        f"the composite {src} cannot be read ({first_line(e)}): it is damaged or cut short. "
+        f"Re-materialise `composite` for {region.id}/{period_id}; `asmwatch doctor` "
+        "lists every damaged file"
+    )

@@ -1,0 +1,748 @@
+"""Reports for people outside the team: an expansion map, a region report, a web map.
+
+Everything here reads the published tables through the DuckDB catalog (the same views an
+analyst queries) plus the composites for a true-colour backdrop, and writes three files
+under ``<data root>/reports/<region>/``:
+
+- ``expansion.png``: mining coloured by the period it was first seen (a colour per
+  period, as ASMSpotter draws it) over the latest true-colour composite, with the
+  protected areas, indigenous lands and concessions outlined and the area per period in
+  the legend.
+- ``report.html``: one self-contained page (the map embedded): area per period, growth,
+  the concessions most at risk with every score component, ASM pressure on protected
+  and indigenous areas, the latest alerts, notes and method.
+- ``webmap.html``: one self-contained interactive map. Leaflet comes from the pinned
+  ``xstatic-leaflet`` package and is inlined, the composites are embedded as images,
+  so the page opens offline from a file, e-mail or USB stick. Layers per period, the
+  context layers, alerts, and a period selector.
+
+Nothing is fetched at run time. Every value taken from the data (names of areas,
+holders, notes) is HTML-escaped by Jinja2's autoescape or serialised as JSON that the
+page's script inserts as text, never as markup.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.infra.layout import report_dir
+from pipelines.infra.storage import atomic_path
+from pipelines.regions import Region
+
+log = logging.getLogger(__name__)
+
+REPORT_FILES = ("expansion.png", "report.html", "webmap.html")
+#: Longest side, in pixels, of the backdrop images (composites are read from overviews).
+BACKDROP_PX = 1200
+#: Coordinates in the web map are simplified to about a metre (1e-5 degrees).
+WEB_SIMPLIFY_DEG = 1e-5
+#: Alerts listed in the HTML report (the web map shows them all).
+REPORT_ALERTS = 25
+CONTEXT_STYLES = {  # layer -> (label, colour): the same on the PNG and the web map
+    "protected_areas": ("Protected areas", "#1a9850"),
+    "indigenous_lands": ("Indigenous lands", "#984ea3"),
+    "concessions": ("LSM concessions", "#222222"),
+}
+#: Layers drawn only on the web map: rivers as lines, people and grievances as points.
+WEB_ONLY_STYLES = {
+    "rivers": ("Rivers", "#2b83ba"),
+    "settlements": ("Settlements", "#404040"),
+    "grievances": ("Grievances", "#e66101"),
+}
+COMPONENTS = ("inside", "proximity", "new", "growth", "people", "grievances")
+
+
+class ReportError(ValueError):
+    """A report cannot be made (no catalog, nothing materialised for the region)."""
+
+
+def period_colours(n: int) -> list[str]:
+    """One colour per period, early to late (yellow to dark red, as ASMSpotter)."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    cmap = colormaps["YlOrRd"]
+    if n == 1:
+        return [to_hex(cmap(0.75))]
+    return [to_hex(cmap(0.3 + 0.7 * i / (n - 1))) for i in range(n)]
+
+
+@dataclass
+class RegionData:
+    """What the reports show of one region, read from the catalog."""
+
+    region: Region
+    periods: list[str]  # the region's periods that have a summary row, in order
+    summary: list[dict[str, Any]]
+    change: dict[str, list[dict[str, Any]]]  # period -> change rows with a shapely geometry
+    context: dict[str, list[dict[str, Any]]]  # layer -> rows with a shapely geometry
+    risk: dict[str, list[dict[str, Any]]]  # period -> concession_risk rows, by score
+    pressure: dict[str, list[dict[str, Any]]]  # period -> protected_area_pressure rows
+    alerts: dict[str, list[dict[str, Any]]]  # period -> alerts, most severe first
+    backdrops: dict[str, Path] = field(default_factory=dict)  # period -> composite COG
+
+    @property
+    def latest(self) -> str:
+        return self.periods[-1]
+
+
+def _rows(con: Any, sql: str, params: list[Any]) -> list[dict[str, Any]]:
+    cur = con.execute(sql, params)
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+
+def _has_view(con: Any, name: str) -> bool:
+    return bool(
+        con.execute(
+            "SELECT count(*) FROM duckdb_views() WHERE view_name = ? AND NOT internal", [name]
+        ).fetchone()[0]
+    )
+
+
+#: Point layers (settlements, grievance logs) beyond this many points reach the web map
+#: as counts on a grid instead of one marker each: a million grievances would make a
+#: page of hundreds of MB that no browser opens, and the report would hold them all.
+POINT_LAYERS = ("settlements", "grievances")
+MAX_POINTS = 5000
+
+
+def _count(con: Any, view: str, region_id: str) -> int:
+    if not _has_view(con, view):
+        return 0
+    return int(con.execute(f"SELECT count(*) FROM {view} WHERE region = ?", [region_id]).fetchone()[0])  # fmt: skip
+
+
+def _cell_size(count_sql: Callable[[float], str], con: Any, params: list[Any], limit: int) -> float:
+    """The grid cell edge, in degrees, doubling from 0.001 (about 110 m) until
+    ``count_sql(size)`` counts at most ``limit`` cells."""
+    size = 0.001
+    while (con.execute(count_sql(size), params).fetchone() or (0,))[0] > limit:
+        size *= 2
+    return size
+
+
+def _point_cells(con: Any, view: str, region_id: str) -> list[dict[str, Any]]:
+    """``view``'s points of the region counted on a longitude/latitude grid, in DuckDB.
+
+    The cell edge doubles from 0.001 degrees (about 110 m) until there are at most
+    ``MAX_POINTS`` cells; each cell is one feature at the mean position of its points,
+    saying how many it holds (and how many are open, and their dates, for grievances).
+    """
+    import shapely
+
+    where = "region = ? AND geometry IS NOT NULL AND NOT ST_IsEmpty(geometry)"
+
+    def cell_of(size: float) -> str:
+        return f"floor(ST_X(geometry) / {size})::BIGINT, floor(ST_Y(geometry) / {size})::BIGINT"
+
+    size = _cell_size(
+        lambda size: f"SELECT count(DISTINCT ({cell_of(size)})) FROM {view} WHERE {where}",
+        con, [region_id], MAX_POINTS,
+    )  # fmt: skip
+    cell = cell_of(size)
+    rows = con.execute(
+        f"SELECT avg(ST_X(geometry)), avg(ST_Y(geometry)), count(*), "
+        f"count(*) FILTER (WHERE coalesce(status, 'open') = 'open'), min(date), max(date), "
+        f"sum(population) FROM {view} WHERE {where} GROUP BY {cell} ORDER BY 3 DESC, 1, 2",
+        [region_id],
+    ).fetchall()
+    what = "grievances" if view == "grievances" else "settlements"
+    out = []
+    for i, (x, y, count, open_, first, last, population) in enumerate(rows):
+        out.append({
+            "feature_id": f"{view}-cell-{i + 1}",
+            "name": f"{count:,} {what} in this {size:g} degree cell",
+            "category": f"aggregated: {count:,} points",
+            "status": f"{open_:,} open" if view == "grievances" else None,
+            "date": f"{first} to {last}" if first is not None else None,
+            "population": population,
+            "holder": None, "area_ha": None, "concession_id": None,
+            "points": int(count), "cell_deg": size,
+            "geometry": shapely.Point(x, y),
+        })  # fmt: skip
+    return out
+
+
+#: Change rows of one period beyond this many reach the maps as areas summed on a grid
+#: (per first-seen period for mining, per kind for abandoned land) instead of one
+#: polygon each: a region with a million sites still makes a page of a few MB.
+MAX_POLYGONS = 5000
+MINING_KINDS = ("new", "expanded", "stable")
+
+
+def _change_cells(con: Any, region_id: str, period: str) -> list[dict[str, Any]]:
+    """The period's change rows summed on a longitude/latitude grid, in DuckDB.
+
+    The cell edge doubles from 0.001 degrees (about 110 m) until each group (mining by
+    first-seen period, abandoned and re-vegetating land by kind) has at most
+    ``MAX_POLYGONS`` cells in all. Each cell is a square saying how many areas and how
+    many hectares it holds; mining first seen this period counts as ``new``.
+    """
+    import shapely
+
+    where = "region = ? AND period = ? AND geometry IS NOT NULL AND NOT ST_IsEmpty(geometry)"
+    group = (
+        f"CASE WHEN kind IN {MINING_KINDS} THEN 'mining:' || coalesce(first_seen_period, period) "
+        "ELSE kind END"
+    )
+
+    def cell_of(size: float) -> str:
+        return f"floor(ST_X(ST_Centroid(geometry)) / {size})::BIGINT AS cx, floor(ST_Y(ST_Centroid(geometry)) / {size})::BIGINT AS cy"  # fmt: skip
+
+    def count_sql(size: float) -> str:
+        return f"SELECT count(*) FROM (SELECT DISTINCT {cell_of(size)}, {group} AS g FROM asm_change WHERE {where})"  # fmt: skip
+
+    size = _cell_size(count_sql, con, [region_id, period], MAX_POLYGONS)
+    cell = cell_of(size)
+    rows = con.execute(
+        f"SELECT cx, cy, {group} AS g, count(*), sum(area_ha), avg(mean_ndvi) FROM "
+        f"(SELECT *, {cell} FROM asm_change WHERE {where}) GROUP BY ALL ORDER BY cx, cy, g",
+        [region_id, period],
+    ).fetchall()
+    out = []
+    for i, (cx, cy, g, count, area, ndvi) in enumerate(rows):
+        first = g.split(":", 1)[1] if g.startswith("mining:") else None
+        kind = ("new" if first == period else "stable") if first is not None else g
+        out.append({
+            "change_id": f"{region_id}-{period}-cell-{i + 1}", "kind": kind,
+            "area_ha": float(area), "first_seen_period": first,
+            "mean_ndvi": float(ndvi) if ndvi is not None else None,
+            "areas": int(count), "cell_deg": size,
+            "geometry": shapely.box(cx * size, cy * size, (cx + 1) * size, (cy + 1) * size),
+        })  # fmt: skip
+    return out
+
+
+def gather(root: Path, region: Region) -> RegionData:
+    """Read everything the reports need for ``region`` from the catalog under ``root``."""
+    import shapely
+
+    from pipelines.infra.layout import CATALOG_FILE, composite_path
+    from pipelines.stages.catalog import open_catalog
+    from pipelines.stages.risk import SEVERITY_ORDER
+
+    db = root / CATALOG_FILE
+    con = open_catalog(root)
+    try:
+        if not _has_view(con, "region_summary"):
+            raise ReportError(
+                f"{db} has no region_summary view: materialise asm_change for region "
+                f"{region.id!r} first"
+            )
+        summary = _rows(
+            con, "SELECT * FROM region_summary WHERE region = ? ORDER BY period_start", [region.id]
+        )
+        known = {p.id for p in region.periods}
+        summary = [s for s in summary if s["period"] in known]
+        if not summary:
+            raise ReportError(
+                f"region {region.id!r} has no change summary yet: materialise asm_change "
+                f"for its periods ({', '.join(p.id for p in region.periods)}) first"
+            )
+        periods = [s["period"] for s in summary]
+
+        def geo_rows(view: str, where: str, params: list[Any], order: str = "") -> list[dict[str, Any]]:  # fmt: skip
+            if not _has_view(con, view):
+                return []
+            rows = _rows(
+                con,
+                f"SELECT * EXCLUDE (geometry, bbox), ST_AsWKB(geometry) AS wkb FROM {view} "
+                f"WHERE {where} {order}",
+                params,
+            )
+            for r in rows:
+                r["geometry"] = shapely.from_wkb(bytes(r.pop("wkb")))
+            return rows
+
+        def rows(view: str, order: str) -> dict[str, list[dict[str, Any]]]:
+            if not _has_view(con, view):
+                return {p: [] for p in periods}
+            return {
+                p: _rows(
+                    con,
+                    f"SELECT * FROM {view} WHERE region = ? AND period = ? {order}",
+                    [region.id, p],
+                )
+                for p in periods
+            }
+
+        def change_rows(p: str) -> list[dict[str, Any]]:
+            if _has_view(con, "asm_change"):
+                sql = "SELECT count(*) FROM asm_change WHERE region = ? AND period = ?"
+                n = (con.execute(sql, [region.id, p]).fetchone() or (0,))[0]
+                if n > MAX_POLYGONS:
+                    return _change_cells(con, region.id, p)
+            return geo_rows(
+                "asm_change", "region = ? AND period = ?", [region.id, p], "ORDER BY change_id"
+            )
+
+        change = {p: change_rows(p) for p in periods}
+        context = {
+            layer: (
+                _point_cells(con, layer, region.id)
+                if layer in POINT_LAYERS and _count(con, layer, region.id) > MAX_POINTS
+                else geo_rows(layer, "region = ?", [region.id], "ORDER BY feature_id")
+            )
+            for layer in (*CONTEXT_STYLES, *WEB_ONLY_STYLES)
+        }
+        alerts = {
+            p: geo_rows(
+                "alerts",
+                "region = ? AND period = ?",
+                [region.id, p],
+                f"ORDER BY {SEVERITY_ORDER}, area_ha DESC, alert_id",
+            )
+            for p in periods
+        }
+        risk = rows("concession_risk", "ORDER BY score DESC, concession_id")
+        pressure = rows("protected_area_pressure", "ORDER BY asm_area_ha DESC, area_id")
+    finally:
+        con.close()
+    backdrops = {
+        p: composite_path(root, region.id, p)
+        for p in periods
+        if composite_path(root, region.id, p).exists()
+    }
+    return RegionData(region, periods, summary, change, context, risk, pressure, alerts, backdrops)
+
+
+# ---------------------------------------------------------------- backdrop (true colour)
+
+
+def true_colour(cog: Path, max_px: int = BACKDROP_PX, dst_crs: str | None = None) -> tuple[np.ndarray, tuple[float, float, float, float], str]:  # fmt: skip
+    """An RGBA uint8 image of a composite (B04, B03, B02), read from its overviews.
+
+    Returns (image, (left, bottom, right, top), crs). With ``dst_crs`` the image is
+    warped there (EPSG:3857 for the web map, whose image overlays are linear in it).
+    No-data pixels are transparent.
+    """
+    import rasterio
+    from rasterio.enums import Resampling
+    from rasterio.warp import calculate_default_transform, reproject
+
+    with rasterio.open(cog) as src:
+        names = list(src.descriptions)
+        try:
+            idx = [names.index(b) + 1 for b in ("B04", "B03", "B02")]
+        except ValueError as e:
+            raise ReportError(f"{cog}: not an asmwatch composite (bands {names})") from e
+        scale = max(1.0, max(src.width, src.height) / max_px)
+        shape = (max(1, round(src.height / scale)), max(1, round(src.width / scale)))
+        rgb = src.read(idx, out_shape=(3, *shape), resampling=Resampling.average).astype("float32")
+        transform = src.transform * src.transform.scale(src.width / shape[1], src.height / shape[0])
+        crs = src.crs
+        bounds = rasterio.transform.array_bounds(shape[0], shape[1], transform)
+        if dst_crs is not None:
+            dst_t, w, h = calculate_default_transform(crs, dst_crs, shape[1], shape[0], *bounds)
+            out = np.full((3, h, w), np.nan, dtype="float32")
+            reproject(
+                rgb, out, src_transform=transform, src_crs=crs, dst_transform=dst_t,
+                dst_crs=dst_crs, resampling=Resampling.bilinear, src_nodata=np.nan,
+                dst_nodata=np.nan,
+            )  # fmt: skip
+            rgb, crs = out, dst_crs
+            bounds = rasterio.transform.array_bounds(h, w, dst_t)
+    valid = np.isfinite(rgb).all(axis=0)
+    # A fixed stretch (reflectance 0-0.25, gamma 1/1.6) keeps periods comparable.
+    img = np.clip(np.nan_to_num(rgb) / 0.25, 0, 1) ** (1 / 1.6)
+    rgba = np.dstack([(img * 255).astype("uint8").transpose(1, 2, 0), np.where(valid, 255, 0).astype("uint8")])  # fmt: skip
+    left, bottom, right, top = bounds
+    return rgba, (left, bottom, right, top), str(crs)
+
+
+def composite_preview(cog: Path, max_px: int = 320) -> bytes:
+    """A small true-colour PNG of a composite, for the Dagster UI."""
+    return _png(true_colour(cog, max_px=max_px)[0])
+
+
+def probability_preview(cog: Path, max_px: int = 320) -> bytes:
+    """A small PNG of a probability raster (magma, 0 dark to 1 bright; no-data transparent)."""
+    import rasterio
+    from matplotlib import colormaps
+    from rasterio.enums import Resampling
+
+    with rasterio.open(cog) as src:
+        scale = max(1.0, max(src.width, src.height) / max_px)
+        shape = (max(1, round(src.height / scale)), max(1, round(src.width / scale)))
+        p = src.read(1, out_shape=shape, resampling=Resampling.average).astype("float32")
+    rgba = (colormaps["magma"](np.clip(np.nan_to_num(p), 0, 1)) * 255).astype("uint8")
+    rgba[..., 3] = np.where(np.isfinite(p), 255, 0)
+    return _png(rgba)
+
+
+def _png(rgba: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+# ---------------------------------------------------------------- expansion map (PNG)
+
+
+def first_seen_areas(data: RegionData) -> dict[str, list[Any]]:
+    """period -> geometries of mining first seen in that period, still or once mined.
+
+    The mining of each period split by ``first_seen_period``: what a colour-per-year map
+    shows. Areas mined and later abandoned keep the colour of the period they appeared.
+    """
+    out: dict[str, list[Any]] = {p: [] for p in data.periods}
+    seen: set[str] = set()
+    for p in data.periods:
+        for r in data.change[p]:
+            if r["kind"] in ("new", "expanded") and r["change_id"] not in seen:
+                seen.add(r["change_id"])
+                out.setdefault(r["first_seen_period"] or p, []).append(r["geometry"])
+    return {p: out.get(p, []) for p in data.periods}
+
+
+def expansion_map(data: RegionData, target: Path) -> Path:
+    """Write the colour-per-period expansion map of ``data`` to ``target`` (PNG)."""
+    import geopandas as gpd
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    from pipelines.infra.grid import bbox_utm_epsg
+
+    region = data.region
+    crs = f"EPSG:{bbox_utm_epsg(region.bbox)}"
+    fig, ax = plt.subplots(figsize=(9, 8), dpi=120)
+    extent = None
+    if data.backdrops:
+        rgba, (left, bottom, right, top), img_crs = true_colour(data.backdrops[data.latest])
+        crs = img_crs
+        ax.imshow(rgba, extent=(left, right, bottom, top), interpolation="bilinear")
+        extent = (left, right, bottom, top)
+    else:
+        ax.set_facecolor("#f2efe9")
+    colours = period_colours(len(data.periods))
+    handles = []
+    areas = first_seen_areas(data)
+    for p, colour in zip(data.periods, colours, strict=True):
+        geoms = areas[p]
+        if geoms:
+            frame = gpd.GeoSeries(geoms, crs="EPSG:4326").to_crs(crs)
+            frame.plot(ax=ax, color=colour, edgecolor=colour, linewidth=0.3)
+            ha = float(frame.area.sum() / 1e4)
+        else:
+            ha = 0.0
+        handles.append(Patch(facecolor=colour, label=f"ASM first seen {p}: {ha:,.1f} ha"))
+    for layer, (label, colour) in CONTEXT_STYLES.items():
+        rows = data.context.get(layer) or []
+        if rows:
+            gpd.GeoSeries([r["geometry"] for r in rows], crs="EPSG:4326").to_crs(crs).boundary.plot(
+                ax=ax, color=colour, linewidth=1.2, linestyle="--" if layer == "indigenous_lands" else "-"
+            )  # fmt: skip
+            handles.append(Patch(facecolor="none", edgecolor=colour, label=f"{label} ({len(rows)})"))  # fmt: skip
+    if extent is not None:
+        ax.set_xlim(extent[0], extent[1])
+        ax.set_ylim(extent[2], extent[3])
+    summary = data.summary
+    growth = summary[-1]["growth_vs_first"] if len(summary) > 1 else None
+    title = f"{region.name}\nASM expansion {data.periods[0]}-{data.latest}"
+    if growth is not None:
+        title += f": mining area x{growth:.2f}"
+    # Names are text, never TeX: "$5 a gram" or "$x^2$" must not be set as maths (a
+    # malformed formula would crash the map). Period ids are plain by the regions file.
+    ax.set_title(title, fontsize=11, parse_math=False)
+    ax.set_xlabel(f"easting (m, {crs})", fontsize=8)
+    ax.set_ylabel("northing (m)", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.ticklabel_format(style="plain", useOffset=False)
+    ax.legend(handles=handles, loc="lower left", fontsize=7, framealpha=0.85)
+    fig.text(
+        0.01, 0.005,
+        "asmwatch. Backdrop: median Sentinel-2 L2A composite of "
+        f"{data.latest if data.backdrops else '-'} (contains modified Copernicus Sentinel data).",
+        fontsize=6, color="#555555",
+    )  # fmt: skip
+    fig.tight_layout()
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return target
+
+
+# ---------------------------------------------------------------- region report (HTML)
+
+
+def _fmt(v: Any, digits: int = 1) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    return str(v)
+
+
+def templates() -> Any:
+    """The one template engine of the reports: Jinja2 over pipelines/templates, HTML
+    escaped by default, an undefined name an error, ``n`` formatting numbers."""
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(Path(__file__).resolve().parents[1] / "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    env.filters["n"] = _fmt
+    return env
+
+
+def region_report(data: RegionData, target: Path, png: bytes, webmap_name: str = "webmap.html") -> Path:  # fmt: skip
+    """Write the HTML region report (self-contained: the map is embedded)."""
+    env = templates()
+    latest = data.latest
+    s = data.summary
+    first, last = s[0], s[-1]
+    text = env.get_template("report.html.j2").render(
+        region=data.region,
+        generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        summary=s,
+        first=first,
+        last=last,
+        latest=latest,
+        colours=dict(zip(data.periods, period_colours(len(data.periods)), strict=True)),
+        risk=data.risk.get(latest, [])[:10],
+        components=COMPONENTS,
+        pressure=[r for r in data.pressure.get(latest, []) if r["site_count"] or r["asm_area_ha"]],
+        pressure_all=len(data.pressure.get(latest, [])),
+        alerts=data.alerts.get(latest, [])[:REPORT_ALERTS],
+        alert_total=len(data.alerts.get(latest, [])),
+        alert_counts={p: len(data.alerts.get(p, [])) for p in data.periods},
+        map_uri=_data_uri(png),
+        webmap=webmap_name,
+    )
+    with atomic_path(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return target
+
+
+# ---------------------------------------------------------------- web map (Leaflet)
+
+
+def leaflet_assets() -> tuple[str, str]:
+    """Leaflet's JS and CSS from the pinned xstatic-leaflet package (never a CDN)."""
+    try:
+        import xstatic.pkg.leaflet as xl
+    except ImportError as e:  # pragma: no cover - a pinned dependency
+        raise ReportError("xstatic-leaflet is not installed; run `make setup`") from e
+    base = Path(xl.BASE_DIR)
+    return (base / "leaflet.js").read_text(encoding="utf-8"), (base / "leaflet.css").read_text(encoding="utf-8")  # fmt: skip
+
+
+def _feature(geom: Any, props: dict[str, Any]) -> dict[str, Any]:
+    import shapely
+
+    g = shapely.simplify(geom, WEB_SIMPLIFY_DEG, preserve_topology=True)
+    clean = {}
+    for k, v in props.items():
+        if isinstance(v, float) and not np.isfinite(v):
+            v = None
+        elif isinstance(v, float):
+            v = round(v, 3)
+        elif v is not None and not isinstance(v, (int, str, bool)):
+            v = str(v)
+        clean[k] = v
+    return {"type": "Feature", "geometry": json.loads(shapely.to_geojson(shapely.set_precision(g, 1e-6))), "properties": clean}  # fmt: skip
+
+
+CHANGE_PROPERTIES = ("change_id", "kind", "area_ha", "first_seen_period", "mean_ndvi")
+
+
+def _change_features(rows: list[dict[str, Any]], kinds: tuple[str, ...]) -> list[dict[str, Any]]:
+    out = []
+    for r in rows:
+        if r["kind"] in kinds:
+            props = {k: r[k] for k in CHANGE_PROPERTIES}
+            if "areas" in r:  # a grid cell standing for many areas (``MAX_POLYGONS``)
+                props["areas"], props["cell_deg"] = r["areas"], r["cell_deg"]
+            out.append(_feature(r["geometry"], props))
+    return out
+
+
+def web_data(data: RegionData) -> dict[str, Any]:
+    """The JSON document the web map draws: layers per period and context layers."""
+    colours = period_colours(len(data.periods))
+    periods = []
+    for p, colour in zip(data.periods, colours, strict=True):
+        mining = _change_features(data.change[p], ("new", "expanded", "stable"))
+        reveg = _change_features(data.change[p], ("abandoned", "revegetating"))
+        alerts = [
+            _feature(
+                r["geometry"].representative_point(),
+                {
+                    k: r[k]
+                    for k in (
+                        "alert_id",
+                        "kind",
+                        "severity",
+                        "feature_layer",
+                        "feature_name",
+                        "distance_m",
+                        "area_ha",
+                    )
+                },
+            )
+            for r in data.alerts[p]
+        ]
+        risk = {
+            r["concession_id"]: {
+                k: r[k] for k in ("score", "band", *(f"score_{c}" for c in COMPONENTS))
+            }
+            for r in data.risk.get(p, [])
+        }
+        summary = next(s for s in data.summary if s["period"] == p)
+        backdrop = None
+        if p in data.backdrops:
+            rgba, (left, bottom, right, top), _ = true_colour(data.backdrops[p], dst_crs="EPSG:3857")  # fmt: skip
+            from pyproj import Transformer
+
+            to_ll = Transformer.from_crs("EPSG:3857", "EPSG:4326", always_xy=True)
+            (w, s_), (e, n) = to_ll.transform(left, bottom), to_ll.transform(right, top)
+            backdrop = {"url": _data_uri(_png(rgba)), "bounds": [[s_, w], [n, e]]}
+        periods.append(
+            {
+                "id": p,
+                "colour": colour,
+                "mining_ha": summary["mining_ha"],
+                "growth_vs_previous": summary["growth_vs_previous"],
+                "mining": {"type": "FeatureCollection", "features": mining},
+                "revegetating": {"type": "FeatureCollection", "features": reveg},
+                "alerts": {"type": "FeatureCollection", "features": alerts},
+                "risk": risk,
+                "backdrop": backdrop,
+            }
+        )
+    context = {}
+    for layer, (label, colour) in {**CONTEXT_STYLES, **WEB_ONLY_STYLES}.items():
+        feats = [
+            _feature(
+                r["geometry"],
+                {
+                    k: r.get(k)
+                    for k in (
+                        "feature_id",
+                        "name",
+                        "category",
+                        "holder",
+                        "status",
+                        "area_ha",
+                        "population",
+                        "date",
+                        "concession_id",
+                    )
+                },
+            )
+            for r in data.context.get(layer, [])
+        ]
+        if not feats and layer in WEB_ONLY_STYLES:
+            continue  # optional layers the region does not have
+        rows = data.context.get(layer, [])
+        cells = bool(rows) and "points" in rows[0]
+        for f, r in zip(feats, rows, strict=True):
+            if cells:
+                f["properties"]["points"] = r["points"]
+        context[layer] = {
+            "label": label, "colour": colour,
+            "data": {"type": "FeatureCollection", "features": feats},
+            # Aggregated point layers: how many points, on cells of what size.
+            "points": sum(r["points"] for r in rows) if cells else len(feats),
+            "cell_deg": rows[0]["cell_deg"] if cells else None,
+        }  # fmt: skip
+    w, s_, e, n = data.region.bbox
+    return {
+        "region": {"id": data.region.id, "name": data.region.name, "bbox": [[s_, w], [n, e]]},
+        "periods": periods,
+        "context": context,
+        "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def web_map(data: RegionData, target: Path) -> Path:
+    """Write the offline interactive map (one HTML file, Leaflet inlined)."""
+    js, css = leaflet_assets()
+    doc = json.dumps(web_data(data), separators=(",", ":"), allow_nan=False)
+    # JSON inside <script> must not close the element: escape '<' (and so '</script>').
+    doc = doc.replace("<", "\\u003c")
+    from markupsafe import Markup
+
+    # The title is escaped by the template; Leaflet's files and the data are made safe
+    # for their <style>/<script> elements here, and inserted as they are.
+    page = (
+        templates()
+        .get_template("webmap.html")
+        .render(
+            TITLE=f"{data.region.name}: ASM web map",
+            LEAFLET_CSS=Markup(css),
+            LEAFLET_JS=Markup(js.replace("</script", "<\\/script")),
+            DATA=Markup(doc),
+        )
+    )
+    with atomic_path(target) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return target
+
+
+# ---------------------------------------------------------------- all three
+
+
+@dataclass
+class Reports:
+    directory: Path
+    expansion_png: Path
+    report_html: Path
+    webmap_html: Path
+    data: RegionData
+    thumbnail: bytes  # a small PNG of the expansion map, for the Dagster UI
+
+
+def thumbnail(png_path: Path, width: int = 320) -> bytes:
+    """A small palette PNG of ``png_path`` (tens of kB), for a Markdown preview in the UI."""
+    from PIL import Image
+
+    with Image.open(png_path) as im:
+        small = im.convert("RGB")
+        small.thumbnail((width, width))
+        buf = io.BytesIO()
+        small.quantize(colors=96).save(buf, format="PNG", optimize=True)
+        return buf.getvalue()
+
+
+def markdown_image(png: bytes, alt: str) -> str:
+    """A Markdown image with the PNG inline, as the Dagster UI renders asset metadata."""
+    return f"![{alt}]({_data_uri(png)})"
+
+
+def make_reports(root: Path, region: Region, say: Callable[[str], None] = log.info) -> Reports:
+    """Gather the region's tables and write the map, the report and the web map."""
+    data = gather(root, region)
+    out = report_dir(root, region.id)
+    say(f"reports {region.id}: periods {', '.join(data.periods)}; writing to {out}")
+    png = expansion_map(data, out / "expansion.png")
+    say(f"reports {region.id}: expansion map {png}")
+    webmap = web_map(data, out / "webmap.html")
+    say(f"reports {region.id}: web map {webmap} ({webmap.stat().st_size / 1e6:.1f} MB)")
+    report = region_report(data, out / "report.html", png.read_bytes())
+    say(f"reports {region.id}: region report {report}")
+    for path in (png, webmap, report):  # reports are for sharing
+        path.chmod(0o644)
+    return Reports(out, png, report, webmap, data, thumbnail(png))

@@ -1,0 +1,244 @@
+"""The risk stage: the SQL of sql/ run over the catalog's views, one region and period at
+a time, and its rows written as (Geo)Parquet tables the catalog exposes as views.
+
+Each table is one SQL file (``sql/<table>.sql``). It takes bound parameters only
+(``$region``, ``$period``, ``$utm`` and the few its header lists), so no value from a
+regions file or a context layer is ever pasted into SQL text. Areas and distances are
+measured in the region's UTM zone, the CRS the composites and sites use. A region without
+some context layer gets an empty stand-in view of the same columns: concession risk for
+a region with no settlements layer simply counts none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipelines.infra.grid import bbox_utm_epsg
+from pipelines.infra.layout import risk_path
+from pipelines.infra.storage import atomic_path
+from pipelines.regions import Region
+from pipelines.stages.catalog import load_sql, open_catalog
+
+TABLES = ("concession_risk", "protected_area_pressure", "hotspots", "alerts")
+NEEDS: dict[str, tuple[str, ...]] = {
+    "concession_risk": (
+        "asm_sites",
+        "asm_change",
+        "concessions",
+        "settlements",
+        "indigenous_lands",
+        "grievances",
+    ),
+    "protected_area_pressure": ("asm_sites", "asm_change", "protected_areas", "indigenous_lands"),
+    "hotspots": ("asm_sites", "asm_change"),
+    "alerts": ("asm_change", "concessions", "protected_areas", "indigenous_lands"),
+}
+#: Alerts most severe first (the order sql/alerts.sql writes them in).
+SEVERITY_ORDER = "CASE severity WHEN 'critical' THEN 0 WHEN 'high' THEN 1 ELSE 2 END"
+DEFAULT_ALERT_DISTANCE_M = 5000.0
+DEFAULT_H3_RESOLUTION = 7
+DEFAULT_MIN_ALERT_HA = 0.5  # the sites' minimum mapping unit
+
+# Column stand-ins for views a region lacks (names and types as the real views have).
+_CONTEXT = (
+    "NULL::VARCHAR AS region, NULL::VARCHAR AS layer, NULL::VARCHAR AS feature_id, "
+    "NULL::VARCHAR AS name, NULL::VARCHAR AS category, NULL::DOUBLE AS area_ha, "
+    "NULL::VARCHAR AS holder, NULL::VARCHAR AS status, NULL::DOUBLE AS population, "
+    "NULL::DATE AS date, NULL::VARCHAR AS place, NULL::VARCHAR AS concession_id"
+)
+_EMPTY = "ST_GeomFromText('POLYGON EMPTY') AS geometry"
+STAND_INS = {
+    "asm_sites": "NULL::VARCHAR AS region, NULL::VARCHAR AS period, NULL::VARCHAR AS site_id, NULL::DOUBLE AS area_ha",
+    "asm_change": "NULL::VARCHAR AS region, NULL::VARCHAR AS period, NULL::VARCHAR AS kind, NULL::VARCHAR AS change_id, NULL::DOUBLE AS area_ha",
+    **{
+        v: _CONTEXT
+        for v in ("concessions", "settlements", "indigenous_lands", "protected_areas", "grievances")
+    },
+}
+
+
+class RiskError(ValueError):
+    """A risk table that cannot be computed; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class RiskSettings:
+    alert_distance_m: float = DEFAULT_ALERT_DISTANCE_M
+    h3_resolution: int = DEFAULT_H3_RESOLUTION
+    min_alert_ha: float = DEFAULT_MIN_ALERT_HA
+
+
+def _h3_function(con: Any) -> None:
+    """Register ``h3_cell(lat, lon, resolution)``, the h3 package's latlng_to_cell."""
+    import h3
+    import pyarrow as pa
+    from duckdb import sqltypes
+
+    def h3_cell(lat: Any, lon: Any, res: Any) -> Any:
+        cells = [
+            h3.latlng_to_cell(y, x, r) if y is not None and x is not None else None
+            for y, x, r in zip(lat.to_pylist(), lon.to_pylist(), res.to_pylist(), strict=True)
+        ]
+        return pa.array(cells, pa.string())
+
+    con.create_function(
+        "h3_cell", h3_cell, [sqltypes.DOUBLE, sqltypes.DOUBLE, sqltypes.INTEGER],
+        sqltypes.VARCHAR, type="arrow", null_handling="special",
+    )  # fmt: skip
+
+
+def parameters(
+    table: str, region: Region, period_id: str, settings: RiskSettings, now: dt.datetime
+) -> dict[str, Any]:
+    """The bound parameters the table's SQL names, and no others."""
+    period = region.period(period_id)
+    previous = region.previous_period(period_id)
+    values: dict[str, Any] = {
+        "region": region.id,
+        "period": period_id,
+        "previous": previous.id if previous else None,
+        "period_end": period.end,
+        "utm": f"EPSG:{bbox_utm_epsg(region.bbox)}",
+        "alert_distance_m": float(settings.alert_distance_m),
+        "min_alert_ha": float(settings.min_alert_ha),
+        "created_at": now,
+        "resolution": int(settings.h3_resolution),
+    }
+    used = set(re.findall(r"\$([a-z_]+)", load_sql(table)))
+    unknown = used - set(values)
+    if unknown:
+        raise RiskError(f"sql/{table}.sql names unknown parameters: {', '.join(sorted(unknown))}")
+    return {k: v for k, v in values.items() if k in used}
+
+
+@contextlib.contextmanager
+def _prepared(
+    root: Path,
+    table: str,
+    region: Region,
+    period_id: str,
+    settings: RiskSettings | None,
+    now: dt.datetime | None,
+) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """A catalog connection ready for ``sql/<table>.sql`` and its bound parameters."""
+    if table not in TABLES:
+        raise RiskError(f"unknown risk table {table!r} (known: {', '.join(TABLES)})")
+    settings = settings or RiskSettings()
+    if not 0 < settings.alert_distance_m <= 100_000:
+        raise RiskError("alert distance must be between 0 and 100 km")
+    if not 0 <= settings.h3_resolution <= 15:
+        raise RiskError("H3 resolution must be 0 to 15")
+    params = parameters(table, region, period_id, settings, now or dt.datetime.now(dt.UTC))
+    con = open_catalog(root)
+    try:
+        have = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
+        for view in NEEDS[table]:
+            if view not in have:  # names from this module, never input
+                con.execute(
+                    f"CREATE TEMP VIEW {view} AS SELECT {STAND_INS[view]}, {_EMPTY} WHERE false"
+                )
+        if table == "hotspots":
+            _h3_function(con)
+        yield con, params
+    finally:
+        con.close()
+
+
+def compute(
+    root: Path,
+    table: str,
+    region: Region,
+    period_id: str,
+    settings: RiskSettings | None = None,
+    now: dt.datetime | None = None,
+) -> Any:
+    """The rows of ``table`` for one region and period, as a pyarrow Table (in memory:
+    for small results and tests; the assets write with ``write_rows``)."""
+    with _prepared(root, table, region, period_id, settings, now) as (con, params):
+        return con.execute(load_sql(table), params).to_arrow_table()
+
+
+def write_rows(
+    root: Path,
+    table: str,
+    region: Region,
+    period_id: str,
+    settings: RiskSettings | None = None,
+    now: dt.datetime | None = None,
+) -> Path:
+    """Compute ``table`` for one region and period and write it, streaming.
+
+    DuckDB runs the SQL and writes the Parquet file itself (``COPY ... TO``), row group
+    by row group: memory is bounded by ``catalog.MEMORY_LIMIT`` (DuckDB spills beyond it), not
+    by the size of the result, and no column ever passes through Arrow's 2 GiB arrays.
+    The alerts' WKB becomes a GeoParquet geometry column (EPSG:4326, as every other
+    table's) with a bbox covering column. Hotspots, whose cell polygons
+    come from the h3 package, are written from memory (one row per cell).
+    """
+    if table == "hotspots":
+        rows = compute(root, table, region, period_id, settings, now)
+        return write_table(rows, root, table, region.id, period_id)
+    from pipelines.stages.catalog import sql_literal
+
+    target = risk_path(root, table, region.id, period_id)
+    body = load_sql(table).strip().rstrip(";")
+    if table == "alerts":  # WKB in the SQL's result: GeoParquet geometry and bbox here
+        body = (
+            "SELECT * EXCLUDE (geometry, g), g AS geometry, struct_pack(xmin := ST_XMin(g), "
+            "ymin := ST_YMin(g), xmax := ST_XMax(g), ymax := ST_YMax(g)) AS bbox "
+            f"FROM (SELECT *, ST_SetCRS(ST_GeomFromWKB(geometry), 'EPSG:4326') AS g FROM ({body}))"
+        )
+    import pyarrow.parquet as pq
+
+    prepared = _prepared(root, table, region, period_id, settings, now)
+    with prepared as (con, params), atomic_path(target) as tmp:
+        to = sql_literal(str(tmp))
+        con.execute(f"COPY ({body}) TO {to} (FORMAT parquet, ROW_GROUP_SIZE 100000)", params)
+        empty = pq.read_metadata(tmp).num_rows == 0
+    if empty and table == "alerts":
+        # DuckDB writes no GeoParquet metadata for an empty result; readers would see a
+        # BLOB. Nothing to stream: the in-memory writer makes the same empty table.
+        return write_table(compute(root, table, region, period_id, settings, now), root, table, region.id, period_id)  # fmt: skip
+    return target
+
+
+def write_table(rows: Any, root: Path, table: str, region_id: str, period_id: str) -> Path:
+    """(Geo)Parquet, atomically; re-running a period replaces its rows, never adds to them.
+
+    Tables with a WKB ``geometry`` column (alerts) become GeoParquet in EPSG:4326 with a
+    bbox covering column; hotspots get their H3 cell polygons.
+    """
+    import pyarrow.parquet as pq
+
+    target = risk_path(root, table, region_id, period_id)
+    frame = None
+    if "geometry" in rows.column_names:
+        import geopandas as gpd
+
+        df = rows.to_pandas()
+        frame = gpd.GeoDataFrame(
+            df.drop(columns="geometry"), geometry=gpd.GeoSeries.from_wkb(df["geometry"]), crs=4326
+        )
+    elif table == "hotspots":
+        import geopandas as gpd
+        import h3
+        import shapely
+
+        df = rows.to_pandas()
+        cells = [
+            shapely.Polygon([(lon, lat) for lat, lon in h3.cell_to_boundary(c)])
+            for c in df["h3_cell"]
+        ]
+        frame = gpd.GeoDataFrame(df, geometry=cells, crs=4326)
+    with atomic_path(target) as tmp:
+        if frame is not None:
+            frame.to_parquet(tmp, write_covering_bbox=True, index=False)
+        else:
+            pq.write_table(rows, tmp)
+    return target

@@ -1,0 +1,248 @@
+"""Reports: the expansion map, the HTML region report and the offline web map.
+
+They are checked against the tables of one real demo run (the session's ``demo_run``),
+and the web map is opened in headless Chromium (Debian's package, which `make test`
+installs) through Playwright: layers must draw their features, the period selector must
+switch them, nothing may be fetched from the network, and the console must stay clean.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pipelines.regions import load_regions
+from pipelines.stages.catalog import connect, refresh_views
+from pipelines.stages.reports import ReportError, make_reports, period_colours
+
+ROOT = Path(__file__).resolve().parents[3]
+REGION = "demo-huepetuhe"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+HOSTILE = '<script>alert("x")</script><img src=x onerror=alert(1)>'
+
+
+def _rows(root: Path, sql: str, params: list[Any] | None = None) -> list[Any]:
+    con = connect(root / "asmwatch.duckdb", read_only=True)
+    try:
+        return con.execute(sql, params or []).fetchall()
+    finally:
+        con.close()
+
+
+def _region() -> Any:
+    return load_regions(ROOT / "regions.yaml").get(REGION)
+
+
+@pytest.mark.slow
+def test_region_report_shows_the_tables(demo_run: tuple[Path, str]) -> None:
+    root, _ = demo_run
+    page = (root / "reports" / REGION / "report.html").read_text(encoding="utf-8")
+    summary = _rows(
+        root,
+        "SELECT period, mining_ha, growth_vs_previous FROM region_summary WHERE region = ? "
+        "ORDER BY period_start",
+        [REGION],
+    )
+    assert [r[0] for r in summary] == ["2019", "2020", "2021"]
+    for period, mining, growth in summary:
+        assert f"{mining:,.1f}" in page, period
+        if growth is not None:
+            assert f"{growth:,.3f}" in page
+    top = _rows(
+        root,
+        "SELECT name, score, score_inside, score_proximity FROM concession_risk "
+        "WHERE region = ? AND period = '2021' ORDER BY score DESC LIMIT 1",
+        [REGION],
+    )[0]
+    assert top[0] in page and f"<b>{top[1]:,.1f}</b>" in page
+    n_alerts = _rows(root, "SELECT count(*) FROM alerts WHERE region = ? AND period = '2021'", [REGION])  # fmt: skip
+    assert f"{n_alerts[0][0]} alert(s)" in page
+    assert 'id="pressure"' in page and 'id="alerts"' in page
+    assert 'src="data:image/png;base64,' in page  # the map is inside the page
+    # Offline: nothing is loaded from elsewhere.
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)
+
+
+@pytest.mark.slow
+def test_expansion_map_has_a_colour_per_period(demo_run: tuple[Path, str]) -> None:
+    from PIL import Image
+
+    root, _ = demo_run
+    with Image.open(root / "reports" / REGION / "expansion.png") as im:
+        assert im.format == "PNG" and im.width >= 800 and im.height >= 700
+        px = np.asarray(im.convert("RGB")).reshape(-1, 3).astype(int)
+    for colour in period_colours(3):
+        rgb = np.array([int(colour[i : i + 2], 16) for i in (1, 3, 5)])
+        share = float((np.abs(px - rgb).sum(axis=1) <= 6).mean())
+        assert share > 0.001, f"{colour}: {share:.5f} of the map"
+
+
+def _open(page_path: Path, screenshot: Path) -> dict[str, Any]:
+    """Open the web map in headless Chromium; what it drew, logged and fetched."""
+    from playwright.sync_api import sync_playwright
+
+    if not CHROMIUM.exists() and os.environ.get("CI"):
+        pytest.fail(f"{CHROMIUM} is absent in CI: `make test` should have installed chromium")
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is absent: `make test` installs Debian's chromium (needs root)")
+    seen: dict[str, Any] = {"console": [], "requests": [], "dialogs": []}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.on("console", lambda m: seen["console"].append((m.type, m.text)))
+            page.on("pageerror", lambda e: seen["console"].append(("pageerror", str(e))))
+            page.on("request", lambda r: seen["requests"].append(r.url))
+            page.on("dialog", lambda d: (seen["dialogs"].append(d.message), d.dismiss()))
+            page.goto(page_path.as_uri())
+            page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+            seen["counts"] = page.evaluate("window.asmwatch.counts()")
+            seen["period"] = page.evaluate("window.asmwatch.current()")
+            seen["dom"] = {
+                cls: page.locator(f"path.asm-layer-{cls}").count()
+                for cls in (
+                    "mining",
+                    "revegetating",
+                    "alerts",
+                    "protected_areas",
+                    "indigenous_lands",
+                    "concessions",
+                    "settlements",
+                    "grievances",
+                )
+            }
+            seen["backdrops"] = page.locator("img.asm-backdrop").count()
+            page.screenshot(path=str(screenshot))
+            page.select_option("#period", "0")
+            seen["first"] = page.evaluate("window.asmwatch.counts()")
+            seen["first_period"] = page.get_attribute("body", "data-period")
+            seen["stats"] = page.text_content("#period-stats")
+            seen["popup"] = page.evaluate("window.asmwatch.popup('concessions', 0)")
+        finally:
+            browser.close()
+    return seen
+
+
+@pytest.mark.slow
+def test_web_map_renders_offline_in_chromium(demo_run: tuple[Path, str]) -> None:
+    root, _ = demo_run
+    shot = root / "reports" / REGION / "webmap-screenshot.png"
+    seen = _open(root / "reports" / REGION / "webmap.html", shot)
+    assert seen["console"] == [] and seen["dialogs"] == []
+    # Only the page itself (and images inside it) were loaded: Leaflet is inlined.
+    assert [u for u in seen["requests"] if not u.startswith("data:")] == [(root / "reports" / REGION / "webmap.html").as_uri()]  # fmt: skip
+
+    def n(sql: str, period: str) -> int:
+        return _rows(root, sql, [REGION, period])[0][0]
+
+    mining_sql = "SELECT count(*) FROM asm_change WHERE region = ? AND period = ? AND kind IN ('new', 'expanded', 'stable')"  # fmt: skip
+    former_sql = "SELECT count(*) FROM asm_change WHERE region = ? AND period = ? AND kind IN ('abandoned', 'revegetating')"  # fmt: skip
+    alerts_sql = "SELECT count(*) FROM alerts WHERE region = ? AND period = ?"
+    latest, first = seen["counts"], seen["first"]
+    assert seen["period"] == "2021"
+    assert latest["mining"] == n(mining_sql, "2021") > 0
+    assert latest["revegetating"] == n(former_sql, "2021") > 0
+    assert latest["alerts"] == n(alerts_sql, "2021") > 0
+    for layer in (
+        "protected_areas",
+        "indigenous_lands",
+        "concessions",
+        "settlements",
+        "grievances",
+    ):
+        want = _rows(root, f"SELECT count(*) FROM {layer} WHERE region = ?", [REGION])[0][0]
+        assert latest[layer] == want > 0
+        assert seen["dom"][layer] == want  # drawn as SVG paths (points: circle markers)
+    # Every feature is drawn (a feature is one SVG path, or more for collections).
+    assert seen["dom"]["mining"] >= latest["mining"] and seen["dom"]["alerts"] == latest["alerts"]
+    assert seen["backdrops"] == 1
+    # The selector switches to the first period: its own layers, no alerts in a baseline.
+    assert seen["first_period"] == "2019" and first["mining"] == n(mining_sql, "2019")
+    assert first["alerts"] == 0 and first["revegetating"] == 0
+    assert "2019" in seen["stats"] and "ha of ASM" in seen["stats"]
+    assert "risk 2019" in seen["popup"]
+    # The screenshot shows a map, not a blank page.
+    from PIL import Image
+
+    with Image.open(shot) as im:
+        px = np.asarray(im.convert("RGB"))
+    assert px.shape[:2] == (900, 1200) and px.reshape(-1, 3).std(axis=0).mean() > 20
+
+
+@pytest.mark.slow
+def test_reports_treat_names_as_text(demo_run: tuple[Path, str], tmp_path: Path) -> None:
+    """A concession named like an attack stays text in the report and the web map."""
+    import geopandas as gpd
+
+    root = tmp_path / "data"
+    shutil.copytree(demo_run[0], root, ignore=shutil.ignore_patterns("dagster_home", "embedded", "probability", "models"))  # fmt: skip
+    for table in ("context/demo-huepetuhe/concessions.parquet",):
+        frame = gpd.read_parquet(root / table)
+        frame["name"] = HOSTILE
+        frame.to_parquet(root / table, write_covering_bbox=True, index=False)
+    for path in (root / "risk" / "concession_risk" / REGION).glob("*.parquet"):
+        import pandas as pd
+
+        frame = pd.read_parquet(path)
+        frame["name"] = HOSTILE
+        frame.to_parquet(path, index=False)
+    refresh_views(root)
+    out = make_reports(root, _region())
+    page = out.report_html.read_text(encoding="utf-8")
+    assert HOSTILE not in page and "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in page
+    webmap = out.webmap_html.read_text(encoding="utf-8")
+    assert "<script>alert" not in webmap  # the JSON escapes '<'
+    seen = _open(out.webmap_html, tmp_path / "shot.png")
+    assert seen["dialogs"] == [] and seen["console"] == []
+    assert HOSTILE in seen["popup"]  # shown as text
+
+
+def test_reports_need_the_tables(tmp_path: Path) -> None:
+    # No catalog: it is built from the files (none yet), then the report says what to run.
+    with pytest.raises(ReportError, match="materialise asm_change"):
+        make_reports(tmp_path, _region())
+    assert (tmp_path / "asmwatch.duckdb").exists()
+    refresh_views(tmp_path)  # a catalog with no tables yet
+    with pytest.raises(ReportError, match="materialise asm_change"):
+        make_reports(tmp_path, _region())
+    assert not (tmp_path / "reports").exists()
+
+
+@pytest.mark.slow
+def test_a_million_sites_make_a_small_web_map_that_opens_fast(
+    demo_run: tuple[Path, str], tmp_path: Path
+) -> None:
+    """1,000,000 change areas in a period reach the maps as areas summed on a grid."""
+    import shutil
+    import time
+
+    from bench.report import write_change
+    from pipelines.regions import load_regions
+    from pipelines.stages.reports import MAX_POLYGONS, make_reports
+
+    root = tmp_path / "data"
+    shutil.copytree(demo_run[0], root, symlinks=True)
+    write_change(root, 1_000_000)
+    region = load_regions(ROOT / "regions.yaml").get(REGION)
+    t = time.perf_counter()
+    reports = make_reports(root, region, say=lambda _m: None)
+    made = time.perf_counter() - t
+    size = reports.webmap_html.stat().st_size
+    assert size < 20e6, f"web map {size / 1e6:.1f} MB"
+    t = time.perf_counter()
+    seen = _open(reports.webmap_html, tmp_path / "shot.png")
+    opened = time.perf_counter() - t
+    assert seen["console"] == [] and seen["period"] == "2021"
+    assert 0 < seen["counts"]["mining"] <= MAX_POLYGONS
+    print(f"1,000,000 change areas: reports in {made:.1f} s, web map {size / 1e6:.1f} MB, opened in {opened:.1f} s")  # fmt: skip
+    assert opened < 30, "opens in a few seconds (30 s bound for a loaded CI machine)"

@@ -1,0 +1,208 @@
+"""concession_risk, hotspots and alerts on a hand-made world whose answers are known."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import h3
+import pytest
+import shapely
+from pyproj import Transformer
+
+from pipelines.infra.layout import sites_path
+from pipelines.regions import parse_regions
+from pipelines.stages.catalog import connect, refresh_views
+from pipelines.stages.change import detect_change, write_change
+from pipelines.stages.context import read_context, write_context
+from pipelines.stages.risk import RiskError, RiskSettings, compute, write_table
+from pipelines.stages.sites import COLUMNS, conform, write_sites
+
+HOSTILE = "Reserva'); DROP VIEW asm_sites; --"  # a name as an attacker would write it
+X0, Y0 = 330_000.0, 8_560_000.0  # UTM 19S, near -70.56, -13.03
+TO_LL = Transformer.from_crs(32719, 4326, always_xy=True).transform
+
+
+def box(x: float, y: float, w: float, h: float) -> shapely.Polygon:
+    return shapely.box(X0 + x, Y0 + y, X0 + x + w, Y0 + y + h)
+
+
+def pt(x: float, y: float) -> shapely.Point:
+    return shapely.Point(X0 + x, Y0 + y)
+
+
+def ll(geom: Any) -> Any:
+    return shapely.transform(geom, TO_LL, interleaved=False)
+
+
+def layer(path: Path, geoms: list[Any], **cols: list[Any]) -> str:
+    gpd.GeoDataFrame(cols, geometry=[ll(g) for g in geoms], crs=4326).to_file(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    d = tmp_path_factory.mktemp("risk-world")
+    context = {
+        "concessions": layer(
+            d / "c.geojson",
+            [box(0, 0, 1000, 1000)],
+            concession_id=["C1"],
+            name=["Mina Grande"],
+            holder=["LSM Co"],
+        ),
+        "protected_areas": layer(
+            d / "p.geojson", [box(3900, -500, 1000, 1000)], area_id=["PA1"], name=[HOSTILE]
+        ),
+        "indigenous_lands": layer(
+            d / "i.geojson", [box(-3000, 0, 500, 500)], area_id=["IL1"], name=["Comunidad"]
+        ),
+        "settlements": layer(
+            d / "s.geojson", [pt(-1000, 500), pt(500, 3000), pt(20000, 0)], name=["A", "B", "far"]
+        ),
+        "grievances": str(d / "g.csv"),
+    }
+    g1, g3, g4 = (TO_LL(X0 + 200, Y0 + 200), TO_LL(X0 + 1500, Y0 + 500), TO_LL(X0 + 300, Y0 + 300))
+    (d / "g.csv").write_text(
+        "grievance_id,date,lon,lat,category,status,concession_id\n"
+        f"G1,2020-03-01,{g1[0]},{g1[1]},water,open,C1\n"
+        f"G2,2020-04-01,{g1[0]},{g1[1]},land,closed,C1\n"
+        f"G3,2020-05-01,{g3[0]},{g3[1]},noise,open,\n"
+        f"G4,2021-02-01,{g4[0]},{g4[1]},water,open,C1\n"
+    )
+    w, s = TO_LL(X0 - 12000, Y0 - 12000)
+    e, n = TO_LL(X0 + 12000, Y0 + 12000)
+    doc = {
+        "regions": [
+            {
+                "id": "riskw",
+                "aoi": {"bbox": [w, s, e, n]},
+                "periods": [2019, 2020],
+                "context": context,
+            }
+        ]
+    }
+    region = parse_regions(doc).regions[0]
+    root = d / "root"
+    for kind in context:
+        write_context(read_context(region, kind, Path(region.context[kind])), root, region.id)
+    inside, near, mid, far = (
+        box(400, 400, 200, 200),
+        box(1500, 450, 100, 100),
+        box(4000, 0, 100, 100),
+        box(9000, 0, 100, 100),
+    )
+    previous, history = None, None
+    for period, geoms in (
+        ("2019", {"in": inside}),
+        ("2020", {"in": inside, "near": near, "mid": mid, "far": far}),
+    ):
+        sites = gpd.GeoDataFrame(
+            {"site_id": list(geoms), "region": "riskw", "period": period,
+             "area_ha": [g.area / 1e4 for g in geoms.values()], "mean_probability": 0.9,
+             "mapped_area_ha": float("nan"), "first_seen_period": None, "source": "test"},
+            geometry=[ll(g) for g in geoms.values()], crs=4326,
+        )  # fmt: skip
+        sites = conform(sites[list(COLUMNS)])
+        write_sites(sites, sites_path(root, "riskw", period))
+        change = detect_change(region, period, sites, previous, previous_change=history)
+        write_change(change, root, "riskw", period)
+        previous, history = sites, change.frame
+    refresh_views(root)
+    return root, region
+
+
+def test_concession_risk_components_and_score(world: tuple[Path, Any]) -> None:
+    root, region = world
+    (row,) = compute(root, "concession_risk", region, "2020").to_pylist()
+    assert row["concession_id"] == "C1" and row["holder"] == "LSM Co"
+    assert row["asm_inside_ha"] == pytest.approx(4.0, abs=1e-3)
+    assert (row["asm_0_1km_ha"], row["asm_1_5km_ha"], row["asm_5_10km_ha"]) == pytest.approx(
+        (1.0, 1.0, 1.0), abs=1e-3
+    )
+    assert row["new_asm_ha"] == pytest.approx(3.0, abs=1e-3)
+    assert row["growth_rate"] == pytest.approx(7 / 4, abs=1e-3) and row["nearest_asm_m"] == 0
+    assert (row["settlements_nearby"], row["communities_nearby"], row["open_grievances"]) == (
+        2,
+        1,
+        2,
+    )
+    parts = {k: row[k] for k in row if k.startswith("score_")}
+    assert parts == pytest.approx(
+        {
+            "score_inside": 12.0,
+            "score_proximity": 1.7,
+            "score_new": 12.0,
+            "score_growth": 7.5,
+            "score_people": 10.0,
+            "score_grievances": 6.67,
+        },
+        abs=0.01,
+    )
+    assert row["score"] == pytest.approx(sum(parts.values()), abs=0.1) and row["band"] == "medium"
+    (first,) = compute(root, "concession_risk", region, "2019").to_pylist()
+    assert first["growth_rate"] is None and first["open_grievances"] == 0  # G1 is from 2020
+
+
+def test_hotspots_cells_hold_every_site(world: tuple[Path, Any]) -> None:
+    root, region = world
+    rows = compute(root, "hotspots", region, "2020", RiskSettings(h3_resolution=8)).to_pylist()
+    assert sum(r["asm_area_ha"] for r in rows) == pytest.approx(7.0, abs=1e-3)
+    assert sum(r["new_asm_ha"] for r in rows) == pytest.approx(3.0, abs=1e-3)
+    assert sum(r["site_count"] for r in rows) == 4 and all(
+        h3.is_valid_cell(r["h3_cell"]) for r in rows
+    )
+    sites = gpd.read_parquet(sites_path(root, "riskw", "2020"))
+    expected = {h3.latlng_to_cell(p.y, p.x, 8) for p in sites.geometry.representative_point()}
+    assert {r["h3_cell"] for r in rows} == expected
+    path = write_table(compute(root, "hotspots", region, "2020"), root, "hotspots", "riskw", "2020")
+    cells = gpd.read_parquet(path)
+    assert cells.crs.to_epsg() == 4326 and cells.geom_type.eq("Polygon").all()
+
+
+def test_alerts_kinds_severity_and_no_duplicates(world: tuple[Path, Any]) -> None:
+    root, region = world
+    t = dt.datetime(2026, 11, 22, tzinfo=dt.UTC)
+    rows = compute(root, "alerts", region, "2020", now=t).to_pylist()
+    got = sorted((r["kind"], r["severity"], round(r["distance_m"])) for r in rows)
+    assert got == [
+        ("in_protected_area", "high", 0),
+        ("near_concession", "high", 500),
+        ("near_concession", "medium", 3000),
+    ]
+    wide = compute(
+        root, "alerts", region, "2020", RiskSettings(alert_distance_m=10_000)
+    ).to_pylist()
+    assert len(wide) == 4  # the 8 km site too
+    for _ in range(2):  # re-running the period replaces its alerts
+        write_table(compute(root, "alerts", region, "2020"), root, "alerts", "riskw", "2020")
+    refresh_views(root)
+    con = connect(root / "asmwatch.duckdb", read_only=True)
+    n, distinct = con.execute(
+        "SELECT count(*), count(DISTINCT alert_id) FROM alerts WHERE region = ?", ["riskw"]
+    ).fetchone()  # type: ignore[misc]
+    con.close()
+    assert n == distinct == 3
+    # Text from a context layer travels as data, never as SQL: the name comes back whole
+    # and the views are all still there.
+    assert HOSTILE in {r["feature_name"] for r in rows}
+    con = connect(root / "asmwatch.duckdb", read_only=True)
+    views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
+    con.close()
+    assert {"asm_sites", "asm_change", "alerts", "protected_areas"} <= views
+    again = compute(root, "alerts", region, "2020").to_pylist()
+    assert sorted(r["alert_id"] for r in again) == sorted(r["alert_id"] for r in rows)
+    assert compute(root, "alerts", region, "2019").num_rows == 0  # the baseline period
+    with pytest.raises(RiskError, match="alert distance"):
+        compute(root, "alerts", region, "2020", RiskSettings(alert_distance_m=-1))
+
+
+def test_a_region_without_layers_gets_empty_tables(world: tuple[Path, Any]) -> None:
+    root, region = world
+    import dataclasses
+
+    bare = dataclasses.replace(region, id="bare")  # no context files, no sites under this id
+    assert compute(root, "concession_risk", bare, "2020").num_rows == 0
+    assert compute(root, "alerts", bare, "2020").num_rows == 0
