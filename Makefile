@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.asmwatch-installed
 export ASMWATCH_DATA ?= $(CURDIR)/data
 export DAGSTER_HOME ?= $(ASMWATCH_DATA)/dagster_home
 
-.PHONY: demo test test-all ui bench lint setup clean browser
+.PHONY: demo test test-all ui bench lint setup clean browser ogrinfo
 
 # `make test` leaves out the tests marked slow (end-to-end runs: the demo, the Dagster UI,
 # dask clusters of processes, tile invariance, killed runs); CI (CI=true) and `make
@@ -34,12 +34,21 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium is missing (sudo apt-get install chromium); the web-map test will skip"; fi; }
 
-test: $(STAMP) browser
+# Debian's ogrinfo (gdal-bin: GDAL 3.6, no Parquet driver, as QGIS on Debian uses) for
+# the export test (tests/pipelines/stages/test_export.py), installed when missing and we are root.
+ogrinfo:
+	@command -v ogrinfo >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian's gdal-bin for the export test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gdal-bin >/dev/null; \
+	  else echo "ogrinfo is missing (sudo apt-get install gdal-bin); the export test will skip"; fi; }
+
+test: $(STAMP) browser ogrinfo
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(SLOW)
 
-test-all: $(STAMP) browser
+test-all: $(STAMP) browser ogrinfo
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest

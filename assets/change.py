@@ -13,6 +13,7 @@ from assets.resources import AsmwatchSettings, fail_fast
 from pipelines.infra.errors import MissingInputError
 from pipelines.stages.catalog import refresh_views
 from pipelines.stages.change import KINDS, change_for_period
+from pipelines.thresholds import NDVI_RECOVERED, number
 
 
 @dg.asset(
@@ -25,7 +26,7 @@ from pipelines.stages.change import KINDS, change_for_period
     metadata=column_schema("asm_change"),
     description=(
         "Period-over-period ASM change for a region: new, expanded, stable, abandoned and "
-        "re-vegetating areas (re-vegetation: mean composite NDVI >= 0.35 on land mined the "
+        f"re-vegetating areas (re-vegetation: mean composite NDVI >= {number(NDVI_RECOVERED)} on land mined the "
         "period before), with first_seen_period. Needs asm_sites of this and the previous "
         "period of the region (materialise periods in order). GeoParquet at "
         "`change/<region>/<period>.parquet` and the `asm_change` view; one row per region "

@@ -437,16 +437,28 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _cmd_sql(args: argparse.Namespace) -> int:
-    """A query against the catalog: read-only, no file access outside the data root."""
+    """A query against the catalog: read-only, no file access outside the data root.
+
+    Bad SQL gets one line naming the problem and exit 2 (no traceback); ``--output``
+    writes csv, json lines or Parquet atomically (a failed query leaves no file)."""
     import duckdb
 
     from pipelines.stages.catalog import (
         AnalystQueryError,
         CatalogError,
         connect_analyst,
+        one_line,
         run_analyst_query,
     )
 
+    fmt = "table" if args.format == "box" else args.format
+    if fmt == "parquet" and not args.output:
+        print("asmwatch sql: --format parquet writes a file: give --output FILE", file=sys.stderr)
+        return 2
+    if fmt == "table" and args.output:
+        print("asmwatch sql: --output takes --format csv, json or parquet", file=sys.stderr)
+        return 2
+    max_rows = args.max_rows if args.max_rows is not None else (50 if fmt == "table" else 0)
     root = data_root(args.data)
     if not root.is_dir():
         print(f"no data root at {root}: run `make demo` or materialise an asset first", file=sys.stderr)  # fmt: skip
@@ -460,28 +472,91 @@ def _cmd_sql(args: argparse.Namespace) -> int:
         rel = run_analyst_query(con, args.query)
         if rel is None:
             return 0
-        if args.format == "box":
-            rel.show(max_rows=args.max_rows, max_width=200)
+        if fmt == "table":
+            rel.show(max_rows=max_rows or 10**9, max_width=200)
+            return 0
+        if max_rows > 0:
+            rel = rel.limit(max_rows)
+        if args.output:
+            rows = _write_query(rel, fmt, Path(args.output))
+            print(f"wrote {rows} rows to {args.output}", file=sys.stderr)
         else:
-            import csv
-            import json
-
-            rows = rel.fetchmany(args.max_rows) if args.max_rows > 0 else rel.fetchall()
-            if args.format == "csv":
-                w = csv.writer(sys.stdout)
-                w.writerow(rel.columns)
-                w.writerows(rows)
-            else:
-                for row in rows:
-                    print(json.dumps(dict(zip(rel.columns, row, strict=True)), default=str, ensure_ascii=False))  # fmt: skip
+            _print_query(rel, fmt, sys.stdout)
     except AnalystQueryError as e:
         print(f"asmwatch sql: {e}", file=sys.stderr)
         return 2
     except duckdb.Error as e:
-        print(f"asmwatch sql: {type(e).__name__.removesuffix('Exception')} error: {e}", file=sys.stderr)  # fmt: skip
-        return 1
+        print(f"asmwatch sql: {one_line(e)}", file=sys.stderr)
+        return 2
     finally:
         con.close()
+    return 0
+
+
+def _print_query(rel: Any, fmt: str, out: Any) -> int:
+    """A query's rows as CSV (with a header) or JSON lines on ``out``; the row count."""
+    import csv
+    import json
+
+    n = 0
+    writer = csv.writer(out) if fmt == "csv" else None
+    if writer is not None:
+        writer.writerow(rel.columns)
+    while batch := rel.fetchmany(10_000):
+        for row in batch:
+            if writer is not None:
+                writer.writerow(row)
+            else:
+                print(json.dumps(dict(zip(rel.columns, row, strict=True)), default=str, ensure_ascii=False), file=out)  # fmt: skip
+        n += len(batch)
+    return n
+
+
+def _write_query(rel: Any, fmt: str, path: Path) -> int:
+    """The query's rows into ``path`` (csv, json lines or Parquet), atomically."""
+    from pipelines.infra.storage import atomic_path
+
+    with atomic_path(path) as tmp:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            table = rel.to_arrow_table()
+            pq.write_table(table, tmp)
+            return int(table.num_rows)
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            return _print_query(rel, fmt, f)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    """A region's tables for desktop GIS: GeoPackage, FlatGeobuf or GeoJSON."""
+    from pipelines.stages.export import ExportError, export_region
+
+    root = data_root(args.data)
+    config = load_regions(Path(args.regions) if args.regions else None)
+    try:
+        region = config.get(args.region)
+    except KeyError as e:
+        print(str(e.args[0]), file=sys.stderr)
+        return 2
+    wanted = [p.strip() for chunk in (args.periods or []) for p in chunk.split(",") if p.strip()]
+    try:
+        periods = [region.period(p).id for p in wanted] or [p.id for p in region.periods]
+    except KeyError as e:
+        print(f"asmwatch export: {e.args[0]}", file=sys.stderr)
+        return 2
+    try:
+        result = export_region(
+            root, region.id, periods, args.format, Path(args.output) if args.output else None,
+            say=print,
+        )  # fmt: skip
+    except ExportError as e:
+        print(f"asmwatch export: {e}", file=sys.stderr)
+        return 2
+    if result.missing:
+        print(f"not materialised, left out: {', '.join(result.missing)}", file=sys.stderr)
+    if result.empty:
+        print(f"no rows, left out: {', '.join(result.empty)}")
+    print(f"wrote {len(result.tables)} tables to {result.path} ({args.format}; EPSG:4326)")
     return 0
 
 
@@ -587,17 +662,32 @@ def main(argv: list[str] | None = None) -> int:
 
     q = command("sql", "run a query against the DuckDB catalog (read-only)",
                 "asmwatch sql \"SELECT period, mining_ha FROM region_summary ORDER BY period\"",
-                "asmwatch sql \"SELECT * FROM alerts\" --format csv --max-rows 0 > alerts.csv")  # fmt: skip
+                "asmwatch sql \"SELECT * FROM alerts\" --format csv > alerts.csv",
+                "asmwatch sql \"SELECT * FROM asm_sites\" --format parquet --output sites.parquet")  # fmt: skip
     q.add_argument("query")
     q.add_argument("--data", help=DATA_HELP)
-    q.add_argument("--max-rows", type=int, default=50, help="rows shown (0: all, csv/json only)")
+    q.add_argument("--max-rows", type=int, default=None, help="rows shown (default: 50 for a table, all otherwise; 0: all)")  # fmt: skip
     q.add_argument(
         "--format",
-        choices=("box", "csv", "json"),
-        default="box",
-        help="box (default), csv, or json lines",
+        choices=("table", "box", "csv", "json", "parquet"),
+        default="table",
+        help="table (default; box is the same), csv, json lines, or parquet (with --output)",
     )
+    q.add_argument("--output", metavar="FILE", help="write the rows to FILE (written whole or not at all)")  # fmt: skip
     q.set_defaults(func=_cmd_sql)
+
+    x = command("export", "write a region's tables for QGIS and other desktop GIS",
+                "asmwatch export madre-de-dios                      # madre-de-dios.gpkg",
+                "asmwatch export kwale --period 2024 --format fgb --output kwale-2024",
+                "asmwatch export demo-huepetuhe --format geojson")  # fmt: skip
+    x.add_argument("region", help="region id from the regions file")
+    x.add_argument("--period", dest="periods", action="append", help=PERIOD_HELP)
+    x.add_argument("--format", choices=("gpkg", "fgb", "geojson"), default="gpkg",
+                   help="gpkg (default: one file, a layer per table), fgb or geojson (a folder, a file per table; attribute tables as CSV)")  # fmt: skip
+    x.add_argument("--output", help="the file (gpkg) or folder (fgb, geojson); default: <region>.gpkg or <region>-<format>/")  # fmt: skip
+    x.add_argument("--data", help=DATA_HELP)
+    x.add_argument("--regions", help=REGIONS_HELP)
+    x.set_defaults(func=_cmd_export)
 
     args = ap.parse_args(argv)
     try:

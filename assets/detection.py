@@ -17,6 +17,7 @@ from assets.resources import AsmwatchSettings, DaskResource, TorchResource, fail
 from pipelines.infra.errors import MissingInputError
 from pipelines.stages.catalog import refresh_views
 from pipelines.stages.sites import sites_for_period
+from pipelines.thresholds import MMU_HA
 
 if TYPE_CHECKING:
     from ml.train import TrainConfig
@@ -190,7 +191,7 @@ def mining_probability(
 class AsmSitesConfig(dg.Config):
     """Polygonisation knobs; the threshold comes with the probability raster."""
 
-    mmu_ha: float = 0.5  # minimum mapping unit, hectares
+    mmu_ha: float = MMU_HA  # minimum mapping unit, hectares (pipelines.thresholds)
 
 
 @dg.asset(

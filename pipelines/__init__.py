@@ -4,6 +4,7 @@ The flow runs one way: regions -> STAC scenes -> composite -> probability -> sit
 change -> risk -> reports. The folder shows it:
 
 - ``regions.py``: the regions file (pydantic schema) that drives everything;
+- ``thresholds.py``: every threshold a reader of the outputs meets, defined once;
 - ``stages/``: one module or package per step, in flow order in its docstring;
 - ``infra/``: what the stages stand on (the data layout, atomic writes, the grid and
   tiling, chunked tables, data contracts, retries, health checks);

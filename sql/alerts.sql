@@ -4,7 +4,8 @@
 -- CRS), $alert_distance_m (DOUBLE), $min_alert_ha (DOUBLE: smaller change areas, edge
 -- noise of a 10 m grid, raise nothing), $previous (the previous period; a region's first
 -- period is its baseline, where all mining counts as new, and raises no alerts),
--- $created_at (TIMESTAMP of the run). alert_id is a
+-- $created_at (TIMESTAMP of the run), and the severity rules of pipelines/thresholds.py:
+-- $alert_high_within_m, $alert_critical_ha, $alert_high_ha. alert_id is a
 -- digest of region, period, kind, change and feature: a re-run gives the same ids, and
 -- the period's file is replaced, so alerts are never duplicated.
 -- Distances use the GEOS functions: DuckDB spatial 1.5.5's own ST_Distance and ST_DWithin
@@ -46,9 +47,9 @@ SELECT md5(concat_ws('|', $region, $period, kind, change_id, feature_layer, feat
        $region AS region, $period AS period, kind,
        CASE WHEN kind = 'near_concession' THEN
                 CASE WHEN distance_m = 0 THEN 'critical'
-                     WHEN distance_m <= 1000 THEN 'high' ELSE 'medium' END
-            ELSE CASE WHEN area_ha >= 5 THEN 'critical'
-                      WHEN area_ha >= 1 THEN 'high' ELSE 'medium' END
+                     WHEN distance_m <= $alert_high_within_m THEN 'high' ELSE 'medium' END
+            ELSE CASE WHEN area_ha >= $alert_critical_ha THEN 'critical'
+                      WHEN area_ha >= $alert_high_ha THEN 'high' ELSE 'medium' END
        END AS severity,
        change_id, feature_layer, feature_id, feature_name,
        round(distance_m, 1) AS distance_m, round(area_ha, 4) AS area_ha,

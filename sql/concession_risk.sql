@@ -2,7 +2,8 @@
 -- period, with every component of the score stored beside it (docs/risk.md gives the
 -- formula). Bound parameters only: $region, $period, $previous (the previous period id,
 -- or NULL for the first), $period_end (DATE: grievances reported up to then count), and
--- $utm (the region's UTM CRS, in which distances and areas are measured).
+-- $utm (the region's UTM CRS, in which distances and areas are measured), and the band
+-- cut-offs of pipelines/thresholds.py: $band_critical, $band_high, $band_medium.
 -- Distances use the GEOS functions: DuckDB spatial 1.5.5's own ST_Distance and ST_DWithin
 -- return 0 / true for some disjoint polygons (edges on one line; duckdb-spatial #657,
 -- #693), so the native ST_DWithin only pre-filters the join and ST_DWithin_GEOS decides.
@@ -107,9 +108,9 @@ SELECT concession_id, $region AS region, $period AS period, name, holder,
        -- The score is the sum of the components as stored (2 decimals), so a reader who
        -- adds them up gets the score (to its 1 decimal); the band follows the same sum.
        round(ri + rp + rn + rg + rpe + rgr, 1) AS score,
-       CASE WHEN ri + rp + rn + rg + rpe + rgr >= 75 THEN 'critical'
-            WHEN ri + rp + rn + rg + rpe + rgr >= 50 THEN 'high'
-            WHEN ri + rp + rn + rg + rpe + rgr >= 25 THEN 'medium'
+       CASE WHEN ri + rp + rn + rg + rpe + rgr >= $band_critical THEN 'critical'
+            WHEN ri + rp + rn + rg + rpe + rgr >= $band_high THEN 'high'
+            WHEN ri + rp + rn + rg + rpe + rgr >= $band_medium THEN 'medium'
             ELSE 'low' END AS band
 FROM (SELECT *, round(score_inside, 2) AS ri, round(score_proximity, 2) AS rp,
              round(score_new, 2) AS rn, round(score_growth, 2) AS rg,

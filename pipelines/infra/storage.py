@@ -62,8 +62,11 @@ def confined(root: Path, *parts: str, names: tuple[str, ...] | None = None) -> P
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success rename it onto ``target``.
+
+    ``suffix`` ends the temporary name (``.tmp.gpkg`` for a writer, such as GDAL's, that
+    checks the file's extension).
 
     On any exception the temporary file is removed and ``target`` is left as it was.
     """
@@ -71,7 +74,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_orphans(target.parent, target.name)
     fd, tmp = tempfile.mkstemp(
-        prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent
+        prefix=f".{target.name}.{os.getpid()}.", suffix=suffix, dir=target.parent
     )
     os.close(fd)
     tmp_path = Path(tmp)

@@ -5,6 +5,6 @@
 ``detection`` (the model, and probability maps) -> ``sites`` (or ``imports``:
 detections from elsewhere) -> ``change`` -> ``context`` (protected areas, lands,
 concessions, ...) -> ``risk`` (the SQL of sql/) -> ``catalog`` (DuckDB views) ->
-``reports``. Stages find each other's files through ``pipelines.infra.layout``, never by
-importing each other.
+``reports``; ``export`` writes a region's tables for desktop GIS. Stages find each
+other's files through ``pipelines.infra.layout``, never by importing each other.
 """

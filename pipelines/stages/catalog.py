@@ -177,6 +177,15 @@ def connect_analyst(
     return con
 
 
+def one_line(e: BaseException) -> str:
+    """A DuckDB error as one line: its first line, and DuckDB's "Did you mean" hint."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    hint = next((line for line in lines[1:] if line.startswith(("Did you mean", "Candidate"))), None)  # fmt: skip
+    return lines[0] + (f" ({hint})" if hint else "")
+
+
 class AnalystQueryError(ValueError):
     """A query ``asmwatch sql`` refuses or cannot parse; the message says why."""
 
@@ -186,7 +195,7 @@ def run_analyst_query(con: duckdb.DuckDBPyConnection, query: str) -> duckdb.Duck
     try:
         statements = con.extract_statements(query)
     except duckdb.ParserException as e:
-        raise AnalystQueryError(str(e)) from None
+        raise AnalystQueryError(one_line(e)) from None
     for st in statements:
         kind = st.type.name
         if kind not in ANALYST_STATEMENTS:
@@ -295,6 +304,8 @@ def refresh_views(
                     files = [f for f in files if f.split("/")[-2] in regions]
                 if not files:
                     status[view] = "no files yet"
+                    if view in CONTEXT_TABLES:  # a region without the layer has none of it
+                        empty_context_view(con, view)
                     continue
                 good: list[str] = []
                 bad: list[str] = []
@@ -350,6 +361,21 @@ def refresh_views(
         os.replace(staged, db)
         db.with_name(db.name + ".wal").unlink(missing_ok=True)  # from a pre-rename writer
     return status
+
+
+def empty_context_view(con: duckdb.DuckDBPyConnection, view: str) -> None:
+    """A context layer's view with its contract's columns and no rows: a query on a
+    layer no region has (``rivers``) returns nothing rather than a Catalog Error, as it
+    does for a region that lacks a layer others have."""
+    from pipelines.infra.checks import CONTRACTS
+
+    columns = ", ".join(
+        f"CAST(NULL AS {kind}) AS {name}" for name, kind in CONTRACTS["context"].columns.items()
+    )
+    bbox = "CAST(NULL AS STRUCT(xmin DOUBLE, ymin DOUBLE, xmax DOUBLE, ymax DOUBLE)) AS bbox"
+    con.execute(
+        f"CREATE OR REPLACE VIEW {view} AS SELECT {columns}, {bbox} WHERE false"
+    )  # names from the code
 
 
 def create_view(con: duckdb.DuckDBPyConnection, view: str, sql_name: str, files: list[str]) -> None:

@@ -64,12 +64,13 @@ from pipelines.infra.storage import atomic_path
 from pipelines.infra.tiling import DEFAULT_TILE, Span, Tiling, gdal_cache, read_window
 from pipelines.infra.vectors import polygonal_part
 from pipelines.regions import Region, RegionsError, parse_period
+from pipelines.thresholds import NDVI_RECOVERED
 
 KINDS = ("new", "expanded", "stable", "abandoned", "revegetating")
 # Mean composite NDVI at which formerly mined land counts as re-vegetating. Bare tailings,
 # sediment and ponds stay below about 0.25 (the demo's spectra: 0.12); first-year
 # regrowth reaches about 0.4, older regrowth 0.7; intact lowland forest is above 0.8.
-NDVI_RECOVERED = 0.35
+# The value: pipelines.thresholds.NDVI_RECOVERED.
 MIN_PART_HA = 0.01
 NDVI_HALO = 256  # px: parts up to this size are cut from their tile's NDVI window
 NDVI_CACHE_BYTES = 64 * 2**20  # GDAL's block cache while the NDVI means are read

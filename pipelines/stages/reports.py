@@ -507,6 +507,19 @@ def templates() -> Any:
     return env
 
 
+def threshold_texts() -> dict[str, str]:
+    """The thresholds the report states, as written (``pipelines.thresholds``)."""
+    from pipelines import thresholds as th
+
+    return {
+        "mmu_ha": th.number(th.MMU_HA),
+        "ndvi_recovered": th.number(th.NDVI_RECOVERED),
+        "band_critical": th.number(th.RISK_BAND_CRITICAL),
+        "band_high": th.number(th.RISK_BAND_HIGH),
+        "band_medium": th.number(th.RISK_BAND_MEDIUM),
+    }
+
+
 def region_report(data: RegionData, target: Path, png: bytes, webmap_name: str = "webmap.html") -> Path:  # fmt: skip
     """Write the HTML region report (self-contained: the map is embedded)."""
     env = templates()
@@ -516,6 +529,7 @@ def region_report(data: RegionData, target: Path, png: bytes, webmap_name: str =
     text = env.get_template("report.html.j2").render(
         region=data.region,
         generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        t=threshold_texts(),
         summary=s,
         first=first,
         last=last,

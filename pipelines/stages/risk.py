@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines import thresholds
 from pipelines.infra.grid import bbox_utm_epsg
 from pipelines.infra.layout import risk_path
 from pipelines.infra.storage import atomic_path
@@ -41,9 +42,9 @@ NEEDS: dict[str, tuple[str, ...]] = {
 }
 #: Alerts most severe first (the order sql/alerts.sql writes them in).
 SEVERITY_ORDER = "CASE severity WHEN 'critical' THEN 0 WHEN 'high' THEN 1 ELSE 2 END"
-DEFAULT_ALERT_DISTANCE_M = 5000.0
+DEFAULT_ALERT_DISTANCE_M = thresholds.ALERT_DISTANCE_M
 DEFAULT_H3_RESOLUTION = 7
-DEFAULT_MIN_ALERT_HA = 0.5  # the sites' minimum mapping unit
+DEFAULT_MIN_ALERT_HA = thresholds.MIN_ALERT_HA  # the sites' minimum mapping unit
 
 # Column stand-ins for views a region lacks (names and types as the real views have).
 _CONTEXT = (
@@ -109,6 +110,7 @@ def parameters(
         "min_alert_ha": float(settings.min_alert_ha),
         "created_at": now,
         "resolution": int(settings.h3_resolution),
+        **thresholds.sql_parameters(),
     }
     used = set(re.findall(r"\$([a-z_]+)", load_sql(table)))
     unknown = used - set(values)

@@ -67,8 +67,14 @@ def relative_hrefs(item: dict[str, Any], root: Path, target: Path) -> dict[str, 
     return {**item, "assets": assets}
 
 
-def write_scenes(result: SearchResult, region: Region, period: Period, root: Path) -> ScenesOutput:
-    """Store the normalised scenes atomically; an empty period removes a stale file."""
+def write_scenes(
+    result: SearchResult, region: Region, period: Period, root: Path, api_url: str | None = None
+) -> ScenesOutput:
+    """Store the normalised scenes atomically; an empty period removes a stale file.
+
+    Items keep their provider's links; an item with a ``collection`` but no collection
+    link (a provider that leaves links out) gets one to ``api_url``'s collection, as
+    the STAC item schema requires."""
     target = scenes_path(root, region.id, period.id)
     if not result.scenes:
         # The search succeeded and found nothing: the partition is truly empty now.
@@ -80,6 +86,8 @@ def write_scenes(result: SearchResult, region: Region, period: Period, root: Pat
         )
         for s in result.scenes
     ]
+    if api_url is not None:
+        items = [with_collection_link(item, api_url) for item in items]
     write_geoparquet(items, target)
     return ScenesOutput(path=target, result=result)
 
@@ -89,4 +97,15 @@ def find_scenes(
 ) -> ScenesOutput:
     """Search ``url`` and store what it finds: the whole stage in one call."""
     result = search_scenes(url, region, period, progress=progress)
-    return write_scenes(result, region, period, root)
+    return write_scenes(result, region, period, root, api_url=url)
+
+
+def with_collection_link(item: dict[str, Any], api_url: str) -> dict[str, Any]:
+    """``item`` with a ``collection`` link to ``api_url`` when it names a collection
+    and has none."""
+    collection = item.get("collection")
+    links = list(item.get("links") or [])
+    if not collection or any(link.get("rel") == "collection" for link in links):
+        return item
+    href = f"{api_url.rstrip('/')}/collections/{collection}"
+    return {**item, "links": [*links, {"rel": "collection", "href": href, "type": "application/json"}]}  # fmt: skip

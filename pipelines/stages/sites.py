@@ -45,13 +45,14 @@ from pipelines.infra.tiling import (
     resolve_client,
     run_tiles,
 )
+from pipelines.thresholds import MMU_HA
 
 if TYPE_CHECKING:
     from distributed import Client
 
     from pipelines.regions import Region
 
-DEFAULT_MMU_HA = 0.5
+DEFAULT_MMU_HA = MMU_HA
 COLUMNS = (
     "site_id", "region", "period", "area_ha", "mean_probability", "mapped_area_ha",
     "first_seen_period", "source", "geometry",

@@ -239,3 +239,84 @@ def test_run_takes_an_imported_detections_region_offline(tmp_path: Path) -> None
         assert code == 2 and "unknown asset(s) asm_sitez (known: scenes, composite" in err
         code, out, err = cli("run", "imported", "--period", "2019")
         assert code == 2 and "no period '2019'" in err
+
+
+@pytest.mark.slow
+def test_sql_for_analysts_formats_files_and_one_line_errors(
+    demo_run: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Bad SQL: one line and exit 2, never a traceback; rows as csv, json lines or
+    Parquet, to stdout or (whole or not at all) to a file; every context layer has a
+    view, empty where no region has the layer (the demo has no rivers)."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    root = str(demo_run[0])
+    capsys.readouterr()
+    for query, words in (
+        ("SELEC * FROM asm_sites", "Parser Error: syntax error"),
+        ("SELECT * FROM asm_site", 'Did you mean "asm_sites'),
+        ("SELECT nope FROM asm_sites", "Binder Error"),
+    ):
+        assert main(["sql", query, "--data", root]) == 2, query
+        err = capsys.readouterr().err
+        assert err.startswith("asmwatch sql: ") and words in err, err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert main(["sql", "SELECT count(*) AS n FROM rivers", "--data", root, "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["n", "0"]
+
+    q = "SELECT site_id, period, area_ha FROM asm_sites ORDER BY site_id"
+    assert main(["sql", q, "--data", root, "--format", "csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    n = len(lines) - 1
+    assert lines[0] == "site_id,period,area_ha" and n > 50  # csv: every row, not the 50 shown
+    assert main(["sql", q, "--data", root, "--format", "json", "--max-rows", "3"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 3 and set(rows[0]) == {"site_id", "period", "area_ha"}
+    out = tmp_path / "sites.parquet"
+    assert main(["sql", q, "--data", root, "--format", "parquet", "--output", str(out)]) == 0
+    assert f"wrote {n} rows to {out}" in capsys.readouterr().err
+    assert pq.read_table(out).column("site_id").to_pylist() == [line.split(",")[0] for line in lines[1:]]  # fmt: skip
+    csv_out = tmp_path / "sites.csv"
+    assert main(["sql", q, "--data", root, "--format", "csv", "--output", str(csv_out)]) == 0
+    assert csv_out.read_text().splitlines() == lines
+    # A failed query leaves the earlier file as it was, and nothing half written.
+    assert main(["sql", "SELECT nope FROM asm_sites", "--data", root, "--format", "csv", "--output", str(csv_out)]) == 2  # fmt: skip
+    assert csv_out.read_text().splitlines() == lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sites.csv", "sites.parquet"]
+    assert main(["sql", q, "--data", root, "--format", "parquet"]) == 2
+    assert "--output FILE" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_export_writes_the_demo_region_for_qgis(
+    demo_run: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import duckdb
+    import pyogrio
+
+    root = demo_run[0]
+    out = tmp_path / "demo.gpkg"
+    argv = ["export", "demo-huepetuhe", "--data", str(root), "--regions", str(ROOT / "regions.yaml")]  # fmt: skip
+    assert main([*argv, "--output", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert f"to {out} (gpkg; EPSG:4326)" in said
+    layers = {row[0] for row in pyogrio.list_layers(out)}
+    assert {"asm_sites", "asm_change", "region_summary", "alerts", "concession_risk",
+            "protected_areas", "concessions", "grievances"} <= layers  # fmt: skip
+    con = duckdb.connect()
+    for layer, folder in (("asm_sites", "sites"), ("asm_change", "change"),
+                          ("region_summary", "summary"), ("alerts", "risk/alerts")):  # fmt: skip
+        files = f"{root}/{folder}/demo-huepetuhe/*.parquet"
+        (n,) = con.execute("SELECT count(*) FROM read_parquet(?)", [files]).fetchone()  # type: ignore[misc]
+        assert len(pyogrio.read_dataframe(out, layer=layer, read_geometry=False)) == n, layer
+    con.close()
+    # One period, FlatGeobuf: a folder with a file per table.
+    folder = tmp_path / "fgb"
+    assert main([*argv, "--period", "2021", "--format", "fgb", "--output", str(folder)]) == 0
+    assert (folder / "asm_sites.fgb").exists() and (folder / "region_summary.csv").exists()
+    sites = pyogrio.read_dataframe(folder / "asm_sites.fgb")
+    assert set(sites["period"]) == {"2021"}
+    assert main([*argv, "--period", "1999"]) == 2
+    assert "'1999'" in capsys.readouterr().err

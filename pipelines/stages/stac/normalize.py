@@ -122,6 +122,10 @@ class Scene:
     #: s2cloudless; empty unless the region asks for it (``pipelines.stages.stac.l1c``).
     l1c_assets: Mapping[str, SceneAsset] = field(default_factory=dict)
     l1c_id: str | None = None
+    #: The provider's links worth keeping (``self``, ``collection``, ``root``, ...), with
+    #: absolute hrefs: where the scene came from, and the collection link a STAC item
+    #: with a ``collection`` must have.
+    links: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def baseline_number(self) -> float:
@@ -194,7 +198,7 @@ class Scene:
             "geometry": self.geometry,
             "bbox": list(self.bbox),
             "properties": props,
-            "links": [],
+            "links": [dict(link) for link in self.links],
             "assets": assets,
         }
 
@@ -457,7 +461,24 @@ def normalize_item(item: Mapping[str, Any]) -> Scene:
         bbox=bbox,
         assets=assets,
         properties=dict(props),
+        links=kept_links(item),
     )
+
+
+#: Link relations a normalised item keeps from its provider's.
+KEPT_LINK_RELS = ("self", "canonical", "collection", "parent", "root", "license", "derived_from")
+
+
+def kept_links(item: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
+    """The item's links with a kept relation and an absolute http(s) href."""
+    out = []
+    for link in item.get("links") or []:
+        if not isinstance(link, Mapping):
+            continue
+        href, rel = link.get("href"), link.get("rel")
+        if rel in KEPT_LINK_RELS and isinstance(href, str) and href.startswith(("http://", "https://")):  # fmt: skip
+            out.append({k: link[k] for k in ("rel", "href", "type", "title") if k in link})
+    return tuple(out)
 
 
 def _twin_rank(s: Scene) -> tuple[float, int, int, str]:
