@@ -281,7 +281,6 @@ def _query(root: Path, sql: str, params: list[Any]) -> list[Any]:
 
 def _print_risk(root: Path, region_id: str, period_id: str) -> None:
     """The riskiest concessions and the most severe alerts of the latest period."""
-    from pipelines.stages.risk import SEVERITY_ORDER
 
     top = _query(
         root,
@@ -292,8 +291,8 @@ def _print_risk(root: Path, region_id: str, period_id: str) -> None:
     )
     warned = _query(
         root,
-        "SELECT severity, kind, feature_name, distance_m, area_ha FROM alerts "
-        f"WHERE region = ? AND period = ? ORDER BY {SEVERITY_ORDER}, area_ha DESC LIMIT 8",
+        "SELECT alert_ref, severity, area_ha, summary FROM alerts "
+        "WHERE region = ? AND period = ? ORDER BY rank LIMIT 8",
         [region_id, period_id],
     )
     print(
@@ -305,8 +304,8 @@ def _print_risk(root: Path, region_id: str, period_id: str) -> None:
             + " + ".join(f"{p:.1f}" for p in parts)
         )
     print(f"Alerts {period_id}:" + ("" if warned else " none"))
-    for severity, kind, feature, distance, area in warned:
-        print(f"  {severity:8} {kind:20} {feature or '':28} {distance:8.0f} m {area:7.2f} ha")
+    for ref, severity, area, what in warned:
+        print(f"  {ref} {severity:8} {area:7.2f} ha  {what[:110]}")
 
 
 def _print_summary(root: Path, region_id: str) -> None:

@@ -23,8 +23,9 @@ EXPECTED: dict[str, tuple[str, ...]] = {
     "asm_change": (TEMPLATES["change"], TEMPLATES["summary"]),
     **{
         table: (TEMPLATES["risk"].replace("{table}", table),)
-        for table in ("concession_risk", "protected_area_pressure", "hotspots", "alerts")
+        for table in ("concession_risk", "protected_area_pressure", "hotspots")
     },
+    "alerts": tuple(TEMPLATES["risk"].replace("{table}", t) for t in ("alerts", "alert_features")),
 }
 
 

@@ -117,7 +117,7 @@ def region_report(
     table = "| period | ASM ha | new + expanded ha | x previous | alerts |\n|---|---|---|---|---|\n"
     table += "\n".join(
         f"| {s['period']} | {s['mining_ha']:.1f} | {s['new_ha'] + s['expanded_ha']:.1f} | "
-        f"{growth(s['growth_vs_previous'])} | {len(data.alerts.get(s['period'], []))} |"
+        f"{growth(s['growth_vs_previous'])} | {data.alert_total(s['period'])} |"
         for s in data.summary
     )
     return dg.MaterializeResult(
@@ -137,7 +137,7 @@ def region_report(
                 if top
                 else "none"
             ),
-            "alerts_latest": len(data.alerts.get(data.latest, [])),
+            "alerts_latest": data.alert_total(data.latest),
             "bytes": written,
         },
         check_results=[

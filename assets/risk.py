@@ -14,10 +14,12 @@ from assets.context import context_layers
 from assets.detection import asm_sites
 from assets.partitions import REGION_PERIODS, region_and_period
 from assets.resources import AsmwatchSettings, fail_fast
+from pipelines.infra.layout import risk_path
 from pipelines.stages.catalog import refresh_views
 from pipelines.stages.risk import (
     DEFAULT_ALERT_DISTANCE_M,
     DEFAULT_H3_RESOLUTION,
+    DEFAULT_MAX_ALERTS,
     DEFAULT_MIN_ALERT_HA,
     RiskError,
     RiskSettings,
@@ -42,6 +44,7 @@ class RiskConfig(dg.Config):
     alert_distance_m: float = DEFAULT_ALERT_DISTANCE_M  # new ASM this close to a concession
     h3_resolution: int = DEFAULT_H3_RESOLUTION  # hotspot cells (7: about 5 km2)
     min_alert_ha: float = DEFAULT_MIN_ALERT_HA  # smaller new areas raise no alert
+    max_alerts: int = DEFAULT_MAX_ALERTS  # alerts listed per period (report, map); all kept
 
 
 def _run(
@@ -49,7 +52,7 @@ def _run(
     context: dg.AssetExecutionContext,
     settings: AsmwatchSettings,
     config: RiskConfig,
-    summary: Callable[[Any, Callable[[str], dict[str, Any]]], dict[str, Any]],
+    summary: Callable[[Any, Callable[[str], dict[Any, Any]]], dict[str, Any]],
 ) -> dg.MaterializeResult:
     """Compute one table for the partition, write it, refresh the views, report."""
     region, period = region_and_period(context, settings.regions())
@@ -60,7 +63,12 @@ def _run(
             table,
             region,
             period.id,
-            RiskSettings(config.alert_distance_m, config.h3_resolution, config.min_alert_ha),
+            RiskSettings(
+                config.alert_distance_m,
+                config.h3_resolution,
+                config.min_alert_ha,
+                config.max_alerts,
+            ),
         )
     except RiskError as e:
         raise dg.Failure(allow_retries=False, description=str(e)) from e
@@ -77,10 +85,11 @@ def _run(
     else:  # a row per concession, protected area or cell, without geometries
         df = pq.read_table(target, columns=names).to_pandas()
     context.log.info(f"{table} {region.id} {period.id}: {n} row(s) -> {target}")
+    checked: list[tuple[str, Any, str | None]] = [(table, target, None)]
+    if table == "alerts":  # written together with what raised each alert
+        checked.append(("alert_features", risk_path(root, "alert_features", region.id, period.id), None))  # fmt: skip
     return dg.MaterializeResult(
-        check_results=table_checks(
-            [(table, target, None)], region, context.log, f"{region.id} {period.id}"
-        ),
+        check_results=table_checks(checked, region, context.log, f"{region.id} {period.id}"),
         metadata={
             "path": dg.MetadataValue.path(str(target)),
             **row_count(target),
@@ -90,7 +99,7 @@ def _run(
     )
 
 
-def _counts(pf: Any, column: str) -> dict[str, Any]:
+def _counts(pf: Any, column: str) -> dict[Any, Any]:
     """Value counts of one column, a row group at a time."""
     from collections import Counter
 
@@ -122,7 +131,7 @@ def _md(df: Any, columns: list[str], empty: str) -> dg.MetadataValue:
 def concession_risk(
     context: dg.AssetExecutionContext, settings: AsmwatchSettings, config: RiskConfig
 ) -> dg.MaterializeResult:
-    def summary(df: Any, _counts: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+    def summary(df: Any, _counts: Callable[[str], dict[Any, Any]]) -> dict[str, Any]:
         bands = df["band"].value_counts().to_dict() if len(df) else {}
         return {
             "bands": {k: int(v) for k, v in bands.items()},
@@ -162,7 +171,7 @@ def concession_risk(
 def protected_area_pressure(
     context: dg.AssetExecutionContext, settings: AsmwatchSettings, config: RiskConfig
 ) -> dg.MaterializeResult:
-    def summary(df: Any, _counts: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+    def summary(df: Any, _counts: Callable[[str], dict[Any, Any]]) -> dict[str, Any]:
         pressed = df[df["site_count"] > 0] if len(df) else df
         return {
             "areas": len(df),
@@ -192,7 +201,7 @@ def protected_area_pressure(
 def hotspots(
     context: dg.AssetExecutionContext, settings: AsmwatchSettings, config: RiskConfig
 ) -> dg.MaterializeResult:
-    def summary(df: Any, _counts: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+    def summary(df: Any, _counts: Callable[[str], dict[Any, Any]]) -> dict[str, Any]:
         return {
             "cells": len(df),
             "top": _md(df, ["h3_cell", "asm_area_ha", "new_asm_ha", "site_count"], "no ASM"),
@@ -206,25 +215,30 @@ def hotspots(
     owners=["team:asmwatch"], deps=DEPS, check_specs=specs("alerts"),
     metadata=column_schema("alerts"),
     description=(
-        "Early-warning alerts (sql/alerts.sql): new ASM within `alert_distance_m` of a "
-        "concession, or inside a protected area or indigenous land, with severity. Ids are "
-        "digests of what raised them and a re-run replaces the period, so alerts never "
-        "duplicate."
+        "Early-warning alerts (sql/alerts.sql), one per new or expanded ASM area (the event "
+        "a person acts on): inside or within `alert_distance_m` of a concession, or inside a "
+        "protected area or indigenous land. Each lists every feature it touches with its "
+        "relation (`summary`, in words), takes the severity of the most serious one, and "
+        "has a reference (`alert_ref`, `<period>-<rank>`); they are ranked by severity, then "
+        "area, and the first `max_alerts` are `listed` in the report and on the map (the "
+        "rest are counted there). Changes below the minimum mapping unit raise none. What "
+        "raised each alert, feature by feature, goes to the `alert_features` table, written "
+        "with it. Ids are digests of the change area and a re-run replaces the period, so "
+        "alerts never duplicate."
     ),
 )  # fmt: skip
 @fail_fast
 def alerts(
     context: dg.AssetExecutionContext, settings: AsmwatchSettings, config: RiskConfig
 ) -> dg.MaterializeResult:
-    def summary(df: Any, counts: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+    def summary(df: Any, counts: Callable[[str], dict[Any, Any]]) -> dict[str, Any]:
         sev = counts("severity")
+        listed = counts("listed")
         return {
             "severity": {k: int(v) for k, v in sev.items()},
-            "latest": _md(
-                df,
-                ["severity", "kind", "feature_layer", "feature_name", "distance_m", "area_ha"],
-                "no alerts",
-            ),
+            "listed": int(listed.get(True, 0)),
+            "not_listed": int(listed.get(False, 0)),
+            "latest": _md(df, ["alert_ref", "severity", "area_ha", "summary"], "no alerts"),
         }
 
     return _run("alerts", context, settings, config, summary)

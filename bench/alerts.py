@@ -2,9 +2,9 @@
 
 A demo-sized region (about 5 km) is crowded with N concessions (200-800 m squares) and
 100 new-mining change areas (64-vertex polygons of 1-4 ha), so that every change area
-lies within the alert distance of most concessions: the alerts table has a row per
-change area and concession nearby, about 100 x N rows, each with its change area's
-geometry. The issue's case: 200,000 concessions crashed `alerts` at 20 GiB (Arrow's
+lies within the alert distance of most concessions: the alert_features table has a
+row per change area and concession nearby, about 100 x N rows, each with its change
+area's geometry (the alerts table has one row per change area: 100). The issue's case: 200,000 concessions crashed `alerts` at 20 GiB (Arrow's
 2 GiB arrays).
 
 For N/10 and N concessions, each in a fresh process so peak memory is its own:
@@ -90,11 +90,12 @@ def _run(variant: str, root: str, out: mp.Queue) -> None:  # type: ignore[type-a
     from pipelines.stages.risk import compute, write_rows, write_table
 
     t = time.perf_counter()
-    if variant == "streamed":
-        path = write_rows(Path(root), "alerts", region(), "2020")  # type: ignore[arg-type]
+    if variant == "streamed":  # alerts and alert_features, from one computation
+        alerts = write_rows(Path(root), "alerts", region(), "2020")  # type: ignore[arg-type]
+        path = alerts.parents[2] / "alert_features" / alerts.parent.name / alerts.name
     else:
-        rows = compute(Path(root), "alerts", region(), "2020")  # type: ignore[arg-type]
-        path = write_table(rows, Path(root), "alerts", "bench", "2020")
+        rows = compute(Path(root), "alert_features", region(), "2020")  # type: ignore[arg-type]
+        path = write_table(rows, Path(root), "alert_features", "bench", "2020")
     seconds = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # GB (ru_maxrss in KB)
     out.put({"seconds": seconds, "peak_gb": peak, "rows": pq.read_metadata(path).num_rows})

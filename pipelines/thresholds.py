@@ -26,6 +26,9 @@ ALERT_HIGH_WITHIN_M = 1000.0
 #: ``high`` from ``ALERT_HIGH_HA``, ``medium`` below, hectares.
 ALERT_CRITICAL_HA = 5.0
 ALERT_HIGH_HA = 1.0
+#: Alerts a period lists in the report and on the map, most severe first (the rest
+#: are counted there, and all stay in the ``alerts`` table).
+MAX_ALERTS_LISTED = 25
 #: Concession risk bands: the score (0-100) from which each band starts; below the
 #: last, ``low``.
 RISK_BAND_CRITICAL = 75.0
@@ -84,6 +87,14 @@ THRESHOLDS: tuple[Threshold, ...] = (
     ),
     Threshold("ALERT_HIGH_HA", ALERT_HIGH_HA, "ha", "... `high` from this area, `medium` below"),
     Threshold(
+        "MAX_ALERTS_LISTED",
+        MAX_ALERTS_LISTED,
+        "alerts",
+        "alerts a period lists in the report and on the map (most severe, then largest); "
+        "the rest are counted there and stay in the table",
+        "`max_alerts` of the risk assets",
+    ),
+    Threshold(
         "RISK_BAND_CRITICAL",
         RISK_BAND_CRITICAL,
         "score",
@@ -117,7 +128,7 @@ def markdown_table() -> str:
     """The "Thresholds" table of docs/data-dictionary.md."""
     rows = ["| threshold | value | meaning | set by |", "|---|---|---|---|"]
     for t in THRESHOLDS:
-        unit = "" if t.unit in ("NDVI", "score") else f" {t.unit}"
+        unit = "" if t.unit in ("NDVI", "score", "alerts") else f" {t.unit}"
         rows.append(f"| `{t.name}` | {number(t.value)}{unit} | {t.meaning} | {t.setting or 'code'} |")  # fmt: skip
     return "\n".join(rows)
 

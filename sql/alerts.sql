@@ -1,58 +1,48 @@
--- alerts: early warnings for one region and period: new ASM (new and expanded areas of
--- asm_change) within $alert_distance_m of an LSM concession, or inside a protected area
--- or an indigenous land. Bound parameters only: $region, $period, $utm (the region's UTM
--- CRS), $alert_distance_m (DOUBLE), $min_alert_ha (DOUBLE: smaller change areas, edge
--- noise of a 10 m grid, raise nothing), $previous (the previous period; a region's first
--- period is its baseline, where all mining counts as new, and raises no alerts),
--- $created_at (TIMESTAMP of the run), and the severity rules of pipelines/thresholds.py:
--- $alert_high_within_m, $alert_critical_ha, $alert_high_ha. alert_id is a
--- digest of region, period, kind, change and feature: a re-run gives the same ids, and
--- the period's file is replaced, so alerts are never duplicated.
--- Distances use the GEOS functions: DuckDB spatial 1.5.5's own ST_Distance and ST_DWithin
--- return 0 / true for some disjoint polygons (edges on one line; duckdb-spatial #657,
--- #693), so the native ST_DWithin only pre-filters the join and ST_DWithin_GEOS decides.
-WITH fresh AS (
-    SELECT change_id, geometry, ST_Transform(geometry, 'EPSG:4326', $utm, true) AS g
-    FROM asm_change
-    WHERE region = $region AND period = $period AND kind IN ('new', 'expanded')
-      AND area_ha >= $min_alert_ha AND $previous IS NOT NULL
+-- alerts: early warnings for one region and period, one per change area (the event a
+-- person acts on): a new or expanded ASM area inside or near an LSM concession, or
+-- inside a protected area or an indigenous land. Its rows come from the relations of
+-- sql/alert_features.sql (the temporary table alert_relations, one row per change area
+-- and feature): the alert lists every feature it touches with its relation (`summary`,
+-- in words; counts per layer), its severity is the most serious relation's, and alerts
+-- are ranked by severity, then area. `alert_ref` (<period>-<rank>) is the reference a
+-- reader quotes; `listed`: within the first $max_alerts, the ones the report and the map
+-- show (the rest are counted there). Bound parameter: $max_alerts.
+WITH described AS (
+    SELECT *,
+           CASE severity WHEN 'critical' THEN 0 WHEN 'high' THEN 1 ELSE 2 END AS sev,
+           CASE WHEN relation = 'inside'
+                THEN 'inside ' || coalesce(feature_name, feature_id) || ' ('
+                     || replace(rtrim(feature_layer, 's'), '_', ' ') || ', '
+                     || printf('%.2f', overlap_ha) || ' ha)'
+                ELSE printf('%.0f', distance_m) || ' m from '
+                     || replace(rtrim(feature_layer, 's'), '_', ' ') || ' '
+                     || coalesce(feature_name, feature_id)
+           END AS said
+    FROM alert_relations
 ),
-near_concession AS (
-    SELECT 'near_concession' AS kind, f.change_id, 'concessions' AS feature_layer,
-           c.feature_id, c.name AS feature_name,
-           ST_Distance_GEOS(f.g, ST_Transform(c.geometry, 'EPSG:4326', $utm, true)) AS distance_m,
-           ST_Area(f.g) / 1e4 AS area_ha, f.geometry
-    FROM fresh f JOIN concessions c ON c.region = $region
-         AND (ST_DWithin(f.g, ST_Transform(c.geometry, 'EPSG:4326', $utm, true), $alert_distance_m) AND ST_DWithin_GEOS(f.g, ST_Transform(c.geometry, 'EPSG:4326', $utm, true), $alert_distance_m))
+events AS (
+    SELECT alert_id, any_value(region) AS region, any_value(period) AS period,
+           any_value(change_id) AS change_id, any_value(change_kind) AS change_kind,
+           any_value(change_ha) AS area_ha, min(sev) AS sev,
+           list_sort(list_distinct(list(kind))) AS kinds,
+           count(*) AS feature_count,
+           count(*) FILTER (WHERE feature_layer = 'concessions') AS concessions,
+           count(*) FILTER (WHERE feature_layer = 'protected_areas') AS protected_areas,
+           count(*) FILTER (WHERE feature_layer = 'indigenous_lands') AS indigenous_lands,
+           min(distance_m) FILTER (WHERE feature_layer = 'concessions') AS nearest_concession_m,
+           string_agg(said, '; ' ORDER BY sev, distance_m, feature_layer, feature_id) AS summary,
+           any_value(created_at) AS created_at, any_value(geometry) AS geometry
+    FROM described GROUP BY alert_id
 ),
-inside AS (
-    SELECT CASE a.layer WHEN 'protected_areas' THEN 'in_protected_area'
-                        ELSE 'in_indigenous_land' END AS kind,
-           f.change_id, a.layer AS feature_layer, a.feature_id, a.name AS feature_name,
-           0.0 AS distance_m,
-           ST_Area(ST_Intersection(f.g, ST_Transform(a.geometry, 'EPSG:4326', $utm, true))) / 1e4 AS area_ha,
-           f.geometry
-    FROM fresh f JOIN (
-        SELECT layer, feature_id, name, geometry FROM protected_areas WHERE region = $region
-        UNION ALL
-        SELECT layer, feature_id, name, geometry FROM indigenous_lands WHERE region = $region
-    ) a ON ST_Intersects(f.geometry, a.geometry)
-),
-raised AS (
-    SELECT * FROM near_concession
-    UNION ALL
-    SELECT * FROM inside WHERE area_ha > 0
+ranked AS (
+    SELECT *, row_number() OVER (ORDER BY sev, area_ha DESC, alert_id) AS rank FROM events
 )
-SELECT md5(concat_ws('|', $region, $period, kind, change_id, feature_layer, feature_id)) AS alert_id,
-       $region AS region, $period AS period, kind,
-       CASE WHEN kind = 'near_concession' THEN
-                CASE WHEN distance_m = 0 THEN 'critical'
-                     WHEN distance_m <= $alert_high_within_m THEN 'high' ELSE 'medium' END
-            ELSE CASE WHEN area_ha >= $alert_critical_ha THEN 'critical'
-                      WHEN area_ha >= $alert_high_ha THEN 'high' ELSE 'medium' END
-       END AS severity,
-       change_id, feature_layer, feature_id, feature_name,
-       round(distance_m, 1) AS distance_m, round(area_ha, 4) AS area_ha,
-       $created_at AS created_at, ST_AsWKB(geometry) AS geometry
-FROM raised
-ORDER BY CASE severity WHEN 'critical' THEN 0 WHEN 'high' THEN 1 ELSE 2 END, alert_id;
+SELECT alert_id, printf('%s-%03d', period, rank) AS alert_ref, region, period, rank,
+       rank <= $max_alerts AS listed,
+       CASE sev WHEN 0 THEN 'critical' WHEN 1 THEN 'high' ELSE 'medium' END AS severity,
+       change_id, change_kind, area_ha, kinds, feature_count, concessions, protected_areas,
+       indigenous_lands, nearest_concession_m,
+       change_kind || ', ' || printf('%.2f', area_ha) || ' ha: ' || summary AS summary,
+       created_at, geometry
+FROM ranked
+ORDER BY rank;

@@ -893,6 +893,12 @@ def test_alerts_are_written_streaming_with_the_rows_of_the_in_memory_query(demo_
     assert frame["alert_id"].tolist() == expected.column("alert_id").to_pylist()
     assert [g.wkb for g in frame.geometry] == [bytes(b) for b in expected.column("geometry").to_pylist()]  # fmt: skip
     assert {"xmin", "ymin", "xmax", "ymax"} == set(frame["bbox"].iloc[0])
+    # Written with it, from the same relations: what raised each alert, feature by feature.
+    features = gpd.read_parquet(path.parents[2] / "alert_features" / "demo-huepetuhe" / "2021.parquet")  # fmt: skip
+    want = compute(demo_copy, "alert_features", region, "2021", now=now)
+    assert len(features) == want.num_rows >= len(frame) and features.crs.to_epsg() == 4326
+    assert set(features["alert_id"]) == set(frame["alert_id"])
+    assert (frame.groupby("change_id").size() == 1).all()  # one alert per change area
     # The baseline period has no alerts: still a GeoParquet table DuckDB reads as geometry.
     empty = write_rows(demo_copy, "alerts", region, "2019", now=now)
     assert gpd.read_parquet(empty).empty

@@ -130,7 +130,7 @@ def _table_files(root: Path) -> Iterable[tuple[str, str, str, str | None]]:
         "scenes": "scenes", "models": "mining_model", "asm_sites": "asm_sites",
         "asm_change": "asm_change", "region_summary": "asm_change",
         "concession_risk": "concession_risk", "protected_area_pressure": "protected_area_pressure",
-        "hotspots": "hotspots", "alerts": "alerts",
+        "hotspots": "hotspots", "alerts": "alerts", "alert_features": "alerts",
     }  # fmt: skip
     for view, (_sql, glob) in VIEWS.items():
         for p in sorted(root.glob(glob)):

@@ -231,7 +231,13 @@ VIEWS: dict[str, tuple[str, str]] = {
     "region_summary": ("region_summary_view", "summary/*/*.parquet"),
     **{
         table: (f"{table}_view", f"risk/{table}/*/*.parquet")
-        for table in ("concession_risk", "protected_area_pressure", "hotspots", "alerts")
+        for table in (
+            "concession_risk",
+            "protected_area_pressure",
+            "hotspots",
+            "alerts",
+            "alert_features",
+        )
     },
     **{layer: ("context_view", f"context/*/{layer}.parquet") for layer in CONTEXT_TABLES},
 }

@@ -22,7 +22,10 @@ change rows they overlap. When the previous period's change was not computed, th
 the previous period, a bound (the summary notes it). The first period of a region has no
 previous one, so all of its mining is ``new``: the baseline.
 
-Parts smaller than ``MIN_PART_HA`` (one 10 m pixel) are overlay slivers and are dropped.
+Parts smaller than ``MIN_PART_HA`` (one 10 m pixel) are overlay slivers and are dropped;
+abandoned and re-vegetating parts smaller than the minimum mapping unit
+(``pipelines.thresholds.MMU_HA``) are edge jitter between two maps of a site, and are
+dropped too (neither counted nor drawn).
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ from pipelines.infra.storage import atomic_path
 from pipelines.infra.tiling import DEFAULT_TILE, Span, Tiling, gdal_cache, read_window
 from pipelines.infra.vectors import polygonal_part
 from pipelines.regions import Region, RegionsError, parse_period
-from pipelines.thresholds import NDVI_RECOVERED
+from pipelines.thresholds import MMU_HA, NDVI_RECOVERED
 
 KINDS = ("new", "expanded", "stable", "abandoned", "revegetating")
 # Mean composite NDVI at which formerly mined land counts as re-vegetating. Bare tailings,
@@ -570,11 +573,14 @@ def change_table(
     composite: Path | None = None,
     batch_size: int = OVERLAY_BATCH,
     progress: Callable[[str], None] | None = None,
+    mmu_ha: float = MMU_HA,
 ) -> ChangeTable:
     """The change rows of ``period_id`` written to ``target`` (GeoParquet, atomically),
     from the GeoParquet tables of this period's sites, the previous period's
     (``previous_sites`` None: the region's first period) and the previous period's
     change rows; the summary without growth factors (``summarise`` adds them).
+    Abandoned and re-vegetating parts below ``mmu_ha`` (the sites' minimum mapping
+    unit) are left out: edge jitter between two maps of a site, not land given up.
 
     No table is held whole: each is read in chunks, cleaned into the region's UTM zone
     and spilled to a scratch folder beside ``target``; the overlay runs batch by batch
@@ -632,7 +638,7 @@ def change_table(
             with reader if reader is not None else contextlib.nullcontext():
                 last = time.perf_counter()
                 for b, parts in enumerate(_aligned(ordered, count)):
-                    _overlay(rows, period_id, bound, parts, reader, epsg)
+                    _overlay(rows, period_id, bound, parts, reader, epsg, mmu_ha)
                     rows.flush()
                     if time.perf_counter() - last > PROGRESS_S or b == count - 1:
                         last = time.perf_counter()
@@ -683,7 +689,13 @@ def _typed(frame: Any) -> Any:
 
 
 def _overlay(
-    rows: _Rows, period_id: str, bound: str, parts: list[Any], reader: NdviReader | None, epsg: int
+    rows: _Rows,
+    period_id: str,
+    bound: str,
+    parts: list[Any],
+    reader: NdviReader | None,
+    epsg: int,
+    mmu_ha: float = MMU_HA,
 ) -> None:
     """The change rows of one batch (``parts``: its rows of this period's sites, the
     previous period's and, if any, the previous change), added to ``rows``.
@@ -717,7 +729,9 @@ def _overlay(
     footprint = dissolve(np.concatenate([p_g, h_g]))
     left = shapely.difference(footprint, _local_unions(footprint, c_g))
     gone = shapely.get_parts(left[~shapely.is_empty(left)])
-    gone = gone[shapely.area(gone) / 10_000 >= MIN_PART_HA]
+    # Former mining below the minimum mapping unit is the edge jitter of two maps of the
+    # same site (one-pixel parts), not land that stopped being mined: not counted.
+    gone = gone[shapely.area(gone) / 10_000 >= max(mmu_ha, MIN_PART_HA)]
     first = _earliest(gone, h_g, h_first, bound)
     ndvi = reader.means(gone, epsg) if reader is not None else np.full(len(gone), np.nan)
     green = np.isfinite(ndvi) & (ndvi >= NDVI_RECOVERED)
@@ -735,6 +749,7 @@ def detect_change(
     previous_change: Any | None = None,
     composite: Path | None = None,
     batch_size: int = OVERLAY_BATCH,
+    mmu_ha: float = MMU_HA,
 ) -> ChangeResult:
     """``change_table`` for frames (sites in EPSG:4326; ``previous`` None: the region's
     first period), the rows as a frame: the tables go through scratch GeoParquet files."""
@@ -753,7 +768,7 @@ def detect_change(
             region, period_id, put(current, "sites.parquet"),  # type: ignore[arg-type]
             put(previous, "previous.parquet"), work / "change.parquet",
             previous_change=put(previous_change, "history.parquet"), composite=composite,
-            batch_size=batch_size,
+            batch_size=batch_size, mmu_ha=mmu_ha,
         )  # fmt: skip
         frame = gpd.read_parquet(table.path)
     return ChangeResult(frame=frame, summary=table.summary, notes=table.notes)
@@ -811,7 +826,11 @@ class PeriodChange:
 
 
 def change_for_period(
-    root: Path, region: Region, period_id: str, progress: Callable[[str], None] | None = None
+    root: Path,
+    region: Region,
+    period_id: str,
+    progress: Callable[[str], None] | None = None,
+    mmu_ha: float = MMU_HA,
 ) -> PeriodChange:
     """The change of one region's period against the one before, and its summary row.
 
@@ -841,7 +860,7 @@ def change_for_period(
         region, period_id, here, there, change_path(root, region.id, period_id),
         previous_change=last if last is not None and last.exists() else None,
         composite=comp if comp.exists() else None,
-        progress=progress,
+        progress=progress, mmu_ha=mmu_ha,
     )  # fmt: skip
     first_period = region.periods[0]
     first = None

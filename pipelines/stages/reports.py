@@ -46,8 +46,6 @@ REPORT_FILES = ("expansion.png", "report.html", "webmap.html")
 BACKDROP_PX = 1200
 #: Coordinates in the web map are simplified to about a metre (1e-5 degrees).
 WEB_SIMPLIFY_DEG = 1e-5
-#: Alerts listed in the HTML report (the web map shows them all).
-REPORT_ALERTS = 25
 CONTEXT_STYLES = {  # layer -> (label, colour): the same on the PNG and the web map
     "protected_areas": ("Protected areas", "#1a9850"),
     "indigenous_lands": ("Indigenous lands", "#984ea3"),
@@ -88,8 +86,20 @@ class RegionData:
     context: dict[str, list[dict[str, Any]]]  # layer -> rows with a shapely geometry
     risk: dict[str, list[dict[str, Any]]]  # period -> concession_risk rows, by score
     pressure: dict[str, list[dict[str, Any]]]  # period -> protected_area_pressure rows
-    alerts: dict[str, list[dict[str, Any]]]  # period -> alerts, most severe first
+    alerts: dict[str, list[dict[str, Any]]]  # period -> listed alerts, by rank
     backdrops: dict[str, Path] = field(default_factory=dict)  # period -> composite COG
+    #: period -> severity -> (alerts, ha) of every alert, listed or not
+    alert_counts: dict[str, dict[str, tuple[int, float]]] = field(default_factory=dict)
+
+    def alert_total(self, period: str) -> int:
+        return sum(n for n, _ in self.alert_counts.get(period, {}).values())
+
+    def alert_rest(self, period: str) -> tuple[int, float]:
+        """The alerts of ``period`` not listed, and their hectares."""
+        listed = self.alerts.get(period, [])
+        n = self.alert_total(period) - len(listed)
+        ha = sum(h for _, h in self.alert_counts.get(period, {}).values()) - sum(a["area_ha"] for a in listed)  # fmt: skip
+        return n, max(ha, 0.0)
 
     @property
     def latest(self) -> str:
@@ -296,15 +306,21 @@ def gather(root: Path, region: Region) -> RegionData:
             )
             for layer in (*CONTEXT_STYLES, *WEB_ONLY_STYLES)
         }
-        alerts = {
+        alerts = {  # the listed ones (the first max_alerts, by rank); the rest counted
             p: geo_rows(
-                "alerts",
-                "region = ? AND period = ?",
-                [region.id, p],
-                f"ORDER BY {SEVERITY_ORDER}, area_ha DESC, alert_id",
+                "alerts", "region = ? AND period = ? AND listed", [region.id, p], "ORDER BY rank"
             )
             for p in periods
         }
+        alert_counts: dict[str, dict[str, tuple[int, float]]] = {p: {} for p in periods}
+        if _has_view(con, "alerts"):
+            sql = (
+                f"SELECT period, severity, count(*), sum(area_ha) FROM alerts WHERE region = ? "
+                f"GROUP BY ALL ORDER BY period, min({SEVERITY_ORDER})"
+            )
+            for period, severity, n, ha in con.execute(sql, [region.id]).fetchall():
+                if period in alert_counts:
+                    alert_counts[period][severity] = (int(n), float(ha or 0.0))
         risk = rows("concession_risk", "ORDER BY score DESC, concession_id")
         pressure = rows("protected_area_pressure", "ORDER BY asm_area_ha DESC, area_id")
     finally:
@@ -314,7 +330,9 @@ def gather(root: Path, region: Region) -> RegionData:
         for p in periods
         if composite_path(root, region.id, p).exists()
     }
-    return RegionData(region, periods, summary, change, context, risk, pressure, alerts, backdrops)
+    return RegionData(
+        region, periods, summary, change, context, risk, pressure, alerts, backdrops, alert_counts
+    )
 
 
 # ---------------------------------------------------------------- backdrop (true colour)
@@ -539,9 +557,11 @@ def region_report(data: RegionData, target: Path, png: bytes, webmap_name: str =
         components=COMPONENTS,
         pressure=[r for r in data.pressure.get(latest, []) if r["site_count"] or r["asm_area_ha"]],
         pressure_all=len(data.pressure.get(latest, [])),
-        alerts=data.alerts.get(latest, [])[:REPORT_ALERTS],
-        alert_total=len(data.alerts.get(latest, [])),
-        alert_counts={p: len(data.alerts.get(p, [])) for p in data.periods},
+        alerts=data.alerts.get(latest, []),
+        alert_total=data.alert_total(latest),
+        alert_severity=data.alert_counts.get(latest, {}),
+        alert_rest=data.alert_rest(latest),
+        alert_counts={p: data.alert_total(p) for p in data.periods},
         map_uri=_data_uri(png),
         webmap=webmap_name,
     )
@@ -603,18 +623,7 @@ def web_data(data: RegionData) -> dict[str, Any]:
         alerts = [
             _feature(
                 r["geometry"].representative_point(),
-                {
-                    k: r[k]
-                    for k in (
-                        "alert_id",
-                        "kind",
-                        "severity",
-                        "feature_layer",
-                        "feature_name",
-                        "distance_m",
-                        "area_ha",
-                    )
-                },
+                {k: r[k] for k in ("alert_ref", "severity", "change_kind", "area_ha", "summary")},
             )
             for r in data.alerts[p]
         ]
@@ -642,6 +651,7 @@ def web_data(data: RegionData) -> dict[str, Any]:
                 "mining": {"type": "FeatureCollection", "features": mining},
                 "revegetating": {"type": "FeatureCollection", "features": reveg},
                 "alerts": {"type": "FeatureCollection", "features": alerts},
+                "alert_count": data.alert_total(p),
                 "risk": risk,
                 "backdrop": backdrop,
             }

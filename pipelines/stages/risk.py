@@ -26,7 +26,9 @@ from pipelines.infra.storage import atomic_path
 from pipelines.regions import Region
 from pipelines.stages.catalog import load_sql, open_catalog
 
-TABLES = ("concession_risk", "protected_area_pressure", "hotspots", "alerts")
+TABLES = ("concession_risk", "protected_area_pressure", "hotspots", "alerts", "alert_features")
+#: Tables with a WKB ``geometry`` in their SQL's result (GeoParquet when written).
+GEO_TABLES = ("alerts", "alert_features")
 NEEDS: dict[str, tuple[str, ...]] = {
     "concession_risk": (
         "asm_sites",
@@ -39,12 +41,14 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "protected_area_pressure": ("asm_sites", "asm_change", "protected_areas", "indigenous_lands"),
     "hotspots": ("asm_sites", "asm_change"),
     "alerts": ("asm_change", "concessions", "protected_areas", "indigenous_lands"),
+    "alert_features": ("asm_change", "concessions", "protected_areas", "indigenous_lands"),
 }
 #: Alerts most severe first (the order sql/alerts.sql writes them in).
 SEVERITY_ORDER = "CASE severity WHEN 'critical' THEN 0 WHEN 'high' THEN 1 ELSE 2 END"
 DEFAULT_ALERT_DISTANCE_M = thresholds.ALERT_DISTANCE_M
 DEFAULT_H3_RESOLUTION = 7
 DEFAULT_MIN_ALERT_HA = thresholds.MIN_ALERT_HA  # the sites' minimum mapping unit
+DEFAULT_MAX_ALERTS = thresholds.MAX_ALERTS_LISTED
 
 # Column stand-ins for views a region lacks (names and types as the real views have).
 _CONTEXT = (
@@ -73,6 +77,7 @@ class RiskSettings:
     alert_distance_m: float = DEFAULT_ALERT_DISTANCE_M
     h3_resolution: int = DEFAULT_H3_RESOLUTION
     min_alert_ha: float = DEFAULT_MIN_ALERT_HA
+    max_alerts: int = DEFAULT_MAX_ALERTS  # listed per period; the rest counted
 
 
 def _h3_function(con: Any) -> None:
@@ -110,6 +115,7 @@ def parameters(
         "min_alert_ha": float(settings.min_alert_ha),
         "created_at": now,
         "resolution": int(settings.h3_resolution),
+        "max_alerts": int(settings.max_alerts),
         **thresholds.sql_parameters(),
     }
     used = set(re.findall(r"\$([a-z_]+)", load_sql(table)))
@@ -136,6 +142,8 @@ def _prepared(
         raise RiskError("alert distance must be between 0 and 100 km")
     if not 0 <= settings.h3_resolution <= 15:
         raise RiskError("H3 resolution must be 0 to 15")
+    if settings.max_alerts < 1:
+        raise RiskError(f"max_alerts must be at least 1 (alerts listed per period), got {settings.max_alerts}")  # fmt: skip
     params = parameters(table, region, period_id, settings, now or dt.datetime.now(dt.UTC))
     con = open_catalog(root)
     try:
@@ -147,6 +155,10 @@ def _prepared(
                 )
         if table == "hotspots":
             _h3_function(con)
+        if table == "alerts":  # its rows group the relations of sql/alert_features.sql
+            relations = load_sql("alert_features").strip().rstrip(";")
+            feature_params = parameters("alert_features", region, period_id, settings, now or dt.datetime.now(dt.UTC))  # fmt: skip
+            con.execute(f"CREATE TEMP TABLE alert_relations AS {relations}", feature_params)
         yield con, params
     finally:
         con.close()
@@ -186,28 +198,39 @@ def write_rows(
     if table == "hotspots":
         rows = compute(root, table, region, period_id, settings, now)
         return write_table(rows, root, table, region.id, period_id)
-    from pipelines.stages.catalog import sql_literal
-
-    target = risk_path(root, table, region.id, period_id)
-    body = load_sql(table).strip().rstrip(";")
-    if table == "alerts":  # WKB in the SQL's result: GeoParquet geometry and bbox here
-        body = (
-            "SELECT * EXCLUDE (geometry, g), g AS geometry, struct_pack(xmin := ST_XMin(g), "
-            "ymin := ST_YMin(g), xmax := ST_XMax(g), ymax := ST_YMax(g)) AS bbox "
-            f"FROM (SELECT *, ST_SetCRS(ST_GeomFromWKB(geometry), 'EPSG:4326') AS g FROM ({body}))"
-        )
+    if table == "alert_features":
+        raise RiskError("alert_features is written with alerts: write_rows(..., 'alerts', ...)")
     import pyarrow.parquet as pq
 
-    prepared = _prepared(root, table, region, period_id, settings, now)
-    with prepared as (con, params), atomic_path(target) as tmp:
-        to = sql_literal(str(tmp))
-        con.execute(f"COPY ({body}) TO {to} (FORMAT parquet, ROW_GROUP_SIZE 100000)", params)
-        empty = pq.read_metadata(tmp).num_rows == 0
-    if empty and table == "alerts":
+    from pipelines.stages.catalog import sql_literal
+
+    # Alerts and their companion table come from one computation of the relations (the
+    # temporary table alert_relations), and are replaced together.
+    bodies = {table: load_sql(table).strip().rstrip(";")}
+    if table == "alerts":
+        bodies = {"alert_features": "SELECT * FROM alert_relations", **bodies}
+    now = now or dt.datetime.now(dt.UTC)
+    targets = {t: risk_path(root, t, region.id, period_id) for t in bodies}
+    empty: list[str] = []
+    with contextlib.ExitStack() as stack:
+        con, params = stack.enter_context(_prepared(root, table, region, period_id, settings, now))
+        for name, body in bodies.items():
+            tmp = stack.enter_context(atomic_path(targets[name]))
+            if name in GEO_TABLES:  # WKB in the SQL's result: GeoParquet geometry and bbox
+                body = (
+                    "SELECT * EXCLUDE (geometry, g), g AS geometry, struct_pack(xmin := ST_XMin(g), "
+                    "ymin := ST_YMin(g), xmax := ST_XMax(g), ymax := ST_YMax(g)) AS bbox "
+                    f"FROM (SELECT *, ST_SetCRS(ST_GeomFromWKB(geometry), 'EPSG:4326') AS g FROM ({body}))"
+                )
+            used = params if name == table else {}
+            con.execute(f"COPY ({body}) TO {sql_literal(str(tmp))} (FORMAT parquet, ROW_GROUP_SIZE 100000)", used)  # fmt: skip
+            if name in GEO_TABLES and pq.read_metadata(tmp).num_rows == 0:
+                empty.append(name)
+    for name in empty:
         # DuckDB writes no GeoParquet metadata for an empty result; readers would see a
         # BLOB. Nothing to stream: the in-memory writer makes the same empty table.
-        return write_table(compute(root, table, region, period_id, settings, now), root, table, region.id, period_id)  # fmt: skip
-    return target
+        write_table(compute(root, name, region, period_id, settings, now), root, name, region.id, period_id)  # fmt: skip
+    return targets[table]
 
 
 def write_table(rows: Any, root: Path, table: str, region_id: str, period_id: str) -> Path:
@@ -241,6 +264,23 @@ def write_table(rows: Any, root: Path, table: str, region_id: str, period_id: st
     with atomic_path(target) as tmp:
         if frame is not None:
             frame.to_parquet(tmp, write_covering_bbox=True, index=False)
+            _keep_types(tmp, rows.schema)
         else:
             pq.write_table(rows, tmp)
     return target
+
+
+def _keep_types(path: Path, schema: Any) -> None:
+    """Give columns that went through pandas empty (typed ``null``: an empty list column
+    has no element to infer from) their SQL types back, keeping the GeoParquet metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    fixed = table
+    for i, f in enumerate(table.schema):
+        if pa.types.is_null(f.type) and f.name in schema.names and f.name != "geometry":
+            want = schema.field(f.name).type
+            fixed = fixed.set_column(i, pa.field(f.name, want), pa.nulls(len(table), want))
+    if fixed is not table:
+        pq.write_table(fixed.replace_schema_metadata(table.schema.metadata), path)

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import markupsafe
 import numpy as np
 import pytest
 
@@ -67,6 +68,12 @@ def test_region_report_shows_the_tables(demo_run: tuple[Path, str]) -> None:
     assert top[0] in page and f"<b>{top[1]:,.1f}</b>" in page
     n_alerts = _rows(root, "SELECT count(*) FROM alerts WHERE region = ? AND period = '2021'", [REGION])  # fmt: skip
     assert f"{n_alerts[0][0]} alert(s)" in page
+    # Alerts by the reference readers quote, and what each touches in words; no hash ids.
+    ref, summary = _rows(root, "SELECT alert_ref, summary FROM alerts WHERE region = ? AND period = '2021' ORDER BY rank LIMIT 1", [REGION])[0]  # fmt: skip
+    assert f'<td class="l">{ref}</td>' in page and str(markupsafe.escape(summary)) in page
+    ids = [r[0] for r in _rows(root, "SELECT alert_id FROM alerts WHERE region = ?", [REGION])]
+    assert ids and not any(i in page for i in ids)
+    assert "large-scale mining (LSM)" in page
     assert 'id="pressure"' in page and 'id="alerts"' in page
     assert 'src="data:image/png;base64,' in page  # the map is inside the page
     # Offline: nothing is loaded from elsewhere.
@@ -147,7 +154,7 @@ def test_web_map_renders_offline_in_chromium(demo_run: tuple[Path, str]) -> None
 
     mining_sql = "SELECT count(*) FROM asm_change WHERE region = ? AND period = ? AND kind IN ('new', 'expanded', 'stable')"  # fmt: skip
     former_sql = "SELECT count(*) FROM asm_change WHERE region = ? AND period = ? AND kind IN ('abandoned', 'revegetating')"  # fmt: skip
-    alerts_sql = "SELECT count(*) FROM alerts WHERE region = ? AND period = ?"
+    alerts_sql = "SELECT count(*) FROM alerts WHERE region = ? AND period = ? AND listed"
     latest, first = seen["counts"], seen["first"]
     assert seen["period"] == "2021"
     assert latest["mining"] == n(mining_sql, "2021") > 0

@@ -163,19 +163,37 @@ def test_hotspots_cells_hold_every_site(world: tuple[Path, Any]) -> None:
 
 
 def test_alerts_kinds_severity_and_no_duplicates(world: tuple[Path, Any]) -> None:
+    """One alert per change area: the 'mid' site, inside the protected area and 3 km from
+    the concession, is one alert with both relations, as severe as the worse of them."""
     root, region = world
     t = dt.datetime(2026, 11, 22, tzinfo=dt.UTC)
-    rows = compute(root, "alerts", region, "2020", now=t).to_pylist()
-    got = sorted((r["kind"], r["severity"], round(r["distance_m"])) for r in rows)
+    features = compute(root, "alert_features", region, "2020", now=t).to_pylist()
+    got = sorted(
+        (r["kind"], r["relation"], r["severity"], round(r["distance_m"])) for r in features
+    )
     assert got == [
-        ("in_protected_area", "high", 0),
-        ("near_concession", "high", 500),
-        ("near_concession", "medium", 3000),
+        ("in_protected_area", "inside", "high", 0),
+        ("near_concession", "within", "high", 500),
+        ("near_concession", "within", "medium", 3000),
     ]
+    rows = compute(root, "alerts", region, "2020", now=t).to_pylist()
+    assert len(rows) == 2 == len({r["change_id"] for r in features})
+    assert [r["rank"] for r in rows] == [1, 2] and [r["alert_ref"] for r in rows] == ["2020-001", "2020-002"]  # fmt: skip
+    assert all(r["listed"] and r["severity"] == "high" for r in rows)
+    mid = next(r for r in rows if r["feature_count"] == 2)
+    assert mid["kinds"] == ["in_protected_area", "near_concession"]
+    assert (mid["concessions"], mid["protected_areas"], mid["indigenous_lands"]) == (1, 1, 0)
+    assert mid["nearest_concession_m"] == pytest.approx(3000, abs=1)
+    assert mid["summary"] == (
+        f"new, 1.00 ha: inside {HOSTILE} (protected area, 1.00 ha); 3000 m from concession Mina Grande"
+    )
+    assert {r["alert_id"] for r in rows} == {r["alert_id"] for r in features}
     wide = compute(
         root, "alerts", region, "2020", RiskSettings(alert_distance_m=10_000)
     ).to_pylist()
-    assert len(wide) == 4  # the 8 km site too
+    assert len(wide) == 3  # the 8 km site too
+    capped = compute(root, "alerts", region, "2020", RiskSettings(alert_distance_m=10_000, max_alerts=1)).to_pylist()  # fmt: skip
+    assert [r["listed"] for r in capped] == [True, False, False]  # all kept, one listed
     for _ in range(2):  # re-running the period replaces its alerts
         write_table(compute(root, "alerts", region, "2020"), root, "alerts", "riskw", "2020")
     refresh_views(root)
@@ -184,10 +202,10 @@ def test_alerts_kinds_severity_and_no_duplicates(world: tuple[Path, Any]) -> Non
         "SELECT count(*), count(DISTINCT alert_id) FROM alerts WHERE region = ?", ["riskw"]
     ).fetchone()  # type: ignore[misc]
     con.close()
-    assert n == distinct == 3
+    assert n == distinct == 2
     # Text from a context layer travels as data, never as SQL: the name comes back whole
     # and the views are all still there.
-    assert HOSTILE in {r["feature_name"] for r in rows}
+    assert HOSTILE in {r["feature_name"] for r in features}
     con = connect(root / "asmwatch.duckdb", read_only=True)
     views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
     con.close()
@@ -197,6 +215,57 @@ def test_alerts_kinds_severity_and_no_duplicates(world: tuple[Path, Any]) -> Non
     assert compute(root, "alerts", region, "2019").num_rows == 0  # the baseline period
     with pytest.raises(RiskError, match="alert distance"):
         compute(root, "alerts", region, "2020", RiskSettings(alert_distance_m=-1))
+    with pytest.raises(RiskError, match="max_alerts must be at least 1"):
+        compute(root, "alerts", region, "2020", RiskSettings(max_alerts=0))
+
+
+def test_a_patch_touching_three_concessions_is_one_alert(tmp_path: Path) -> None:
+    """Before: one alert per change area and feature, so a patch near three concessions
+    raised three, and one inside a concession (0 m) was 'near' it."""
+    context = {
+        "concessions": layer(
+            tmp_path / "c.geojson",
+            [box(0, 0, 1000, 1000), box(1300, 0, 500, 500), box(-2000, 0, 500, 500)],
+            concession_id=["A", "B", "C"], name=["Alfa", "Bravo", "Charlie"], holder=["x", "y", "z"],
+        ),
+    }  # fmt: skip
+    w, s = TO_LL(X0 - 12000, Y0 - 12000)
+    e, n = TO_LL(X0 + 12000, Y0 + 12000)
+    doc = {"regions": [{"id": "crowd", "aoi": {"bbox": [w, s, e, n]}, "periods": [2019, 2020], "context": context}]}  # fmt: skip
+    region = parse_regions(doc).regions[0]
+    root = tmp_path / "root"
+    write_context(
+        read_context(region, "concessions", Path(context["concessions"])), root, region.id
+    )
+    far = box(-9000, -9000, 100, 100)  # the baseline's only site
+    patch = box(900, 100, 300, 300)  # 9 ha, 3 ha of it inside A, 100 m from B, 2.4 km from C
+    previous, history = None, None
+    for period, geoms in (("2019", {"far": far}), ("2020", {"far": far, "patch": patch})):
+        sites = gpd.GeoDataFrame(
+            {"site_id": list(geoms), "region": "crowd", "period": period,
+             "area_ha": [g.area / 1e4 for g in geoms.values()], "mean_probability": 0.9,
+             "mapped_area_ha": float("nan"), "first_seen_period": None, "source": "test"},
+            geometry=[ll(g) for g in geoms.values()], crs=4326,
+        )  # fmt: skip
+        sites = conform(sites[list(COLUMNS)])
+        write_sites(sites, sites_path(root, "crowd", period))
+        change = detect_change(region, period, sites, previous, previous_change=history)
+        write_change(change, root, "crowd", period)
+        previous, history = sites, change.frame
+    refresh_views(root)
+    (alert,) = compute(root, "alerts", region, "2020").to_pylist()
+    assert alert["severity"] == "critical" and alert["feature_count"] == 3
+    assert alert["kinds"] == ["in_concession", "near_concession"]
+    assert alert["summary"] == (
+        "new, 9.00 ha: inside Alfa (concession, 3.00 ha); 100 m from concession Bravo; "
+        "2400 m from concession Charlie"
+    )
+    features = compute(root, "alert_features", region, "2020").to_pylist()
+    by_id = {r["feature_id"]: r for r in features}
+    assert (by_id["A"]["kind"], by_id["A"]["relation"], by_id["A"]["severity"]) == ("in_concession", "inside", "critical")  # fmt: skip
+    assert by_id["A"]["overlap_ha"] == pytest.approx(3.0, abs=1e-3)
+    assert (by_id["B"]["relation"], by_id["B"]["severity"], round(by_id["B"]["distance_m"])) == ("within", "high", 100)  # fmt: skip
+    assert (by_id["C"]["severity"], by_id["B"]["overlap_ha"]) == ("medium", None)
 
 
 def test_a_region_without_layers_gets_empty_tables(world: tuple[Path, Any]) -> None:
