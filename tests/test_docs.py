@@ -52,7 +52,8 @@ def test_the_report_prints_the_thresholds_from_the_code() -> None:
     from pipelines.stages.reports import templates, threshold_texts
 
     source = (ROOT / "pipelines" / "templates" / "report.html.j2").read_text()
-    assert "{{ t.mmu_ha }} ha" in source and "&ge; {{ t.ndvi_recovered }}" in source
+    assert "{{ t.mmu_ha }} ha" in source and "reaches {{ t.ndvi_recovered }}" in source
+    assert "{{ t.alert_critical_ha }} ha" in source and "{{ t.band_critical }}" in source
     assert not _ndvi_values(source.replace("{{ t.ndvi_recovered }}", "")), (
         "a literal NDVI threshold"
     )

@@ -525,6 +525,173 @@ def templates() -> Any:
     return env
 
 
+def plain_summary(data: RegionData, most: int = 3) -> list[str]:
+    """What happened, in sentences a reader outside the team can take away: the latest
+    period's mining against the previous and the first, what was new, what was left or
+    re-vegetating, the protected areas, indigenous lands and concessions most affected,
+    and the alerts. Every figure comes from the tables the report shows."""
+    s = data.summary
+    last, first = s[-1], s[0]
+    name, p = data.region.name, last["period"]
+    out = [f"In {p}, {_fmt(float(last['mining_ha']))} ha of artisanal and small-scale mining (ASM) were mapped in {name}."]  # fmt: skip
+    compare = []
+    if last.get("previous_period") and last.get("growth_vs_previous") is not None:
+        prev_ha = float(last["previous_mining_ha"])
+        delta = float(last["mining_ha"]) - prev_ha
+        trend = "more" if delta > 0 else "less"
+        compare.append(f"{_fmt(abs(delta))} ha {trend} than in {last['previous_period']} ({_fmt(prev_ha)} ha)")  # fmt: skip
+    if first["period"] != p and last.get("growth_vs_first") is not None:
+        compare.append(f"{_fmt(float(last['growth_vs_first']), 2)} times the area of {first['period']} ({_fmt(float(first['mining_ha']))} ha)")  # fmt: skip
+    if compare:
+        out.append("That is " + " and ".join(compare) + ".")
+    if last.get("previous_period"):
+        gone = float(last["abandoned_ha"]) + float(last["revegetating_ha"])
+        sentence = (
+            f"{_fmt(float(last['new_ha']))} ha were new mining sites and {_fmt(float(last['expanded_ha']))} ha "
+            f"expansions of existing ones; {_fmt(gone)} ha mined before were no longer mined"
+        )  # fmt: skip
+        if gone > 0:
+            sentence += f", {_fmt(float(last['revegetating_ha']))} ha of it re-vegetating"
+        out.append(sentence + ".")
+    else:
+        out.append(f"{p} is the first period: the baseline that later periods are compared with.")  # fmt: skip
+    touched = sorted(
+        (r for r in data.pressure.get(p, []) if (r.get("asm_area_ha") or 0) > 0),
+        key=lambda r: -float(r["asm_area_ha"]),
+    )[:most]
+    if touched:
+        kinds = {"protected": "protected area", "indigenous": "indigenous land"}
+        items = [
+            f"{r.get('name') or r['area_id']} ({kinds.get(str(r.get('kind')), 'area')}, "
+            f"{_fmt(float(r['asm_area_ha']))} ha inside)"
+            for r in touched
+        ]
+        out.append("Most affected protected areas and indigenous lands: " + "; ".join(items) + ".")
+    risky = [r for r in data.risk.get(p, []) if r.get("band") in ("critical", "high")][:most]
+    if risky:
+        items = [f"{r.get('name') or r['concession_id']} ({r['band']}, score {_fmt(float(r['score']))})" for r in risky]  # fmt: skip
+        out.append(
+            "Large-scale mining (LSM) concessions most at risk of conflict with ASM: "
+            + "; ".join(items) + "."
+        )  # fmt: skip
+    total = data.alert_total(p)
+    if total:
+        by = data.alert_counts.get(p, {})
+        parts = ", ".join(f"{by[k][0]} {k}" for k in ("critical", "high", "medium") if k in by)
+        out.append(f"{total} alert(s) were raised ({parts}); they are listed below and need checking on the ground.")  # fmt: skip
+    elif last.get("previous_period"):
+        out.append("No alerts were raised.")
+    return out
+
+
+@dataclass(frozen=True)
+class Imagery:
+    """What a period's composite rests on, for the methods section."""
+
+    period: str
+    scenes: int  # scenes the composite used
+    first: str | None  # the first and last acquisition dates of those scenes
+    last: str | None
+    clear_share: float | None  # share of the region with a cloud-free observation (about)
+    cloud_mask: str
+
+
+def imagery_facts(root: Path, data: RegionData) -> list[Imagery]:
+    """Per period: the scenes the composite used (its tags), their dates (the scenes
+    table) and the share of the region with at least one cloud-free observation (the
+    composite's ``clear_count`` band, read from an overview: about, to a percent)."""
+    import rasterio
+    from rasterio.enums import Resampling
+
+    from pipelines.infra.layout import scenes_path
+    from pipelines.stages.composite import COUNT_BAND, OUTPUT_BANDS
+
+    out = []
+    for p in data.periods:
+        comp = data.backdrops.get(p)
+        if comp is None:
+            continue
+        with rasterio.open(comp) as src:
+            tags = src.tags()
+            ids = [i for i in tags.get("asmwatch_scenes", "").split(",") if i]
+            band = OUTPUT_BANDS.index(COUNT_BAND) + 1
+            scale = max(1, max(src.height, src.width) // 1000)
+            shape = (max(1, src.height // scale), max(1, src.width // scale))
+            counts = src.read(band, out_shape=shape, resampling=Resampling.nearest)
+        inside = np.isfinite(counts)
+        share = float((counts[inside] > 0).mean()) if inside.any() else None
+        dates: list[str] = []
+        table = scenes_path(root, data.region.id, p)
+        if table.exists() and ids:
+            import pyarrow.parquet as pq
+
+            t = pq.read_table(table, columns=["id", "datetime"]).to_pylist()
+            dates = sorted(str(r["datetime"])[:10] for r in t if r["id"] in set(ids))
+        out.append(
+            Imagery(p, len(ids), dates[0] if dates else None, dates[-1] if dates else None,
+                    share, tags.get("asmwatch_cloud_mask", "scl"))
+        )  # fmt: skip
+    return out
+
+
+def detector_text(root: Path, data: RegionData) -> str:
+    """What mapped the mining, and how well it did on held-out data."""
+    region = data.region
+    if region.detections is not None:
+        return (
+            f"Mining areas are imported detections from {Path(region.detections.path).name} "
+            "(the region's `detections` file), not mapped by asmwatch's model."
+        )
+    import rasterio
+
+    from pipelines.infra.layout import probability_path
+
+    used = set()
+    for p in data.periods:
+        prob = probability_path(root, region.id, p)
+        if prob.exists():
+            with rasterio.open(prob) as src:
+                used.add(src.tags().get("asmwatch_detector", "unknown"))
+    if not used:
+        return "The detector is not known: no probability maps were found for these periods."
+    if used == {"index-baseline"}:
+        return (
+            "Mining was mapped by a spectral index rule (no trained model): expect more "
+            "confusion with bare soil and river sand than with a trained model."
+        )
+    from pipelines.stages.catalog import open_catalog
+
+    texts = []
+    con = open_catalog(root)
+    try:
+        for model in sorted(used - {"index-baseline"}):
+            row = con.execute(
+                "SELECT heldout_iou, baseline_heldout_iou FROM models WHERE model_id = ?", [model]
+            ).fetchone() if _has_view(con, "models") else None  # fmt: skip
+            if row is not None and row[0] is not None:
+                texts.append(
+                    f"a U-Net segmentation model ({model}) whose agreement with mapped mining on "
+                    f"a held-out period (intersection over union) is {_fmt(float(row[0]), 2)}, "
+                    f"against {_fmt(float(row[1]), 2)} for a spectral index rule"
+                )
+            else:
+                texts.append(f"a segmentation model ({model}) with no held-out figures recorded")
+    finally:
+        con.close()
+    return "Mining was mapped at 10 m by " + "; and ".join(texts) + "."
+
+
+def context_sources(region: Region) -> str:
+    """The region's context layers and the files they came from, for the credits."""
+    if not region.context:
+        return "none"
+    parts = []
+    for kind, path in region.context.items():
+        source = "simulated (demo)" if path.startswith("embedded:") else Path(path).name
+        parts.append(f"{kind.replace('_', ' ')}: {source}")
+    return "; ".join(parts)
+
+
 def threshold_texts() -> dict[str, str]:
     """The thresholds the report states, as written (``pipelines.thresholds``)."""
     from pipelines import thresholds as th
@@ -532,14 +699,25 @@ def threshold_texts() -> dict[str, str]:
     return {
         "mmu_ha": th.number(th.MMU_HA),
         "ndvi_recovered": th.number(th.NDVI_RECOVERED),
+        "alert_distance_km": th.number(th.ALERT_DISTANCE_M / 1000),
+        "alert_high_within_m": th.number(th.ALERT_HIGH_WITHIN_M),
+        "alert_critical_ha": th.number(th.ALERT_CRITICAL_HA),
+        "alert_high_ha": th.number(th.ALERT_HIGH_HA),
         "band_critical": th.number(th.RISK_BAND_CRITICAL),
         "band_high": th.number(th.RISK_BAND_HIGH),
         "band_medium": th.number(th.RISK_BAND_MEDIUM),
     }
 
 
-def region_report(data: RegionData, target: Path, png: bytes, webmap_name: str = "webmap.html") -> Path:  # fmt: skip
-    """Write the HTML region report (self-contained: the map is embedded)."""
+def region_report(
+    data: RegionData,
+    target: Path,
+    png: bytes,
+    webmap_name: str = "webmap.html",
+    root: Path | None = None,
+) -> Path:
+    """Write the HTML region report (self-contained: the map is embedded). ``root``: the
+    data root, for the methods section's imagery and detector (left out without it)."""
     env = templates()
     latest = data.latest
     s = data.summary
@@ -548,6 +726,10 @@ def region_report(data: RegionData, target: Path, png: bytes, webmap_name: str =
         region=data.region,
         generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         t=threshold_texts(),
+        plain=plain_summary(data),
+        imagery=imagery_facts(root, data) if root is not None else [],
+        detector=detector_text(root, data) if root is not None else "",
+        sources=context_sources(data.region),
         summary=s,
         first=first,
         last=last,
@@ -765,7 +947,7 @@ def make_reports(root: Path, region: Region, say: Callable[[str], None] = log.in
     say(f"reports {region.id}: expansion map {png}")
     webmap = web_map(data, out / "webmap.html")
     say(f"reports {region.id}: web map {webmap} ({webmap.stat().st_size / 1e6:.1f} MB)")
-    report = region_report(data, out / "report.html", png.read_bytes())
+    report = region_report(data, out / "report.html", png.read_bytes(), root=root)
     say(f"reports {region.id}: region report {report}")
     for path in (png, webmap, report):  # reports are for sharing
         path.chmod(0o644)

@@ -59,6 +59,28 @@ def test_region_report_shows_the_tables(demo_run: tuple[Path, str]) -> None:
         assert f"{mining:,.1f}" in page, period
         if growth is not None:
             assert f"{growth:,.3f}" in page
+    # What happened, in words, at the top: the latest period against the one before.
+    assert 'id="what-happened"' in page and page.index("what-happened") < page.index(
+        'id="headline"'
+    )
+    latest, before = summary[-1][1], summary[-2][1]
+    assert (
+        f"In 2021, {latest:,.1f} ha of artisanal and small-scale mining (ASM) were mapped" in page
+    )
+    assert f"{abs(latest - before):,.1f} ha more than in 2020 ({before:,.1f} ha)" in page
+    # Methods and limits: the scenes each composite used, the detector and its held-out
+    # accuracy, and that findings need checking on the ground; no pointers into the code.
+    import rasterio
+
+    assert 'id="method"' in page and "Methods and limits" in page
+    for period in ("2019", "2020", "2021"):
+        with rasterio.open(root / "composite" / REGION / f"{period}.tif") as src:
+            used = len(src.tags()["asmwatch_scenes"].split(","))
+        assert f'<td class="l">{period}</td><td>{used}</td>' in page, period
+    iou = _rows(root, "SELECT heldout_iou FROM models ORDER BY created_at DESC LIMIT 1", [])[0][0]
+    assert f"(intersection over union) is {iou:,.2f}, against" in page
+    assert "needs checking on the ground" in page
+    assert "docs/risk.md" not in page and "regions file" not in page
     top = _rows(
         root,
         "SELECT name, score, score_inside, score_proximity FROM concession_risk "
@@ -253,3 +275,41 @@ def test_a_million_sites_make_a_small_web_map_that_opens_fast(
     assert 0 < seen["counts"]["mining"] <= MAX_POLYGONS
     print(f"1,000,000 change areas: reports in {made:.1f} s, web map {size / 1e6:.1f} MB, opened in {opened:.1f} s")  # fmt: skip
     assert opened < 30, "opens in a few seconds (30 s bound for a loaded CI machine)"
+
+
+def test_the_plain_summary_says_what_happened_from_the_tables() -> None:
+    """The sentences at the top of the report: every figure is one of the tables'."""
+    from pipelines.stages.reports import RegionData, plain_summary
+    from tests.conftest import small_region
+
+    region = small_region()
+    row = {"abandoned_ha": 0.0, "revegetating_ha": 0.0, "new_ha": 0.0, "expanded_ha": 0.0}
+    summary = [
+        {**row, "period": "2019", "mining_ha": 100.0, "new_ha": 100.0, "previous_period": None,
+         "previous_mining_ha": None, "growth_vs_previous": None, "growth_vs_first": 1.0},
+        {**row, "period": "2020", "mining_ha": 150.0, "previous_period": "2019", "previous_mining_ha": 100.0,
+         "growth_vs_previous": 1.5, "growth_vs_first": 1.5, "new_ha": 40.0, "expanded_ha": 12.5,
+         "abandoned_ha": 1.5, "revegetating_ha": 1.0},
+    ]  # fmt: skip
+    pressure = {"2020": [
+        {"area_id": "PA1", "name": "Parque Nacional", "kind": "protected", "asm_area_ha": 3.25},
+        {"area_id": "IL1", "name": None, "kind": "indigenous", "asm_area_ha": 7.0},
+        {"area_id": "X", "name": "Untouched", "kind": "protected", "asm_area_ha": 0.0},
+    ]}  # fmt: skip
+    risk = {"2020": [{"concession_id": "C1", "name": "Mina Grande", "band": "critical", "score": 80.04},
+                     {"concession_id": "C2", "name": "Quiet", "band": "low", "score": 3.0}]}  # fmt: skip
+    data = RegionData(
+        region, ["2019", "2020"], summary, {}, {}, risk, pressure, {"2019": [], "2020": []},
+        alert_counts={"2020": {"critical": (2, 5.0), "medium": (3, 2.0)}},
+    )  # fmt: skip
+    text = plain_summary(data)
+    assert text == [
+        "In 2020, 150.0 ha of artisanal and small-scale mining (ASM) were mapped in test region.",
+        "That is 50.0 ha more than in 2019 (100.0 ha) and 1.50 times the area of 2019 (100.0 ha).",
+        "40.0 ha were new mining sites and 12.5 ha expansions of existing ones; 2.5 ha mined before were no longer mined, 1.0 ha of it re-vegetating.",
+        "Most affected protected areas and indigenous lands: IL1 (indigenous land, 7.0 ha inside); Parque Nacional (protected area, 3.2 ha inside).",
+        "Large-scale mining (LSM) concessions most at risk of conflict with ASM: Mina Grande (critical, score 80.0).",
+        "5 alert(s) were raised (2 critical, 3 medium); they are listed below and need checking on the ground.",
+    ]  # fmt: skip
+    baseline = RegionData(region, ["2019"], summary[:1], {}, {}, {}, {}, {"2019": []})
+    assert plain_summary(baseline)[1] == "2019 is the first period: the baseline that later periods are compared with."  # fmt: skip
