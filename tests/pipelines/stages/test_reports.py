@@ -313,3 +313,18 @@ def test_the_plain_summary_says_what_happened_from_the_tables() -> None:
     ]  # fmt: skip
     baseline = RegionData(region, ["2019"], summary[:1], {}, {}, {}, {}, {"2019": []})
     assert plain_summary(baseline)[1] == "2019 is the first period: the baseline that later periods are compared with."  # fmt: skip
+
+
+def test_methods_name_imported_detections_and_a_missing_detector(tmp_path: Path) -> None:
+    import dataclasses
+
+    from pipelines.regions import DetectionsSpec
+    from pipelines.stages.reports import RegionData, detector_text
+    from tests.conftest import small_region
+
+    region = small_region()
+    data = RegionData(region, ["2019"], [], {}, {}, {}, {}, {"2019": []})
+    assert detector_text(tmp_path, data).startswith("The detector is not known")
+    imported = dataclasses.replace(region, detections=DetectionsSpec(path="/x/amw_2025.geojson"))
+    text = detector_text(tmp_path, dataclasses.replace(data, region=imported))
+    assert text.startswith("Mining areas are imported detections from amw_2025.geojson")
