@@ -94,24 +94,27 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
         box(4000, 0, 100, 100),
         box(9000, 0, 100, 100),
     )
+    write_periods(root, region, [("2019", {"in": inside}), ("2020", {"in": inside, "near": near, "mid": mid, "far": far})])  # fmt: skip
+    return root, region
+
+
+def write_periods(root: Path, region: Any, periods: list[tuple[str, dict[str, Any]]]) -> None:
+    """Sites (UTM boxes by id) of each period, their change against the period before,
+    and the catalog's views."""
     previous, history = None, None
-    for period, geoms in (
-        ("2019", {"in": inside}),
-        ("2020", {"in": inside, "near": near, "mid": mid, "far": far}),
-    ):
+    for period, geoms in periods:
         sites = gpd.GeoDataFrame(
-            {"site_id": list(geoms), "region": "riskw", "period": period,
+            {"site_id": list(geoms), "region": region.id, "period": period,
              "area_ha": [g.area / 1e4 for g in geoms.values()], "mean_probability": 0.9,
              "mapped_area_ha": float("nan"), "first_seen_period": None, "source": "test"},
             geometry=[ll(g) for g in geoms.values()], crs=4326,
         )  # fmt: skip
         sites = conform(sites[list(COLUMNS)])
-        write_sites(sites, sites_path(root, "riskw", period))
+        write_sites(sites, sites_path(root, region.id, period))
         change = detect_change(region, period, sites, previous, previous_change=history)
-        write_change(change, root, "riskw", period)
+        write_change(change, root, region.id, period)
         previous, history = sites, change.frame
     refresh_views(root)
-    return root, region
 
 
 def test_concession_risk_components_and_score(world: tuple[Path, Any]) -> None:
@@ -239,20 +242,7 @@ def test_a_patch_touching_three_concessions_is_one_alert(tmp_path: Path) -> None
     )
     far = box(-9000, -9000, 100, 100)  # the baseline's only site
     patch = box(900, 100, 300, 300)  # 9 ha, 3 ha of it inside A, 100 m from B, 2.4 km from C
-    previous, history = None, None
-    for period, geoms in (("2019", {"far": far}), ("2020", {"far": far, "patch": patch})):
-        sites = gpd.GeoDataFrame(
-            {"site_id": list(geoms), "region": "crowd", "period": period,
-             "area_ha": [g.area / 1e4 for g in geoms.values()], "mean_probability": 0.9,
-             "mapped_area_ha": float("nan"), "first_seen_period": None, "source": "test"},
-            geometry=[ll(g) for g in geoms.values()], crs=4326,
-        )  # fmt: skip
-        sites = conform(sites[list(COLUMNS)])
-        write_sites(sites, sites_path(root, "crowd", period))
-        change = detect_change(region, period, sites, previous, previous_change=history)
-        write_change(change, root, "crowd", period)
-        previous, history = sites, change.frame
-    refresh_views(root)
+    write_periods(root, region, [("2019", {"far": far}), ("2020", {"far": far, "patch": patch})])
     (alert,) = compute(root, "alerts", region, "2020").to_pylist()
     assert alert["severity"] == "critical" and alert["feature_count"] == 3
     assert alert["kinds"] == ["in_concession", "near_concession"]
