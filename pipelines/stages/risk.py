@@ -191,8 +191,9 @@ def write_rows(
     DuckDB runs the SQL and writes the Parquet file itself (``COPY ... TO``), row group
     by row group: memory is bounded by ``catalog.MEMORY_LIMIT`` (DuckDB spills beyond it), not
     by the size of the result, and no column ever passes through Arrow's 2 GiB arrays.
-    The alerts' WKB becomes a GeoParquet geometry column (EPSG:4326, as every other
-    table's) with a bbox covering column. Hotspots, whose cell polygons
+    ``alerts`` writes ``alert_features`` beside it, both from one computation of the
+    relations, and both are replaced together. Their WKB becomes a GeoParquet geometry
+    column (EPSG:4326, as every other table's) with a bbox covering column. Hotspots, whose cell polygons
     come from the h3 package, are written from memory (one row per cell).
     """
     if table == "hotspots":
