@@ -162,9 +162,13 @@ def _write_table(
                 continue
             if spatial or fmt == "gpkg":
                 # The first chunk creates the layer (a new one in an existing GeoPackage).
+                # GeoPackage 1.2, which GDAL 3.6 (Debian's QGIS) reads without a warning;
+                # the wheel's GDAL would write 1.4.
+                created = fmt == "gpkg" and not dest.exists()
                 pyogrio.write_dataframe(
                     frame, dest, layer=layer, driver=driver, append=rows > 0,
                     geometry_type=kind, promote_to_multi=kind is not None and kind.startswith("Multi"),
+                    dataset_options={"VERSION": "1.2"} if created else None,
                 )  # fmt: skip
             else:
                 frame.to_csv(dest, mode="a" if rows else "w", header=rows == 0, index=False)
