@@ -328,3 +328,45 @@ def test_methods_name_imported_detections_and_a_missing_detector(tmp_path: Path)
     imported = dataclasses.replace(region, detections=DetectionsSpec(path="/x/amw_2025.geojson"))
     text = detector_text(tmp_path, dataclasses.replace(data, region=imported))
     assert text.startswith("Mining areas are imported detections from amw_2025.geojson")
+
+
+@pytest.mark.slow
+def test_the_report_prints_on_a4_without_cut_tables(demo_run: tuple[Path, str], tmp_path: Path) -> None:  # fmt: skip
+    """An information centre pins the report on a wall: Chromium's print-to-PDF on A4
+    gives a few pages, and in print layout no table, figure or row is wider than the
+    page or split across two pages."""
+    import re
+
+    from playwright.sync_api import sync_playwright
+
+    if not CHROMIUM.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is absent in CI: `make test` should have installed chromium")
+        pytest.skip(f"{CHROMIUM} is absent: `make test` installs Debian's chromium (needs root)")
+    report = demo_run[0] / "reports" / REGION / "report.html"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            # A4 minus the @page margins (186 mm) at CSS's 96 px per inch.
+            page = browser.new_page(viewport={"width": 703, "height": 1000})
+            page.goto(report.as_uri())
+            page.emulate_media(media="print")
+            layout = page.evaluate(
+                """() => {
+                  const width = document.documentElement.clientWidth;
+                  const wide = [...document.querySelectorAll('table, figure, img, p, ul')]
+                    .filter(e => e.getBoundingClientRect().width > width + 1)
+                    .map(e => e.tagName + ' ' + (e.closest('section') || {}).id);
+                  const rows = getComputedStyle(document.querySelector('tr')).breakInside;
+                  const head = getComputedStyle(document.querySelector('thead')).display;
+                  return {width, wide, rows, head, scroll: document.documentElement.scrollWidth};
+                }"""
+            )
+            pdf = page.pdf(format="A4", print_background=True, path=str(tmp_path / "report.pdf"))
+        finally:
+            browser.close()
+    assert layout["wide"] == [] and layout["scroll"] <= layout["width"], layout
+    assert layout["rows"] == "avoid" and layout["head"] == "table-header-group"
+    pages = len(re.findall(rb"/Type\s*/Page(?!s)", pdf))
+    assert 2 <= pages <= 8, pages
+    assert pdf[:5] == b"%PDF-" and (tmp_path / "report.pdf").stat().st_size > 50_000
