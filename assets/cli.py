@@ -442,11 +442,11 @@ def _cmd_sql(args: argparse.Namespace) -> int:
     writes csv, json lines or Parquet atomically (a failed query leaves no file)."""
     import duckdb
 
+    from pipelines.infra.errors import first_line
     from pipelines.stages.catalog import (
         AnalystQueryError,
         CatalogError,
         connect_analyst,
-        one_line,
         run_analyst_query,
     )
 
@@ -485,7 +485,7 @@ def _cmd_sql(args: argparse.Namespace) -> int:
         print(f"asmwatch sql: {e}", file=sys.stderr)
         return 2
     except duckdb.Error as e:
-        print(f"asmwatch sql: {one_line(e)}", file=sys.stderr)
+        print(f"asmwatch sql: {first_line(e)}", file=sys.stderr)
         return 2
     finally:
         con.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from pipelines.infra.layout import TEMPLATES
+from pipelines.infra.layout import RISK_TABLES, TEMPLATES
 from pipelines.regions import split_partition_key
 
 #: Assets whose materialisations promise files, and the files (templates over the root).
@@ -23,7 +23,8 @@ EXPECTED: dict[str, tuple[str, ...]] = {
     "asm_change": (TEMPLATES["change"], TEMPLATES["summary"]),
     **{
         table: (TEMPLATES["risk"].replace("{table}", table),)
-        for table in ("concession_risk", "protected_area_pressure", "hotspots")
+        for table in RISK_TABLES
+        if table not in ("alerts", "alert_features")
     },
     "alerts": tuple(TEMPLATES["risk"].replace("{table}", t) for t in ("alerts", "alert_features")),
 }

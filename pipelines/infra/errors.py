@@ -43,9 +43,13 @@ def _chain(e: BaseException) -> Iterator[BaseException]:
 
 
 def first_line(e: BaseException) -> str:
-    """The first line of an error's message (its type's name when it has none)."""
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
+    """The first line of an error's message (its type's name when it has none), with
+    DuckDB's "Did you mean ..." hint from a later line when there is one."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    hint = next((line for line in lines[1:] if line.startswith(("Did you mean", "Candidate"))), None)  # fmt: skip
+    return lines[0] + (f" ({hint})" if hint else "")
 
 
 def deterministic_cause(e: BaseException, root: Path | None = None) -> str | None:

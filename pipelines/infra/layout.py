@@ -31,6 +31,8 @@ from pathlib import Path
 from pipelines.infra.storage import confined, partition_path
 
 CATALOG_FILE = "asmwatch.duckdb"
+#: The tables under ``risk/<table>/`` (``alert_features`` is written with ``alerts``).
+RISK_TABLES = ("concession_risk", "protected_area_pressure", "hotspots", "alerts", "alert_features")
 MODELS_DIR = "models"
 
 #: Each partitioned file, relative to the data root (``{table}`` for the risk tables).

@@ -24,7 +24,7 @@ from typing import Any
 import duckdb
 
 from pipelines.infra.errors import first_line
-from pipelines.infra.layout import CATALOG_FILE
+from pipelines.infra.layout import CATALOG_FILE, RISK_TABLES
 from pipelines.infra.storage import chmod_for_umask
 from pipelines.stages.context import TABLE_KINDS as CONTEXT_TABLES
 
@@ -177,15 +177,6 @@ def connect_analyst(
     return con
 
 
-def one_line(e: BaseException) -> str:
-    """A DuckDB error as one line: its first line, and DuckDB's "Did you mean" hint."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    if not lines:
-        return type(e).__name__
-    hint = next((line for line in lines[1:] if line.startswith(("Did you mean", "Candidate"))), None)  # fmt: skip
-    return lines[0] + (f" ({hint})" if hint else "")
-
-
 class AnalystQueryError(ValueError):
     """A query ``asmwatch sql`` refuses or cannot parse; the message says why."""
 
@@ -195,7 +186,7 @@ def run_analyst_query(con: duckdb.DuckDBPyConnection, query: str) -> duckdb.Duck
     try:
         statements = con.extract_statements(query)
     except duckdb.ParserException as e:
-        raise AnalystQueryError(one_line(e)) from None
+        raise AnalystQueryError(first_line(e)) from None
     for st in statements:
         kind = st.type.name
         if kind not in ANALYST_STATEMENTS:
@@ -229,16 +220,7 @@ VIEWS: dict[str, tuple[str, str]] = {
     "asm_sites": ("asm_sites_view", "sites/*/*.parquet"),
     "asm_change": ("asm_change_view", "change/*/*.parquet"),
     "region_summary": ("region_summary_view", "summary/*/*.parquet"),
-    **{
-        table: (f"{table}_view", f"risk/{table}/*/*.parquet")
-        for table in (
-            "concession_risk",
-            "protected_area_pressure",
-            "hotspots",
-            "alerts",
-            "alert_features",
-        )
-    },
+    **{table: (f"{table}_view", f"risk/{table}/*/*.parquet") for table in RISK_TABLES},
     **{layer: ("context_view", f"context/*/{layer}.parquet") for layer in CONTEXT_TABLES},
 }
 

@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from pipelines.infra.geotable import GeoTableError, geo_metadata, read_chunks, streamed
 from pipelines.infra.layout import (
+    RISK_TABLES,
     change_path,
     context_table_path,
     risk_path,
@@ -37,7 +38,6 @@ from pipelines.infra.layout import (
 )
 from pipelines.infra.storage import atomic_dir, atomic_path
 from pipelines.stages.context import TABLE_KINDS as CONTEXT_TABLES
-from pipelines.stages.risk import TABLES as RISK_TABLES
 
 #: ``--format`` -> (GDAL driver, file suffix).
 EXPORT_FORMATS: dict[str, tuple[str, str]] = {

@@ -21,12 +21,12 @@ from typing import Any
 
 from pipelines import thresholds
 from pipelines.infra.grid import bbox_utm_epsg
-from pipelines.infra.layout import risk_path
+from pipelines.infra.layout import RISK_TABLES, risk_path
 from pipelines.infra.storage import atomic_path
 from pipelines.regions import Region
 from pipelines.stages.catalog import load_sql, open_catalog
 
-TABLES = ("concession_risk", "protected_area_pressure", "hotspots", "alerts", "alert_features")
+TABLES = RISK_TABLES
 #: Tables with a WKB ``geometry`` in their SQL's result (GeoParquet when written).
 GEO_TABLES = ("alerts", "alert_features")
 NEEDS: dict[str, tuple[str, ...]] = {
@@ -144,7 +144,8 @@ def _prepared(
         raise RiskError("H3 resolution must be 0 to 15")
     if settings.max_alerts < 1:
         raise RiskError(f"max_alerts must be at least 1 (alerts listed per period), got {settings.max_alerts}")  # fmt: skip
-    params = parameters(table, region, period_id, settings, now or dt.datetime.now(dt.UTC))
+    now = now or dt.datetime.now(dt.UTC)  # one stamp for every table of this computation
+    params = parameters(table, region, period_id, settings, now)
     con = open_catalog(root)
     try:
         have = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
@@ -157,7 +158,7 @@ def _prepared(
             _h3_function(con)
         if table == "alerts":  # its rows group the relations of sql/alert_features.sql
             relations = load_sql("alert_features").strip().rstrip(";")
-            feature_params = parameters("alert_features", region, period_id, settings, now or dt.datetime.now(dt.UTC))  # fmt: skip
+            feature_params = parameters("alert_features", region, period_id, settings, now)
             con.execute(f"CREATE TEMP TABLE alert_relations AS {relations}", feature_params)
         yield con, params
     finally:
