@@ -33,7 +33,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     print(f"{path}: OK, {len(config.regions)} region(s)")
     for r in config.regions:
         periods = ", ".join(p.id for p in r.periods)
-        print(f"  {r.id:24s} {r.source:18s} periods {periods}")
+        print(f"  {r.id:24s} {r.source:18s} reports in {r.language}  periods {periods}")
         for kind, layer in r.context.items():
             if not layer.startswith("embedded:") and not Path(layer).exists():
                 print(f"    warning: context layer {kind} not found: {layer}")
@@ -559,6 +559,29 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    """A region's map, report and web map from the catalog, in any language."""
+    from pipelines.stages.reports import ReportError, make_reports
+
+    root = data_root(args.data)
+    config = load_regions(Path(args.regions) if args.regions else None)
+    try:
+        region = config.get(args.region)
+    except KeyError as e:
+        print(str(e.args[0]), file=sys.stderr)
+        return 2
+    try:
+        out = make_reports(
+            root, region, say=print, language=args.language,
+            out=Path(args.output) if args.output else None,
+        )  # fmt: skip
+    except ReportError as e:
+        print(f"asmwatch report: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out.report_html}, {out.webmap_html} and {out.expansion_png} ({out.language})")
+    return 0
+
+
 DATA_HELP = "data root (default: $ASMWATCH_DATA or ./data)"
 REGIONS_HELP = "regions file (default: $ASMWATCH_REGIONS or regions.yaml)"
 PERIOD_HELP = "period id(s), repeated or comma-separated (default: every period of the region)"
@@ -687,6 +710,18 @@ def main(argv: list[str] | None = None) -> int:
     x.add_argument("--data", help=DATA_HELP)
     x.add_argument("--regions", help=REGIONS_HELP)
     x.set_defaults(func=_cmd_export)
+
+    from pipelines.i18n import LANGUAGES
+
+    rp = command("report", "write a region's map, report and web map from the catalog, in a language",
+                 "asmwatch report madre-de-dios                      # in the region's language",
+                 "asmwatch report kwale --language fr --output kwale-fr")  # fmt: skip
+    rp.add_argument("region", help="region id from the regions file")
+    rp.add_argument("--language", choices=LANGUAGES, help="default: the region's (its `language`, else its country's)")  # fmt: skip
+    rp.add_argument("--output", help="folder for the three files; default: <data>/reports/<region>/")  # fmt: skip
+    rp.add_argument("--data", help=DATA_HELP)
+    rp.add_argument("--regions", help=REGIONS_HELP)
+    rp.set_defaults(func=_cmd_report)
 
     args = ap.parse_args(argv)
     try:

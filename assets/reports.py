@@ -82,7 +82,9 @@ def stale_inputs(instance: dg.DagsterInstance, region_id: str, period_ids: list[
         "latest true-colour composite), report.html (area and growth per period, the "
         "concessions most at risk with their score components, pressure on protected and "
         "indigenous areas, latest alerts) and webmap.html (an offline Leaflet map with a "
-        "period selector: ASM, re-vegetation, alerts, composites and context layers)."
+        "period selector: ASM, re-vegetation, alerts, composites and context layers, with "
+        "a legend and the image dates), all in the region's language (`language`, else its "
+        "`country`'s: English, Spanish, French or Portuguese)."
     ),
 )
 @fail_fast
@@ -138,6 +140,7 @@ def region_report(
                 else "none"
             ),
             "alerts_latest": data.alert_total(data.latest),
+            "language": f"{out.language}: {region.language_reason}",
             "bytes": written,
         },
         check_results=[

@@ -37,6 +37,8 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
+from pipelines.i18n import Language
+
 DEFAULT_REGIONS_FILE = "regions.yaml"
 
 #: Source presets; a region may also give the http(s) URL of any STAC API.
@@ -459,6 +461,31 @@ class RegionEntry(_Spec):
     embedded: EmbeddedSpec | None = None
     detections: DetectionsSpec | None = None
     refresh: RefreshSpec = RefreshSpec()
+    country: tuple[str, ...] = Field(
+        default=(),
+        description="ISO 3166-1 alpha-2 code(s) of the region's country or countries, e.g. PE",
+    )
+    language: Language | None = Field(
+        default=None,
+        json_schema_extra=_says(unknown="{value!r}: reports are written in {choices}"),
+    )
+
+    @field_validator("country", mode="plain")
+    @classmethod
+    def _country(cls, value: Any) -> tuple[str, ...]:
+        from pipelines.i18n import countries
+
+        codes = [value] if isinstance(value, str) else value
+        if not isinstance(codes, (list, tuple)) or not all(isinstance(c, str) for c in codes):
+            raise ValueError(f"{value!r} must be a country code (e.g. PE) or a list of them")
+        known = countries()
+        bad = [c for c in codes if c not in known]
+        if bad:
+            raise ValueError(
+                f"unknown country code(s) {', '.join(map(repr, bad))}: use ISO 3166-1 "
+                "alpha-2 codes in capitals, e.g. PE (Peru), SR (Suriname), ML (Mali)"
+            )
+        return tuple(codes)
 
     @field_validator("id")
     @classmethod
@@ -553,6 +580,8 @@ class RegionEntry(_Spec):
             detections=self.detections,
             refresh=self.refresh,
             series=series,
+            country=self.country,
+            language_setting=self.language,
         )
 
 
@@ -665,6 +694,23 @@ class Region:
     #: Open-ended periods (``periods: {from: 2019, every: year}``); ``periods`` then holds
     #: the series' periods that had started when the file was read.
     series: PeriodSeries | None = None
+    #: ISO 3166-1 alpha-2 codes; the reports' language follows the first (``language``).
+    country: tuple[str, ...] = ()
+    #: The ``language`` the regions file sets, or None to follow ``country``.
+    language_setting: str | None = None
+
+    @property
+    def language(self) -> str:
+        """The language of the region's reports (``pipelines.i18n.region_language``)."""
+        from pipelines.i18n import region_language
+
+        return region_language(self.language_setting, self.country)[0]
+
+    @property
+    def language_reason(self) -> str:
+        from pipelines.i18n import region_language
+
+        return region_language(self.language_setting, self.country)[1]
 
     @property
     def uses_s2cloudless(self) -> bool:

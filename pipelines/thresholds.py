@@ -34,6 +34,11 @@ MAX_ALERTS_LISTED = 25
 RISK_BAND_CRITICAL = 75.0
 RISK_BAND_HIGH = 50.0
 RISK_BAND_MEDIUM = 25.0
+#: The concession risk score's parts and the most each can add (they sum to 100).
+RISK_COMPONENT_MAX: dict[str, float] = {
+    "inside": 30.0, "proximity": 20.0, "new": 20.0, "growth": 10.0, "people": 10.0,
+    "grievances": 10.0,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -104,7 +109,17 @@ THRESHOLDS: tuple[Threshold, ...] = (
     Threshold(
         "RISK_BAND_MEDIUM", RISK_BAND_MEDIUM, "score", "band `medium` from this score; `low` below"
     ),
+    *(
+        Threshold(
+            f"RISK_COMPONENT_MAX[{k}]",
+            v,
+            "score",
+            f"the most the `score_{k}` part of a concession's risk score adds (parts sum to 100)",
+        )
+        for k, v in RISK_COMPONENT_MAX.items()
+    ),
 )
+assert sum(RISK_COMPONENT_MAX.values()) == 100, "the risk score's parts must sum to 100"
 
 
 def sql_parameters() -> dict[str, float]:
@@ -116,6 +131,7 @@ def sql_parameters() -> dict[str, float]:
         "band_critical": RISK_BAND_CRITICAL,
         "band_high": RISK_BAND_HIGH,
         "band_medium": RISK_BAND_MEDIUM,
+        **{f"max_{k}": v for k, v in RISK_COMPONENT_MAX.items()},
     }
 
 

@@ -89,12 +89,12 @@ facts AS (
 ),
 scored AS (
     SELECT *,
-           30 * least(1, asm_inside_ha / 10) AS score_inside,
-           20 * least(1, (asm_0_1km_ha + 0.5 * asm_1_5km_ha + 0.2 * asm_5_10km_ha) / 20) AS score_proximity,
-           20 * least(1, new_asm_ha / 5) AS score_new,
-           10 * greatest(0, least(1, coalesce(growth_rate, 1) - 1)) AS score_growth,
-           10 * least(1, (settlements_nearby + communities_nearby) / 3) AS score_people,
-           10 * least(1, open_grievances / 3) AS score_grievances
+           $max_inside * least(1, asm_inside_ha / 10) AS score_inside,
+           $max_proximity * least(1, (asm_0_1km_ha + 0.5 * asm_1_5km_ha + 0.2 * asm_5_10km_ha) / 20) AS score_proximity,
+           $max_new * least(1, new_asm_ha / 5) AS score_new,
+           $max_growth * greatest(0, least(1, coalesce(growth_rate, 1) - 1)) AS score_growth,
+           $max_people * least(1, (settlements_nearby + communities_nearby) / 3) AS score_people,
+           $max_grievances * least(1, open_grievances / 3) AS score_grievances
     FROM facts
 )
 SELECT concession_id, $region AS region, $period AS period, name, holder,

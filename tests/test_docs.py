@@ -52,11 +52,10 @@ def test_the_report_prints_the_thresholds_from_the_code() -> None:
     from pipelines.stages.reports import templates, threshold_texts
 
     source = (ROOT / "pipelines" / "templates" / "report.html.j2").read_text()
-    assert "{{ t.mmu_ha }} ha" in source and "reaches {{ t.ndvi_recovered }}" in source
-    assert "{{ t.alert_critical_ha }} ha" in source and "{{ t.band_critical }}" in source
-    assert not _ndvi_values(source.replace("{{ t.ndvi_recovered }}", "")), (
-        "a literal NDVI threshold"
-    )
+    # Messages take the thresholds as values (translated around them, never inside).
+    assert "mmu=t.mmu_ha" in source and "reaches %(ndvi)s" in source and "ndvi=t.ndvi_recovered" in source  # fmt: skip
+    assert "critical=t.alert_critical_ha" in source and "critical=t.band_critical" in source
+    assert not _ndvi_values(source.replace("%(ndvi)s", "")), "a literal NDVI threshold"
     assert "0.5 ha" not in source
     text = templates().from_string("{{ t.mmu_ha }} ha, NDVI {{ t.ndvi_recovered }}").render(t=threshold_texts())  # fmt: skip
     assert text == f"{th.number(th.MMU_HA)} ha, NDVI {th.number(th.NDVI_RECOVERED)}"

@@ -60,14 +60,15 @@ def test_a_wheel_install_runs_outside_the_checkout(tmp_path: Path) -> None:
         "print(pipelines.__file__); print(regions_path()); print(len(load_regions().regions)); "
         "print(len(load_sql('alerts')) > 100); "
         "from pipelines.stages.reports import templates; "
-        "print(templates().get_template('report.html.j2').name)"
+        "print(templates().get_template('report.html.j2').name); "
+        "from pipelines.i18n import Lang; print(Lang('es')._('Legend'))"
     )  # fmt: skip
     out = subprocess.run([str(py), "-c", probe], capture_output=True, text=True, cwd=work, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
-    module, regions, n, sql, template = out.stdout.split()
+    module, regions, n, sql, template, legend = out.stdout.split()
     assert module.startswith(str(site)) and not module.startswith(str(ROOT)), module
     assert regions.startswith(str(site)) and int(n) >= 1 and sql == "True"
-    assert template == "report.html.j2"
+    assert template == "report.html.j2" and legend == "Leyenda"  # the catalogues are packaged
 
     asmwatch = venv / "bin" / "asmwatch"
     version = subprocess.run([str(asmwatch), "--version"], capture_output=True, text=True, cwd=work, env=env)  # fmt: skip

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.i18n import Lang
 from pipelines.infra.layout import report_dir
 from pipelines.infra.storage import atomic_path
 from pipelines.regions import Region
@@ -42,6 +43,8 @@ from pipelines.regions import Region
 log = logging.getLogger(__name__)
 
 REPORT_FILES = ("expansion.png", "report.html", "webmap.html")
+#: The reports' words when no language is given: the messages themselves.
+EN = Lang("en")
 #: Longest side, in pixels, of the backdrop images (composites are read from overviews).
 BACKDROP_PX = 1200
 #: Coordinates in the web map are simplified to about a metre (1e-5 degrees).
@@ -90,6 +93,8 @@ class RegionData:
     backdrops: dict[str, Path] = field(default_factory=dict)  # period -> composite COG
     #: period -> severity -> (alerts, ha) of every alert, listed or not
     alert_counts: dict[str, dict[str, tuple[int, float]]] = field(default_factory=dict)
+    #: alert_id -> its alert_features rows (what it touches), for the listed alerts
+    relations: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def alert_total(self, period: str) -> int:
         return sum(n for n, _ in self.alert_counts.get(period, {}).values())
@@ -178,7 +183,7 @@ def _point_cells(con: Any, view: str, region_id: str) -> list[dict[str, Any]]:
             "date": f"{first} to {last}" if first is not None else None,
             "population": population,
             "holder": None, "area_ha": None, "concession_id": None,
-            "points": int(count), "cell_deg": size,
+            "points": int(count), "cell_deg": size, "open_count": int(open_),
             "geometry": shapely.Point(x, y),
         })  # fmt: skip
     return out
@@ -321,6 +326,17 @@ def gather(root: Path, region: Region) -> RegionData:
             for period, severity, n, ha in con.execute(sql, [region.id]).fetchall():
                 if period in alert_counts:
                     alert_counts[period][severity] = (int(n), float(ha or 0.0))
+        relations: dict[str, list[dict[str, Any]]] = {}
+        if _has_view(con, "alert_features") and _has_view(con, "alerts"):
+            sql = (
+                "SELECT f.alert_id, f.kind, f.relation, f.severity, f.feature_layer, "
+                "f.feature_id, f.distance_m, f.overlap_ha FROM alert_features f JOIN alerts a "
+                "USING (alert_id) WHERE a.region = ? AND a.listed ORDER BY f.alert_id, "
+                f"{SEVERITY_ORDER.replace('severity', 'f.severity')}, f.distance_m, "
+                "f.feature_layer, f.feature_id"
+            )
+            for r in _rows(con, sql, [region.id]):
+                relations.setdefault(r["alert_id"], []).append(r)
         risk = rows("concession_risk", "ORDER BY score DESC, concession_id")
         pressure = rows("protected_area_pressure", "ORDER BY asm_area_ha DESC, area_id")
     finally:
@@ -331,8 +347,9 @@ def gather(root: Path, region: Region) -> RegionData:
         if composite_path(root, region.id, p).exists()
     }
     return RegionData(
-        region, periods, summary, change, context, risk, pressure, alerts, backdrops, alert_counts
-    )
+        region, periods, summary, change, context, risk, pressure, alerts, backdrops,
+        alert_counts, relations,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------- backdrop (true colour)
@@ -430,7 +447,7 @@ def first_seen_areas(data: RegionData) -> dict[str, list[Any]]:
     return {p: out.get(p, []) for p in data.periods}
 
 
-def expansion_map(data: RegionData, target: Path) -> Path:
+def expansion_map(data: RegionData, target: Path, lang: Lang = EN) -> Path:
     """Write the colour-per-period expansion map of ``data`` to ``target`` (PNG)."""
     import geopandas as gpd
     import matplotlib
@@ -463,8 +480,11 @@ def expansion_map(data: RegionData, target: Path) -> Path:
             ha = float(frame.area.sum() / 1e4)
         else:
             ha = 0.0
-        handles.append(Patch(facecolor=colour, label=f"ASM first seen {p}: {ha:,.1f} ha"))
-    for layer, (label, colour) in CONTEXT_STYLES.items():
+        label = lang._("ASM first seen %(period)s: %(ha)s ha", period=p, ha=lang.num(ha))
+        handles.append(Patch(facecolor=colour, label=label))
+    words = labels(lang)["layers"]
+    for layer, (_label, colour) in CONTEXT_STYLES.items():
+        label = words[layer]
         rows = data.context.get(layer) or []
         if rows:
             gpd.GeoSeries([r["geometry"] for r in rows], crs="EPSG:4326").to_crs(crs).boundary.plot(
@@ -476,23 +496,20 @@ def expansion_map(data: RegionData, target: Path) -> Path:
         ax.set_ylim(extent[2], extent[3])
     summary = data.summary
     growth = summary[-1]["growth_vs_first"] if len(summary) > 1 else None
-    title = f"{region.name}\nASM expansion {data.periods[0]}-{data.latest}"
     if growth is not None:
-        title += f": mining area x{growth:.2f}"
+        title = lang._("ASM expansion %(first)s to %(last)s: mining area \u00d7%(growth)s", first=data.periods[0], last=data.latest, growth=lang.num(growth, 2))  # fmt: skip
+    else:
+        title = lang._("ASM expansion %(first)s to %(last)s", first=data.periods[0], last=data.latest)  # fmt: skip
     # Names are text, never TeX: "$5 a gram" or "$x^2$" must not be set as maths (a
     # malformed formula would crash the map). Period ids are plain by the regions file.
-    ax.set_title(title, fontsize=11, parse_math=False)
-    ax.set_xlabel(f"easting (m, {crs})", fontsize=8)
-    ax.set_ylabel("northing (m)", fontsize=8)
+    ax.set_title(f"{region.name}\n{title}", fontsize=11, parse_math=False)
+    ax.set_xlabel(lang._("easting (m, %(crs)s)", crs=crs), fontsize=8)
+    ax.set_ylabel(lang._("northing (m)"), fontsize=8)
     ax.tick_params(labelsize=7)
     ax.ticklabel_format(style="plain", useOffset=False)
     ax.legend(handles=handles, loc="lower left", fontsize=7, framealpha=0.85)
-    fig.text(
-        0.01, 0.005,
-        "asmwatch. Backdrop: median Sentinel-2 L2A composite of "
-        f"{data.latest if data.backdrops else '-'} (contains modified Copernicus Sentinel data).",
-        fontsize=6, color="#555555",
-    )  # fmt: skip
+    credit = lang._("asmwatch. Backdrop: median Sentinel-2 L2A composite of %(period)s (contains modified Copernicus Sentinel data).", period=data.latest if data.backdrops else "-")  # fmt: skip
+    fig.text(0.01, 0.005, credit, fontsize=6, color="#555555", parse_math=False)
     fig.tight_layout()
     with atomic_path(target) as tmp:
         fig.savefig(tmp, format="png")
@@ -504,84 +521,181 @@ def expansion_map(data: RegionData, target: Path) -> Path:
 
 
 def _fmt(v: Any, digits: int = 1) -> str:
-    if v is None or (isinstance(v, float) and not np.isfinite(v)):
-        return "-"
-    if isinstance(v, float):
-        return f"{v:,.{digits}f}"
-    return str(v)
+    return EN.num(v, digits)
 
 
-def templates() -> Any:
+def report_language(region: Region, language: str | None = None) -> Lang:
+    """The language the region's outputs are written in: ``language`` when given (a
+    command's override), else the region's (``Region.language``)."""
+    return Lang(language or region.language)
+
+
+def labels(lang: Lang) -> dict[str, dict[str, str]]:
+    """The words for the tables' coded values (bands, severities, kinds, layers)."""
+    _ = lang._
+    levels = {"critical": _("critical"), "high": _("high"), "medium": _("medium"), "low": _("low")}
+    return {
+        "band": levels,
+        "severity": levels,
+        "component": {
+            "inside": _("ASM inside"), "proximity": _("ASM nearby"), "new": _("new ASM"),
+            "growth": _("growth"), "people": _("people nearby"), "grievances": _("open grievances"),
+        },
+        "area_kind": {"protected": _("protected area"), "indigenous": _("indigenous land")},
+        "layer": {  # one feature of a layer, as a relation names it
+            "protected_areas": _("protected area"), "indigenous_lands": _("indigenous land"),
+            "concessions": _("LSM concession"),
+        },
+        "layers": {
+            "protected_areas": _("Protected areas"), "indigenous_lands": _("Indigenous lands"),
+            "concessions": _("Large-scale mining (LSM) concessions"), "rivers": _("Rivers"),
+            "settlements": _("Settlements"), "grievances": _("Grievances"),
+        },
+        "change": {
+            "new": _("new mining"), "expanded": _("expanded mining"), "stable": _("stable mining"),
+            "abandoned": _("abandoned"), "revegetating": _("re-vegetating"),
+        },
+        "cloud_mask": {
+            "scl": _("Sen2Cor scene classes"),
+            "scl+s2cloudless": _("Sen2Cor scene classes and s2cloudless"),
+        },
+    }  # fmt: skip
+
+
+def templates(lang: Lang = EN) -> Any:
     """The one template engine of the reports: Jinja2 over pipelines/templates, HTML
-    escaped by default, an undefined name an error, ``n`` formatting numbers."""
+    escaped by default, an undefined name an error, the messages of ``lang`` (``_``,
+    ``ngettext``), and its formats: ``n`` (numbers), ``pct`` (shares)."""
     import jinja2
+
+    from pipelines.i18n import translations
 
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(Path(__file__).resolve().parents[1] / "templates"),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
+        extensions=["jinja2.ext.i18n"],
     )
-    env.filters["n"] = _fmt
+    env.install_gettext_translations(translations(lang.code), newstyle=True)  # type: ignore[attr-defined]
+    env.filters["n"] = lang.num
+    env.filters["pct"] = lang.percent
     return env
 
 
-def plain_summary(data: RegionData, most: int = 3) -> list[str]:
+def plain_summary(data: RegionData, most: int = 3, lang: Lang = EN) -> list[str]:
     """What happened, in sentences a reader outside the team can take away: the latest
     period's mining against the previous and the first, what was new, what was left or
     re-vegetating, the protected areas, indigenous lands and concessions most affected,
     and the alerts. Every figure comes from the tables the report shows."""
+    _, n = lang._, lang.num
     s = data.summary
     last, first = s[-1], s[0]
     name, p = data.region.name, last["period"]
-    out = [f"In {p}, {_fmt(float(last['mining_ha']))} ha of artisanal and small-scale mining (ASM) were mapped in {name}."]  # fmt: skip
+    out = [_("In %(period)s, %(ha)s ha of artisanal and small-scale mining (ASM) were mapped in %(region)s.", period=p, ha=n(float(last["mining_ha"])), region=name)]  # fmt: skip
     compare = []
     if last.get("previous_period") and last.get("growth_vs_previous") is not None:
         prev_ha = float(last["previous_mining_ha"])
         delta = float(last["mining_ha"]) - prev_ha
-        trend = "more" if delta > 0 else "less"
-        compare.append(f"{_fmt(abs(delta))} ha {trend} than in {last['previous_period']} ({_fmt(prev_ha)} ha)")  # fmt: skip
+        than = _("%(ha)s ha more than in %(period)s (%(before)s ha)") if delta > 0 else _("%(ha)s ha less than in %(period)s (%(before)s ha)")  # fmt: skip
+        compare.append(than % {"ha": n(abs(delta)), "period": last["previous_period"], "before": n(prev_ha)})  # fmt: skip
     if first["period"] != p and last.get("growth_vs_first") is not None:
-        compare.append(f"{_fmt(float(last['growth_vs_first']), 2)} times the area of {first['period']} ({_fmt(float(first['mining_ha']))} ha)")  # fmt: skip
-    if compare:
-        out.append("That is " + " and ".join(compare) + ".")
+        compare.append(_("%(times)s times the area of %(period)s (%(ha)s ha)", times=n(float(last["growth_vs_first"]), 2), period=first["period"], ha=n(float(first["mining_ha"]))))  # fmt: skip
+    if len(compare) == 2:
+        out.append(_("That is %(one)s and %(two)s.", one=compare[0], two=compare[1]))
+    elif compare:
+        out.append(_("That is %(one)s.", one=compare[0]))
     if last.get("previous_period"):
         gone = float(last["abandoned_ha"]) + float(last["revegetating_ha"])
-        sentence = (
-            f"{_fmt(float(last['new_ha']))} ha were new mining sites and {_fmt(float(last['expanded_ha']))} ha "
-            f"expansions of existing ones; {_fmt(gone)} ha mined before were no longer mined"
-        )  # fmt: skip
+        values = {"new": n(float(last["new_ha"])), "expanded": n(float(last["expanded_ha"])), "gone": n(gone), "reveg": n(float(last["revegetating_ha"]))}  # fmt: skip
         if gone > 0:
-            sentence += f", {_fmt(float(last['revegetating_ha']))} ha of it re-vegetating"
-        out.append(sentence + ".")
+            out.append(_("%(new)s ha were new mining sites and %(expanded)s ha expansions of existing ones; %(gone)s ha mined before were no longer mined, %(reveg)s ha of it re-vegetating.", **values))  # fmt: skip
+        else:
+            out.append(_("%(new)s ha were new mining sites and %(expanded)s ha expansions of existing ones; no land mined before was left.", **values))  # fmt: skip
     else:
-        out.append(f"{p} is the first period: the baseline that later periods are compared with.")  # fmt: skip
+        out.append(_("%(period)s is the first period: the baseline that later periods are compared with.", period=p))  # fmt: skip
     touched = sorted(
         (r for r in data.pressure.get(p, []) if (r.get("asm_area_ha") or 0) > 0),
         key=lambda r: -float(r["asm_area_ha"]),
     )[:most]
+    words = labels(lang)
     if touched:
-        kinds = {"protected": "protected area", "indigenous": "indigenous land"}
         items = [
-            f"{r.get('name') or r['area_id']} ({kinds.get(str(r.get('kind')), 'area')}, "
-            f"{_fmt(float(r['asm_area_ha']))} ha inside)"
+            _("%(name)s (%(kind)s, %(ha)s ha inside)", name=r.get("name") or r["area_id"],
+              kind=words["area_kind"].get(str(r.get("kind")), str(r.get("kind"))),
+              ha=n(float(r["asm_area_ha"])))
             for r in touched
-        ]
-        out.append("Most affected protected areas and indigenous lands: " + "; ".join(items) + ".")
+        ]  # fmt: skip
+        out.append(_("Most affected protected areas and indigenous lands: %(items)s.", items="; ".join(items)))  # fmt: skip
     risky = [r for r in data.risk.get(p, []) if r.get("band") in ("critical", "high")][:most]
     if risky:
-        items = [f"{r.get('name') or r['concession_id']} ({r['band']}, score {_fmt(float(r['score']))})" for r in risky]  # fmt: skip
-        out.append(
-            "Large-scale mining (LSM) concessions most at risk of conflict with ASM: "
-            + "; ".join(items) + "."
-        )  # fmt: skip
+        items = [_("%(name)s (%(band)s, score %(score)s of 100)", name=r.get("name") or r["concession_id"], band=words["band"][r["band"]], score=n(float(r["score"]))) for r in risky]  # fmt: skip
+        out.append(_("Large-scale mining (LSM) concessions most at risk of conflict with ASM: %(items)s.", items="; ".join(items)))  # fmt: skip
     total = data.alert_total(p)
     if total:
         by = data.alert_counts.get(p, {})
-        parts = ", ".join(f"{by[k][0]} {k}" for k in ("critical", "high", "medium") if k in by)
-        out.append(f"{total} alert(s) were raised ({parts}); they are listed below and need checking on the ground.")  # fmt: skip
+        parts = ", ".join(_("%(label)s: %(count)s", label=words["severity"][k], count=n(by[k][0], 0)) for k in ("critical", "high", "medium") if k in by)  # fmt: skip
+        out.append(lang.ngettext("%(num)s alert was raised (%(parts)s); it is listed below and needs checking on the ground.", "%(num)s alerts were raised (%(parts)s); they are listed below and need checking on the ground.", total, parts=parts))  # fmt: skip
     elif last.get("previous_period"):
-        out.append("No alerts were raised.")
+        out.append(_("No alerts were raised."))
     return out
+
+
+def alert_text(lang: Lang, alert: dict[str, Any], relations: list[dict[str, Any]], names: dict[tuple[str, str], str]) -> str:  # fmt: skip
+    """What an alert is and what it touches, in words: ``New mining: inside Parque X
+    (protected area, 1.20 ha); 350 m from LSM concession Y``. ``names``: (layer,
+    feature_id) -> the feature's name."""
+    words = labels(lang)
+    said = []
+    for r in relations:
+        layer, fid = r["feature_layer"], r["feature_id"]
+        what = {"name": names.get((layer, fid)) or fid, "layer": words["layer"].get(layer, layer)}
+        if r["relation"] == "inside":
+            said.append(lang._("inside %(name)s (%(layer)s, %(ha)s ha)", ha=lang.num(r["overlap_ha"], 2), **what))  # fmt: skip
+        else:
+            said.append(lang._("%(m)s m from %(layer)s %(name)s", m=lang.num(r["distance_m"], 0), **what))  # fmt: skip
+    kind = words["change"].get(alert["change_kind"], alert["change_kind"])
+    return lang._("%(kind)s: %(where)s", kind=kind[:1].upper() + kind[1:], where="; ".join(said) or "-")  # fmt: skip
+
+
+def alert_intro(lang: Lang, data: RegionData, period: str) -> str:
+    """The sentence above the alerts table: how many, by severity, what an alert is,
+    and how many more the table has than the report lists."""
+    words = labels(lang)
+    by = data.alert_counts.get(period, {})
+    total = data.alert_total(period)
+    parts = ", ".join(
+        lang._("%(label)s: %(count)s", label=words["severity"][sev], count=lang.num(c[0], 0))
+        for sev, c in by.items()
+    )
+    text = lang.ngettext(
+        "%(num)s alert (%(parts)s): one per new or expanded mining area inside a protected area or indigenous land, or inside or near a large-scale mining (LSM) concession, most severe and largest first.",
+        "%(num)s alerts (%(parts)s): one per new or expanded mining area inside a protected area or indigenous land, or inside or near a large-scale mining (LSM) concession, most severe and largest first.",
+        total, parts=parts,
+    )  # fmt: skip
+    rest, ha = data.alert_rest(period)
+    if rest > 0:
+        listed = len(data.alerts.get(period, []))
+        text += " " + lang.ngettext(
+            "The %(listed)s listed here are on the map; %(num)s more (%(ha)s ha) is in the alerts table.",
+            "The %(listed)s listed here are on the map; %(num)s more (%(ha)s ha) are in the alerts table.",
+            rest, listed=lang.num(listed, 0), ha=lang.num(ha),
+        )  # fmt: skip
+    return text
+
+
+def note_text(lang: Lang, note: str) -> str:
+    """A note of the change summary (``pipelines.stages.change``) in the report's words."""
+    import re
+
+    if note.startswith("first period of the region"):
+        return lang._("first period of the region: all its mining is new (the baseline)")
+    if note.startswith("no composite for this period"):
+        return lang._("no composite for this period: re-vegetation not assessed")
+    m = re.match(r"no asm_change for (\S+):", note)
+    if m:
+        return lang._("no change table for %(period)s: the first-seen period of older mining is a bound (that period), and land abandoned before it is not tracked", period=m.group(1))  # fmt: skip
+    log.warning("report: a change note with no translation is shown as written: %s", note)
+    return note
 
 
 @dataclass(frozen=True)
@@ -634,14 +748,21 @@ def imagery_facts(root: Path, data: RegionData) -> list[Imagery]:
     return out
 
 
-def detector_text(root: Path, data: RegionData) -> str:
+def imagery_dates(lang: Lang, i: Imagery) -> str:
+    """A period's acquisition dates in words: ``3 Jun 2021 to 30 Sep 2021``."""
+    if i.first is None or i.last is None:
+        return "-"
+    if i.first == i.last:
+        return lang.date(i.first)
+    return lang._("%(first)s to %(last)s", first=lang.date(i.first), last=lang.date(i.last))
+
+
+def detector_text(root: Path, data: RegionData, lang: Lang = EN) -> str:
     """What mapped the mining, and how well it did on held-out data."""
+    _ = lang._
     region = data.region
     if region.detections is not None:
-        return (
-            f"Mining areas are imported detections from {Path(region.detections.path).name} "
-            "(the region's `detections` file), not mapped by asmwatch's model."
-        )
+        return _("Mining areas are imported detections from %(file)s, not mapped by asmwatch's model.", file=Path(region.detections.path).name)  # fmt: skip
     import rasterio
 
     from pipelines.infra.layout import probability_path
@@ -653,12 +774,9 @@ def detector_text(root: Path, data: RegionData) -> str:
             with rasterio.open(prob) as src:
                 used.add(src.tags().get("asmwatch_detector", "unknown"))
     if not used:
-        return "The detector is not known: no probability maps were found for these periods."
+        return _("The detector is not known: no probability maps were found for these periods.")
     if used == {"index-baseline"}:
-        return (
-            "Mining was mapped by a spectral index rule (no trained model): expect more "
-            "confusion with bare soil and river sand than with a trained model."
-        )
+        return _("Mining was mapped by a spectral index rule (no trained model): expect more confusion with bare soil and river sand than with a trained model.")  # fmt: skip
     from pipelines.stages.catalog import open_catalog
 
     texts = []
@@ -669,43 +787,54 @@ def detector_text(root: Path, data: RegionData) -> str:
                 "SELECT heldout_iou, baseline_heldout_iou FROM models WHERE model_id = ?", [model]
             ).fetchone() if _has_view(con, "models") else None  # fmt: skip
             if row is not None and row[0] is not None:
-                texts.append(
-                    f"a U-Net segmentation model ({model}) whose agreement with mapped mining on "
-                    f"a held-out period (intersection over union) is {_fmt(float(row[0]), 2)}, "
-                    f"against {_fmt(float(row[1]), 2)} for a spectral index rule"
-                )
+                texts.append(_("a U-Net segmentation model (%(model)s) whose agreement with mapped mining on a held-out period (intersection over union) is %(iou)s, against %(baseline)s for a spectral index rule", model=model, iou=lang.num(float(row[0]), 2), baseline=lang.num(float(row[1]), 2)))  # fmt: skip
             else:
-                texts.append(f"a segmentation model ({model}) with no held-out figures recorded")
+                texts.append(_("a segmentation model (%(model)s) with no held-out figures recorded", model=model))  # fmt: skip
     finally:
         con.close()
-    return "Mining was mapped at 10 m by " + "; and ".join(texts) + "."
+    return _("Mining was mapped at 10 m by %(detectors)s.", detectors="; ".join(texts))
 
 
-def context_sources(region: Region) -> str:
+def context_sources(region: Region, lang: Lang = EN) -> str:
     """The region's context layers and the files they came from, for the credits."""
     if not region.context:
-        return "none"
+        return lang._("none")
+    words = labels(lang)["layers"]
     parts = []
     for kind, path in region.context.items():
-        source = "simulated (demo)" if path.startswith("embedded:") else Path(path).name
-        parts.append(f"{kind.replace('_', ' ')}: {source}")
+        source = lang._("simulated (demo)") if path.startswith("embedded:") else Path(path).name
+        parts.append(f"{words.get(kind, kind)}: {source}")
     return "; ".join(parts)
 
 
-def threshold_texts() -> dict[str, str]:
-    """The thresholds the report states, as written (``pipelines.thresholds``)."""
+def threshold_texts(lang: Lang = EN) -> dict[str, str]:
+    """The thresholds the report states (``pipelines.thresholds``), in the language's
+    number format."""
     from pipelines import thresholds as th
 
+    def num(v: float) -> str:
+        return lang.num(v, max(0, len(th.number(v).partition(".")[2])))
+
     return {
-        "mmu_ha": th.number(th.MMU_HA),
-        "ndvi_recovered": th.number(th.NDVI_RECOVERED),
-        "alert_distance_km": th.number(th.ALERT_DISTANCE_M / 1000),
-        "alert_high_within_m": th.number(th.ALERT_HIGH_WITHIN_M),
-        "alert_critical_ha": th.number(th.ALERT_CRITICAL_HA),
-        "alert_high_ha": th.number(th.ALERT_HIGH_HA),
-        "band_critical": th.number(th.RISK_BAND_CRITICAL),
-        "band_high": th.number(th.RISK_BAND_HIGH),
-        "band_medium": th.number(th.RISK_BAND_MEDIUM),
+        "mmu_ha": num(th.MMU_HA),
+        "ndvi_recovered": num(th.NDVI_RECOVERED),
+        "alert_distance_km": num(th.ALERT_DISTANCE_M / 1000),
+        "alert_high_within_m": num(th.ALERT_HIGH_WITHIN_M),
+        "alert_critical_ha": num(th.ALERT_CRITICAL_HA),
+        "alert_high_ha": num(th.ALERT_HIGH_HA),
+        "band_critical": num(th.RISK_BAND_CRITICAL),
+        "band_high": num(th.RISK_BAND_HIGH),
+        "band_medium": num(th.RISK_BAND_MEDIUM),
+    }
+
+
+def feature_names(data: RegionData) -> dict[tuple[str, str], str]:
+    """(layer, feature_id) -> name, for the context features alerts name."""
+    return {
+        (layer, r["feature_id"]): r["name"]
+        for layer, rows in data.context.items()
+        for r in rows
+        if r.get("name") and r.get("feature_id") is not None
     }
 
 
@@ -715,34 +844,56 @@ def region_report(
     png: bytes,
     webmap_name: str = "webmap.html",
     root: Path | None = None,
+    lang: Lang = EN,
 ) -> Path:
     """Write the HTML region report (self-contained: the map is embedded). ``root``: the
     data root, for the methods section's imagery and detector (left out without it)."""
-    env = templates()
+    from pipelines import thresholds as th
+
+    env = templates(lang)
     latest = data.latest
     s = data.summary
     first, last = s[0], s[-1]
+    words = labels(lang)
+    names = feature_names(data)
+    alerts = [
+        {**a, "said": alert_text(lang, a, data.relations.get(a["alert_id"], []), names)}
+        for a in data.alerts.get(latest, [])
+    ]
+    facts = imagery_facts(root, data) if root is not None else []
+    imagery = [{**i.__dict__, "dates": imagery_dates(lang, i)} for i in facts]
+    notes = [
+        (r["period"], note_text(lang, note))
+        for r in s
+        for note in (r.get("notes") or "").split("; ")
+        if note
+    ]
+    upto = {c: lang._("up to %(max)s", max=lang.num(th.RISK_COMPONENT_MAX[c], 0)) for c in COMPONENTS}  # fmt: skip
     text = env.get_template("report.html.j2").render(
+        lang=lang,
+        L=words,
         region=data.region,
-        generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        t=threshold_texts(),
-        plain=plain_summary(data),
-        imagery=imagery_facts(root, data) if root is not None else [],
-        detector=detector_text(root, data) if root is not None else "",
-        sources=context_sources(data.region),
+        generated=lang.datetime(datetime.now(UTC)),
+        t=threshold_texts(lang),
+        plain=plain_summary(data, lang=lang),
+        imagery=imagery,
+        detector=detector_text(root, data, lang) if root is not None else "",
+        sources=context_sources(data.region, lang),
         summary=s,
+        notes=notes,
         first=first,
         last=last,
         latest=latest,
         colours=dict(zip(data.periods, period_colours(len(data.periods)), strict=True)),
         risk=data.risk.get(latest, [])[:10],
         components=COMPONENTS,
+        component_max={c: lang.num(th.RISK_COMPONENT_MAX[c], 0) for c in COMPONENTS},
+        component_list=", ".join(f"{words['component'][c]} ({upto[c]})" for c in COMPONENTS),
         pressure=[r for r in data.pressure.get(latest, []) if r["site_count"] or r["asm_area_ha"]],
         pressure_all=len(data.pressure.get(latest, [])),
-        alerts=data.alerts.get(latest, []),
+        alerts=alerts,
+        alert_intro=alert_intro(lang, data, latest),
         alert_total=data.alert_total(latest),
-        alert_severity=data.alert_counts.get(latest, {}),
-        alert_rest=data.alert_rest(latest),
         alert_counts={p: data.alert_total(p) for p in data.periods},
         map_uri=_data_uri(png),
         webmap=webmap_name,
@@ -761,8 +912,16 @@ def leaflet_assets() -> tuple[str, str]:
         import xstatic.pkg.leaflet as xl
     except ImportError as e:  # pragma: no cover - a pinned dependency
         raise ReportError("xstatic-leaflet is not installed; run `make setup`") from e
+    import re
+
     base = Path(xl.BASE_DIR)
-    return (base / "leaflet.js").read_text(encoding="utf-8"), (base / "leaflet.css").read_text(encoding="utf-8")  # fmt: skip
+    css = (base / "leaflet.css").read_text(encoding="utf-8")
+
+    def inline(m: re.Match[str]) -> str:  # the layer button's icon, inside the page
+        return f"url({_data_uri((base / 'images' / m.group(1)).read_bytes())})"
+
+    css = re.sub(r"url\(images/([\w.-]+\.png)\)", inline, css)
+    return (base / "leaflet.js").read_text(encoding="utf-8"), css
 
 
 def _feature(geom: Any, props: dict[str, Any]) -> dict[str, Any]:
@@ -775,7 +934,7 @@ def _feature(geom: Any, props: dict[str, Any]) -> dict[str, Any]:
             v = None
         elif isinstance(v, float):
             v = round(v, 3)
-        elif v is not None and not isinstance(v, (int, str, bool)):
+        elif v is not None and not isinstance(v, (int, str, bool, dict, list)):
             v = str(v)
         clean[k] = v
     return {"type": "Feature", "geometry": json.loads(shapely.to_geojson(shapely.set_precision(g, 1e-6))), "properties": clean}  # fmt: skip
@@ -795,26 +954,171 @@ def _change_features(rows: list[dict[str, Any]], kinds: tuple[str, ...]) -> list
     return out
 
 
-def web_data(data: RegionData) -> dict[str, Any]:
-    """The JSON document the web map draws: layers per period and context layers."""
+#: Alert colours by severity: the purple side of ColorBrewer's colour-blind-safe PuOr
+#: scheme, whose orange side (#e66101) marks grievances; dark to light with severity,
+#: every marker ringed in black so the palest stays visible on any backdrop.
+ALERT_COLOURS = {"critical": "#2d004b", "high": "#8073ac", "medium": "#d8daeb"}
+#: Former mining: (outline, fill) for abandoned and re-vegetating land.
+FORMER_COLOURS = {"abandoned": ("#8c510a", "#dfc27d"), "revegetating": ("#4dac26", "#b8e186")}
+
+
+def _popup(title: str, rows: list[tuple[str, str]]) -> dict[str, Any]:
+    return {"title": title, "rows": [[k, v] for k, v in rows]}
+
+
+def _mining_popup(lang: Lang, period: str, f: dict[str, Any]) -> dict[str, Any]:
+    _, words = lang._, labels(lang)
+    q = f["properties"]
+    area = lang._("%(ha)s ha", ha=lang.num(q["area_ha"], 2))
+    if q.get("areas"):  # a grid cell summing many areas (``MAX_POLYGONS``)
+        title = lang.ngettext("%(num)s mining area in this cell", "%(num)s mining areas in this cell", q["areas"])  # fmt: skip
+    else:
+        kind = words["change"].get(q["kind"], q["kind"])
+        title = kind[:1].upper() + kind[1:]
+    return _popup(title, [(_("Period"), period), (_("First seen"), q["first_seen_period"] or "-"), (_("Area"), area)])  # fmt: skip
+
+
+def _former_popup(lang: Lang, period: str, f: dict[str, Any]) -> dict[str, Any]:
+    from pipelines import thresholds as th
+
+    _, words = lang._, labels(lang)
+    q = f["properties"]
+    ndvi = _("%(value)s (re-vegetating from %(threshold)s)", value=lang.num(q["mean_ndvi"], 2), threshold=lang.num(th.NDVI_RECOVERED, 2))  # fmt: skip
+    title = _("Former mining: %(kind)s", kind=words["change"].get(q["kind"], q["kind"]))
+    return _popup(title, [
+        (_("Period"), period), (_("First seen"), q["first_seen_period"] or "-"),
+        (_("Vegetation index (NDVI)"), ndvi), (_("Area"), _("%(ha)s ha", ha=lang.num(q["area_ha"], 2))),
+    ])  # fmt: skip
+
+
+def _date_text(lang: Lang, value: Any) -> str:
+    """A date from the data in the language's words; a range of a grid cell (``2019-05-13
+    to 2021-02-01``) as a range; anything else as written."""
+    import re
+
+    text = "" if value is None else str(value)
+    dates = re.findall(r"\d{4}-\d{2}-\d{2}", text)
+    if len(dates) == 1 and text.strip()[:10] == dates[0]:
+        return lang.date(dates[0])
+    if len(dates) == 2:
+        if dates[0] == dates[1]:
+            return lang.date(dates[0])
+        return lang._("%(first)s to %(last)s", first=lang.date(dates[0]), last=lang.date(dates[1]))
+    return text or "-"
+
+
+def _context_popup(lang: Lang, layer: str, p: dict[str, Any]) -> dict[str, Any]:
+    _, words = lang._, labels(lang)
+    if p.get("points"):  # a grid cell standing for many points (``MAX_POINTS``)
+        deg = lang.num(p["cell_deg"], 3)
+        if layer == "grievances":
+            title = lang.ngettext("%(num)s grievance in this cell of %(deg)s°", "%(num)s grievances in this cell of %(deg)s°", p["points"], deg=deg)  # fmt: skip
+            rows = [(_("Open"), lang.num(p.get("open_count"), 0)), (_("Dates"), _date_text(lang, p.get("date")))]  # fmt: skip
+        else:
+            title = lang.ngettext("%(num)s settlement in this cell of %(deg)s°", "%(num)s settlements in this cell of %(deg)s°", p["points"], deg=deg)  # fmt: skip
+            rows = [(_("Population"), lang.num(p.get("population"), 0))]
+        return _popup(title, [(_("Layer"), words["layers"].get(layer, layer)), *rows])
+    rows = [(_("Layer"), words["layers"].get(layer, layer)), (_("Category"), p.get("category") or "-")]  # fmt: skip
+    if p.get("area_ha") is not None:
+        rows.append((_("Area"), _("%(ha)s ha", ha=lang.num(p["area_ha"]))))
+    if p.get("population") is not None:
+        rows.append((_("Population"), lang.num(p["population"], 0)))
+    if layer == "grievances":
+        status = {"open": _("open"), "closed": _("closed")}.get(str(p.get("status")), p.get("status") or "-")  # fmt: skip
+        rows += [(_("Date"), _date_text(lang, p.get("date"))), (_("Status"), str(status))]
+        if p.get("concession_id"):
+            rows.append((_("Concession"), p["concession_id"]))
+    if layer == "concessions":
+        rows.append((_("Holder"), p.get("holder") or "-"))
+    return _popup(str(p.get("name") or p.get("feature_id")), rows)
+
+
+def _risk_rows(lang: Lang, period: str, r: dict[str, Any]) -> list[list[str]]:
+    """A concession's risk in a period, in words, every part against its maximum."""
+    from pipelines import thresholds as th
+
+    words = labels(lang)
+    rows = [[
+        lang._("Risk of conflict with ASM, %(period)s", period=period),
+        lang._("%(score)s of 100 (%(band)s)", score=lang.num(r["score"]), band=words["band"].get(r["band"], r["band"])),
+    ]]  # fmt: skip
+    for c in COMPONENTS:
+        rows.append([
+            "\u2003" + words["component"][c],
+            lang._("%(score)s of %(max)s", score=lang.num(r[f"score_{c}"]), max=lang.num(th.RISK_COMPONENT_MAX[c], 0)),
+        ])  # fmt: skip
+    return rows
+
+
+def legend(lang: Lang, data: RegionData, context: dict[str, Any]) -> list[dict[str, Any]]:
+    """The web map's key: a section per kind of layer, a row per colour it draws."""
+    _, words = lang._, labels(lang)
+    sections = [{
+        "title": _("Mining, by the period first seen"),
+        "rows": [{"shape": "fill", "colour": c, "label": p} for p, c in zip(data.periods, period_colours(len(data.periods)), strict=True)],
+    }, {
+        "title": _("Former mining"),
+        "rows": [{"shape": "fill", "colour": FORMER_COLOURS[k][1], "edge": FORMER_COLOURS[k][0], "label": words["change"][k]} for k in ("abandoned", "revegetating")],
+    }, {
+        "title": _("Alerts, by severity"),
+        "rows": [{"shape": "ring", "colour": ALERT_COLOURS[k], "edge": "#000000", "label": words["severity"][k]} for k in ("critical", "high", "medium")],
+    }]  # fmt: skip
+    rows = []
+    for layer, c in context.items():
+        shape = {"indigenous_lands": "dash", "rivers": "line", "settlements": "dot", "grievances": "dot"}.get(layer, "outline")  # fmt: skip
+        rows.append({"shape": shape, "colour": c["colour"], "edge": "#ffffff" if shape == "dot" else c["colour"], "label": words["layers"][layer]})  # fmt: skip
+    if rows:
+        sections.append({"title": _("Context"), "rows": rows})
+    return sections
+
+
+def web_strings(lang: Lang) -> dict[str, str]:
+    """The web map's own words (its controls and layers); the data's are formatted
+    by ``web_data``."""
+    _ = lang._
+    return {
+        "period": _("Period"),
+        "legend": _("Legend"),
+        "composite": _("Sentinel-2 composite"),
+        "mining": _("Mining (colour: period first seen)"),
+        "former": _("Former mining"),
+        "alerts": _("Alerts"),
+        "map": _("Map of artisanal and small-scale mining"),
+        "backdrop": _("Sentinel-2 composite of %(period)s"),
+        "attribution": _("asmwatch; contains modified Copernicus Sentinel data"),
+        "zoom_in": _("Zoom in"),
+        "zoom_out": _("Zoom out"),
+        "layers": _("Layers"),
+        "close": _("Close"),
+    }
+
+
+def web_data(data: RegionData, root: Path | None = None, lang: Lang = EN) -> dict[str, Any]:
+    """The JSON document the web map draws: layers per period and context layers, every
+    word in ``lang`` and every number formatted for it (the page only shows them)."""
     colours = period_colours(len(data.periods))
+    words = labels(lang)
+    names = feature_names(data)
+    facts = {i.period: i for i in (imagery_facts(root, data) if root is not None else [])}
     periods = []
     for p, colour in zip(data.periods, colours, strict=True):
         mining = _change_features(data.change[p], ("new", "expanded", "stable"))
+        for f in mining:
+            f["properties"]["popup"] = _mining_popup(lang, p, f)
         reveg = _change_features(data.change[p], ("abandoned", "revegetating"))
-        alerts = [
-            _feature(
-                r["geometry"].representative_point(),
-                {k: r[k] for k in ("alert_ref", "severity", "change_kind", "area_ha", "summary")},
-            )
-            for r in data.alerts[p]
-        ]
-        risk = {
-            r["concession_id"]: {
-                k: r[k] for k in ("score", "band", *(f"score_{c}" for c in COMPONENTS))
-            }
-            for r in data.risk.get(p, [])
-        }
+        for f in reveg:
+            f["properties"]["popup"] = _former_popup(lang, p, f)
+        alerts = []
+        for r in data.alerts[p]:
+            sev = words["severity"].get(r["severity"], r["severity"])
+            popup = _popup(
+                lang._("Alert %(ref)s: %(severity)s", ref=r["alert_ref"], severity=sev),
+                [(lang._("Area"), lang._("%(ha)s ha", ha=lang.num(r["area_ha"], 2))),
+                 (lang._("What and where"), alert_text(lang, r, data.relations.get(r["alert_id"], []), names))],
+            )  # fmt: skip
+            props = {k: r[k] for k in ("alert_ref", "severity", "change_kind", "area_ha")}
+            alerts.append(_feature(r["geometry"].representative_point(), {**props, "popup": popup}))  # fmt: skip
+        risk = {r["concession_id"]: _risk_rows(lang, p, r) for r in data.risk.get(p, [])}
         summary = next(s for s in data.summary if s["period"] == p)
         backdrop = None
         if p in data.backdrops:
@@ -824,69 +1128,78 @@ def web_data(data: RegionData) -> dict[str, Any]:
             to_ll = Transformer.from_crs("EPSG:3857", "EPSG:4326", always_xy=True)
             (w, s_), (e, n) = to_ll.transform(left, bottom), to_ll.transform(right, top)
             backdrop = {"url": _data_uri(_png(rgba)), "bounds": [[s_, w], [n, e]]}
+        total = data.alert_total(p)
+        stats = lang._("%(ha)s ha of ASM", ha=lang.num(summary["mining_ha"]))
+        if summary["growth_vs_previous"] is not None:
+            stats += lang._(", \u00d7%(growth)s on the previous period", growth=lang.num(summary["growth_vs_previous"], 2))  # fmt: skip
+        stats += "; " + lang.ngettext("%(num)s alert", "%(num)s alerts", total)
+        if total > len(alerts):
+            stats += " " + lang._("(the %(shown)s most severe shown)", shown=lang.num(len(alerts), 0))  # fmt: skip
+        fact = facts.get(p)
+        if fact is not None and fact.scenes:
+            images = lang.ngettext("Images: %(num)s scene, %(dates)s", "Images: %(num)s scenes, %(dates)s", fact.scenes, dates=imagery_dates(lang, fact))  # fmt: skip
+            if fact.clear_share is not None:
+                images += "; " + lang._("about %(share)s cloud-free", share=lang.percent(fact.clear_share))  # fmt: skip
+        else:
+            images = lang._("Images: no composite for this period")
         periods.append(
             {
                 "id": p,
                 "colour": colour,
                 "mining_ha": summary["mining_ha"],
                 "growth_vs_previous": summary["growth_vs_previous"],
+                "stats": stats,
+                "images": images,
                 "mining": {"type": "FeatureCollection", "features": mining},
                 "revegetating": {"type": "FeatureCollection", "features": reveg},
                 "alerts": {"type": "FeatureCollection", "features": alerts},
-                "alert_count": data.alert_total(p),
+                "alert_count": total,
                 "risk": risk,
                 "backdrop": backdrop,
             }
         )
     context = {}
-    for layer, (label, colour) in {**CONTEXT_STYLES, **WEB_ONLY_STYLES}.items():
-        feats = [
-            _feature(
-                r["geometry"],
-                {
-                    k: r.get(k)
-                    for k in (
-                        "feature_id",
-                        "name",
-                        "category",
-                        "holder",
-                        "status",
-                        "area_ha",
-                        "population",
-                        "date",
-                        "concession_id",
-                    )
-                },
-            )
-            for r in data.context.get(layer, [])
-        ]
-        if not feats and layer in WEB_ONLY_STYLES:
-            continue  # optional layers the region does not have
+    for layer, (_label, colour) in {**CONTEXT_STYLES, **WEB_ONLY_STYLES}.items():
         rows = data.context.get(layer, [])
+        if not rows and layer in WEB_ONLY_STYLES:
+            continue  # optional layers the region does not have
+        keys = ("feature_id", "name", "category", "holder", "status", "area_ha", "population", "date", "concession_id")  # fmt: skip
+        feats = [_feature(r["geometry"], {k: r.get(k) for k in keys}) for r in rows]
         cells = bool(rows) and "points" in rows[0]
         for f, r in zip(feats, rows, strict=True):
             if cells:
                 f["properties"]["points"] = r["points"]
+                f["properties"]["cell_deg"] = r["cell_deg"]
+                f["properties"]["open_count"] = r.get("open_count")
+            f["properties"]["popup"] = _context_popup(lang, layer, f["properties"])
+        points = sum(r["points"] for r in rows) if cells else len(feats)
+        count = (
+            lang.ngettext("%(num)s in %(cells)s cell of %(deg)s\u00b0", "%(num)s in %(cells)s cells of %(deg)s\u00b0", points, cells=lang.num(len(feats), 0), deg=lang.num(rows[0]["cell_deg"], 3))
+            if cells else lang.num(len(feats), 0)
+        )  # fmt: skip
         context[layer] = {
-            "label": label, "colour": colour,
+            "label": f"{words['layers'][layer]} ({count})", "colour": colour,
             "data": {"type": "FeatureCollection", "features": feats},
             # Aggregated point layers: how many points, on cells of what size.
-            "points": sum(r["points"] for r in rows) if cells else len(feats),
-            "cell_deg": rows[0]["cell_deg"] if cells else None,
+            "points": points, "cell_deg": rows[0]["cell_deg"] if cells else None,
         }  # fmt: skip
     w, s_, e, n = data.region.bbox
     return {
+        "lang": lang.code,
+        "t": web_strings(lang),
         "region": {"id": data.region.id, "name": data.region.name, "bbox": [[s_, w], [n, e]]},
         "periods": periods,
         "context": context,
-        "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "legend": legend(lang, data, context),
+        "generated": lang._("Map made %(date)s by asmwatch", date=lang.datetime(datetime.now(UTC))),
     }
 
 
-def web_map(data: RegionData, target: Path) -> Path:
-    """Write the offline interactive map (one HTML file, Leaflet inlined)."""
+def web_map(data: RegionData, target: Path, root: Path | None = None, lang: Lang = EN) -> Path:
+    """Write the offline interactive map (one HTML file, Leaflet inlined). ``root``: the
+    data root, for the periods' image dates."""
     js, css = leaflet_assets()
-    doc = json.dumps(web_data(data), separators=(",", ":"), allow_nan=False)
+    doc = json.dumps(web_data(data, root, lang), separators=(",", ":"), allow_nan=False)
     # JSON inside <script> must not close the element: escape '<' (and so '</script>').
     doc = doc.replace("<", "\\u003c")
     from markupsafe import Markup
@@ -894,10 +1207,13 @@ def web_map(data: RegionData, target: Path) -> Path:
     # The title is escaped by the template; Leaflet's files and the data are made safe
     # for their <style>/<script> elements here, and inserted as they are.
     page = (
-        templates()
+        templates(lang)
         .get_template("webmap.html")
         .render(
-            TITLE=f"{data.region.name}: ASM web map",
+            LANG=lang.code,
+            TITLE=lang._(
+                "%(region)s: map of artisanal and small-scale mining", region=data.region.name
+            ),
             LEAFLET_CSS=Markup(css),
             LEAFLET_JS=Markup(js.replace("</script", "<\\/script")),
             DATA=Markup(doc),
@@ -919,6 +1235,7 @@ class Reports:
     webmap_html: Path
     data: RegionData
     thumbnail: bytes  # a small PNG of the expansion map, for the Dagster UI
+    language: str = "en"
 
 
 def thumbnail(png_path: Path, width: int = 320) -> bytes:
@@ -938,17 +1255,26 @@ def markdown_image(png: bytes, alt: str) -> str:
     return f"![{alt}]({_data_uri(png)})"
 
 
-def make_reports(root: Path, region: Region, say: Callable[[str], None] = log.info) -> Reports:
-    """Gather the region's tables and write the map, the report and the web map."""
+def make_reports(
+    root: Path,
+    region: Region,
+    say: Callable[[str], None] = log.info,
+    language: str | None = None,
+    out: Path | None = None,
+) -> Reports:
+    """Gather the region's tables and write the map, the report and the web map, in
+    ``language`` (default: the region's) to ``out`` (default: reports/<region>/)."""
     data = gather(root, region)
-    out = report_dir(root, region.id)
-    say(f"reports {region.id}: periods {', '.join(data.periods)}; writing to {out}")
-    png = expansion_map(data, out / "expansion.png")
+    lang = report_language(region, language)
+    out = out or report_dir(root, region.id)
+    why = "set for this run" if language else region.language_reason
+    say(f"reports {region.id}: periods {', '.join(data.periods)}; language {lang.code} ({why}); writing to {out}")  # fmt: skip
+    png = expansion_map(data, out / "expansion.png", lang)
     say(f"reports {region.id}: expansion map {png}")
-    webmap = web_map(data, out / "webmap.html")
+    webmap = web_map(data, out / "webmap.html", root, lang)
     say(f"reports {region.id}: web map {webmap} ({webmap.stat().st_size / 1e6:.1f} MB)")
-    report = region_report(data, out / "report.html", png.read_bytes(), root=root)
+    report = region_report(data, out / "report.html", png.read_bytes(), root=root, lang=lang)
     say(f"reports {region.id}: region report {report}")
     for path in (png, webmap, report):  # reports are for sharing
         path.chmod(0o644)
-    return Reports(out, png, report, webmap, data, thumbnail(png))
+    return Reports(out, png, report, webmap, data, thumbnail(png), lang.code)

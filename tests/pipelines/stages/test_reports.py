@@ -89,10 +89,25 @@ def test_region_report_shows_the_tables(demo_run: tuple[Path, str]) -> None:
     )[0]
     assert top[0] in page and f"<b>{top[1]:,.1f}</b>" in page
     n_alerts = _rows(root, "SELECT count(*) FROM alerts WHERE region = ? AND period = '2021'", [REGION])  # fmt: skip
-    assert f"{n_alerts[0][0]} alert(s)" in page
+    assert f"{n_alerts[0][0]} alerts (critical: " in page
     # Alerts by the reference readers quote, and what each touches in words; no hash ids.
-    ref, summary = _rows(root, "SELECT alert_ref, summary FROM alerts WHERE region = ? AND period = '2021' ORDER BY rank LIMIT 1", [REGION])[0]  # fmt: skip
-    assert f'<td class="l">{ref}</td>' in page and str(markupsafe.escape(summary)) in page
+    ref, kind = _rows(root, "SELECT alert_ref, change_kind FROM alerts WHERE region = ? AND period = '2021' ORDER BY rank LIMIT 1", [REGION])[0]  # fmt: skip
+    row = re.search(rf'<tr><td class="l">{ref}</td>.*?</tr>', page)
+    assert row is not None
+    touched = _rows(
+        root,
+        "SELECT f.relation, coalesce(c.name, f.feature_id) FROM alert_features f JOIN alerts a USING (alert_id) "
+        "LEFT JOIN (SELECT 'concessions' AS layer, feature_id, name FROM concessions UNION ALL "
+        "SELECT 'protected_areas', feature_id, name FROM protected_areas UNION ALL "
+        "SELECT 'indigenous_lands', feature_id, name FROM indigenous_lands) c "
+        "ON c.layer = f.feature_layer AND c.feature_id = f.feature_id WHERE a.alert_ref = ?",
+        [ref],
+    )  # fmt: skip
+    assert touched and row.group(0).count("; ") == len(touched) - 1
+    assert f"{'New' if kind == 'new' else 'Expanded'} mining: " in row.group(0)
+    for relation, name in touched:
+        said = f"inside {markupsafe.escape(name)} (" if relation == "inside" else f" m from LSM concession {markupsafe.escape(name)}"  # fmt: skip
+        assert said in row.group(0), (said, row.group(0))
     ids = [r[0] for r in _rows(root, "SELECT alert_id FROM alerts WHERE region = ?", [REGION])]
     assert ids and not any(i in page for i in ids)
     assert "large-scale mining (LSM)" in page
@@ -199,7 +214,8 @@ def test_web_map_renders_offline_in_chromium(demo_run: tuple[Path, str]) -> None
     assert seen["first_period"] == "2019" and first["mining"] == n(mining_sql, "2019")
     assert first["alerts"] == 0 and first["revegetating"] == 0
     assert "2019" in seen["stats"] and "ha of ASM" in seen["stats"]
-    assert "risk 2019" in seen["popup"]
+    assert "Risk of conflict with ASM, 2019" in seen["popup"] and " of 100 (" in seen["popup"]
+    assert re.search(r"ASM inside\s*[\d.]+ of 30", seen["popup"]), seen["popup"]
     # The screenshot shows a map, not a blank page.
     from PIL import Image
 
@@ -308,9 +324,17 @@ def test_the_plain_summary_says_what_happened_from_the_tables() -> None:
         "That is 50.0 ha more than in 2019 (100.0 ha) and 1.50 times the area of 2019 (100.0 ha).",
         "40.0 ha were new mining sites and 12.5 ha expansions of existing ones; 2.5 ha mined before were no longer mined, 1.0 ha of it re-vegetating.",
         "Most affected protected areas and indigenous lands: IL1 (indigenous land, 7.0 ha inside); Parque Nacional (protected area, 3.2 ha inside).",
-        "Large-scale mining (LSM) concessions most at risk of conflict with ASM: Mina Grande (critical, score 80.0).",
-        "5 alert(s) were raised (2 critical, 3 medium); they are listed below and need checking on the ground.",
+        "Large-scale mining (LSM) concessions most at risk of conflict with ASM: Mina Grande (critical, score 80.0 of 100).",
+        "5 alerts were raised (critical: 2, medium: 3); they are listed below and need checking on the ground.",
     ]  # fmt: skip
+    # The same sentences in Spanish, with Spanish numbers.
+    from pipelines.i18n import Lang
+
+    es = plain_summary(data, lang=Lang("es"))
+    assert es[0] == "En 2020 se cartografiaron 150,0 ha de minería artesanal y de pequeña escala (MAPE) en test region."  # fmt: skip
+    assert es[1] == "Son 50,0 ha más que en 2019 (100,0 ha) y 1,50 veces la superficie de 2019 (100,0 ha)."  # fmt: skip
+    assert es[-1] == "Se emitieron 5 alertas (crítico: 2, medio: 3); figuran más abajo y deben verificarse en el terreno."  # fmt: skip
+    assert "Mina Grande (nivel crítico, puntuación 80,0 de 100)" in es[-2]
     baseline = RegionData(region, ["2019"], summary[:1], {}, {}, {}, {}, {"2019": []})
     assert plain_summary(baseline)[1] == "2019 is the first period: the baseline that later periods are compared with."  # fmt: skip
 
