@@ -526,16 +526,24 @@ def _write_query(rel: Any, fmt: str, path: Path) -> int:
             return _print_query(rel, fmt, f)
 
 
+def _root_and_region(args: argparse.Namespace) -> tuple[Path, Any]:
+    """The data root and ``args.region`` from the regions file; the region is None (and
+    the reason printed) when the file has no such region."""
+    root = data_root(args.data)
+    config = load_regions(Path(args.regions) if args.regions else None)
+    try:
+        return root, config.get(args.region)
+    except KeyError as e:
+        print(str(e.args[0]), file=sys.stderr)
+        return root, None
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     """A region's tables for desktop GIS: GeoPackage, FlatGeobuf or GeoJSON."""
     from pipelines.stages.export import ExportError, export_region
 
-    root = data_root(args.data)
-    config = load_regions(Path(args.regions) if args.regions else None)
-    try:
-        region = config.get(args.region)
-    except KeyError as e:
-        print(str(e.args[0]), file=sys.stderr)
+    root, region = _root_and_region(args)
+    if region is None:
         return 2
     wanted = [p.strip() for chunk in (args.periods or []) for p in chunk.split(",") if p.strip()]
     try:
@@ -563,12 +571,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     """A region's map, report and web map from the catalog, in any language."""
     from pipelines.stages.reports import ReportError, make_reports
 
-    root = data_root(args.data)
-    config = load_regions(Path(args.regions) if args.regions else None)
-    try:
-        region = config.get(args.region)
-    except KeyError as e:
-        print(str(e.args[0]), file=sys.stderr)
+    root, region = _root_and_region(args)
+    if region is None:
         return 2
     try:
         out = make_reports(

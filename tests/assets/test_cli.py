@@ -320,3 +320,24 @@ def test_export_writes_the_demo_region_for_qgis(
     assert set(sites["period"]) == {"2021"}
     assert main([*argv, "--period", "1999"]) == 2
     assert "'1999'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_report_writes_the_region_again_in_another_language(
+    demo_run: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = demo_run[0]
+    argv = ["report", "demo-huepetuhe", "--data", str(root), "--regions", str(ROOT / "regions.yaml")]  # fmt: skip
+    out = tmp_path / "es"
+    assert main([*argv, "--language", "es", "--output", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "language es (set for this run)" in said and f"wrote {out / 'report.html'}" in said
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert '<html lang="es">' in page and "Qué ocurrió" in page and "Métodos y límites" in page
+    assert sorted(p.name for p in out.iterdir()) == ["expansion.png", "report.html", "webmap.html"]
+    # The region's own reports are left as they were.
+    assert '<html lang="en">' in (root / "reports" / "demo-huepetuhe" / "report.html").read_text(encoding="utf-8")  # fmt: skip
+    assert main(["report", "nowhere", "--data", str(root), "--regions", str(ROOT / "regions.yaml")]) == 2  # fmt: skip
+    assert "nowhere" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: a language asmwatch does not write
+        main([*argv, "--language", "de"])
