@@ -127,8 +127,11 @@ def mining_model(
     description=(
         "Per-pixel mining probability for a region and period: tiled, batched U-Net "
         "inference with overlap and blending (CUDA fp16 channels-last when a GPU is "
-        "present, CPU otherwise), or the spectral-index baseline when no model is "
-        "registered. Processing tiles (settings.tile_px, 1024 px by default) read their "
+        "present, CPU otherwise). The region's `model` chooses it: `auto` takes a model "
+        "trained on the region or on real imagery of its country, and refuses one trained "
+        "only on simulated scenes for a real region; `none` is the spectral-index "
+        "baseline (docs/detection.md). Processing tiles (settings.tile_px, 1024 px by "
+        "default) read their "
         "composite windows and run as dask tasks (resource `dask`; in this process when "
         "the raster is one tile); the output does not depend on the tile size. A float32 "
         "COG at probability/{region}/{period}.tif, written block by block."
@@ -142,21 +145,24 @@ def mining_probability(
     dask: DaskResource,
 ) -> dg.MaterializeResult:
     from ml import registry
-    from pipelines.stages.detection import map_probability
+    from pipelines.stages.detection import DetectionError, choose_model, map_probability
 
     config = settings.regions()
     region, period = region_and_period(context, config)
     root = settings.root()
-    record = registry.latest(root)
-    if record is None:
-        context.log.warning(
-            f"mining_probability {region.id}/{period.id}: no model is registered; the "
-            "spectral-index baseline maps this period (detector: index-baseline). "
-            "Materialise `mining_model` for the U-Net."
-        )
+    try:
+        choice = choose_model(root, region)
+    except (DetectionError, registry.RegistryError) as e:
+        raise dg.Failure(allow_retries=False, description=str(e)) from e
+    record = choice.record
+    said = f"mining_probability {region.id}/{period.id}: model {record.model_id if record else 'none'}: {choice.reason}"  # fmt: skip
+    if record is None or "note:" in choice.reason:
+        context.log.warning(said)
+    else:
+        context.log.info(said)
     try:
         res = map_probability(
-            root, region, period.id, record=record, device=torch_device.device,
+            root, region, period.id, record=record, device=torch_device.device, why=choice.reason,
             tile=torch_device.tile, overlap=torch_device.overlap, batch=torch_device.batch,
             dtype=torch_device.dtype, compile=torch_device.compile, tile_px=settings.tile_px,
             client=lambda: dask.client(log=context.log), progress=context.log.info,
@@ -171,6 +177,8 @@ def mining_probability(
             markdown_image(probability_preview(res.path), "mining probability (magma, 0-1)")
         ),
         "detector": str(res.detector),
+        "model_choice": choice.reason,
+        "model_domain": record.domain if record is not None else {"imagery": "none"},
         "device": str(res.device),
         "mining_ha": float(res.mining_ha),
         "mining_fraction": float(round(res.mining_fraction, 5)),

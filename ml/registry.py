@@ -17,7 +17,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,8 @@ from pipelines.infra.storage import atomic_dir, atomic_path
 log = logging.getLogger(__name__)
 
 TABLE = "models.parquet"
+JSON_FIELDS = ("train_data", "metrics", "config", "domain")
+DOMAIN_KEYS = ("imagery", "regions", "sources", "countries", "periods", "bands")
 #: Bumped when training code changes what a given input produces.
 TRAINING_VERSION = "2"  # 2: decision threshold chosen on validation data
 
@@ -51,10 +53,19 @@ class ModelRecord:
     train_data: list[dict[str, str]]
     metrics: dict[str, Any]
     config: dict[str, Any]
+    #: What the model was trained on (``DOMAIN_KEYS``): ``imagery`` is ``embedded`` (the
+    #: simulator's scenes only), ``real`` or ``mixed``; ``unknown`` for a model registered
+    #: before domains were recorded. The regions, their sources and countries, the
+    #: periods and the input bands.
+    domain: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def imagery(self) -> str:
+        return str(self.domain.get("imagery", "unknown"))
 
     def row(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("train_data", "metrics", "config"):
+        for k in JSON_FIELDS:
             d[k] = json.dumps(d[k], sort_keys=True)
         return d
 
@@ -125,10 +136,28 @@ def _lock(root: Path) -> Iterator[None]:
 
 
 def _from_row(row: dict[str, Any]) -> ModelRecord:
-    for k in ("train_data", "metrics", "config"):
+    if row.get("domain") is None:  # registered before domains were recorded
+        row["domain"] = legacy_domain(row)
+    for k in JSON_FIELDS:
         if isinstance(row[k], str):
             row[k] = json.loads(row[k])
     return ModelRecord(**{f: row[f] for f in ModelRecord.__dataclass_fields__})
+
+
+def legacy_domain(row: dict[str, Any]) -> dict[str, Any]:
+    """The domain of a model registered before domains were recorded: its regions and
+    periods from ``train_data``, its imagery ``unknown`` (never used for a real region
+    by ``auto``)."""
+    data = row.get("train_data") or []
+    if isinstance(data, str):
+        data = json.loads(data)
+    return {
+        "imagery": "unknown",
+        "regions": sorted({d["region"] for d in data if "region" in d}),
+        "sources": [], "countries": [],
+        "periods": sorted({f"{d['region']}/{d['period']}" for d in data if "region" in d}),
+        "bands": [],
+    }  # fmt: skip
 
 
 def _scan(root: Path) -> list[ModelRecord]:
@@ -192,6 +221,11 @@ def find(root: Path, input_hash_: str) -> ModelRecord | None:
     return max(hits, key=_age) if hits else None
 
 
+def newest(recs: Iterable[ModelRecord]) -> ModelRecord:
+    """The last registered of ``recs`` (not empty)."""
+    return max(recs, key=_age)
+
+
 def latest(root: Path, kind: str = "unet") -> ModelRecord | None:
     """The newest registered model of ``kind``, whether or not its file is there
     (``load`` then fails naming the file: never a silent fall back to another model)."""
@@ -211,8 +245,10 @@ def register(
     train_data: list[dict[str, str]],
     metrics: dict[str, Any],
     config: dict[str, Any],
+    domain: dict[str, Any] | None = None,
 ) -> ModelRecord:
-    """Store the checkpoint and its record, under the registry lock.
+    """Store the checkpoint and its record, under the registry lock. ``domain``: what
+    the model was trained on (``ModelRecord.domain``).
 
     Concurrent registrations (several runs, several processes) each get their own model
     id and row; the table is rewritten atomically from the model folders' metadata.
@@ -241,6 +277,9 @@ def register(
             train_data=train_data,
             metrics=metrics,
             config=config,
+            domain=dict(domain)
+            if domain is not None
+            else legacy_domain({"train_data": train_data}),
         )
         with atomic_dir(target) as tmp:
             state = {k: v.detach().cpu() for k, v in model.state_dict().items()}

@@ -40,6 +40,7 @@ from pydantic_core import ErrorDetails
 from pipelines.i18n import Language
 
 DEFAULT_REGIONS_FILE = "regions.yaml"
+_MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 #: Source presets; a region may also give the http(s) URL of any STAC API.
 Source = Literal["earth-search", "planetary-computer", "embedded"]
@@ -469,6 +470,21 @@ class RegionEntry(_Spec):
         default=None,
         json_schema_extra=_says(unknown="{value!r}: reports are written in {choices}"),
     )
+    model: str = Field(
+        default="auto",
+        description="auto, none (the spectral index baseline) or a registered model id",
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, model: str) -> str:
+        if model not in ("auto", "none") and not _MODEL_ID_RE.match(model):
+            raise ValueError(
+                f"{model!r} is not a model choice: use auto (a model trained on this region "
+                "or on real imagery of its country), none (the spectral index baseline) or a "
+                "registered model id such as unet-20261202T103638-098f347c"
+            )
+        return model
 
     @field_validator("country", mode="plain")
     @classmethod
@@ -582,6 +598,7 @@ class RegionEntry(_Spec):
             series=series,
             country=self.country,
             language_setting=self.language,
+            model=self.model,
         )
 
 
@@ -698,6 +715,9 @@ class Region:
     country: tuple[str, ...] = ()
     #: The ``language`` the regions file sets, or None to follow ``country``.
     language_setting: str | None = None
+    #: Which model maps the region: ``auto``, ``none`` or a model id
+    #: (``pipelines.stages.detection.choose_model``).
+    model: str = "auto"
 
     @property
     def language(self) -> str:

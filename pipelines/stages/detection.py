@@ -33,6 +33,7 @@ from rasterio._err import CPLE_BaseError  # GDAL's errors, raised as they come
 
 from ml import registry
 from ml.features import (
+    FEATURE_BANDS,
     IGNORE,
     LabelSource,
     Normalizer,
@@ -129,6 +130,98 @@ def training_scenes(root: Path, regions: Sequence[Region]) -> list[TrainingScene
             "partitions first (labels come with the embedded world)"
         )
     return out
+
+
+def training_domain(regions: Sequence[Region], scenes: Sequence[TrainingScene]) -> dict[str, Any]:
+    """What a model trained on ``scenes`` has seen (``ModelRecord.domain``): the
+    regions, their sources and countries, the periods, the input bands, and whether the
+    imagery was the simulator's (``embedded``), real Sentinel-2 (``real``) or both."""
+    used = {s.region for s in scenes}
+    chosen = [r for r in regions if r.id in used]
+    kinds = {"embedded" if r.source == "embedded" else "real" for r in chosen}
+    return {
+        "imagery": kinds.pop() if len(kinds) == 1 else "mixed",
+        "regions": sorted(used),
+        "sources": sorted({r.source for r in chosen}),
+        "countries": sorted({c for r in chosen for c in r.country}),
+        "periods": sorted(f"{s.region}/{s.period}" for s in scenes),
+        "bands": list(FEATURE_BANDS),
+    }
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The model a region's probability maps use (None: the spectral index baseline),
+    and why, in words for the log, the asset's metadata and the COG's tags."""
+
+    record: registry.ModelRecord | None
+    reason: str
+
+
+def domain_text(record: registry.ModelRecord) -> str:
+    d = record.domain
+    what = {"embedded": "simulated (embedded) scenes", "real": "real Sentinel-2 composites", "mixed": "simulated and real composites"}.get(record.imagery, "unrecorded imagery (registered before domains were recorded)")  # fmt: skip
+    return f"{what} of {', '.join(d.get('regions') or ['?'])}"
+
+
+def choose_model(root: Path, region: Region) -> ModelChoice:
+    """The model for ``region`` by its ``model`` setting.
+
+    ``none``: the spectral index baseline. A model id: that model (an error naming the
+    registered ones when it is not there); a model that has seen only simulated scenes,
+    chosen for a real region, is used as asked and said so. ``auto``: the newest model
+    trained on this region; else, for a real region, the newest trained on real imagery
+    of one of its countries; else, for an embedded region, the newest trained on
+    embedded scenes (the simulator is its domain). ``auto`` never applies a model
+    trained only on simulated (or unrecorded) imagery to a real region: that fails,
+    saying how to train one or how to choose. No model registered at all for an
+    embedded region: the baseline, said so.
+    """
+    setting = region.model
+    if setting == "none":
+        return ModelChoice(None, "the region's `model: none`: the spectral index baseline")
+    unets = [r for r in registry.records(root) if r.kind == "unet"]
+    newest = registry.newest
+    if setting != "auto":
+        hit = [r for r in unets if r.model_id == setting]
+        if not hit:
+            known = ", ".join(r.model_id for r in unets[-5:]) or "none registered"
+            raise DetectionError(
+                f"region {region.id!r} asks for `model: {setting}`, which is not registered "
+                f"under {registry.models_dir(root)} (newest: {known}); use `auto`, `none` or "
+                'a registered id (`asmwatch sql "SELECT model_id FROM models"`)'
+            )
+        record = hit[0]
+        note = ""
+        if region.source != "embedded" and record.imagery != "real":
+            note = f"; note: it was trained on {domain_text(record)}, not on real imagery"
+        return ModelChoice(record, f"the region's `model: {setting}`{note}")
+    own = [r for r in unets if region.id in r.domain.get("regions", [])]
+    if own:
+        return ModelChoice(newest(own), f"trained on this region ({domain_text(newest(own))})")
+    if region.source != "embedded":
+        countries = set(region.country)
+        real = [r for r in unets if r.imagery in ("real", "mixed") and countries & set(r.domain.get("countries", []))]  # fmt: skip
+        if real:
+            pick = newest(real)
+            shared = ", ".join(sorted(countries & set(pick.domain.get("countries", []))))
+            return ModelChoice(pick, f"trained on real imagery of the same country ({shared}): {domain_text(pick)}")  # fmt: skip
+        seen = (
+            "; ".join(f"{r.model_id}: {domain_text(r)}" for r in unets[-3:]) or "none is registered"
+        )
+        raise DetectionError(
+            f"region {region.id!r} is real imagery ({region.source}) and no registered model "
+            f"was trained on it or on real imagery of its country "
+            f"({', '.join(region.country) or 'no `country` set'}); asmwatch will not apply a "
+            f"model trained on simulated scenes to it (models: {seen}). Train one: add "
+            "a `mining_labels` layer (polygons of mined land) to the region's context and "
+            "materialise `mining_model`; or choose explicitly in the regions file: "
+            "`model: none` (the spectral index baseline) or `model: <model id>`"
+        )
+    sim = [r for r in unets if r.imagery == "embedded"]
+    if sim:
+        return ModelChoice(newest(sim), f"trained on simulated scenes like this region's ({domain_text(newest(sim))})")  # fmt: skip
+    return ModelChoice(None, "no model is registered: the spectral index baseline (materialise `mining_model` for the U-Net)")  # fmt: skip
 
 
 def _describe(root: Path, s: TrainingScene) -> dict[str, str]:
@@ -323,6 +416,7 @@ def train_mining_model(
         train_data=[_describe(root, s) for s in scenes],
         metrics=metrics,
         config={**cfg.to_dict(), "val_fraction": VAL_FRACTION},
+        domain=training_domain(regions, scenes),
     )
     h, b = record.metrics["heldout"], record.metrics["baseline_heldout"]
     progress(
@@ -482,8 +576,11 @@ def map_probability(
     tile_px: int = 0,
     client: Client | Callable[[], Client] | None = None,
     progress: Callable[[str], None] = print,
+    why: str = "",
 ) -> ProbabilityResult:
     """Mining probability COG for one composite, from ``record`` or the index baseline.
+    ``why``: how the model was chosen (``choose_model``), kept in the COG's tags with the
+    model's domain and held-out figures.
 
     Processing tiles of ``tile_px`` (0: ``DEFAULT_TILE``; ``GPU_TILE`` on CUDA) run as
     dask tasks on ``client`` (in this process without one; a factory is called only
@@ -578,7 +675,17 @@ def map_probability(
                         dst.write(prob, 1, window=core.window)
                         stats.add(prob, labels, dst.window_transform(core.window))
                 report(n_done)
-            dst.update_tags(asmwatch_detector=detector, asmwatch_threshold=str(threshold))
+            import json
+
+            tags = {"asmwatch_detector": detector, "asmwatch_threshold": str(threshold)}
+            if why:
+                tags["asmwatch_model_choice"] = why
+            if record is not None:
+                tags["asmwatch_model_domain"] = json.dumps(record.domain, sort_keys=True)
+                held = record.metrics.get("heldout", {})
+                if "iou" in held:
+                    tags["asmwatch_model_heldout_iou"] = f"{float(held['iou']):.4f}"
+            dst.update_tags(**tags)
     except TileReadError as e:
         raise DetectionError(
             f"the composite {e}: it is damaged or cut short. Re-materialise `composite` for "

@@ -763,16 +763,22 @@ def detector_text(root: Path, data: RegionData, lang: Lang = EN) -> str:
     region = data.region
     if region.detections is not None:
         return _("Mining areas are imported detections from %(file)s, not mapped by asmwatch's model.", file=Path(region.detections.path).name)  # fmt: skip
+    import json
+
     import rasterio
 
     from pipelines.infra.layout import probability_path
 
     used = set()
+    domains: dict[str, dict[str, Any]] = {}
     for p in data.periods:
         prob = probability_path(root, region.id, p)
         if prob.exists():
             with rasterio.open(prob) as src:
-                used.add(src.tags().get("asmwatch_detector", "unknown"))
+                tags = src.tags()
+            used.add(tags.get("asmwatch_detector", "unknown"))
+            if "asmwatch_model_domain" in tags:
+                domains[tags["asmwatch_detector"]] = json.loads(tags["asmwatch_model_domain"])
     if not used:
         return _("The detector is not known: no probability maps were found for these periods.")
     if used == {"index-baseline"}:
@@ -787,12 +793,25 @@ def detector_text(root: Path, data: RegionData, lang: Lang = EN) -> str:
                 "SELECT heldout_iou, baseline_heldout_iou FROM models WHERE model_id = ?", [model]
             ).fetchone() if _has_view(con, "models") else None  # fmt: skip
             if row is not None and row[0] is not None:
-                texts.append(_("a U-Net segmentation model (%(model)s) whose agreement with mapped mining on a held-out period (intersection over union) is %(iou)s, against %(baseline)s for a spectral index rule", model=model, iou=lang.num(float(row[0]), 2), baseline=lang.num(float(row[1]), 2)))  # fmt: skip
+                texts.append(_("a U-Net segmentation model (%(model)s) trained on %(domain)s, whose agreement with mapped mining on a held-out period (intersection over union) is %(iou)s, against %(baseline)s for a spectral index rule", model=model, domain=domain_words(lang, domains.get(model)), iou=lang.num(float(row[0]), 2), baseline=lang.num(float(row[1]), 2)))  # fmt: skip
             else:
                 texts.append(_("a segmentation model (%(model)s) with no held-out figures recorded", model=model))  # fmt: skip
     finally:
         con.close()
     return _("Mining was mapped at 10 m by %(detectors)s.", detectors="; ".join(texts))
+
+
+def domain_words(lang: Lang, domain: dict[str, Any] | None) -> str:
+    """What a model was trained on, for the methods section (its probability COG's
+    ``asmwatch_model_domain`` tag)."""
+    if not domain or domain.get("imagery") not in ("embedded", "real", "mixed"):
+        return lang._("imagery that was not recorded (a model registered before asmwatch recorded it)")  # fmt: skip
+    regions = ", ".join(domain.get("regions") or []) or "-"
+    if domain["imagery"] == "embedded":
+        return lang._("simulated scenes of %(regions)s (asmwatch's embedded world, not real imagery)", regions=regions)  # fmt: skip
+    if domain["imagery"] == "real":
+        return lang._("real Sentinel-2 composites of %(regions)s", regions=regions)
+    return lang._("simulated and real composites of %(regions)s", regions=regions)
 
 
 def context_sources(region: Region, lang: Lang = EN) -> str:

@@ -30,6 +30,7 @@ def test_model_then_probability(tmp_path: Path) -> None:
     key = partition_key("demo-huepetuhe", "2020")
     before = materialize([mining_probability], partition_key=key, resources=res)
     assert before.success and _meta(before, "mining_probability")["detector"] == "index-baseline"
+    assert "no model is registered" in str(_meta(before, "mining_probability")["model_choice"])
 
     tiny = {"chip": 64, "batch": 4, "steps_per_epoch": 2, "max_epochs": 2, "patience": 2}
     run_config = {"ops": {"mining_model": {"config": tiny}}}
@@ -48,6 +49,22 @@ def test_model_then_probability(tmp_path: Path) -> None:
     after = materialize([mining_probability], partition_key=key, resources=res)
     p = _meta(after, "mining_probability")
     assert p["detector"] == m["model_id"] and p["device"] == "cpu"
+    assert (
+        str(p["model_choice"]).startswith("trained on this region")
+        and p["model_domain"]["imagery"] == "embedded"
+    )  # type: ignore[index]
+    # A real region (Earth Search, Peru) with only this simulated model: refused before any
+    # work, saying how to train one or choose.
+    import yaml
+
+    doc = yaml.safe_load(regions.read_text())
+    doc["regions"].append({"id": "mdd-real", "aoi": {"bbox": [-70.55, -13.0, -70.525, -12.975]}, "periods": [2020], "country": "PE"})  # fmt: skip
+    regions.write_text(yaml.safe_dump(doc))
+    real = materialize([mining_probability], partition_key=partition_key("mdd-real", "2020"), resources={**_resources(tmp_path, regions), "torch_device": TorchResource(device="cpu")}, raise_on_error=False)  # fmt: skip
+    failures = [e.step_failure_data for e in real.all_events if e.is_step_failure]
+    assert not real.success and failures
+    said = str(failures[0].user_failure_data.description if failures[0].user_failure_data else failures[0].error)  # fmt: skip
+    assert "will not apply a model trained on simulated scenes" in said and "`model: none`" in said, said  # fmt: skip
     assert (
         "truth_iou" in p
         and (tmp_path / "data" / "probability" / "demo-huepetuhe" / "2020.tif").exists()

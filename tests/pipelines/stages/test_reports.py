@@ -79,6 +79,18 @@ def test_region_report_shows_the_tables(demo_run: tuple[Path, str]) -> None:
         assert f'<td class="l">{period}</td><td>{used}</td>' in page, period
     iou = _rows(root, "SELECT heldout_iou FROM models ORDER BY created_at DESC LIMIT 1", [])[0][0]
     assert f"(intersection over union) is {iou:,.2f}, against" in page
+    # The model's domain: chosen as trained on this region, on simulated scenes, and said so.
+    import json
+
+    with rasterio.open(root / "probability" / REGION / "2021.tif") as src:
+        tags = src.tags()
+    assert json.loads(tags["asmwatch_model_domain"])["imagery"] == "embedded"
+    assert tags["asmwatch_model_choice"].startswith("trained on this region")
+    assert float(tags["asmwatch_model_heldout_iou"]) == pytest.approx(iou, abs=1e-4)
+    assert (
+        f"trained on simulated scenes of {REGION} (asmwatch&#39;s embedded world, not real imagery)"
+        in page
+    )
     assert "needs checking on the ground" in page
     assert "docs/risk.md" not in page and "regions file" not in page
     top = _rows(
