@@ -24,6 +24,7 @@ page's script inserts as text, never as markup.
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import logging
@@ -95,6 +96,8 @@ class RegionData:
     alert_counts: dict[str, dict[str, tuple[int, float]]] = field(default_factory=dict)
     #: alert_id -> its alert_features rows (what it touches), for the listed alerts
     relations: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    #: data root -> ``imagery_facts`` (read once for the report and the web map)
+    imagery_cache: dict[Path, list[Any]] = field(default_factory=dict, repr=False)
 
     def alert_total(self, period: str) -> int:
         return sum(n for n, _ in self.alert_counts.get(period, {}).values())
@@ -530,8 +533,10 @@ def report_language(region: Region, language: str | None = None) -> Lang:
     return Lang(language or region.language)
 
 
+@functools.cache
 def labels(lang: Lang) -> dict[str, dict[str, str]]:
-    """The words for the tables' coded values (bands, severities, kinds, layers)."""
+    """The words for the tables' coded values (bands, severities, kinds, layers); one
+    dictionary per language, shared: not to be changed."""
     _ = lang._
     levels = {"critical": _("critical"), "high": _("high"), "medium": _("medium"), "low": _("low")}
     return {
@@ -720,6 +725,8 @@ def imagery_facts(root: Path, data: RegionData) -> list[Imagery]:
     from pipelines.infra.layout import scenes_path
     from pipelines.stages.composite import COUNT_BAND, OUTPUT_BANDS
 
+    if root in data.imagery_cache:
+        return list(data.imagery_cache[root])
     out = []
     for p in data.periods:
         comp = data.backdrops.get(p)
@@ -745,6 +752,7 @@ def imagery_facts(root: Path, data: RegionData) -> list[Imagery]:
             Imagery(p, len(ids), dates[0] if dates else None, dates[-1] if dates else None,
                     share, tags.get("asmwatch_cloud_mask", "scl"))
         )  # fmt: skip
+    data.imagery_cache[root] = list(out)
     return out
 
 

@@ -285,10 +285,15 @@ def test_no_visible_text_bypasses_the_catalogues(
     demo_run: tuple[Path, str], browser: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import pipelines.i18n
+    from pipelines.stages.reports import labels
 
     root = demo_run[0]
     monkeypatch.setattr(pipelines.i18n, "translations", lambda _code: _Pseudo())
-    out = make_reports(root, _region(), say=lambda _m: None, language="en", out=tmp_path)
+    labels.cache_clear()  # the words of coded values are kept per language
+    try:
+        out = make_reports(root, _region(), say=lambda _m: None, language="en", out=tmp_path)
+    finally:
+        labels.cache_clear()
     texts = _open_map(browser, out.webmap_html, SIZES[0], tmp_path / "map.png")["texts"]
     texts += _open_report(browser, out.report_html, SIZES[0], tmp_path / "report.png")["texts"]
     assert sum("⟦" in t for t in texts) > 100
