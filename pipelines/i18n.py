@@ -61,6 +61,7 @@ class I18nError(ValueError):
     """A language asmwatch has no catalogue for, or a broken catalogue."""
 
 
+@functools.cache
 def countries() -> dict[str, str]:
     """ISO 3166-1 alpha-2 code -> the country's English name (CLDR, through Babel)."""
     from babel import Locale

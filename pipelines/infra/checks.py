@@ -27,6 +27,7 @@ import duckdb
 from pipelines.infra.grid import bbox_utm_epsg
 from pipelines.regions import Region
 from pipelines.stages.context import KEEP_WITHIN_DEG
+from pipelines.thresholds import RISK_COMPONENT_MAX
 
 POLYGONAL = ("POLYGON", "MULTIPOLYGON")
 #: Geometries may reach this far (degrees) outside the region's bbox (scenes are whole
@@ -38,7 +39,9 @@ CHECKS = ("schema", "non_empty", "geometry_valid", "areas_plausible")
 
 V, D, B, I_, G = "VARCHAR", "DOUBLE", "BIGINT", "INTEGER", "GEOMETRY"
 TSZ = "TIMESTAMP WITH TIME ZONE"
-_SCORES = ("score_inside", "score_proximity", "score_new", "score_growth", "score_people", "score_grievances")  # fmt: skip
+#: Alerts and their relations: a severity is one of the three the report explains.
+KNOWN_SEVERITY = "severity NOT IN ('critical', 'high', 'medium')"
+_SCORES = tuple(f"score_{k}" for k in RISK_COMPONENT_MAX)
 
 
 @dataclass(frozen=True)
@@ -254,7 +257,7 @@ CONTRACTS: dict[str, Contract] = {
         area_column="area_ha",
         bbox_margin_deg=0.01,
         extra={
-            "known_severity": "severity NOT IN ('critical', 'high', 'medium')",
+            "known_severity": KNOWN_SEVERITY,
             "unique_ids": "alert_id IN (SELECT alert_id FROM t GROUP BY 1 HAVING count(*) > 1)",
             "one_per_change_area": "change_id IN (SELECT change_id FROM t GROUP BY 1 HAVING count(*) > 1)",
             "ranks_one_to_n": "rank < 1 OR rank > (SELECT count(*) FROM t) OR rank IN (SELECT rank FROM t GROUP BY 1 HAVING count(*) > 1)",
@@ -282,7 +285,7 @@ CONTRACTS: dict[str, Contract] = {
         area_column="change_ha",
         bbox_margin_deg=0.01,
         extra={
-            "known_severity": "severity NOT IN ('critical', 'high', 'medium')",
+            "known_severity": KNOWN_SEVERITY,
             "known_relation": "relation NOT IN ('inside', 'within') OR (relation = 'inside') <> (distance_m = 0)",
             "unique_ids": "alert_id || feature_layer || feature_id IN (SELECT alert_id || feature_layer || feature_id FROM t GROUP BY 1 HAVING count(*) > 1)",
         },

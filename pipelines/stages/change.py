@@ -70,6 +70,14 @@ from pipelines.regions import Region, RegionsError, parse_period
 from pipelines.thresholds import MMU_HA, NDVI_RECOVERED
 
 KINDS = ("new", "expanded", "stable", "abandoned", "revegetating")
+#: The notes of the summary (``notes``, joined by "; "), in English; the reports put each
+#: into their language (``pipelines.stages.reports.note_text``).
+NOTE_FIRST_PERIOD = "first period of the region: all its mining is new (the baseline)"
+NOTE_NO_COMPOSITE = "no composite for this period: re-vegetation not assessed"
+NOTE_NO_HISTORY = (
+    "no asm_change for {period}: first_seen_period of older mining is a bound (that "
+    "period), and land abandoned before it is not tracked"
+)
 # Mean composite NDVI at which formerly mined land counts as re-vegetating. Bare tailings,
 # sediment and ponds stay below about 0.25 (the demo's spectra: 0.12); first-year
 # regrowth reaches about 0.4, older regrowth 0.7; intact lowland forest is above 0.8.
@@ -600,7 +608,7 @@ def change_table(
         cur = _spill(sites, epsg, work / "cur.parquet", ("site_id", "first_seen_period"), "sites")  # fmt: skip
         rows = _Rows(region.id, period_id, epsg, work / "rows.parquet")
         if previous_sites is None:
-            notes.append("first period of the region: all its mining is new (the baseline)")
+            notes.append(NOTE_FIRST_PERIOD)
             say(f"{period_id}: {len(cur.area_ha)} sites, the region's first period: all new")
             for chunk in streamed(cur.path).iter_batches(batch_size=READ_ROWS):  # in order
                 g = shapely.from_wkb(chunk.column("geometry"))
@@ -615,11 +623,7 @@ def change_table(
                 if not len(hist.bounds):
                     hist = None
             if hist is None:
-                notes.append(
-                    f"no asm_change for {prev_period.id if prev_period else 'the previous period'}: "
-                    "first_seen_period of older mining is a bound (that period), and land "
-                    "abandoned before it is not tracked"
-                )
+                notes.append(NOTE_NO_HISTORY.format(period=prev_period.id if prev_period else "the previous period"))  # fmt: skip
             bound = prev_period.id if prev_period else period_id
             tables = [cur, prev, *([hist] if hist is not None else [])]
             ids, count = batch_ids(np.concatenate([t.bounds for t in tables]), batch_size)
@@ -634,7 +638,7 @@ def change_table(
             )
             reader = NdviReader(composite) if composite is not None and composite.exists() else None
             if reader is None:
-                notes.append("no composite for this period: re-vegetation not assessed")
+                notes.append(NOTE_NO_COMPOSITE)
             with reader if reader is not None else contextlib.nullcontext():
                 last = time.perf_counter()
                 for b, parts in enumerate(_aligned(ordered, count)):

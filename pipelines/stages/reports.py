@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines import thresholds
 from pipelines.i18n import Lang
 from pipelines.infra.layout import report_dir
 from pipelines.infra.storage import atomic_path
@@ -50,18 +51,19 @@ EN = Lang("en")
 BACKDROP_PX = 1200
 #: Coordinates in the web map are simplified to about a metre (1e-5 degrees).
 WEB_SIMPLIFY_DEG = 1e-5
-CONTEXT_STYLES = {  # layer -> (label, colour): the same on the PNG and the web map
-    "protected_areas": ("Protected areas", "#1a9850"),
-    "indigenous_lands": ("Indigenous lands", "#984ea3"),
-    "concessions": ("LSM concessions", "#222222"),
+CONTEXT_STYLES = {  # layer -> colour: the same on the PNG and the web map (words: ``labels``)
+    "protected_areas": "#1a9850",
+    "indigenous_lands": "#984ea3",
+    "concessions": "#222222",
 }
 #: Layers drawn only on the web map: rivers as lines, people and grievances as points.
 WEB_ONLY_STYLES = {
-    "rivers": ("Rivers", "#2b83ba"),
-    "settlements": ("Settlements", "#404040"),
-    "grievances": ("Grievances", "#e66101"),
+    "rivers": "#2b83ba",
+    "settlements": "#404040",
+    "grievances": "#e66101",
 }
-COMPONENTS = ("inside", "proximity", "new", "growth", "people", "grievances")
+#: The concession risk score's parts, in the order the tables give them.
+COMPONENTS = tuple(thresholds.RISK_COMPONENT_MAX)
 
 
 class ReportError(ValueError):
@@ -486,7 +488,7 @@ def expansion_map(data: RegionData, target: Path, lang: Lang = EN) -> Path:
         label = lang._("ASM first seen %(period)s: %(ha)s ha", period=p, ha=lang.num(ha))
         handles.append(Patch(facecolor=colour, label=label))
     words = labels(lang)["layers"]
-    for layer, (_label, colour) in CONTEXT_STYLES.items():
+    for layer, colour in CONTEXT_STYLES.items():
         label = words[layer]
         rows = data.context.get(layer) or []
         if rows:
@@ -521,10 +523,6 @@ def expansion_map(data: RegionData, target: Path, lang: Lang = EN) -> Path:
 
 
 # ---------------------------------------------------------------- region report (HTML)
-
-
-def _fmt(v: Any, digits: int = 1) -> str:
-    return EN.num(v, digits)
 
 
 def report_language(region: Region, language: str | None = None) -> Lang:
@@ -692,11 +690,13 @@ def note_text(lang: Lang, note: str) -> str:
     """A note of the change summary (``pipelines.stages.change``) in the report's words."""
     import re
 
-    if note.startswith("first period of the region"):
+    from pipelines.stages.change import NOTE_FIRST_PERIOD, NOTE_NO_COMPOSITE, NOTE_NO_HISTORY
+
+    if note == NOTE_FIRST_PERIOD:
         return lang._("first period of the region: all its mining is new (the baseline)")
-    if note.startswith("no composite for this period"):
+    if note == NOTE_NO_COMPOSITE:
         return lang._("no composite for this period: re-vegetation not assessed")
-    m = re.match(r"no asm_change for (\S+):", note)
+    m = re.fullmatch(re.escape(NOTE_NO_HISTORY).replace(re.escape("{period}"), "(.+?)"), note)
     if m:
         return lang._("no change table for %(period)s: the first-seen period of older mining is a bound (that period), and land abandoned before it is not tracked", period=m.group(1))  # fmt: skip
     log.warning("report: a change note with no translation is shown as written: %s", note)
@@ -1186,7 +1186,7 @@ def web_data(data: RegionData, root: Path | None = None, lang: Lang = EN) -> dic
             }
         )
     context = {}
-    for layer, (_label, colour) in {**CONTEXT_STYLES, **WEB_ONLY_STYLES}.items():
+    for layer, colour in {**CONTEXT_STYLES, **WEB_ONLY_STYLES}.items():
         rows = data.context.get(layer, [])
         if not rows and layer in WEB_ONLY_STYLES:
             continue  # optional layers the region does not have
@@ -1218,6 +1218,10 @@ def web_data(data: RegionData, root: Path | None = None, lang: Lang = EN) -> dic
         "periods": periods,
         "context": context,
         "legend": legend(lang, data, context),
+        "styles": {
+            "alerts": ALERT_COLOURS,
+            "former": {k: {"edge": e, "fill": f} for k, (e, f) in FORMER_COLOURS.items()},
+        },
         "generated": lang._("Map made %(date)s by asmwatch", date=lang.datetime(datetime.now(UTC))),
     }
 
