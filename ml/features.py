@@ -9,6 +9,7 @@ NaN and metrics skip those pixels.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,10 @@ import numpy.typing as npt
 import rasterio
 import rasterio.warp
 from rasterio.enums import Resampling
+
+from ml.points import LabelsError, PointLabels, is_point_file, read_points
+
+__all__ = ["LabelsError", "PointLabels"]
 
 #: Composite bands the model reads, in channel order.
 FEATURE_BANDS: tuple[str, ...] = ("B02", "B03", "B04", "B08", "B11", "B12", "NDVI", "MNDWI", "BSI")
@@ -109,8 +114,8 @@ def read_labels(
     """Labels on the scene's grid: 1 mining, 0 not, ``IGNORE`` unknown.
 
     ``path`` is a truth raster (the embedded world's: 1 mining, 2 re-vegetating, 255 no
-    data), or mining polygons (GeoJSON, GeoPackage, GeoParquet), rasterised by
-    ``rasterize_labels``.
+    data), mining polygons (GeoJSON, GeoPackage, GeoParquet), rasterised by
+    ``rasterize_labels``, or labelled points (``ml.points``: only their windows known).
     """
     with LabelSource(path, like.crs, period, mining_values) as source:
         return source.read(like.transform, like.valid)
@@ -120,7 +125,12 @@ class LabelSource:
     """Labels of one file, read window by window onto a grid (training chips, tiles).
 
     A truth raster stays open and is warped per window (GDAL reads what the window
-    needs); polygons are read, validated and projected once, then burnt per window.
+    needs); polygons are read, validated and projected once, then burnt per window;
+    labelled points (``ml.points``) likewise, each burning a small window, the rest
+    unknown. ``kind`` says which: ``raster``, ``polygons`` or ``points``.
+
+    ``period`` selects the polygons and points that hold then; points with dates need
+    the period's ``dates`` (start, end inclusive) unless the id is a year or a quarter.
     """
 
     def __init__(
@@ -129,12 +139,23 @@ class LabelSource:
         crs: Any,
         period: str | None = None,
         mining_values: tuple[int, ...] = (1,),
+        dates: tuple[dt.date, dt.date] | None = None,
     ) -> None:
         self.path, self.crs, self.mining_values = path, crs, mining_values
         self._src: Any = None
         self._shapes: list[tuple[Any, int]] | None = None
+        self.points: PointLabels | None = None
+        self.kind = "raster"
         if path.suffix.lower() in VECTOR_SUFFIXES:
-            self._shapes = label_shapes(path, crs, period)
+            from pipelines.infra.vectors import read_vector
+
+            frame = read_vector(path, "mining labels file", LabelsError)
+            if is_point_file(frame, path):
+                self.kind = "points"
+                self.points = read_points(frame, path, crs).during(*_dates(path, period, dates))
+            else:
+                self.kind = "polygons"
+                self._shapes = label_shapes(path, crs, period, frame=frame)
         else:
             self._src = rasterio.open(path)
 
@@ -157,7 +178,9 @@ class LabelSource:
         import rasterio.features
 
         shape = valid.shape
-        if self._shapes is not None:
+        if self.points is not None:
+            out = self.points.burn(transform, shape, IGNORE)
+        elif self._shapes is not None:
             out = np.zeros(shape, dtype=np.uint8)
             if self._shapes:
                 out = rasterio.features.rasterize(
@@ -177,10 +200,6 @@ class LabelSource:
         return out
 
 
-class LabelsError(ValueError):
-    """A mining labels file that cannot be used; the message names the file and feature."""
-
-
 def rasterize_labels(path: Path, like: Scene, period: str | None = None) -> npt.NDArray[np.uint8]:
     """Mining polygons burnt onto the scene's grid: 1 inside, 0 outside, nodata ignored.
 
@@ -192,13 +211,35 @@ def rasterize_labels(path: Path, like: Scene, period: str | None = None) -> npt.
         return source.read(like.transform, like.valid)
 
 
-def label_shapes(path: Path, crs: Any, period: str | None = None) -> list[tuple[Any, int]]:
+def _dates(
+    path: Path, period: str | None, dates: tuple[dt.date, dt.date] | None
+) -> tuple[dt.date | None, dt.date | None]:
+    """The inclusive dates of ``period`` for choosing timed points (None, None: all)."""
+    from pipelines.regions import year_or_quarter
+
+    if dates is not None:
+        return dates
+    if period is None:
+        return None, None
+    p = year_or_quarter(period)
+    if p is None:
+        raise LabelsError(
+            f"mining labels file {path}: period {period!r} is neither a year nor a quarter "
+            "and its dates were not given, so its timed points cannot be chosen"
+        )
+    return p.start, p.end
+
+
+def label_shapes(
+    path: Path, crs: Any, period: str | None = None, frame: Any = None
+) -> list[tuple[Any, int]]:
     """The (geometry, 1) pairs of a mining labels file in ``crs``, validated, filtered to
     the polygons that count for ``period`` (see ``rasterize_labels``)."""
     from pipelines.infra.vectors import POLYGONAL, check_geometry, read_vector
     from pipelines.regions import parse_period
 
-    frame = read_vector(path, "mining labels file", LabelsError)
+    if frame is None:
+        frame = read_vector(path, "mining labels file", LabelsError)
     geoms = [
         check_geometry(g, POLYGONAL, f"mining labels file {path}: feature {i}", LabelsError)[0]
         for i, g in enumerate(frame.geometry)

@@ -7,6 +7,26 @@ import numpy.typing as npt
 
 from ml.features import IGNORE
 
+PRIOR_ITERATIONS = 200  # EM steps at most; it settles in tens
+
+
+def estimate_prior(prob: npt.NDArray[np.floating], trained_prior: float) -> float:
+    """The share of mining among pixels whose model probabilities are ``prob``, for a
+    model trained where the share was ``trained_prior``: the EM of Saerens, Latinne and
+    Decaestecker (2002, "Adjusting the outputs of a classifier to new a priori
+    probabilities"), which reweights the posteriors until the prior they imply is the
+    prior they assume."""
+    p = np.clip(np.asarray(prob, np.float64), 1e-6, 1 - 1e-6)
+    prior = trained_prior
+    for _ in range(PRIOR_ITERATIONS):
+        a = p * prior / trained_prior
+        post = a / (a + (1 - p) * (1 - prior) / (1 - trained_prior))
+        new = float(post.mean())
+        if abs(new - prior) < 1e-6:
+            return new
+        prior = new
+    return prior
+
 
 def confusion(
     prob: npt.NDArray[np.floating], labels: npt.NDArray[np.uint8], threshold: float = 0.5
@@ -45,6 +65,26 @@ def evaluate(
 
 
 THRESHOLDS: tuple[float, ...] = tuple(round(0.2 + 0.05 * k, 2) for k in range(13))  # 0.2-0.8
+
+
+def expected_threshold(
+    prob: npt.NDArray[np.floating], candidates: tuple[float, ...] = THRESHOLDS
+) -> tuple[float, float]:
+    """The threshold with the best IoU *expected* from calibrated probabilities alone
+    (a pixel of probability p is mining with chance p), and that IoU: for sparse labels,
+    where every valid pixel speaks and a few hundred points would be noise."""
+    p = np.asarray(prob, np.float64)
+    p = p[np.isfinite(p)]
+    best_t, best_iou = 0.5, -1.0
+    total = float(p.sum())
+    for t in candidates:
+        hit = p >= t
+        tp = float(p[hit].sum())
+        fp = float((1 - p[hit]).sum())
+        iou = round(tp / max(fp + total, 1e-12), 4)  # tp + fp + fn, fn = total - tp
+        if iou > best_iou:
+            best_t, best_iou = t, iou
+    return best_t, best_iou
 
 
 def best_threshold(

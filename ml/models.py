@@ -47,6 +47,17 @@ def build_unet(spec: UnetSpec | None = None) -> nn.Module:
     return model
 
 
+def shift_logits(model: nn.Module, offset: float) -> None:
+    """Add ``offset`` to every output logit, in the segmentation head's bias (so the
+    saved checkpoint carries it): a prior correction, logit(new) - logit(trained)."""
+    import torch
+
+    head: Any = model.segmentation_head
+    conv = head[0]
+    with torch.no_grad():
+        conv.bias += offset
+
+
 def index_baseline(features: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     """Mining probability from the indices alone, no training: bare or muddy ground.
 

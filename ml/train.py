@@ -2,7 +2,8 @@
 
 Chips are random crops of the training scenes (read window by window from the
 composites: ``ChipSource``), flipped and rotated by multiples of 90
-degrees (the ground has no up). The loss is BCE plus soft Dice over labelled pixels
+degrees (the ground has no up); where the labels are sparse points, each chip is placed
+around one of them (``ChipSource.anchors``). The loss is BCE plus soft Dice over labelled pixels
 only. After each epoch the model predicts the validation scenes whole (tiled, as in
 production) and the best validation IoU so far keeps its weights; training stops when it
 has not improved for ``patience`` epochs. Same seed, same data, same device: same model.
@@ -49,6 +50,9 @@ class ChipSource(Protocol):
     """Where training chips come from: an image of ``shape`` read window by window."""
 
     name: str
+    #: (n, 2) pixel (row, col) of sparse labels (points), or None for dense labels:
+    #: with anchors, every chip is placed to contain one of them.
+    anchors: npt.NDArray[np.int64] | None
 
     @property
     def shape(self) -> tuple[int, int]: ...
@@ -65,6 +69,8 @@ class Labelled:
     name: str
     x: npt.NDArray[np.float32]
     y: npt.NDArray[np.uint8]
+    anchors: npt.NDArray[np.int64] | None = None
+    valid: npt.NDArray[np.bool_] | None = None  # pixels with data (labelled or not)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -101,12 +107,18 @@ def _batch(
     for _ in range(n):
         s = scenes[int(rng.integers(len(scenes)))]
         h, w = s.shape
-        for _try in range(10):  # prefer chips with some labelled pixels
-            r0 = int(rng.integers(0, h - chip + 1))
-            c0 = int(rng.integers(0, w - chip + 1))
+        if s.anchors is not None and len(s.anchors):  # sparse labels: a chip around one
+            ar, ac = s.anchors[int(rng.integers(len(s.anchors)))]
+            r0 = min(max(int(ar) - int(rng.integers(chip)), 0), h - chip)
+            c0 = min(max(int(ac) - int(rng.integers(chip)), 0), w - chip)
             y = s.labels(r0, c0, chip)
-            if (y != IGNORE).mean() > 0.3:
-                break
+        else:
+            for _try in range(10):  # prefer chips with some labelled pixels
+                r0 = int(rng.integers(0, h - chip + 1))
+                c0 = int(rng.integers(0, w - chip + 1))
+                y = s.labels(r0, c0, chip)
+                if (y != IGNORE).mean() > 0.3:
+                    break
         x = s.features(r0, c0, chip)
         k = int(rng.integers(4))
         x, y = np.rot90(x, k, axes=(1, 2)), np.rot90(y, k)

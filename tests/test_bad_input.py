@@ -117,7 +117,7 @@ def _scene() -> Any:
 
 LABELS: list[tuple[str, str, Any, str]] = [
     ("missing file", "nope.geojson", None, "does not exist"),
-    ("points", "pts.geojson", ([POINT], 4326, {"period": ["2020"]}), "feature 0 is a Point"),
+    ("points without labels", "pts.geojson", ([POINT], 4326, {"period": ["2020"]}), "point labels need a `label` property"),
     ("bad period", "bad.geojson", ([POLY], 4326, {"period": ["20x0"]}), "feature 0: period '20x0' is not a period"),
     ("no CRS", "nocrs.gpkg", ([POLY], None, {"period": ["2020"]}), "has no CRS"),
     ("no features", "empty.geojson", '{"type":"FeatureCollection","features":[]}', "has no features"),

@@ -16,6 +16,7 @@ registered U-Net, or from the index baseline when no model exists.
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import itertools
 import os
@@ -35,14 +36,17 @@ from ml import registry
 from ml.features import (
     FEATURE_BANDS,
     IGNORE,
+    LabelsError,
     LabelSource,
     Normalizer,
     feature_indexes,
+    label_shapes,
     read_features,
 )
 from ml.infer import owned_plan, pick_device, plan_tiles, predict_tiled, sub_plan
-from ml.metrics import best_threshold, confusion, scores
+from ml.metrics import best_threshold, confusion, expected_threshold, scores
 from ml.models import index_baseline
+from ml.points import POINT_RADIUS_PX
 from ml.train import Labelled, TrainConfig, train_unet
 from pipelines.embedded.source import context_path, world_dir
 from pipelines.infra.errors import first_line
@@ -87,8 +91,14 @@ class TrainingScene:
     region: str
     period: str
     composite: Path
-    labels: Path
+    labels: Path  # what training and early stopping learn from
     heldout: bool
+    truth: Path | None = None  # what the held-out figures are scored against (else labels)
+    dates: tuple[dt.date, dt.date] | None = None  # the period's, to choose timed points
+
+    @property
+    def scored_against(self) -> Path:
+        return self.truth or self.labels
 
 
 @dataclass
@@ -99,12 +109,18 @@ class ModelOutcome:
 
 
 def training_scenes(root: Path, regions: Sequence[Region]) -> list[TrainingScene]:
-    """Composites with truth: every period of each embedded region, the last held out."""
+    """Composites with labels, every period of each region that has them, the last held
+    out. Labels: a region's ``mining_labels`` layer (polygons or points), else an
+    embedded world's truth masks. An embedded region's held-out period is always scored
+    against its truth mask, whatever it trained from. Label files are checked here, in
+    full, before anything is trained."""
     out = []
     for region in regions:
-        polygons = context_path(root, region, "mining_labels")
-        if (region.source != "embedded" and polygons is None) or len(region.periods) < 2:
+        layer = context_path(root, region, "mining_labels")
+        if (region.source != "embedded" and layer is None) or len(region.periods) < 2:
             continue
+        if layer is not None and layer.exists():
+            check_labels(layer, region)
         for i, period in enumerate(region.periods):
             truth = world_dir(root, region) / "truth" / f"{period.id}.tif"
             out.append(
@@ -112,8 +128,10 @@ def training_scenes(root: Path, regions: Sequence[Region]) -> list[TrainingScene
                     region=region.id,
                     period=period.id,
                     composite=composite_path(root, region.id, period.id),
-                    labels=polygons if polygons is not None else truth,
+                    labels=layer if layer is not None else truth,
                     heldout=i == len(region.periods) - 1,
+                    truth=truth if region.source == "embedded" else None,
+                    dates=(period.start, period.end),
                 )
             )
     if not out:
@@ -122,7 +140,11 @@ def training_scenes(root: Path, regions: Sequence[Region]) -> list[TrainingScene
             "(source: embedded, or a `mining_labels` polygon layer in context) and at "
             "least two periods"
         )
-    missing = [s for s in out if not s.composite.exists() or not s.labels.exists()]
+    missing = [
+        s
+        for s in out
+        if not s.composite.exists() or not s.labels.exists() or not s.scored_against.exists()
+    ]
     if missing:
         names = ", ".join(f"{s.region}/{s.period}" for s in missing)
         raise DetectionError(
@@ -130,6 +152,32 @@ def training_scenes(root: Path, regions: Sequence[Region]) -> list[TrainingScene
             "partitions first (labels come with the embedded world)"
         )
     return out
+
+
+def check_labels(path: Path, region: Region) -> None:
+    """A region's ``mining_labels`` file read and checked in full (``LabelsError`` naming
+    the file and features): polygons as ``label_shapes`` reads them; points by
+    ``ml.points``' rules, every point inside the AOI, and each class present in the
+    training periods (all but the last)."""
+    from ml.points import is_point_file, outside_aoi, read_points
+    from pipelines.infra.vectors import read_vector
+
+    frame = read_vector(path, "mining labels file", LabelsError)
+    if not is_point_file(frame, path):
+        label_shapes(path, "EPSG:4326", frame=frame)
+        return
+    points = read_points(frame, path, "EPSG:4326")
+    outside_aoi(points, region.geometry, region.id)
+    train = region.periods[:-1]
+    held = [points.during(p.start, p.end).label for p in train]
+    counts = np.bincount(np.concatenate(held), minlength=2) if held else np.zeros(2, np.int64)
+    if counts.min() == 0:
+        raise LabelsError(
+            f"mining labels file {path}: in the training periods "
+            f"({', '.join(p.id for p in train)}) it has {counts[1]} mining and {counts[0]} "
+            "not-mining points; both are needed (check the points' period or "
+            "composite_start/composite_end against the region's periods)"
+        )
 
 
 def training_domain(regions: Sequence[Region], scenes: Sequence[TrainingScene]) -> dict[str, Any]:
@@ -146,7 +194,26 @@ def training_domain(regions: Sequence[Region], scenes: Sequence[TrainingScene]) 
         "countries": sorted({c for r in chosen for c in r.country}),
         "periods": sorted(f"{s.region}/{s.period}" for s in scenes),
         "bands": list(FEATURE_BANDS),
+        "labels": sorted({label_kind(s.labels) for s in scenes}),
     }
+
+
+def _untimed_points(path: Path) -> bool:
+    if label_kind(path) != "points":
+        return False
+    with LabelSource(path, "EPSG:4326") as source:
+        return source.points is not None and source.points.start is None
+
+
+def label_kind(path: Path) -> str:
+    """``raster`` (a truth mask), ``points`` or ``polygons`` (a labels file)."""
+    from ml.features import VECTOR_SUFFIXES
+    from ml.points import is_point_file
+    from pipelines.infra.vectors import read_vector
+
+    if path.suffix.lower() not in VECTOR_SUFFIXES:
+        return "raster"
+    return "points" if is_point_file(read_vector(path, "mining labels file", LabelsError), path) else "polygons"  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -214,8 +281,9 @@ def choose_model(root: Path, region: Region) -> ModelChoice:
             f"was trained on it or on real imagery of its country "
             f"({', '.join(region.country) or 'no `country` set'}); asmwatch will not apply a "
             f"model trained on simulated scenes to it (models: {seen}). Train one: add "
-            "a `mining_labels` layer (polygons of mined land) to the region's context and "
-            "materialise `mining_model`; or choose explicitly in the regions file: "
+            "a `mining_labels` layer (polygons of mined land, or labelled points) to the "
+            "region's context and materialise `mining_model`; or choose explicitly in the "
+            "regions file: "
             "`model: none` (the spectral index baseline) or `model: <model id>`"
         )
     sim = [r for r in unets if r.imagery == "embedded"]
@@ -228,13 +296,16 @@ def _describe(root: Path, s: TrainingScene) -> dict[str, str]:
     def rel(p: Path) -> str:  # relative to the data root where it lies inside it
         return p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p)
 
-    return {
+    out = {
         "region": s.region,
         "period": s.period,
         "role": "heldout" if s.heldout else "train",
         "composite": rel(s.composite),
         "labels": rel(s.labels),
     }
+    if s.truth is not None and s.truth != s.labels:
+        out["scored_against"] = rel(s.truth)
+    return out
 
 
 class CompositeChips:
@@ -247,7 +318,15 @@ class CompositeChips:
         self.src = rasterio.open(scene.composite)
         self.norm = norm
         self.cut = int(self.src.width * (1 - VAL_FRACTION))
-        self.labels_src = LabelSource(scene.labels, self.src.crs, scene.period)
+        self.labels_src = LabelSource(scene.labels, self.src.crs, scene.period, dates=scene.dates)
+        self.anchors: npt.NDArray[np.int64] | None = None
+        self.anchor_labels: npt.NDArray[np.uint8] | None = None
+        if self.labels_src.points is not None:  # sparse: chips are cut around the points
+            points = self.labels_src.points
+            rows, cols = points.pixels(self.src.transform)
+            keep = (rows >= 0) & (rows < self.src.height) & (cols >= 0) & (cols < self.cut)
+            self.anchors = np.stack([rows[keep], cols[keep]], axis=1)
+            self.anchor_labels = points.label[keep]
         self._last: tuple[tuple[int, int, int], npt.NDArray[np.float32]] | None = None
 
     @property
@@ -303,12 +382,13 @@ def validation_windows(scene: TrainingScene, norm: Normalizer) -> list[Labelled]
             pick = np.linspace(0, len(spans) - 1, MAX_VAL_WINDOWS).round().astype(int)
             spans = [spans[i] for i in sorted(set(pick.tolist()))]
         out = []
-        with LabelSource(scene.labels, src.crs, scene.period) as labels:
+        with LabelSource(scene.labels, src.crs, scene.period, dates=scene.dates) as labels:
             for span in spans:
                 raw = read_features(src, scene.composite, span)
                 y = labels.read(src.window_transform(span.window), np.isfinite(raw).all(axis=0))
                 name = f"{scene.region}/{scene.period}:val:{span.row0},{span.col0}"
-                out.append(Labelled(name, norm.apply(raw), y))
+                valid = np.isfinite(raw).all(axis=0)
+                out.append(Labelled(name, norm.apply(raw), y, valid=valid))
     return out
 
 
@@ -319,13 +399,53 @@ def _even_split(size: int, edge: int = VAL_WINDOW) -> list[tuple[int, int]]:
     return list(itertools.pairwise(cuts))
 
 
+def _valid_pixels(
+    val: Sequence[Labelled], probs: list[tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]]
+) -> npt.NDArray[np.float32]:
+    """The probabilities of every valid pixel of the validation windows, labelled or not."""
+    return np.concatenate(
+        [p[v.valid] for (p, _y), v in zip(probs, val, strict=True) if v.valid is not None]
+    )
+
+
+def correct_prior(
+    model: Any,
+    val: Sequence[Labelled],
+    val_probs: list[tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]],
+    points: Sequence[npt.NDArray[np.uint8]],
+    dev: Any,
+) -> tuple[dict[str, Any], list[tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]]]:
+    """A model trained on point samples learns their share of mining (often half), not
+    the land's (a few per cent), and would overstate mined area. The land's share is
+    estimated on every valid pixel of the validation strips (``estimate_prior``), and
+    the model's logits are shifted by the difference of log-odds (in the checkpoint).
+    Returns the record's ``prior`` entry and the validation probabilities after the
+    shift."""
+    from ml.metrics import estimate_prior
+    from ml.models import shift_logits
+
+    labels = np.concatenate(list(points))
+    trained = float(np.clip(labels.mean(), 0.01, 0.99))
+    estimated = float(np.clip(estimate_prior(_valid_pixels(val, val_probs), trained), 1e-4, 1 - 1e-4))  # fmt: skip
+    offset = float(np.log(estimated / (1 - estimated)) - np.log(trained / (1 - trained)))
+    shift_logits(model, offset)
+    shifted = [(predict_tiled(model, v.x, tile=128, overlap=16, device=dev), v.y) for v in val]
+    entry = {
+        "training": round(trained, 4),
+        "estimated": round(estimated, 4),
+        "logit_offset": round(offset, 4),
+        "method": "EM on the validation strips' pixels (Saerens et al. 2002)",
+    }
+    return entry, shifted
+
+
 def heldout_confusion(
     scene: TrainingScene, model: Any, norm: Normalizer, threshold: float, dev: Any
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """(U-Net, index baseline) confusion counts on a held-out composite, tile by tile,
     with the inference plan of the whole composite (as ``mining_probability``)."""
     unet, base = np.zeros(4, np.int64), np.zeros(4, np.int64)
-    with rasterio.open(scene.composite) as src, LabelSource(scene.labels, src.crs, scene.period) as labels:  # fmt: skip
+    with rasterio.open(scene.composite) as src, LabelSource(scene.scored_against, src.crs, scene.period, dates=scene.dates) as labels:  # fmt: skip
         whole = plan_tiles(src.height, src.width, 256, 32)
         for t in Tiling(src.height, src.width, DEFAULT_TILE).tiles():
             c = t.core
@@ -352,7 +472,9 @@ def train_mining_model(
     """Train (or reuse) the U-Net on the labelled composites; register it with metrics."""
     cfg = config or TrainConfig()
     scenes = training_scenes(root, regions)
-    files = [p for s in scenes for p in (s.composite, s.labels)]
+    files = list(
+        dict.fromkeys(p for s in scenes for p in (s.composite, s.labels, s.scored_against))
+    )
     key = registry.input_hash(files, {**cfg.to_dict(), "val_fraction": VAL_FRACTION})
     if not force and (hit := registry.find(root, key)) is not None:
         progress(f"mining_model: inputs unchanged (hash {key}); reusing {hit.model_id}")
@@ -372,6 +494,14 @@ def train_mining_model(
         f"{len(val)} validation window(s); held out: "
         f"{', '.join(f'{s.region}/{s.period}' for s in test_scenes)}"
     )
+    label_kinds = sorted({label_kind(s.labels) for s in train_scenes})
+    points = [t.anchor_labels for t in train if t.anchor_labels is not None]
+    if points:
+        progress(
+            f"mining_model: sparse labels: {sum(map(len, points))} labelled point(s) in the "
+            f"training strips, each a {2 * POINT_RADIUS_PX + 1} px square; chips are cut "
+            "around them"
+        )
     try:
         result = train_unet(train, val, cfg, device=dev, progress=progress)
     finally:
@@ -381,7 +511,18 @@ def train_mining_model(
     val_probs = [
         (predict_tiled(result.model, v.x, tile=128, overlap=16, device=dev), v.y) for v in val
     ]
-    threshold, val_iou = best_threshold(val_probs)
+    prior = None
+    if points:  # samples, not land: correct the model and the threshold to the land's share
+        prior, val_probs = correct_prior(result.model, val, val_probs, points, dev)
+        progress(
+            f"mining_model: points give a mining share of {prior['training']:.3f}; the "
+            f"validation strips' pixels, {prior['estimated']:.3f} (EM): logits shifted by "
+            f"{prior['logit_offset']:+.2f}"
+        )
+    if points:  # every pixel of the strips, by its (corrected) probability
+        threshold, val_iou = expected_threshold(_valid_pixels(val, val_probs))
+    else:
+        threshold, val_iou = best_threshold(val_probs)
     progress(f"mining_model: threshold {threshold} (validation IoU {val_iou:.3f})")
 
     unet_cm = np.zeros(4, np.int64)
@@ -404,7 +545,20 @@ def train_mining_model(
         "epochs": result.epochs,
         "threshold": threshold,
         "baseline_threshold": THRESHOLD,
+        "labels": label_kinds,
+        "training_points": sum(map(len, points)) if points else None,
+        "prior": prior,
+        "heldout_scored_against": {
+            f"{s.region}/{s.period}": label_kind(s.scored_against) for s in test_scenes
+        },
     }
+    untimed = [s for s in test_scenes if s.truth is None and _untimed_points(s.labels)]
+    if untimed:
+        metrics["heldout_note"] = (
+            "held-out figures are at the same points as training (the points carry no "
+            "period), one period later: not an independent test of new places"
+        )
+        progress(f"mining_model: warning: {metrics['heldout_note']}")
     record = registry.register(
         root,
         result.model,

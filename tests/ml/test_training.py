@@ -135,7 +135,11 @@ def test_real_regions_train_on_their_mining_label_polygons(tmp_path: Path) -> No
     import dataclasses
 
     labels = tmp_path / "mdd_mining.geojson"
-    labels.write_text('{"type": "FeatureCollection", "features": []}')
+    square = [[[-70.54, -12.99], [-70.53, -12.99], [-70.53, -12.98], [-70.54, -12.99]]]
+    labels.write_text(
+        '{"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {}, '
+        f'"geometry": {{"type": "Polygon", "coordinates": {square}}}}}]}}'
+    )
     region = dataclasses.replace(
         small_region(), id="mdd", source="earth-search", context={"mining_labels": str(labels)}
     )

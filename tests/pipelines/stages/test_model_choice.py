@@ -56,6 +56,7 @@ def test_the_domain_of_a_model_is_recorded(tmp_path: Path) -> None:
         "imagery": "embedded", "regions": ["demo"], "sources": ["embedded"], "countries": ["PE"],
         "periods": ["demo/2019", "demo/2020"],
         "bands": ["B02", "B03", "B04", "B08", "B11", "B12", "NDVI", "MNDWI", "BSI"],
+        "labels": ["raster"],
     }  # fmt: skip
     mixed = _register(tmp_path, ["demo", "mdd"])
     assert mixed.imagery == "mixed" and mixed.domain["sources"] == ["earth-search", "embedded"]
