@@ -208,12 +208,19 @@ def _untimed_points(path: Path) -> bool:
 def label_kind(path: Path) -> str:
     """``raster`` (a truth mask), ``points`` or ``polygons`` (a labels file)."""
     from ml.features import VECTOR_SUFFIXES
-    from ml.points import is_point_file
-    from pipelines.infra.vectors import read_vector
 
     if path.suffix.lower() not in VECTOR_SUFFIXES:
         return "raster"
-    return "points" if is_point_file(read_vector(path, "mining labels file", LabelsError), path) else "polygons"  # fmt: skip
+    return _vector_kind(path, path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _vector_kind(path: Path, _mtime_ns: int) -> str:  # read once per version of the file
+    from ml.points import is_point_file
+    from pipelines.infra.vectors import read_vector
+
+    frame = read_vector(path, "mining labels file", LabelsError)
+    return "points" if is_point_file(frame, path) else "polygons"
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 from ml.chips import HELDOUT, Chips, heldout_mask, load_chips, train_and_evaluate
 from tests.conftest import shared
@@ -30,3 +33,68 @@ def test_protocol_runs_on_a_subsample() -> None:
     h = res["heldout"]
     assert isinstance(h, dict) and 0 <= h["sensitivity"] <= 1 and 0 <= h["specificity"] <= 1
     assert h["positives"] + h["negatives"] == int(heldout_mask(sub).sum())
+
+
+def test_benchmark_split_holds_out_regions_and_random_negatives() -> None:
+    from ml.chips import RANDOM_NEGATIVES, split
+
+    chips = load_chips(shared("chips"))
+    a, b = split(chips, 0), split(chips, 1)
+    # The held-out sets are fixed; only the early-stopping draw changes with the seed.
+    for name in ("mines", "random", "hard"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    assert not np.array_equal(a.val, b.val)
+    assert (len(a.mines), len(a.random), len(a.hard)) == (432, 300, 759)
+    assert (chips.y[a.mines] == 1).all() and (chips.y[a.random] == 0).all()
+    assert (chips.y[a.hard] == 0).all()
+    assert all(RANDOM_NEGATIVES in chips.gallery[i] for i in a.random)
+    seen = np.concatenate([a.train, a.val])
+    held = np.concatenate([a.mines, a.random, a.hard])
+    assert len(np.intersect1d(seen, held)) == 0 and len(seen) + len(held) == len(chips.y)
+    # No chip of a held-out campaign trains; 700 random negatives do.
+    assert not any(any(k in chips.gallery[i] for k in HELDOUT) for i in seen)
+    assert sum(RANDOM_NEGATIVES in chips.gallery[i] for i in seen) == 700
+
+
+def test_benchmark_figures_read_the_right_chips() -> None:
+    from ml.chips import Split, figures
+
+    idx = np.arange
+    sp = Split(idx(0), idx(0), mines=idx(0, 10), random=idx(10, 110), hard=idx(110, 130))
+    prob = np.zeros(130, np.float32)
+    prob[:8] = 0.9  # 8 of 10 mines found at 0.5
+    prob[8:10] = 0.3  # 2 below 0.5, above every random negative but one
+    prob[10] = 0.4  # the highest random negative: the 0.99 quantile
+    prob[110:115] = 0.6  # 5 of 20 hard negatives fire at 0.5
+    f = figures(prob, sp)
+    assert f["sensitivity"] == 0.8 and f["specificity_random"] == 1.0
+    assert f["specificity_hard"] == 0.75
+    assert f["threshold_at_spec99"] == pytest.approx(0.4)
+    assert f["sensitivity_at_spec99"] == 0.8  # 0.3 is not above 0.4
+    assert f["specificity_hard_at_spec99"] == 0.75
+
+
+def test_benchmark_runs_end_to_end_on_a_subsample(tmp_path: Path) -> None:
+    from ml.chips import benchmark, roc_png, table
+
+    chips = load_chips(shared("chips"))
+    keep = np.sort(np.random.default_rng(0).choice(len(chips.y), 500, replace=False))
+    sub = Chips(chips.x[keep], chips.y[keep], [chips.gallery[i] for i in keep])
+    b = benchmark(sub, seeds=2, epochs=1, say=lambda _m: None)
+    assert len(b.per_seed) == 2 and set(b.ensemble) == set(b.per_seed[0])
+    assert (
+        np.isnan(b.probs[0][b.split.train]).all() and np.isfinite(b.probs[0][b.split.mines]).all()
+    )
+    text = table(b)
+    assert text.count("\n") == 6 and "0.895" in text and "± " in text
+    png = roc_png(b, sub, tmp_path / "roc.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_auc_is_the_chance_a_mine_outranks_a_non_mine() -> None:
+    from ml.chips import _auc
+
+    y = np.array([1, 1, 0, 0])
+    assert _auc(np.array([0.9, 0.8, 0.1, 0.2], np.float32), y) == 1.0
+    assert _auc(np.array([0.1, 0.8, 0.9, 0.2], np.float32), y) == 0.25
+    assert _auc(np.array([0.5, 0.5, 0.5, 0.5], np.float32), y) == 0.5  # ties count half
