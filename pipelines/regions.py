@@ -70,7 +70,7 @@ ContextKind = Literal[
     "rivers",
     "grievances",
     "detections",
-    "mining_labels",  # polygons of mining (e.g. by period) to train and evaluate on
+    "mining_labels",  # polygons of mining, or labelled points, to train and evaluate on
 ]
 CONTEXT_KINDS: tuple[str, ...] = get_args(ContextKind)
 
