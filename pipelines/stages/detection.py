@@ -521,16 +521,16 @@ def train_mining_model(
     prior = None
     if points:  # samples, not land: correct the model and the threshold to the land's share
         prior, val_probs = correct_prior(result.model, val, val_probs, points, dev)
+        threshold, val_iou = expected_threshold(_valid_pixels(val, val_probs))
         progress(
             f"mining_model: points give a mining share of {prior['training']:.3f}; the "
             f"validation strips' pixels, {prior['estimated']:.3f} (EM): logits shifted by "
-            f"{prior['logit_offset']:+.2f}"
+            f"{prior['logit_offset']:+.2f}; threshold {threshold} (IoU expected from the "
+            f"strips' corrected probabilities {val_iou:.3f})"
         )
-    if points:  # every pixel of the strips, by its (corrected) probability
-        threshold, val_iou = expected_threshold(_valid_pixels(val, val_probs))
     else:
         threshold, val_iou = best_threshold(val_probs)
-    progress(f"mining_model: threshold {threshold} (validation IoU {val_iou:.3f})")
+        progress(f"mining_model: threshold {threshold} (validation IoU {val_iou:.3f})")
 
     unet_cm = np.zeros(4, np.int64)
     base_cm = np.zeros(4, np.int64)

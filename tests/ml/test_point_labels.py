@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +31,6 @@ from tests.conftest import small_region
 N_POINTS = 500
 # Short training, the same for both: 64 px chips, 15 epochs of 10 batches of 8.
 CONFIG = TrainConfig(chip=64, batch=8, steps_per_epoch=10, max_epochs=15, patience=5, seed=7)
-
-
-@pytest.fixture
-def root(small_composites_root: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "root"
-    shutil.copytree(small_composites_root, out, ignore=shutil.ignore_patterns("models"))
-    return out
 
 
 def sample_points(root: Path, n: int, seed: int, out: Path, balanced: bool = True) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +20,6 @@ from pipelines.stages.detection import (
 from tests.conftest import small_region
 
 TINY = TrainConfig(chip=64, batch=4, steps_per_epoch=2, max_epochs=2, patience=2, seed=3)
-
-
-@pytest.fixture
-def root(small_composites_root: Path, tmp_path: Path) -> Path:
-    """A private copy of the data root (the registry writes into it)."""
-    out = tmp_path / "root"
-    shutil.copytree(small_composites_root, out, ignore=shutil.ignore_patterns("models"))
-    return out
 
 
 def test_model_is_registered_reused_and_reloaded(root: Path) -> None:
