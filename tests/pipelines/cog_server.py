@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -72,6 +73,10 @@ def serve(
 
         do_HEAD = do_GET
 
+    # A parent that ignores or blocks SIGTERM passes that on to this process: restore
+    # the default, so the test's terminate() always ends it.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     print(f"http://127.0.0.1:{server.server_address[1]}", flush=True)
     server.serve_forever()
