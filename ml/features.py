@@ -10,6 +10,7 @@ NaN and metrics skip those pixels.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,6 @@ import rasterio.warp
 from rasterio.enums import Resampling
 
 from ml.points import LabelsError, PointLabels, is_point_file, read_points
-
-__all__ = ["LabelsError", "PointLabels"]
 
 #: Composite bands the model reads, in channel order.
 FEATURE_BANDS: tuple[str, ...] = ("B02", "B03", "B04", "B08", "B11", "B12", "NDVI", "MNDWI", "BSI")
@@ -147,9 +146,7 @@ class LabelSource:
         self.points: PointLabels | None = None
         self.kind = "raster"
         if path.suffix.lower() in VECTOR_SUFFIXES:
-            from pipelines.infra.vectors import read_vector
-
-            frame = read_vector(path, "mining labels file", LabelsError)
+            frame = labels_frame(path)
             if is_point_file(frame, path):
                 self.kind = "points"
                 self.points = read_points(frame, path, crs).during(*_dates(path, period, dates))
@@ -211,6 +208,20 @@ def rasterize_labels(path: Path, like: Scene, period: str | None = None) -> npt.
         return source.read(like.transform, like.valid)
 
 
+def labels_frame(path: Path) -> Any:
+    """A mining labels file as read by ``read_vector`` (errors naming the file), read once
+    per version of the file: training opens it per composite and per use. Callers
+    derive new frames from it and never change it in place."""
+    return _labels_frame(path, path.stat().st_mtime_ns if path.exists() else -1)
+
+
+@functools.lru_cache(maxsize=8)
+def _labels_frame(path: Path, _mtime_ns: int) -> Any:
+    from pipelines.infra.vectors import read_vector
+
+    return read_vector(path, "mining labels file", LabelsError)
+
+
 def _dates(
     path: Path, period: str | None, dates: tuple[dt.date, dt.date] | None
 ) -> tuple[dt.date | None, dt.date | None]:
@@ -235,11 +246,11 @@ def label_shapes(
 ) -> list[tuple[Any, int]]:
     """The (geometry, 1) pairs of a mining labels file in ``crs``, validated, filtered to
     the polygons that count for ``period`` (see ``rasterize_labels``)."""
-    from pipelines.infra.vectors import POLYGONAL, check_geometry, read_vector
+    from pipelines.infra.vectors import POLYGONAL, check_geometry
     from pipelines.regions import parse_period
 
     if frame is None:
-        frame = read_vector(path, "mining labels file", LabelsError)
+        frame = labels_frame(path)
     geoms = [
         check_geometry(g, POLYGONAL, f"mining labels file {path}: feature {i}", LabelsError)[0]
         for i, g in enumerate(frame.geometry)

@@ -237,7 +237,7 @@ def outside_aoi(points: PointLabels, geometry: Any, region_id: str) -> None:
     import shapely
 
     aoi = shapely.geometry.shape(geometry)
-    inside = shapely.contains_xy(aoi, points.x, points.y) | shapely.intersects_xy(aoi, points.x, points.y)  # fmt: skip
+    inside = shapely.intersects_xy(aoi, points.x, points.y)  # the boundary counts as inside
     out = sorted(set(points.feature[~inside].tolist()))
     if out:
         raise LabelsError(

@@ -36,17 +36,19 @@ from ml import registry
 from ml.features import (
     FEATURE_BANDS,
     IGNORE,
+    VECTOR_SUFFIXES,
     LabelsError,
     LabelSource,
     Normalizer,
     feature_indexes,
     label_shapes,
+    labels_frame,
     read_features,
 )
 from ml.infer import owned_plan, pick_device, plan_tiles, predict_tiled, sub_plan
 from ml.metrics import best_threshold, confusion, expected_threshold, scores
 from ml.models import index_baseline
-from ml.points import POINT_RADIUS_PX
+from ml.points import POINT_RADIUS_PX, is_point_file
 from ml.train import Labelled, TrainConfig, train_unet
 from pipelines.embedded.source import context_path, world_dir
 from pipelines.infra.errors import first_line
@@ -159,10 +161,9 @@ def check_labels(path: Path, region: Region) -> None:
     the file and features): polygons as ``label_shapes`` reads them; points by
     ``ml.points``' rules, every point inside the AOI, and each class present in the
     training periods (all but the last)."""
-    from ml.points import is_point_file, outside_aoi, read_points
-    from pipelines.infra.vectors import read_vector
+    from ml.points import outside_aoi, read_points
 
-    frame = read_vector(path, "mining labels file", LabelsError)
+    frame = labels_frame(path)
     if not is_point_file(frame, path):
         label_shapes(path, "EPSG:4326", frame=frame)
         return
@@ -207,20 +208,9 @@ def _untimed_points(path: Path) -> bool:
 
 def label_kind(path: Path) -> str:
     """``raster`` (a truth mask), ``points`` or ``polygons`` (a labels file)."""
-    from ml.features import VECTOR_SUFFIXES
-
     if path.suffix.lower() not in VECTOR_SUFFIXES:
         return "raster"
-    return _vector_kind(path, path.stat().st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=64)
-def _vector_kind(path: Path, _mtime_ns: int) -> str:  # read once per version of the file
-    from ml.points import is_point_file
-    from pipelines.infra.vectors import read_vector
-
-    frame = read_vector(path, "mining labels file", LabelsError)
-    return "points" if is_point_file(frame, path) else "polygons"
+    return "points" if is_point_file(labels_frame(path), path) else "polygons"
 
 
 @dataclass(frozen=True)
