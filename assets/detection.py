@@ -130,7 +130,8 @@ def mining_model(
         "present, CPU otherwise). The region's `model` chooses it: `auto` takes a model "
         "trained on the region or on real imagery of its country, and refuses one trained "
         "only on simulated scenes for a real region; `none` is the spectral-index "
-        "baseline (docs/detection.md). Processing tiles (settings.tile_px, 1024 px by "
+        "baseline; a registered chip classifier (`model: chips-...`) gives a SCREENING map "
+        "of 240 m blocks (docs/detection.md). Processing tiles (settings.tile_px, 1024 px by "
         "default) read their "
         "composite windows and run as dask tasks (resource `dask`; in this process when "
         "the raster is one tile); the output does not depend on the tile size. A float32 "
@@ -156,7 +157,7 @@ def mining_probability(
         raise dg.Failure(allow_retries=False, description=str(e)) from e
     record = choice.record
     said = f"mining_probability {region.id}/{period.id}: model {record.model_id if record else 'none'}: {choice.reason}"  # fmt: skip
-    if record is None or "note:" in choice.reason:
+    if record is None or "note:" in choice.reason or record.kind == "chips":
         context.log.warning(said)
     else:
         context.log.info(said)
@@ -179,6 +180,8 @@ def mining_probability(
         "detector": str(res.detector),
         "model_choice": choice.reason,
         "model_domain": record.domain if record is not None else {"imagery": "none"},
+        # A chip classifier's blocks (ml.chips): where mining may be, not its outline.
+        "screening": bool(res.screening),
         "device": str(res.device),
         "mining_ha": float(res.mining_ha),
         "mining_fraction": float(round(res.mining_fraction, 5)),

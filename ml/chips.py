@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
+import re
 import sys
 import time
 from collections import defaultdict
@@ -404,6 +406,250 @@ def roc_png(b: Benchmark, chips: Chips, path: Path) -> Path:
     return path
 
 
+#: The chips' rendering: uint8 = clip(L1C reflectance / RENDER_MAX, 0, 1) x 255 (AMW's
+#: clip(DN / 3000) with DN = 10000 x top-of-atmosphere reflectance), bands B04, B03, B02.
+RENDER_MAX = 0.3
+RGB_BANDS = ("B04", "B03", "B02")
+#: DOS1's assumed reflectance of the darkest objects (Chavez 1988; Moran et al. 1992).
+DARK_OBJECT_REFLECTANCE = 0.01
+DARK_PERCENTILE = 0.1
+
+
+def dark_object_offsets(
+    chips: Chips, among: npt.NDArray[np.int64] | None = None
+) -> tuple[float, float, float]:
+    """Per band (B04, B03, B02), what top-of-atmosphere reflectance adds to surface
+    reflectance over the Amazon, by dark-object subtraction run backwards: the
+    ``DARK_PERCENTILE`` th percentile of AMW's random landscape chips (L1C) less the 1 %
+    that DOS1 assumes the darkest objects reflect. Surface reflectance (L2A) plus these
+    offsets approximates the L1C the chips were rendered from (docs/detection.md).
+    ``among``: the chips to look at (a registered model's training chips; all by default)."""
+    rand = np.array([RANDOM_NEGATIVES in g for g in chips.gallery])
+    if among is not None:
+        rand &= np.isin(np.arange(len(chips.y)), among)
+    if not rand.any():
+        raise ValueError(f"no {RANDOM_NEGATIVES} chips to estimate the dark-object offsets from")
+    out = []
+    for b in range(3):
+        dark = float(np.percentile(chips.x[rand, b], DARK_PERCENTILE)) / 255.0 * RENDER_MAX
+        out.append(round(max(0.0, dark - DARK_OBJECT_REFLECTANCE), 4))
+    return (out[0], out[1], out[2])
+
+
+def render(rgb: npt.NDArray[np.floating], offsets: tuple[float, ...]) -> npt.NDArray[np.float32]:
+    """L2A surface reflectance (3, y, x) in B04, B03, B02 order -> the chips' 8-bit
+    rendering as the model reads it (0-1, in steps of 1/255); NaN stays NaN."""
+    off = np.asarray(offsets, np.float32)[:, None, None]
+    u8 = np.rint(np.clip((rgb.astype(np.float32) + off) / RENDER_MAX, 0.0, 1.0) * 255.0)
+    return (u8 / 255.0).astype(np.float32)
+
+
+def unrender(
+    chips_u8: npt.NDArray[np.uint8], offsets: tuple[float, ...]
+) -> npt.NDArray[np.float32]:
+    """The inverse of ``render`` (below saturation): the L2A reflectance that renders as
+    these chips. For tests and for the conversion's cost."""
+    off = np.asarray(offsets, np.float32)[:, None, None]
+    return (chips_u8.astype(np.float32) / 255.0 * RENDER_MAX - off).astype(np.float32)
+
+
+class Ensemble(nn.Module):
+    """Several ChipNets as one: the logit of their mean probability."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(ChipNet() for _ in range(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = torch.stack([torch.sigmoid(m(x)) for m in self.members]).mean(0)
+        return torch.logit(p, eps=1e-6)
+
+
+TARGET_SPECIFICITY = 0.99  # the product threshold: this specificity on validation negatives
+
+
+def conversion_cost(
+    model: nn.Module,
+    chips: Chips,
+    sp: Split,
+    offsets: tuple[float, float, float],
+    threshold: float,
+    errors: tuple[float, ...] = (-0.5, -0.25, 0.0, 0.25, 0.5),
+    gains: tuple[float, ...] = (0.9, 1.1),
+) -> list[dict[str, float]]:
+    """What a wrong conversion costs: the held-out figures at ``threshold`` when the
+    offsets the pipeline adds are off by ``errors`` (shares of each offset; -1 would be
+    rendering L2A as if it were L1C) or the true relation has a gain of ``gains``
+    (atmospheric transmittance): each held-out chip is taken back to the L2A reflectance
+    that the assumed relation gives, and rendered with the pipeline's offsets."""
+    held = np.concatenate([sp.mines, sp.random, sp.hard])
+    off = np.asarray(offsets, np.float32)[:, None, None]
+    toa = chips.x[held].astype(np.float32) / 255.0 * RENDER_MAX
+    cases = [(e, 1.0) for e in errors] + [(0.0, g) for g in gains]
+    rows = []
+    for err, gain in cases:
+        # The true L2A, if TOA = gain * L2A + (1 + err) * offsets (the pipeline assumes
+        # gain 1, err 0): rendered by the pipeline as L2A + offsets.
+        l2a = (toa - (1 + err) * off) / gain
+        u8 = np.rint(render(l2a, offsets) * 255).astype(np.uint8)
+        prob = np.full(len(chips.y), np.nan, np.float32)
+        prob[held] = predict(model, u8)
+        f = _at(prob, sp, threshold)
+        rows.append({"offset_error": err, "gain": gain, **f})
+    return rows
+
+
+def _at(prob: npt.NDArray[np.float32], sp: Split, threshold: float) -> dict[str, float]:
+    """The three held-out figures at ``threshold``."""
+    return {
+        "sensitivity": round(float((prob[sp.mines] >= threshold).mean()), 4),
+        "specificity_random": round(float((prob[sp.random] < threshold).mean()), 4),
+        "specificity_hard": round(float((prob[sp.hard] < threshold).mean()), 4),
+    }
+
+
+MIN_CLEAR = 0.75  # a window with fewer clear pixels is not screened (AMW's chips: clear0.75)
+
+
+@torch.no_grad()
+def screen(
+    model: nn.Module,
+    img: npt.NDArray[np.float32],
+    stride: int,
+    *,
+    device: torch.device | None = None,
+    batch: int = 256,
+) -> npt.NDArray[np.float32]:
+    """Mining probability of every ``CHIP`` px window of ``img`` (3, y, x; ``render``ed,
+    NaN where the composite has no clear look) at steps of ``stride``: (rows, cols) of
+    window results, NaN where under ``MIN_CLEAR`` of a window is clear. Missing pixels
+    of a screened window take its mean colour."""
+    device = device or torch.device("cpu")
+    model = model.to(device).eval()
+    t = torch.from_numpy(np.ascontiguousarray(img))
+    win = t.unfold(1, CHIP, stride).unfold(2, CHIP, stride)  # (3, nr, nc, CHIP, CHIP)
+    nr, nc = win.shape[1], win.shape[2]
+    win = win.permute(1, 2, 0, 3, 4).reshape(nr * nc, 3, CHIP, CHIP)
+    out = np.full(nr * nc, np.nan, np.float32)
+    for i in range(0, nr * nc, batch):
+        x = win[i : i + batch].clone()
+        ok = torch.isfinite(x).all(dim=1, keepdim=True)  # (n, 1, CHIP, CHIP)
+        share = ok.float().mean(dim=(1, 2, 3))
+        keep = share >= MIN_CLEAR
+        if not bool(keep.any()):
+            continue
+        x, ok = x[keep], ok[keep]
+        x = torch.where(ok, x, torch.zeros(()))
+        mean = x.sum(dim=(2, 3), keepdim=True) / ok.sum(dim=(2, 3), keepdim=True)
+        x = torch.where(ok, x, mean)
+        p = torch.sigmoid(model(x.to(device))).float().cpu().numpy()
+        idx = np.arange(i, min(i + batch, nr * nc))[keep.numpy()]
+        out[idx] = p
+    return out.reshape(nr, nc)
+
+
+_EPOCH = re.compile(r"_(\d{4})-\d\d-\d\d_\d{4}-\d\d-\d\d\.png$")  # a gallery's composite start
+AMAZON_COUNTRIES = ["BO", "BR", "CO", "EC", "GF", "GY", "PE", "SR", "VE"]
+
+
+def train_product(
+    chips: Chips, *, seeds: int = 1, epochs: int = 12, say: Callable[[str], None] = print
+) -> tuple[nn.Module, dict[str, object]]:
+    """The screening detector: ``seeds`` ChipNets on the benchmark split (as one
+    ``Ensemble``), its threshold where specificity on the validation negatives is
+    ``TARGET_SPECIFICITY``, and its held-out figures at that threshold and at 0.5."""
+    sp = split(chips, 0)
+    models = [fit(chips, sp, epochs=epochs, seed=s, say=say) for s in range(seeds)]
+    ens = Ensemble(seeds)
+    for member, m in zip(ens.members, models, strict=True):
+        member.load_state_dict(m.state_dict())
+    ens.eval()
+    p_val = predict(ens, chips.x[sp.val])
+    neg = p_val[chips.y[sp.val] == 0]
+    threshold = float(np.quantile(neg, TARGET_SPECIFICITY, method="higher")) if len(neg) else 0.5
+    held = np.concatenate([sp.mines, sp.random, sp.hard])
+    prob = np.full(len(chips.y), np.nan, np.float32)
+    prob[held] = predict(ens, chips.x[held])
+    both = np.concatenate([sp.mines, sp.random])
+    metrics: dict[str, object] = {
+        "threshold": round(threshold, 6),
+        "heldout": _at(prob, sp, threshold),
+        "heldout_at_0_5": _at(prob, sp, 0.5),
+        "heldout_auc_random": round(_auc(prob[both], chips.y[both]), 4),
+        "heldout_sets": {"mines": len(sp.mines), "random": len(sp.random), "hard": len(sp.hard)},
+        "threshold_rule": f"specificity {TARGET_SPECIFICITY} on the {len(neg)} validation negatives",
+        "seeds": seeds,
+        "epochs": epochs,
+    }
+    return ens, metrics
+
+
+def register_product(
+    root: Path,
+    chips: Chips,
+    directory: Path,
+    *,
+    seeds: int = 1,
+    epochs: int = 12,
+    stride: int = 24,
+    say: Callable[[str], None] = print,
+) -> object:
+    """Train the screening detector and register it (kind ``chips``) under ``root``;
+    an unchanged input (the chips' files, seeds, epochs, stride) finds its model."""
+    from ml import registry
+
+    files = [directory / "amw_s2l1c_rgb_chips_48px_index.csv", *sorted((directory / "gallery").glob("*.png"))]  # fmt: skip
+    config = {"seeds": seeds, "epochs": epochs, "stride": stride, "chip": CHIP}
+    # The chips used (a subsample trains another model than the whole set).
+    used = hashlib.sha256(chips.x.tobytes() + chips.y.tobytes()).hexdigest()[:16]
+    digest = registry.input_hash(files, {"kind": "chips", "chips": used, **config})
+    found = registry.find(root, digest)
+    if found is not None:
+        say(f"chip model {found.model_id} is registered for these chips and settings; reused")
+        return found
+    started = time.perf_counter()
+    sp = split(chips, 0)
+    offsets = dark_object_offsets(chips, np.concatenate([sp.train, sp.val]))
+    model, metrics = train_product(chips, seeds=seeds, epochs=epochs, say=say)
+    assert isinstance(metrics["threshold"], float)
+    metrics["conversion_cost"] = conversion_cost(model, chips, sp, offsets, metrics["threshold"])
+    rendering = {
+        "bands": list(RGB_BANDS),
+        "max_reflectance": RENDER_MAX,
+        "offsets": list(offsets),
+        "rule": "uint8 = round(clip((L2A reflectance + offset) / max_reflectance, 0, 1) * 255)",
+        "offsets_from": (
+            f"dark-object subtraction run backwards: percentile {DARK_PERCENTILE} of the "
+            f"random landscape chips less {DARK_OBJECT_REFLECTANCE}"
+        ),
+    }
+    galleries = sorted({g for g in chips.gallery if not any(k in g for k in HELDOUT)})
+    domain = {
+        "imagery": "real",
+        "regions": ["Amazon basin (Amazon Mining Watch's sampling campaigns)"],
+        "sources": [f"amw chips: {g}" for g in galleries],
+        "countries": AMAZON_COUNTRIES,
+        "periods": sorted({m.group(1) for g in galleries if (m := _EPOCH.search(g))}),
+        "bands": list(RGB_BANDS),
+        "product": "L1C 8-bit RGB chips (48 px, 480 m)",
+        "biome": "tropical moist forest",
+        "screening": True,
+    }
+    record = registry.register_chip_model(
+        root, model, input_hash_=digest, device="cpu", seconds=time.perf_counter() - started,
+        train_data=[{"source": "amw chips", "gallery": g} for g in galleries],
+        metrics=metrics, config={**config, "rendering": rendering}, domain=domain, seeds=seeds,
+    )  # fmt: skip
+    h = metrics["heldout"]
+    assert isinstance(h, dict)
+    say(
+        f"registered chip model {record.model_id}: threshold {metrics['threshold']:.3f}; held out: "
+        f"sensitivity {h['sensitivity']:.3f}, specificity {h['specificity_random']:.3f} on random "
+        f"and {h['specificity_hard']:.3f} on hard negatives"
+    )
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="RGB chip classifier with regions held out")
     ap.add_argument("--chips", type=Path, default=DEFAULT_DIR)
@@ -413,8 +659,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--roc", type=Path, default=None, help="benchmark: save the ROC curves here")
     ap.add_argument("--jitter", type=float, default=0.0, help="brightness/gain augmentation")
     ap.add_argument("--by-auc", action="store_true", help="early stopping on validation AUC")
+    ap.add_argument(
+        "--register", type=Path, default=None, metavar="ROOT",
+        help="train the screening detector (--seeds models, 1 by default) and register it in "
+        "ROOT's model registry",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.register is not None:
+        register_product(
+            args.register, load_chips(args.chips), args.chips, seeds=args.seeds or 1,
+            epochs=args.epochs,
+        )  # fmt: skip
+        return 0
     if args.seeds:
         chips = load_chips(args.chips)
         b = benchmark(

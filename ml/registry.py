@@ -114,7 +114,10 @@ def checkpoint_problem(root: Path, record: ModelRecord) -> str | None:
     if not path.exists():
         return f"model {record.model_id} is registered but its checkpoint {path} is missing"
     try:
-        load(root, record)
+        if record.kind == "chips":
+            load_chip_model(root, record)
+        else:
+            load(root, record)
     except RegistryError as e:
         return str(e)
     return None
@@ -247,12 +250,57 @@ def register(
     config: dict[str, Any],
     domain: dict[str, Any] | None = None,
 ) -> ModelRecord:
-    """Store the checkpoint and its record, under the registry lock. ``domain``: what
-    the model was trained on (``ModelRecord.domain``).
+    """Store a U-Net's checkpoint and its record, under the registry lock. ``domain``:
+    what the model was trained on (``ModelRecord.domain``).
 
     Concurrent registrations (several runs, several processes) each get their own model
     id and row; the table is rewritten atomically from the model folders' metadata.
     """
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    payload = {"state_dict": state, "spec": spec.to_dict(), "normalizer": asdict(normalizer)}
+    return _register(
+        root, "unet", payload, input_hash_=input_hash_, device=device, seconds=seconds,
+        train_data=train_data, metrics=metrics, config=config,
+        domain=dict(domain) if domain is not None else legacy_domain({"train_data": train_data}),
+    )  # fmt: skip
+
+
+def register_chip_model(
+    root: Path,
+    model: nn.Module,
+    *,
+    seeds: int,
+    input_hash_: str,
+    device: str,
+    seconds: float,
+    train_data: list[dict[str, str]],
+    metrics: dict[str, Any],
+    config: dict[str, Any],
+    domain: dict[str, Any],
+) -> ModelRecord:
+    """Store the screening detector (``ml.chips.Ensemble`` of ``seeds`` ChipNets, kind
+    ``chips``); ``config["rendering"]`` says how composites become its input."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    payload = {"state_dict": state, "arch": "chipnet-ensemble", "members": seeds}
+    return _register(
+        root, "chips", payload, input_hash_=input_hash_, device=device, seconds=seconds,
+        train_data=train_data, metrics=metrics, config=config, domain=dict(domain),
+    )  # fmt: skip
+
+
+def _register(
+    root: Path,
+    kind: str,
+    payload: dict[str, Any],
+    *,
+    input_hash_: str,
+    device: str,
+    seconds: float,
+    train_data: list[dict[str, str]],
+    metrics: dict[str, Any],
+    config: dict[str, Any],
+    domain: dict[str, Any],
+) -> ModelRecord:
     with _lock(root):
         # Microseconds, and later than any record: two models registered within one
         # second must not tie, or ``latest`` would pick one of them by its hash.
@@ -260,7 +308,7 @@ def register(
         newest = max((_age(r)[0] for r in records(root)), default=None)
         if newest is not None and created <= newest:
             created = newest + dt.timedelta(microseconds=1)
-        base = f"unet-{created:%Y%m%dT%H%M%S}-{input_hash_[:8]}"
+        base = f"{kind}-{created:%Y%m%dT%H%M%S}-{input_hash_[:8]}"
         model_id, n = base, 1
         while (models_dir(root) / model_id).exists():
             n += 1
@@ -269,7 +317,7 @@ def register(
         record = ModelRecord(
             model_id=model_id,
             created_at=created.isoformat(timespec="microseconds"),
-            kind="unet",
+            kind=kind,
             input_hash=input_hash_,
             path=f"{MODELS_DIR}/{model_id}/model.pt",  # relative to the data root
             device=device,
@@ -277,30 +325,18 @@ def register(
             train_data=train_data,
             metrics=metrics,
             config=config,
-            domain=dict(domain)
-            if domain is not None
-            else legacy_domain({"train_data": train_data}),
+            domain=domain,
         )
         with atomic_dir(target) as tmp:
-            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            torch.save(
-                {"state_dict": state, "spec": spec.to_dict(), "normalizer": asdict(normalizer)},
-                tmp / "model.pt",
-            )
+            torch.save(payload, tmp / "model.pt")
             (tmp / "metadata.json").write_text(json.dumps(asdict(record), indent=2) + "\n")
         # The table is the model folders' records: every model on disk, this one too.
         _write_table(root, _scan(root))
     return record
 
 
-def load(root: Path, record: ModelRecord | str | Path) -> tuple[nn.Module, Normalizer, UnetSpec]:
-    """Rebuild a registered model (weights, architecture, normaliser) on the CPU.
-
-    ``record``: a registry record (its checkpoint under ``root``) or a checkpoint path.
-    A missing or damaged file raises ``RegistryError`` naming it and how to restore or
-    retrain; torch's own advice (to load with ``weights_only=False``, which would run
-    code from the file) is never passed on.
-    """
+def _checkpoint(root: Path, record: ModelRecord | str | Path) -> tuple[Path, str, dict[str, Any]]:
+    """The checkpoint's path, a name for messages, and its content (weights only)."""
     if isinstance(record, ModelRecord):
         path, what = checkpoint_file(root, record), f"model {record.model_id}"
     else:
@@ -308,18 +344,52 @@ def load(root: Path, record: ModelRecord | str | Path) -> tuple[nn.Module, Norma
     if not path.exists():
         raise RegistryError(f"{what} is registered but its checkpoint {path} is missing; {RETRAIN_HINT}")  # fmt: skip
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return path, what, torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise _damaged(path, what, e) from None
+
+
+def _damaged(path: Path, what: str, e: Exception) -> RegistryError:
+    # torch's advice to load with weights_only=False (running code from the file) is
+    # never passed on: the error's type says enough then.
+    reason = type(e).__name__ if "weights_only" in str(e) else first_line(e)
+    return RegistryError(
+        f"the checkpoint of {what}, {path}, is damaged and cannot be loaded "
+        f"({reason[:200]}); {RETRAIN_HINT}"
+    )
+
+
+def load_chip_model(root: Path, record: ModelRecord) -> nn.Module:
+    """Rebuild a registered screening detector (kind ``chips``) on the CPU."""
+    from ml.chips import Ensemble
+
+    path, what, ckpt = _checkpoint(root, record)
+    try:
+        if ckpt.get("arch") != "chipnet-ensemble":
+            raise ValueError(f"not a chip model (arch {ckpt.get('arch')!r})")
+        model = Ensemble(int(ckpt["members"]))
+        model.load_state_dict(ckpt["state_dict"])
+    except Exception as e:
+        raise _damaged(path, what, e) from None
+    model.eval()
+    return model
+
+
+def load(root: Path, record: ModelRecord | str | Path) -> tuple[nn.Module, Normalizer, UnetSpec]:
+    """Rebuild a registered U-Net (weights, architecture, normaliser) on the CPU.
+
+    ``record``: a registry record (its checkpoint under ``root``) or a checkpoint path.
+    A missing or damaged file raises ``RegistryError`` naming it and how to restore or
+    retrain; torch's own advice (to load with ``weights_only=False``, which would run
+    code from the file) is never passed on.
+    """
+    path, what, ckpt = _checkpoint(root, record)
+    try:
         spec = UnetSpec.from_dict(ckpt["spec"])
         model = build_unet(spec)
         model.load_state_dict(ckpt["state_dict"])
         norm = Normalizer(tuple(ckpt["normalizer"]["mean"]), tuple(ckpt["normalizer"]["std"]))
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, KeyError, ...
-        # torch's advice to load with weights_only=False (running code from the file) is
-        # never passed on: the error's type says enough then.
-        reason = type(e).__name__ if "weights_only" in str(e) else first_line(e)
-        raise RegistryError(
-            f"the checkpoint of {what}, {path}, is damaged and cannot be loaded "
-            f"({reason[:200]}); {RETRAIN_HINT}"
-        ) from None
+        raise _damaged(path, what, e) from None
     model.eval()
     return model, norm, spec

@@ -225,6 +225,8 @@ class ModelChoice:
 def domain_text(record: registry.ModelRecord) -> str:
     d = record.domain
     what = {"embedded": "simulated (embedded) scenes", "real": "real Sentinel-2 composites", "mixed": "simulated and real composites"}.get(record.imagery, "unrecorded imagery (registered before domains were recorded)")  # fmt: skip
+    if record.kind == "chips" and d.get("product"):
+        what = f"real Sentinel-2 {d['product']}"
     return f"{what} of {', '.join(d.get('regions') or ['?'])}"
 
 
@@ -239,17 +241,20 @@ def choose_model(root: Path, region: Region) -> ModelChoice:
     embedded scenes (the simulator is its domain). ``auto`` never applies a model
     trained only on simulated (or unrecorded) imagery to a real region: that fails,
     saying how to train one or how to choose. No model registered at all for an
-    embedded region: the baseline, said so.
+    embedded region: the baseline, said so. A screening detector (kind ``chips``,
+    ``ml.chips``) is used only when a region names it: ``auto`` chooses among
+    segmentation models.
     """
     setting = region.model
     if setting == "none":
         return ModelChoice(None, "the region's `model: none`: the spectral index baseline")
-    unets = [r for r in registry.records(root) if r.kind == "unet"]
+    every = registry.records(root)
+    unets = [r for r in every if r.kind == "unet"]
     newest = registry.newest
     if setting != "auto":
-        hit = [r for r in unets if r.model_id == setting]
+        hit = [r for r in every if r.model_id == setting]
         if not hit:
-            known = ", ".join(r.model_id for r in unets[-5:]) or "none registered"
+            known = ", ".join(r.model_id for r in every[-5:]) or "none registered"
             raise DetectionError(
                 f"region {region.id!r} asks for `model: {setting}`, which is not registered "
                 f"under {registry.models_dir(root)} (newest: {known}); use `auto`, `none` or "
@@ -257,6 +262,12 @@ def choose_model(root: Path, region: Region) -> ModelChoice:
             )
         record = hit[0]
         note = ""
+        if record.kind == "chips":
+            countries = set(record.domain.get("countries", []))
+            outside = "" if set(region.country) & countries else f", outside its countries ({', '.join(sorted(countries))}): its figures may not hold here"  # fmt: skip
+            if region.source == "embedded":
+                outside += "; note: this region is simulated and the chips are real imagery: its figures do not hold here"  # fmt: skip
+            return ModelChoice(record, f"the region's `model: {setting}`: a SCREENING chip classifier trained on {domain_text(record)}{outside}")  # fmt: skip
         if region.source != "embedded" and record.imagery != "real":
             note = f"; note: it was trained on {domain_text(record)}, not on real imagery"
         return ModelChoice(record, f"the region's `model: {setting}`{note}")
@@ -273,6 +284,12 @@ def choose_model(root: Path, region: Region) -> ModelChoice:
         seen = (
             "; ".join(f"{r.model_id}: {domain_text(r)}" for r in unets[-3:]) or "none is registered"
         )
+        screening = [r for r in every if r.kind == "chips"]
+        if screening:
+            seen += (
+                f"; for screening (48 px chips, not a segmentation) `model: {newest(screening).model_id}`, "
+                f"trained on {domain_text(newest(screening))}"
+            )  # fmt: skip
         raise DetectionError(
             f"region {region.id!r} is real imagery ({region.source}) and no registered model "
             f"was trained on it or on real imagery of its country "
@@ -592,6 +609,7 @@ class ProbabilityResult:
     truth_ha: float | None = None  # true mining area on the same grid, where known
     tiles: int = 1
     tile_px: int = DEFAULT_TILE
+    screening: bool = False  # a chip classifier's blocks, not a segmentation
 
 
 @dataclass(frozen=True)
@@ -627,7 +645,7 @@ class TileProbability:
 def _windows(job: ProbabilityJob, dev_type: str, core: Span) -> Any:
     """The inference windows (``owned_plan``) that start in ``core``; None for the
     index baseline or when none starts there."""
-    if job.record is None:
+    if job.record is None or job.record.kind == "chips":
         return None
     infer = job.infer_tile or INFER_DEFAULTS[dev_type][0]
     whole = _whole_plan(job.height, job.width, infer, job.overlap)
@@ -654,15 +672,20 @@ _MODELS: dict[tuple[str, int, int], tuple[Any, Any]] = {}
 def _model(job: ProbabilityJob) -> tuple[Any, Any]:
     """The job's model and normaliser, loaded once per process (a dask worker keeps it
     across tiles); a checkpoint that changed or went missing is loaded (or refused) anew."""
-    assert job.record is not None
-    path = registry.checkpoint_file(Path(job.root), job.record)
+    record = job.record
+    assert record is not None
+    path = registry.checkpoint_file(Path(job.root), record)
     try:
         st = path.stat()
         key = (str(path), st.st_mtime_ns, st.st_size)
     except OSError:
         key = None
     if key is None or key not in _MODELS:
-        model, norm, _ = registry.load(Path(job.root), job.record)  # names what is wrong
+        # names what is wrong
+        if record.kind == "chips":
+            model, norm = registry.load_chip_model(Path(job.root), record), None
+        else:
+            model, norm, _ = registry.load(Path(job.root), record)
         _MODELS.clear()  # one model at a time per process
         if key is not None:
             _MODELS[key] = (model, norm)
@@ -692,6 +715,8 @@ def probability_tile(tile: Tile, job: ProbabilityJob) -> TileProbability:
             part = index_baseline(feats).astype(np.float32)
             part[~np.isfinite(feats).all(axis=0)] = np.nan
             return TileProbability(span, part, "cpu")
+        if job.record.kind == "chips":
+            return TileProbability(span, screen_tile(src, job, core, dev), str(dev))
         if owned is None:  # no window starts here: the neighbours' windows cover it
             return TileProbability(span, part, str(dev))
         plan, (r0, r1, c0, c1) = owned
@@ -710,6 +735,52 @@ def probability_tile(tile: Tile, job: ProbabilityJob) -> TileProbability:
     rows, cols = read.within(span)
     part[rows, cols] = out
     return TileProbability(span, part, str(dev))
+
+
+SCREEN_STRIDE = 24  # px: the screening detector's block, when its record does not say
+
+
+def screen_tile(src: Any, job: ProbabilityJob, core: Span, dev: Any) -> npt.NDArray[np.float32]:
+    """The screening detector (a chip classifier, ``ml.chips``) over one tile's core.
+
+    The raster is cut into blocks of ``stride`` px from its origin; each block takes the
+    probability of the 48 px window centred on it (the tile reads that far past its core;
+    past the raster's edge the composite is mirrored), so a block's value does not depend
+    on the tile it falls in. The composite's B04, B03, B02 are rendered as the chips were
+    (``ml.chips.render``, the offsets recorded with the model). Pixels without a clear
+    look stay NaN.
+    """
+    from rasterio.windows import Window
+
+    from ml.chips import CHIP, render, screen
+
+    assert job.record is not None
+    rendering = job.record.config["rendering"]
+    s = int(job.record.config.get("stride", SCREEN_STRIDE))
+    m = (CHIP - s) // 2
+    b_r0, b_r1 = core.row0 // s, (core.row1 - 1) // s + 1
+    b_c0, b_c1 = core.col0 // s, (core.col1 - 1) // s + 1
+    rows = (b_r0 * s - m, (b_r1 - 1) * s - m + CHIP)
+    cols = (b_c0 * s - m, (b_c1 - 1) * s - m + CHIP)
+    r0, r1 = max(0, rows[0]), min(job.height, rows[1])
+    c0, c1 = max(0, cols[0]), min(job.width, cols[1])
+    names = list(src.descriptions)
+    missing = [b for b in rendering["bands"] if b not in names]
+    if missing:
+        raise ValueError(f"composite {job.composite} lacks band(s) {', '.join(missing)} for the screening detector")  # fmt: skip
+    idx = [names.index(b) + 1 for b in rendering["bands"]]
+    rgb = src.read(idx, window=Window(c0, r0, c1 - c0, r1 - r0), out_dtype="float32")
+    pad = ((0, 0), (r0 - rows[0], rows[1] - r1), (c0 - cols[0], cols[1] - c1))
+    if any(p for ax in pad for p in ax):
+        rgb = np.pad(rgb, pad, mode="reflect")
+    img = render(rgb, tuple(rendering["offsets"]))
+    blocks = screen(_model(job)[0], img, s, device=dev)
+    full = np.repeat(np.repeat(blocks, s, axis=0), s, axis=1)
+    out = full[
+        core.row0 - b_r0 * s : core.row1 - b_r0 * s, core.col0 - b_c0 * s : core.col1 - b_c0 * s
+    ]
+    clear = np.isfinite(img[:, core.row0 - rows[0] : core.row1 - rows[0], core.col0 - cols[0] : core.col1 - cols[0]]).all(axis=0)  # fmt: skip
+    return np.where(clear, out, np.nan).astype(np.float32)
 
 
 def map_probability(
@@ -772,6 +843,16 @@ def map_probability(
     if record is None:
         progress("mining_probability: no trained model registered; using the index baseline")
         detector = "index-baseline"
+    elif record.kind == "chips":
+        stride = int(record.config.get("stride", SCREEN_STRIDE))
+        progress(
+            f"mining_probability: SCREENING with the chip classifier {record.model_id} on {dev}: "
+            f"each {stride} x {stride} px block gets the probability of the 48 px window "
+            f"centred on it, from B04/B03/B02 rendered as 8-bit L1C chips "
+            f"(offsets {record.config['rendering']['offsets']}); threshold {threshold:.3f}. "
+            "Blocks, not mined pixels: areas are an upper bound of the mined land"
+        )
+        detector = record.model_id
     else:
         infer = tile or INFER_DEFAULTS[dev.type][0]
         plan = plan_tiles(height, width, infer, overlap)
@@ -833,9 +914,15 @@ def map_probability(
                 tags["asmwatch_model_choice"] = why
             if record is not None:
                 tags["asmwatch_model_domain"] = json.dumps(record.domain, sort_keys=True)
+                tags["asmwatch_model_kind"] = record.kind
                 held = record.metrics.get("heldout", {})
                 if "iou" in held:
                     tags["asmwatch_model_heldout_iou"] = f"{float(held['iou']):.4f}"
+                if record.kind == "chips":
+                    tags["asmwatch_screening"] = "true"
+                    tags["asmwatch_screening_block_px"] = str(record.config.get("stride", SCREEN_STRIDE))  # fmt: skip
+                    tags["asmwatch_rendering"] = json.dumps(record.config["rendering"], sort_keys=True)  # fmt: skip
+                    tags["asmwatch_model_heldout"] = json.dumps(held, sort_keys=True)
             dst.update_tags(**tags)
     except TileReadError as e:
         raise DetectionError(
@@ -868,6 +955,7 @@ def map_probability(
         threshold=threshold,
         tiles=tiling.n_tiles,
         tile_px=tiling.size,
+        screening=record is not None and record.kind == "chips",
     )
 
 

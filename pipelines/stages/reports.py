@@ -779,6 +779,7 @@ def detector_text(root: Path, data: RegionData, lang: Lang = EN) -> str:
 
     used = set()
     domains: dict[str, dict[str, Any]] = {}
+    screening: dict[str, dict[str, Any]] = {}
     for p in data.periods:
         prob = probability_path(root, region.id, p)
         if prob.exists():
@@ -787,6 +788,12 @@ def detector_text(root: Path, data: RegionData, lang: Lang = EN) -> str:
             used.add(tags.get("asmwatch_detector", "unknown"))
             if "asmwatch_model_domain" in tags:
                 domains[tags["asmwatch_detector"]] = json.loads(tags["asmwatch_model_domain"])
+            if tags.get("asmwatch_screening") == "true":
+                screening[tags["asmwatch_detector"]] = {
+                    "block": int(tags.get("asmwatch_screening_block_px", "24")),
+                    "heldout": json.loads(tags.get("asmwatch_model_heldout", "{}")),
+                    "px": abs(src.transform.a),
+                }
     if not used:
         return _("The detector is not known: no probability maps were found for these periods.")
     if used == {"index-baseline"}:
@@ -797,6 +804,11 @@ def detector_text(root: Path, data: RegionData, lang: Lang = EN) -> str:
     con = open_catalog(root)
     try:
         for model in sorted(used - {"index-baseline"}):
+            if model in screening:
+                sc = screening[model]
+                h = sc["heldout"]
+                texts.append(_("a screening chip classifier (%(model)s) trained on %(domain)s: each %(block)s m square is flagged by the 48-pixel window around it, so the mapped areas are of flagged squares, an upper bound of the mined land, not its outline; on held-out regions it found %(sensitivity)s of mines at a specificity of %(specificity)s on ordinary landscape and %(hard)s on look-alikes (riverbanks, Acre)", model=model, domain=domain_words(lang, domains.get(model)), block=lang.num(sc["block"] * sc["px"], 0), sensitivity=lang.percent(h.get("sensitivity"), 1), specificity=lang.percent(h.get("specificity_random"), 1), hard=lang.percent(h.get("specificity_hard"), 1)))  # fmt: skip
+                continue
             row = con.execute(
                 "SELECT heldout_iou, baseline_heldout_iou FROM models WHERE model_id = ?", [model]
             ).fetchone() if _has_view(con, "models") else None  # fmt: skip
@@ -806,6 +818,8 @@ def detector_text(root: Path, data: RegionData, lang: Lang = EN) -> str:
                 texts.append(_("a segmentation model (%(model)s) with no held-out figures recorded", model=model))  # fmt: skip
     finally:
         con.close()
+    if screening and used - {"index-baseline"} <= set(screening):
+        return _("Possible mining was screened, not mapped, by %(detectors)s.", detectors="; ".join(texts))  # fmt: skip
     return _("Mining was mapped at 10 m by %(detectors)s.", detectors="; ".join(texts))
 
 
@@ -817,6 +831,8 @@ def domain_words(lang: Lang, domain: dict[str, Any] | None) -> str:
     regions = ", ".join(domain.get("regions") or []) or "-"
     if domain["imagery"] == "embedded":
         return lang._("simulated scenes of %(regions)s (asmwatch's embedded world, not real imagery)", regions=regions)  # fmt: skip
+    if domain["imagery"] == "real" and domain.get("screening"):
+        return lang._("real Sentinel-2 RGB image chips of %(regions)s", regions=regions)
     if domain["imagery"] == "real":
         return lang._("real Sentinel-2 composites of %(regions)s", regions=regions)
     return lang._("simulated and real composites of %(regions)s", regions=regions)

@@ -231,8 +231,11 @@ def sites_table(
         raise ValueError(f"minimum mapping unit must be >= 0 ha, got {mmu_ha}")
     with rasterio.open(probability) as src:
         transform, crs, height, width = src.transform, src.crs, src.height, src.width
+        tags = src.tags()
         if threshold is None:
-            threshold = float(src.tags().get("asmwatch_threshold", 0.5))
+            threshold = float(tags.get("asmwatch_threshold", 0.5))
+    # A screening detector's blocks (ml.chips) are not outlines of mined land.
+    source = "screening" if tags.get("asmwatch_screening") == "true" else "model"
     if crs is None or not crs.is_projected:
         raise ValueError(f"probability raster {probability} must be in a projected (UTM) CRS")
     tiling = Tiling(height, width, check_tile_size(tile_px or DEFAULT_TILE), halo=SITES_HALO)
@@ -242,7 +245,7 @@ def sites_table(
     where = "in this process" if cluster is None else "as dask tasks"
     say(f"asm_sites: {tiling.describe()}, {where}")
     report = Progress("asm_sites", tiling.n_tiles, say, unit="tiles done")
-    rows = _SiteRows(region_id, period_id, transform, crs, mmu_ha)
+    rows = _SiteRows(region_id, period_id, transform, crs, mmu_ha, source)
     target.parent.mkdir(parents=True, exist_ok=True)
     kind = {"geometry": pa.binary(), "area_ha": pa.float64(), "mean_probability": pa.float64(), "mapped_area_ha": pa.float64()}  # fmt: skip
     schema = pa.schema([(c, kind.get(c, pa.string())) for c in COLUMNS])
@@ -276,6 +279,7 @@ class _SiteRows:
     transform: Any
     crs: Any
     mmu_ha: float
+    source: str = "model"  # or "screening": blocks of a chip classifier
 
     def of(self, components: list[Component]) -> dict[str, Any]:
         import geopandas as gpd
@@ -297,7 +301,7 @@ class _SiteRows:
             out["mean_probability"].append(round(comp.prob_sum / comp.pixels, 4))
             out["mapped_area_ha"].append(np.nan)  # imported detections only
             out["first_seen_period"].append(None)  # imported "new" layers only; see asm_change
-            out["source"].append("model")
+            out["source"].append(self.source)
             out["geometry"].append(geom)
         # as GeoDataFrame.to_crs draws them: the same transformer, geometry by geometry
         out["geometry"] = list(gpd.GeoSeries(out["geometry"], crs=self.crs).to_crs(4326))
