@@ -217,3 +217,33 @@ def test_a_damaged_chip_checkpoint_is_refused_naming_the_file(
     assert problem is not None and f"{ckpt}, is damaged and cannot be loaded" in problem
     with pytest.raises(registry.RegistryError, match="retrain"):
         registry.load_chip_model(tmp_path, record)
+
+
+def test_the_asset_screens_a_real_region_that_names_the_chip_model(
+    chips: Chips, chip_model: tuple[Path, Any, Chips], tmp_path: Path
+) -> None:
+    """`mining_probability` materialised in-process: the region's `model: <chip id>`."""
+    import shutil
+
+    from assets.detection import mining_probability
+    from assets.partitions import partition_key
+    from assets.resources import TorchResource
+    from tests.assets.test_composite_asset import _meta, _resources
+    from tests.conftest import materialize
+
+    src_root, record, _sub = chip_model
+    data = tmp_path / "data"
+    shutil.copytree(src_root / "models", data / "models")
+    sp = split(chips, 0)
+    _mosaic(data, chips, np.concatenate([sp.mines[:18], sp.random[:18]]), tuple(record.config["rendering"]["offsets"]))  # fmt: skip
+    regions = tmp_path / "regions.yaml"
+    doc = {"regions": [{"id": "mdd-screen", "aoi": {"bbox": [-70.6, -13.0, -70.5, -12.9]}, "periods": [2024], "country": "PE", "model": record.model_id}]}  # fmt: skip
+    regions.write_text(yaml.safe_dump(doc))
+    res = {**_resources(tmp_path, regions), "torch_device": TorchResource(device="cpu")}
+    run = materialize([mining_probability], partition_key=partition_key("mdd-screen", "2024"), resources=res)  # fmt: skip
+    assert run.success
+    m = _meta(run, "mining_probability")
+    assert m["screening"] is True and m["detector"] == record.model_id
+    assert "SCREENING chip classifier" in str(m["model_choice"])
+    assert m["model_domain"]["imagery"] == "real"  # type: ignore[index]
+    assert (data / "probability" / "mdd-screen" / "2024.tif").exists()
