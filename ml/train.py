@@ -148,8 +148,10 @@ def train_unet(
     *,
     device: torch.device | None = None,
     progress: Callable[[str], None] | None = None,
+    keep_last: bool = False,
 ) -> TrainResult:
-    """Train a U-Net; early stopping on the validation scenes' IoU."""
+    """Train a U-Net; early stopping on the validation scenes' IoU. ``keep_last``: train
+    every epoch and keep the last weights (the validation IoU is only reported)."""
     cfg = config or TrainConfig()
     say = progress or (lambda _m: None)
     if not train or not val:
@@ -188,7 +190,10 @@ def train_unet(
             f"loss {np.mean(losses):.3f}, val IoU {scores['iou']:.3f} "
             f"(best {max(best['iou'], scores['iou']):.3f}); early stopping may end it sooner",
         )
-        if scores["iou"] > best["iou"]:
+        if keep_last:
+            best, best_epoch = scores, epoch
+            best_state = copy.deepcopy(model.state_dict())
+        elif scores["iou"] > best["iou"]:
             best, best_epoch, stale = scores, epoch, 0
             best_state = copy.deepcopy(model.state_dict())
         else:

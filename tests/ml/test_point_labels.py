@@ -4,10 +4,11 @@ On the small embedded world, 500 points sampled from the simulator's truth (250 
 250 not, over the two training periods, each with its period) train a U-Net, scored
 against the full truth mask of the held-out year beside the same U-Net trained on the
 dense truth masks (what polygons give). Issue 19 asks for 0.9 of the dense model's IoU;
-measured here 0.90, 0.83 and 0.77 for three samples of points (docs/detection.md), so
-the test holds the floor that all three meet, 0.75 (this sample is the first), and the
-area: a balanced sample teaches the model that half the land is mined, and without the
-prior correction the mined area came out 36 % too large.
+with self-training from the points model's confident pixels, measured here 0.90, 0.91
+and 0.88 for three samples of points (docs/detection.md), so the test holds the floor
+that all three meet, 0.85 (this sample is the first), and the area: a balanced sample
+teaches the model that half the land is mined, and without the prior correction the
+mined area came out 36 % too large.
 """
 
 from __future__ import annotations
@@ -87,7 +88,12 @@ def test_500_points_train_within_a_tenth_of_the_dense_label_model(root: Path) ->
     d_iou, s_iou = dense.metrics["heldout"]["iou"], sparse.metrics["heldout"]["iou"]
     print(f"held-out IoU: dense {d_iou:.3f}, {N_POINTS} points {s_iou:.3f} ({s_iou / d_iou:.2f})")
     assert d_iou >= 0.8, dense.metrics["heldout"]
-    assert s_iou >= 0.75 * d_iou, (sparse.metrics["heldout"], dense.metrics["heldout"])
+    assert s_iou >= 0.85 * d_iou, (sparse.metrics["heldout"], dense.metrics["heldout"])
+    # One round of self-training, recorded; the logs say what it learnt from.
+    (st,) = sparse.metrics["self_training"]
+    assert st["round"] == 1 and st["confidence"] == 0.9 and st["threshold"] == sparse.metrics["threshold"]  # fmt: skip
+    assert any("self-training round 1: a new U-Net learns from the points" in m for m in logs)
+    assert dense.metrics["self_training"] is None
     assert s_iou >= sparse.metrics["baseline_heldout"]["iou"] + 0.1
     # The prior correction: half the points are mining, a few per cent of the land is.
     prior = sparse.metrics["prior"]
