@@ -265,27 +265,13 @@ def register(
     )  # fmt: skip
 
 
-def register_chip_model(
-    root: Path,
-    model: nn.Module,
-    *,
-    seeds: int,
-    input_hash_: str,
-    device: str,
-    seconds: float,
-    train_data: list[dict[str, str]],
-    metrics: dict[str, Any],
-    config: dict[str, Any],
-    domain: dict[str, Any],
-) -> ModelRecord:
+def register_chip_model(root: Path, model: nn.Module, *, seeds: int, **record: Any) -> ModelRecord:
     """Store the screening detector (``ml.chips.Ensemble`` of ``seeds`` ChipNets, kind
-    ``chips``); ``config["rendering"]`` says how composites become its input."""
+    ``chips``); ``record``: the keyword arguments of ``register`` (``domain`` required),
+    with ``config["rendering"]`` saying how composites become its input."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {"state_dict": state, "arch": "chipnet-ensemble", "members": seeds}
-    return _register(
-        root, "chips", payload, input_hash_=input_hash_, device=device, seconds=seconds,
-        train_data=train_data, metrics=metrics, config=config, domain=dict(domain),
-    )  # fmt: skip
+    return _register(root, "chips", payload, **record)
 
 
 def _register(
