@@ -27,6 +27,14 @@ a chip (test-time augmentation).
 
 Run: ``.venv/bin/python -m ml.chips [--chips DIR] [--seeds 5] [--roc PNG]``; it prints
 the split, each seed's figures and a Markdown table.
+
+As a product detector (issue 19, item 4): ``--register ROOT`` trains the seeds' models on
+the benchmark split and registers them as one ``Ensemble`` of kind ``chips``
+(``register_product``), with the threshold at specificity 0.99 on the validation
+negatives and the offsets that ``render`` adds to L2A reflectance
+(``dark_object_offsets``); ``screen`` maps a rendered composite window by window
+(``pipelines.stages.detection.screen_tile``). docs/detection.md has the figures and what
+the L2A conversion costs (``conversion_cost``).
 """
 
 from __future__ import annotations

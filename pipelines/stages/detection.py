@@ -527,9 +527,9 @@ def self_train(
     progress: Callable[[str], None],
 ) -> tuple[Any, list[tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]], float, float, dict[str, Any]]:  # fmt: skip
     """One round of self-training (docs/detection.md): a new model of the same schedule
-    learns from the points and the teacher's confident pixels (``PseudoLabelled``), is
-    stopped early on the validation points, and takes its threshold from the IoU its
-    probabilities expect over the validation strips' pixels. The teacher's probabilities
+    learns from the points and the teacher's confident pixels (``PseudoLabelled``) for
+    every epoch (the last weights kept, as the teacher's), and takes its threshold from
+    the IoU its probabilities expect over the validation strips' pixels. The teacher's probabilities
     are already corrected to the land's share of mining, so the pseudo-labels are too."""
     sources = [PseudoLabelled(CompositeChips(s, norm), teacher.model, dev, SELF_TRAIN_CONFIDENCE) for s in scenes]  # fmt: skip
     progress(
