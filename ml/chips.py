@@ -574,7 +574,9 @@ def train_product(
     ens.eval()
     p_val = predict(ens, chips.x[sp.val])
     neg = p_val[chips.y[sp.val] == 0]
-    threshold = float(np.quantile(neg, TARGET_SPECIFICITY, method="higher")) if len(neg) else 0.5
+    if not len(neg):
+        raise ValueError("no validation negatives among the chips: the threshold cannot be set")
+    threshold = float(np.quantile(neg, TARGET_SPECIFICITY, method="higher"))
     held = np.concatenate([sp.mines, sp.random, sp.hard])
     prob = np.full(len(chips.y), np.nan, np.float32)
     prob[held] = predict(ens, chips.x[held])
