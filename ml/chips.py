@@ -642,7 +642,7 @@ def register_product(
         "periods": sorted({m.group(1) for g in galleries if (m := _EPOCH.search(g))}),
         "bands": list(RGB_BANDS),
         "product": "L1C 8-bit RGB chips (48 px, 480 m)",
-        "biome": "tropical moist forest",
+        "biomes": ["tropical moist forest"],
         "screening": True,
     }
     record = registry.register_chip_model(

@@ -57,6 +57,15 @@ DEFAULT_L1C_COLLECTION = "sentinel-2-l1c"
 #: Cloud masks a composite can use: Sen2Cor's SCL alone, or SCL plus s2cloudless run
 #: on the matching L1C scene (s2cloudless needs top-of-atmosphere bands, B10 among them,
 #: which L2A does not carry; Earth Search has them as ``sentinel-2-l1c``).
+#: The 14 biomes of the WWF / RESOLVE Ecoregions 2017 map, short: what ``auto`` matches a
+#: region's ``biome`` against in a model's domain (docs/detection.md).
+Biome = Literal[
+    "tropical moist forest", "tropical dry forest", "tropical coniferous forest",
+    "temperate broadleaf forest", "temperate coniferous forest", "boreal forest",
+    "tropical grassland and savanna", "temperate grassland", "flooded grassland",
+    "montane grassland", "tundra", "mediterranean woodland", "desert and xeric shrubland",
+    "mangrove",
+]  # fmt: skip
 CloudMask = Literal["scl", "scl+s2cloudless"]
 CLOUD_MASKS: tuple[str, ...] = get_args(CloudMask)
 S2CLOUDLESS: CloudMask = "scl+s2cloudless"
@@ -474,6 +483,10 @@ class RegionEntry(_Spec):
         default="auto",
         description="auto, none (the spectral index baseline) or a registered model id",
     )
+    biome: Biome | None = Field(
+        default=None,
+        json_schema_extra=_says(unknown="unknown biome {value!r}: use one of {choices}"),
+    )
 
     @field_validator("model")
     @classmethod
@@ -599,6 +612,7 @@ class RegionEntry(_Spec):
             country=self.country,
             language_setting=self.language,
             model=self.model,
+            biome=self.biome,
         )
 
 
@@ -718,6 +732,9 @@ class Region:
     #: Which model maps the region: ``auto``, ``none`` or a model id
     #: (``pipelines.stages.detection.choose_model``).
     model: str = "auto"
+    #: The region's biome (``Biome``), or None: ``auto`` may then take a model trained
+    #: on real imagery of the same biome.
+    biome: str | None = None
 
     @property
     def language(self) -> str:

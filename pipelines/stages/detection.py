@@ -194,6 +194,7 @@ def training_domain(regions: Sequence[Region], scenes: Sequence[TrainingScene]) 
         "regions": sorted(used),
         "sources": sorted({r.source for r in chosen}),
         "countries": sorted({c for r in chosen for c in r.country}),
+        "biomes": sorted({r.biome for r in chosen if r.biome}),
         "periods": sorted(f"{s.region}/{s.period}" for s in scenes),
         "bands": list(FEATURE_BANDS),
         "labels": sorted({label_kind(s.labels) for s in scenes}),
@@ -238,8 +239,9 @@ def choose_model(root: Path, region: Region) -> ModelChoice:
     registered ones when it is not there); a model that has seen only simulated scenes,
     chosen for a real region, is used as asked and said so. ``auto``: the newest model
     trained on this region; else, for a real region, the newest trained on real imagery
-    of one of its countries; else, for an embedded region, the newest trained on
-    embedded scenes (the simulator is its domain). ``auto`` never applies a model
+    of one of its countries, then of its ``biome`` (in another country); else, for an
+    embedded region, the newest trained on embedded scenes (the simulator is its
+    domain). ``auto`` never applies a model
     trained only on simulated (or unrecorded) imagery to a real region: that fails,
     saying how to train one or how to choose. No model registered at all for an
     embedded region: the baseline, said so. A screening detector (kind ``chips``,
@@ -282,6 +284,10 @@ def choose_model(root: Path, region: Region) -> ModelChoice:
             pick = newest(real)
             shared = ", ".join(sorted(countries & set(pick.domain.get("countries", []))))
             return ModelChoice(pick, f"trained on real imagery of the same country ({shared}): {domain_text(pick)}")  # fmt: skip
+        same_biome = [r for r in unets if r.imagery in ("real", "mixed") and region.biome and region.biome in r.domain.get("biomes", [])]  # fmt: skip
+        if same_biome:
+            pick = newest(same_biome)
+            return ModelChoice(pick, f"trained on real imagery of the same biome ({region.biome}) in another country: {domain_text(pick)}")  # fmt: skip
         seen = (
             "; ".join(f"{r.model_id}: {domain_text(r)}" for r in unets[-3:]) or "none is registered"
         )
@@ -294,7 +300,8 @@ def choose_model(root: Path, region: Region) -> ModelChoice:
         raise DetectionError(
             f"region {region.id!r} is real imagery ({region.source}) and no registered model "
             f"was trained on it or on real imagery of its country "
-            f"({', '.join(region.country) or 'no `country` set'}); asmwatch will not apply a "
+            f"({', '.join(region.country) or 'no `country` set'}) or biome "
+            f"({region.biome or 'no `biome` set'}); asmwatch will not apply a "
             f"model trained on simulated scenes to it (models: {seen}). Train one: add "
             "a `mining_labels` layer (polygons of mined land, or labelled points) to the "
             "region's context and materialise `mining_model`; or choose explicitly in the "

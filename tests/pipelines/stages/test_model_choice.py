@@ -54,7 +54,7 @@ def test_the_domain_of_a_model_is_recorded(tmp_path: Path) -> None:
     sim = _register(tmp_path, ["demo"])
     assert sim.domain == {
         "imagery": "embedded", "regions": ["demo"], "sources": ["embedded"], "countries": ["PE"],
-        "periods": ["demo/2019", "demo/2020"],
+        "biomes": [], "periods": ["demo/2019", "demo/2020"],
         "bands": ["B02", "B03", "B04", "B08", "B11", "B12", "NDVI", "MNDWI", "BSI"],
         "labels": ["raster"],
     }  # fmt: skip
@@ -120,3 +120,26 @@ def test_the_model_setting_in_the_regions_file() -> None:
     assert _regions().get("mdd").model == "auto"
     with pytest.raises(RegionsError, match=r"regions\[2\] \(mdd\)\.model: 'my model!' is not a model choice"):  # fmt: skip
         _regions(", model: 'my model!'")
+
+
+def test_auto_takes_a_real_model_of_the_same_biome_across_a_border(tmp_path: Path) -> None:
+    """Madre de Dios' model serves a Bolivian region of the same biome (after its own
+    country's models); never a region of another biome, or one without a biome."""
+    doc = f"""
+regions:
+  - {{id: mdd, aoi: {BBOX}, periods: [2019, 2020], country: PE, biome: tropical moist forest}}
+  - {{id: pando, aoi: {BBOX}, periods: [2019, 2020], country: BO, biome: tropical moist forest}}
+  - {{id: kedougou, aoi: {BBOX}, periods: [2019, 2020], country: SN, biome: tropical grassland and savanna}}
+  - {{id: nobiome, aoi: {BBOX}, periods: [2019, 2020], country: BO}}
+"""  # fmt: skip
+    config = parse_regions(yaml.safe_load(doc))
+    real = _register(tmp_path, ["mdd"], config=config)
+    assert real.domain["biomes"] == ["tropical moist forest"]
+    near = choose_model(tmp_path, config.get("pando"))
+    assert near.record == real and "same biome (tropical moist forest) in another country" in near.reason  # fmt: skip
+    with pytest.raises(DetectionError, match=r"of its country \(SN\) or biome \(tropical grassland and savanna\)"):  # fmt: skip
+        choose_model(tmp_path, config.get("kedougou"))
+    with pytest.raises(DetectionError, match=r"or biome \(no `biome` set\)"):
+        choose_model(tmp_path, config.get("nobiome"))
+    with pytest.raises(RegionsError, match=r"regions\[0\] \(x\)\.biome: unknown biome 'rainforest': use one of tropical moist forest, tropical dry forest"):  # fmt: skip
+        parse_regions(yaml.safe_load(f"regions:\n  - {{id: x, aoi: {BBOX}, periods: [2019], biome: rainforest}}"))  # fmt: skip
