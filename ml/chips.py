@@ -251,12 +251,10 @@ def _auc(prob: npt.NDArray[np.float32], y: npt.NDArray[np.int64]) -> float:
 def figures(prob: npt.NDArray[np.float32], sp: Split) -> dict[str, float]:
     """The three held-out figures at threshold 0.5, and the sensitivity where the
     specificity on random negatives is 0.99 (the threshold above 99 % of them)."""
-    mines, rand, hard = prob[sp.mines], prob[sp.random], prob[sp.hard]
-    at99 = float(np.quantile(rand, 0.99, method="higher"))
+    mines, hard = prob[sp.mines], prob[sp.hard]
+    at99 = float(np.quantile(prob[sp.random], 0.99, method="higher"))
     return {
-        "sensitivity": round(float((mines >= 0.5).mean()), 4),
-        "specificity_random": round(float((rand < 0.5).mean()), 4),
-        "specificity_hard": round(float((hard < 0.5).mean()), 4),
+        **_at(prob, sp, 0.5),
         "sensitivity_at_spec99": round(float((mines > at99).mean()), 4),
         "specificity_hard_at_spec99": round(float((hard <= at99).mean()), 4),
         "threshold_at_spec99": round(at99, 4),
@@ -482,14 +480,16 @@ def conversion_cost(
     sp: Split,
     offsets: tuple[float, float, float],
     threshold: float,
-    errors: tuple[float, ...] = (-0.5, -0.25, 0.0, 0.25, 0.5),
+    errors: tuple[float, ...] = (-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0),
     gains: tuple[float, ...] = (0.9, 1.1),
 ) -> list[dict[str, float]]:
     """What a wrong conversion costs: the held-out figures at ``threshold`` when the
-    offsets the pipeline adds are off by ``errors`` (shares of each offset; -1 would be
-    rendering L2A as if it were L1C) or the true relation has a gain of ``gains``
-    (atmospheric transmittance): each held-out chip is taken back to the L2A reflectance
-    that the assumed relation gives, and rendered with the pipeline's offsets."""
+    true offsets are ``1 + error`` times those the pipeline adds, or the true relation
+    has a gain of ``gains`` (atmospheric transmittance): each held-out chip is taken
+    back to the L2A reflectance that relation gives, and rendered with the pipeline's
+    offsets. The rendering is then ``error`` offsets too dark: error 1 is what adding no
+    offsets at all would do (L2A rendered as if it were L1C); error -1, adding twice
+    the offsets."""
     held = np.concatenate([sp.mines, sp.random, sp.hard])
     off = np.asarray(offsets, np.float32)[:, None, None]
     toa = chips.x[held].astype(np.float32) / 255.0 * RENDER_MAX

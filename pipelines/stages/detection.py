@@ -839,13 +839,10 @@ def probability_tile(tile: Tile, job: ProbabilityJob) -> TileProbability:
     return TileProbability(span, part, str(dev))
 
 
-SCREEN_STRIDE = 24  # px: the screening detector's block, when its record does not say
-
-
 def screen_tile(src: Any, job: ProbabilityJob, core: Span, dev: Any) -> npt.NDArray[np.float32]:
     """The screening detector (a chip classifier, ``ml.chips``) over one tile's core.
 
-    The raster is cut into blocks of ``stride`` px from its origin; each block takes the
+    The raster is cut into blocks of the record's ``stride`` px from its origin; each block takes the
     probability of the 48 px window centred on it (the tile reads that far past its core;
     past the raster's edge the composite is mirrored), so a block's value does not depend
     on the tile it falls in. The composite's B04, B03, B02 are rendered as the chips were
@@ -858,7 +855,7 @@ def screen_tile(src: Any, job: ProbabilityJob, core: Span, dev: Any) -> npt.NDAr
 
     assert job.record is not None
     rendering = job.record.config["rendering"]
-    s = int(job.record.config.get("stride", SCREEN_STRIDE))
+    s = int(job.record.config["stride"])
     m = (CHIP - s) // 2
     b_r0, b_r1 = core.row0 // s, (core.row1 - 1) // s + 1
     b_c0, b_c1 = core.col0 // s, (core.col1 - 1) // s + 1
@@ -946,7 +943,7 @@ def map_probability(
         progress("mining_probability: no trained model registered; using the index baseline")
         detector = "index-baseline"
     elif record.kind == "chips":
-        stride = int(record.config.get("stride", SCREEN_STRIDE))
+        stride = int(record.config["stride"])
         progress(
             f"mining_probability: SCREENING with the chip classifier {record.model_id} on {dev}: "
             f"each {stride} x {stride} px block gets the probability of the 48 px window "
@@ -1022,7 +1019,7 @@ def map_probability(
                     tags["asmwatch_model_heldout_iou"] = f"{float(held['iou']):.4f}"
                 if record.kind == "chips":
                     tags["asmwatch_screening"] = "true"
-                    tags["asmwatch_screening_block_px"] = str(record.config.get("stride", SCREEN_STRIDE))  # fmt: skip
+                    tags["asmwatch_screening_block_px"] = str(record.config["stride"])  # fmt: skip
                     tags["asmwatch_rendering"] = json.dumps(record.config["rendering"], sort_keys=True)  # fmt: skip
                     tags["asmwatch_model_heldout"] = json.dumps(held, sort_keys=True)
             dst.update_tags(**tags)

@@ -790,8 +790,8 @@ def detector_text(root: Path, data: RegionData, lang: Lang = EN) -> str:
                 domains[tags["asmwatch_detector"]] = json.loads(tags["asmwatch_model_domain"])
             if tags.get("asmwatch_screening") == "true":
                 screening[tags["asmwatch_detector"]] = {
-                    "block": int(tags.get("asmwatch_screening_block_px", "24")),
-                    "heldout": json.loads(tags.get("asmwatch_model_heldout", "{}")),
+                    "block": int(tags["asmwatch_screening_block_px"]),
+                    "heldout": json.loads(tags["asmwatch_model_heldout"]),
                     "px": abs(src.transform.a),
                 }
     if not used:

@@ -96,7 +96,9 @@ def test_the_chip_model_is_registered_with_its_domain_and_held_out_figures(
     held = record.metrics["heldout"]
     assert set(held) == {"sensitivity", "specificity_random", "specificity_hard"}
     assert 0 < record.metrics["threshold"] < 1
-    assert len(record.metrics["conversion_cost"]) == 7
+    cost = record.metrics["conversion_cost"]
+    assert len(cost) == 9 and [c["offset_error"] for c in cost[:7]] == [-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0]  # fmt: skip
+    assert cost[3]["sensitivity"] == held["sensitivity"]  # error 0: the held-out figure itself
     # From the training chips' random landscapes (a subsample here): near the whole set's.
     assert np.allclose(record.config["rendering"]["offsets"], dark_object_offsets(load_chips(shared("chips"))), atol=0.01)  # fmt: skip
     assert [r.model_id for r in registry.records(root)] == [record.model_id]
