@@ -11,7 +11,9 @@ period.
 Each point labels a small square window of the composite's grid around it
 (``POINT_RADIUS_PX`` pixels each way: 3 x 3 px, 30 m at 10 m); every other pixel is
 unknown (``IGNORE``), so the loss, early stopping and the threshold see only the labelled
-windows. Where a mining and a not-mining window overlap, the overlap is unknown.
+windows. Where a mining and a not-mining window overlap, the overlap is unknown. In
+training chips, a window pixel that does not look like its point's own pixel is unknown
+too (``gate_windows``): a point on a mine's edge labels the mine, not the forest beside.
 
 A file is checked in full before any training: points only (no polygons mixed in), a
 ``label`` on every point with a known value, at least one point of each class, readable
@@ -31,6 +33,11 @@ import numpy.typing as npt
 import rasterio
 
 POINT_RADIUS_PX = 1  # a point labels the (2r+1)^2 px window around its pixel
+#: A window pixel takes its point's label only if it looks like the point's own pixel: the
+#: root mean square difference of their normalised features (units of each feature's
+#: spread over the training composites) at most this. Points on a mine's edge otherwise
+#: label forest as mining and the model over-maps every edge (docs/detection.md).
+POINT_SIMILARITY = 1.0
 LABEL_COLUMN = "label"
 MINING_WORDS = {"1": 1, "true": 1, "mining": 1, "0": 0, "false": 0, "not mining": 0, "not_mining": 0}  # fmt: skip
 SHOWN = 5  # features named in an error before "and N more"
@@ -117,6 +124,44 @@ class PointLabels:
         out[hit[1]] = 1
         out[hit[0] & hit[1]] = ignore
         return out
+
+
+def gate_windows(
+    labels: npt.NDArray[np.uint8],
+    features: npt.NDArray[np.float32],
+    rows: npt.NDArray[np.int64],
+    cols: npt.NDArray[np.int64],
+    point_labels: npt.NDArray[np.uint8],
+    ignore: int,
+    similarity: float = POINT_SIMILARITY,
+) -> npt.NDArray[np.uint8]:
+    """``labels`` (burnt point windows on a chip) with each window pixel that does not
+    look like its point's own pixel set to ``ignore``: the root mean square difference
+    of their normalised ``features`` (bands, y, x) above ``similarity``, or either
+    not finite. ``rows``, ``cols``: the points' pixels on the chip (any, inside or not);
+    a point's own pixel keeps its label."""
+    h, w = labels.shape
+    r = POINT_RADIUS_PX
+    inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+    rows, cols, point_labels = rows[inside], cols[inside], point_labels[inside]
+    out = labels.copy()
+    if not len(rows):
+        return out
+    centre = features[:, rows, cols]  # (bands, points)
+    for dr in range(-r, r + 1):
+        for dc in range(-r, r + 1):
+            if not (dr or dc):
+                continue
+            rr, cc = rows + dr, cols + dc
+            ok = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
+            rr, cc = rr[ok], cc[ok]
+            own = out[rr, cc] == point_labels[ok]  # still this point's label (no conflict)
+            with np.errstate(invalid="ignore"):
+                d = np.sqrt(np.mean((features[:, rr, cc] - centre[:, ok]) ** 2, axis=0))
+            unlike = own & ~(d <= similarity)
+            out[rr[unlike], cc[unlike]] = ignore
+    out[rows, cols] = labels[rows, cols]  # a point's own pixel, whatever its neighbours
+    return out
 
 
 def is_point_file(frame: Any, path: Path) -> bool:

@@ -49,7 +49,7 @@ from ml.features import (
 from ml.infer import owned_plan, pick_device, plan_tiles, predict_tiled, sub_plan
 from ml.metrics import best_threshold, confusion, expected_threshold, scores
 from ml.models import index_baseline
-from ml.points import POINT_RADIUS_PX, is_point_file
+from ml.points import POINT_RADIUS_PX, POINT_SIMILARITY, gate_windows, is_point_file
 from ml.train import Labelled, TrainConfig, train_unet
 from pipelines.embedded.source import context_path, world_dir
 from pipelines.infra.errors import first_line
@@ -367,6 +367,11 @@ class CompositeChips:
         span = Span(r0, r0 + size, c0, c0 + size)
         valid = np.asarray(np.isfinite(raw).all(axis=0))
         y = self.labels_src.read(self.src.window_transform(span.window), valid)
+        if self.anchors is not None and self.anchor_labels is not None:
+            y = gate_windows(
+                y, self.norm.apply(raw), self.anchors[:, 0] - r0, self.anchors[:, 1] - c0,
+                self.anchor_labels, IGNORE,
+            )  # fmt: skip
         y[:, max(0, self.cut - c0) :] = IGNORE  # the validation strip
         return y
 
@@ -581,6 +586,7 @@ def train_mining_model(
     extra: dict[str, Any] = {"val_fraction": VAL_FRACTION}
     if any(label_kind(s.labels) == "points" for s in scenes if not s.heldout):
         extra["self_training"] = [SELF_TRAIN_ROUNDS, SELF_TRAIN_CONFIDENCE]
+        extra["point_similarity"] = POINT_SIMILARITY
     key = registry.input_hash(files, {**cfg.to_dict(), **extra})
     if not force and (hit := registry.find(root, key)) is not None:
         progress(f"mining_model: inputs unchanged (hash {key}); reusing {hit.model_id}")
@@ -605,8 +611,9 @@ def train_mining_model(
     if points:
         progress(
             f"mining_model: sparse labels: {sum(map(len, points))} labelled point(s) in the "
-            f"training strips, each a {2 * POINT_RADIUS_PX + 1} px square; chips are cut "
-            "around them"
+            f"training strips, each a {2 * POINT_RADIUS_PX + 1} px square (its pixels "
+            f"within {POINT_SIMILARITY} of the point's own in normalised features); chips "
+            "are cut around them"
         )
     try:
         # Points: every epoch, the last weights kept. The IoU over a hundred validation

@@ -88,7 +88,8 @@ def test_500_points_train_within_a_tenth_of_the_dense_label_model(root: Path) ->
     d_iou, s_iou = dense.metrics["heldout"]["iou"], sparse.metrics["heldout"]["iou"]
     print(f"held-out IoU: dense {d_iou:.3f}, {N_POINTS} points {s_iou:.3f} ({s_iou / d_iou:.2f})")
     assert d_iou >= 0.8, dense.metrics["heldout"]
-    assert s_iou >= 0.85 * d_iou, (sparse.metrics["heldout"], dense.metrics["heldout"])
+    # 0.904 of dense with this sample on the development machine (docs/detection.md)
+    assert s_iou >= 0.88 * d_iou, (sparse.metrics["heldout"], dense.metrics["heldout"])
     # One round of self-training, recorded; the logs say what it learnt from.
     (st,) = sparse.metrics["self_training"]
     assert st["round"] == 1 and st["confidence"] == 0.9 and st["threshold"] == sparse.metrics["threshold"]  # fmt: skip
@@ -153,6 +154,41 @@ def test_points_burn_small_windows_and_leave_the_rest_unknown(tmp_path: Path) ->
         assert src.points is not None and src.points.label.tolist() == [1, 0]
     with pytest.raises(LabelsError, match="neither a year nor a quarter"):
         LabelSource(amw, "EPSG:4326", "dry-season")
+
+
+def test_window_pixels_unlike_their_point_are_left_unknown() -> None:
+    """A point on a mine's edge labels only the window pixels that look like its own
+    pixel (``gate_windows``): bare ground 1, the forest beside it unknown; likewise for a
+    not-mining point beside the mine; NaN features are unknown, a point's own pixel
+    always keeps its label, and points off the chip change nothing."""
+    from ml.points import POINT_SIMILARITY, gate_windows
+
+    assert POINT_SIMILARITY < 3.0, "the mine (3 units away) must read as unlike the forest"
+
+    feats = np.zeros((3, 12, 12), np.float32)  # forest: 0 in every normalised feature
+    feats[:, :, 6:] = 3.0  # a mine: columns 6.. (far beyond POINT_SIMILARITY)
+    feats[:, 9, 7] = np.nan
+    rows, cols = np.array([2, 9, 9, 40]), np.array([6, 5, 8, 40])
+    labels = np.array([1, 0, 1, 1], np.uint8)
+    y = np.full((12, 12), IGNORE, np.uint8)
+    for r, c, lab in zip(rows[:3], cols[:3], labels[:3], strict=True):
+        y[r - 1 : r + 2, c - 1 : c + 2] = lab
+    y[8:11, 6:8] = IGNORE  # the 0 and 1 windows overlap at columns 6-7: unknown (burn)
+    y[9, 5] = 0
+    y[9, 8] = 1
+    out = gate_windows(y, feats, rows, cols, labels, IGNORE)
+    # mining point at (2, 6) on the mine's western edge: column 5 is forest
+    assert (out[1:4, 6:8] == 1).all() and (out[1:4, 5] == IGNORE).all()
+    # not-mining point at (9, 5): its forest column 4 stays 0, the mine side was unknown
+    assert (out[8:11, 4] == 0).all() and out[9, 5] == 0
+    # mining point at (9, 8): mine pixels keep 1, the NaN pixel (9, 7) does not
+    assert (out[8:11, 9] == 1).all() and out[9, 8] == 1 and out[9, 7] == IGNORE
+    untouched = np.ones((12, 12), bool)
+    for r, c in zip(rows[:3], cols[:3], strict=True):
+        untouched[r - 1 : r + 2, c - 1 : c + 2] = False
+    assert (out[untouched] == y[untouched]).all()
+    # a looser similarity keeps the whole window
+    assert (gate_windows(y, feats, rows, cols, labels, IGNORE, similarity=10.0)[1:4, 5:8] == 1).all()  # fmt: skip
 
 
 def _d(s: str) -> Any:
