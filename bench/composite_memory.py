@@ -80,7 +80,9 @@ def item(i: int, files: dict[str, tuple[Path, int]]) -> dict[str, Any]:
     assets = {}
     for role, (path, n) in files.items():
         res = ROLE_RESOLUTION[role]
-        band: dict[str, Any] = {"nodata": 0}
+        # dtypes as the scenes stage's normalised items carry them (without, odc-stac
+        # would load float32 and the stage take the slower general reader)
+        band: dict[str, Any] = {"nodata": 0, "data_type": "uint8" if role == "scl" else "uint16"}
         if role != "scl":
             band |= {"scale": 1e-4, "offset": -0.1}
         assets[role] = {

@@ -65,6 +65,7 @@ from pipelines.stages.composite.load import (
     safe_chunk,
     task_bytes,
 )
+from pipelines.stages.composite.read import StackPlan, composite_task, plan_stack, read_block
 from pipelines.stages.composite.reduce import (
     _s2cloudless_block,
     clear_mask,
@@ -75,7 +76,7 @@ from pipelines.stages.composite.reduce import (
 from pipelines.stages.composite.write import (
     build_composite,
     composite_for_region,
-    compute_blocks,
+    compute_plan,
     write_composite,
 )
 
@@ -99,6 +100,7 @@ __all__ = [
     "CompositeResult",
     "Observation",
     "SkippedScene",
+    "StackPlan",
     "_s2cloudless_block",
     "aoi_mask",
     "aws_signed",
@@ -108,10 +110,13 @@ __all__ = [
     "composite_array",
     "composite_block",
     "composite_for_region",
-    "compute_blocks",
+    "composite_task",
+    "compute_plan",
     "load_stack",
     "naive_composite",
     "plan_observations",
+    "plan_stack",
+    "read_block",
     "read_scene_items",
     "redact",
     "region_geobox",

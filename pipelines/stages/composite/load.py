@@ -40,6 +40,23 @@ warnings.filterwarnings(
 # --------------------------------------------------------------------------- load
 
 
+def stac_items(items: Sequence[Mapping[str, Any]]) -> list[Any]:
+    """pystac Items for odc-stac. rasterio does not percent-decode file:// URLs (a data
+    root with '+' or a space would not open): local files become plain paths."""
+    import pystac
+
+    out = []
+    for raw in items:
+        assets = {
+            k: {**a, "href": _href_path(a["href"])} if _is_local(a["href"]) else a
+            for k, a in raw["assets"].items()
+        }
+        item = pystac.Item.from_dict({**raw, "assets": assets}, preserve_dict=True)
+        item.clear_links("self")
+        out.append(item)
+    return out
+
+
 def load_stack(
     items: Sequence[Mapping[str, Any]],
     geobox: GeoBox,
@@ -55,7 +72,6 @@ def load_stack(
     ``build_composite`` collects those messages.
     """
     import odc.stac
-    import pystac
 
     if any(not _is_local(a["href"]) for raw in items for a in raw["assets"].values()):
         # Remote COGs (Earth Search on S3 over https, a blob store): GDAL settings for
@@ -68,19 +84,8 @@ def load_stack(
         # odc-stac takes the band list from the first item: start with one that has
         # an L1C twin (grouping and fusing order do not depend on this order).
         items = sorted(items, key=lambda i: L1C_ROLES[0] not in i["assets"])
-    stac_items = []
-    for raw in items:
-        # rasterio does not percent-decode file:// URLs (a data root with '+' or a space
-        # would not open): hand odc-stac plain paths for local files.
-        assets = {
-            k: {**a, "href": _href_path(a["href"])} if _is_local(a["href"]) else a
-            for k, a in raw["assets"].items()
-        }
-        item = pystac.Item.from_dict({**raw, "assets": assets}, preserve_dict=True)
-        item.clear_links("self")
-        stac_items.append(item)
     return odc.stac.load(
-        stac_items,
+        stac_items(items),
         bands=[*LOAD_ROLES, *(L1C_ROLES if s2cloudless else ())],
         geobox=geobox,
         groupby=GROUP_PROPERTY,
@@ -91,16 +96,17 @@ def load_stack(
 
 
 def task_bytes(chunk: int, observations: int, s2cloudless: bool = False) -> int:
-    """Estimated peak bytes of one ``composite_block`` task on a ``chunk``-px block.
+    """Estimated peak bytes of one block task (``read.composite_task``) on a ``chunk``-px
+    block.
 
-    Per pixel: the 7 input stacks (uint16/uint8, counted at 2 bytes) held by dask and
-    their concatenated copies, the working copy, clear and valid masks of one band, and
-    the 10 float32 outputs with their temporaries.
+    Per pixel: the 7 input stacks (uint16/uint8, counted at 2 bytes), the median's working
+    copy of one band, clear and valid masks; the 10 float32 outputs with their
+    temporaries; and the reader's integer temporaries for one file (24 bytes).
     """
     stacks = 7 + (len(L1C_ROLES) if s2cloudless else 0)
     # s2cloudless adds its float32 TOA copy at 1/16 of the pixels, and its mask.
     extra = (len(L1C_ROLES) * 4 // 16 + 1) if s2cloudless else 0
-    per_pixel = observations * (stacks * 2 * 2 + 2 + 1 + 1 + extra) + 10 * 4 * 2
+    per_pixel = observations * (stacks * 2 + 2 + 1 + 1 + extra) + 10 * 4 * 2 + 24
     return chunk * chunk * per_pixel
 
 

@@ -43,12 +43,11 @@ from pipelines.stages.composite.inputs import (
     redact,
     region_geobox,
 )
-from pipelines.stages.composite.load import _cluster_memory, load_stack, safe_chunk, task_bytes
-from pipelines.stages.composite.reduce import composite_array
+from pipelines.stages.composite.load import _cluster_memory, safe_chunk, task_bytes
+from pipelines.stages.composite.read import StackPlan, composite_task, plan_stack
 from pipelines.stages.stac.signing import signed_item, signer_for
 
 if TYPE_CHECKING:
-    import dask.array
     from distributed import Client
     from odc.geo.geobox import GeoBox
 
@@ -59,39 +58,63 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- write
 
 
-def _blocks(arr: dask.array.Array) -> list[tuple[rasterio.windows.Window, Any]]:
-    delayed = arr.to_delayed()
-    out = []
-    y0 = 0
-    for iy, h in enumerate(arr.chunks[1]):
-        x0 = 0
-        for ix, w in enumerate(arr.chunks[2]):
-            out.append((rasterio.windows.Window(x0, y0, w, h), delayed[0, iy, ix]))
-            x0 += w
-        y0 += h
-    return out
+#: Blocks are not split below this size for idle threads (a block's files are opened once
+#: per worker, so smaller blocks cost little more than their edges).
+MIN_SPLIT = 256
 
 
-def compute_blocks(
-    arr: dask.array.Array, client: Client | None = None, in_flight: int | None = None
+def split_chunk(chunk: int, shape: tuple[int, int], lanes: int) -> int:
+    """``chunk`` halved (not below ``MIN_SPLIT``) until a grid of ``shape`` has at least
+    two blocks per worker thread: a small region is not left to one worker. The
+    composite does not depend on the block size."""
+    h, w = shape
+    while chunk // 2 >= MIN_SPLIT and math.ceil(h / chunk) * math.ceil(w / chunk) < 2 * lanes:
+        chunk //= 2
+    return chunk
+
+
+def compute_plan(
+    plan: StackPlan,
+    failures: list[str],
+    client: Client | None = None,
+    in_flight: int | None = None,
 ) -> Iterator[tuple[rasterio.windows.Window, npt.NDArray[np.float32]]]:
-    """Yield (window, block) as blocks finish, keeping a bounded number in flight."""
-    import dask
+    """Yield (window, block) as the blocks' tasks (``read.composite_task``: read and
+    reduce) finish, keeping a bounded number in flight; their read failures are
+    appended to ``failures`` (redacted)."""
 
-    blocks = _blocks(arr)
+    def window(iy: int, ix: int) -> rasterio.windows.Window:
+        r0, r1, c0, c1 = plan.span(iy, ix)
+        return rasterio.windows.Window(c0, r0, c1 - c0, r1 - r0)
+
+    def take(msgs: list[str]) -> None:
+        for m in map(redact, msgs):
+            if m not in failures:
+                failures.append(m)
+
+    blocks = plan.blocks
     if client is None:
+        from concurrent.futures import ThreadPoolExecutor
+
         n = in_flight or (os.cpu_count() or 2)
-        for i in range(0, len(blocks), n):
-            batch = blocks[i : i + n]
-            results = dask.compute(*[d for _, d in batch], scheduler="threads")
-            for (win, _), block in zip(batch, results, strict=True):
-                yield win, block
+        with ThreadPoolExecutor(n) as pool:
+            for i in range(0, len(blocks), n):
+                batch = blocks[i : i + n]
+                for (iy, ix), (block, msgs) in zip(batch, pool.map(lambda b: composite_task(plan, *b), batch), strict=True):  # fmt: skip
+                    take(msgs)
+                    yield window(iy, ix), block
         return
 
     from pipelines.infra.tiling import as_finished
 
-    for (win, _), block in as_finished(client, blocks, lambda b: client.compute(b[1]), in_flight):
-        yield win, block
+    [shared] = client.scatter([plan], broadcast=True, hash=False)
+    try:
+        start = lambda b: client.submit(composite_task, shared, *b, pure=False)  # noqa: E731
+        for (iy, ix), (block, msgs) in as_finished(client, blocks, start, in_flight):
+            take(msgs)
+            yield window(iy, ix), block
+    finally:
+        shared.release()
 
 
 @dataclass
@@ -190,19 +213,6 @@ def _empty_blocks(
             yield rasterio.windows.Window(x0, y0, bw, bh), block
 
 
-class _ReadFailures(logging.Handler):
-    """Collects odc-loader's 'Ignoring read failure reading <uri>' warnings."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        msg = redact(record.getMessage())
-        if "read failure" in msg and msg not in self.messages:
-            self.messages.append(msg)
-
-
 def build_composite(
     items: Sequence[Mapping[str, Any]],
     geobox: GeoBox,
@@ -247,7 +257,7 @@ def build_composite(
     lon = geobox.extent.to_crs("EPSG:4326").centroid.coords[0][0]
     tagged, observations = plan_observations(ok, lon)
     n_ch = math.ceil(geobox.shape.y / chunk) * math.ceil(geobox.shape.x / chunk)
-    failures = _ReadFailures()
+    failures: list[str] = []
     empty = not observations
     tags = {
         "asmwatch_region": region,
@@ -280,25 +290,35 @@ def build_composite(
                 )
                 chunk = fitted
                 n_ch = math.ceil(geobox.shape.y / chunk) * math.ceil(geobox.shape.x / chunk)
+        lanes = sum(client.nthreads().values()) if client is not None else (os.cpu_count() or 1)
+        split = split_chunk(chunk, geobox.shape.yx, lanes)
+        if split != chunk:
+            n_split = math.ceil(geobox.shape.y / split) * math.ceil(geobox.shape.x / split)
+            progress(
+                f"composite: {n_ch} block(s) of {chunk} px would leave some of the "
+                f"{lanes} worker threads idle; using {n_split} blocks of {split} px"
+            )
+            chunk, n_ch = split, n_split
+        plan = plan_stack(
+            tagged, observations, geobox, chunk=chunk, resampling=resampling, s2cloudless=s2c
+        )
+        n_ch = len(plan.blocks)
+        aligned = (
+            f" (edges on the scenes' internal tiles: first at row {plan.rows[1]}, column "
+            f"{plan.cols[1]})"
+            if any(len(e) > 2 and e[1] != chunk for e in (plan.rows, plan.cols))
+            else ""
+        )
         progress(
             f"composite: {len(ok)} scenes in {len(observations)} observations onto "
             f"{geobox.shape.x}x{geobox.shape.y} px ({geobox.crs}, {geobox.resolution.x:g} m), "
-            f"{n_ch} blocks of {chunk} px"
+            f"{n_ch} blocks of up to {chunk} px{aligned}, each read and reduced in one task"
         )
-        ds = load_stack(tagged, geobox, chunk=chunk, resampling=resampling, s2cloudless=s2c)
-        arr = composite_array(ds, observations, s2cloudless=s2c)
-        odc_log = logging.getLogger("odc.loader")
-        odc_log.addHandler(failures)
-        try:
-            if client is not None:
-                client.forward_logging("odc.loader", level=logging.WARNING)
-            stats = write_composite(
-                compute_blocks(arr, client), geobox, target,
-                n_blocks=n_ch, aoi=aoi, tags=tags, progress=progress,
-            )  # fmt: skip
-        finally:
-            odc_log.removeHandler(failures)
-        for msg in failures.messages:
+        stats = write_composite(
+            compute_plan(plan, failures, client), geobox, target,
+            n_blocks=n_ch, aoi=aoi, tags=tags, progress=progress,
+        )  # fmt: skip
+        for msg in failures:
             progress(f"composite: {msg}")
     return CompositeResult(
         path=target,
@@ -317,7 +337,7 @@ def build_composite(
         size_bytes=target.stat().st_size,
         seconds=time.perf_counter() - started,
         empty=empty,
-        read_failures=list(failures.messages),
+        read_failures=list(failures),
         cloud_mask="scl+s2cloudless" if s2c else "scl",
         l1c_scenes=sum(1 for i in ok if L1C_ROLES[0] in i["assets"]) if s2c else 0,
         l1c_notes=l1c_notes,

@@ -1,0 +1,199 @@
+"""The composite's own block reader against odc-loader's (GDAL's warp), pixel for pixel:
+files at the grid's resolution, twice and six times coarser, on and off the grid, with
+nodata holes, on blocks across the files' edges; and the whole stage at two block sizes
+(issue 20)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from odc.geo.geobox import GeoBox
+from odc.loader._rio import rio_read
+from odc.loader.types import RasterBandMetadata, RasterLoadParams, RasterSource
+from rasterio.transform import from_origin
+
+from pipelines.stages.composite.read import _FILES, _on_grid, read_onto
+
+X0, Y0 = 300_000.0, 9_000_000.0
+
+
+def _cog(path: Path, res: float, shape: tuple[int, int], x0: float, y0: float, dtype: str, seed: int, nodata: int = 0) -> Path:  # fmt: skip
+    rng = np.random.default_rng(seed)
+    hi = 250 if dtype == "uint8" else 12000
+    data = rng.integers(1, hi, size=shape).astype(dtype)
+    # nodata holes: blobs, single pixels and a stripe
+    data[5:9, 3:11] = nodata
+    data[rng.random(shape) < 0.03] = nodata
+    data[:, shape[1] // 2] = nodata
+    profile = {
+        "driver": "GTiff", "width": shape[1], "height": shape[0], "count": 1, "dtype": dtype,
+        "crs": "EPSG:32719", "transform": from_origin(x0, y0, res, res), "nodata": nodata,
+        "tiled": True, "blockxsize": 64, "blockysize": 64, "compress": "deflate",
+    }  # fmt: skip
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data, 1)
+    return path
+
+
+def _blocks(rng: np.random.Generator, n: int) -> list[GeoBox]:
+    """Blocks of the 10 m grid in all sorts of places: inside, across each edge of the
+    files, beyond them, one pixel wide; odd and even offsets."""
+    out = []
+    for _ in range(n):
+        h, w = int(rng.integers(1, 90)), int(rng.integers(1, 90))
+        r, c = int(rng.integers(-60, 140)), int(rng.integers(-60, 140))
+        out.append(GeoBox((h, w), from_origin(X0 + c * 10, Y0 - r * 10, 10, 10), "EPSG:32719"))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("res", "dtype", "resampling", "offset_px"),
+    [
+        (10.0, "uint16", "bilinear", (0, 0)),  # pasted
+        (20.0, "uint16", "bilinear", (0, 0)),  # B11, B12: the exact 2x kernel
+        (20.0, "uint16", "bilinear", (3, 5)),  # ... with the file's corner at odd pixels
+        (20.0, "uint8", "nearest", (1, 2)),  # SCL
+        (60.0, "uint16", "nearest", (0, 3)),  # L1C 60 m bands for s2cloudless
+        (60.0, "uint16", "bilinear", (0, 0)),  # not ours: odc-loader reads it
+        (20.0, "uint16", "bilinear", (0.5, 0)),  # off the grid: odc-loader reads it
+    ],
+)
+def test_block_reads_equal_odc_loaders_pixel_for_pixel(
+    tmp_path: Path,
+    res: float,
+    dtype: str,
+    resampling: str,
+    offset_px: tuple[float, float],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rows = int(1000 // res)
+    path = _cog(tmp_path / "b.tif", res, (rows, rows + 3), X0 + offset_px[1] * 10, Y0 - offset_px[0] * 10, dtype, seed=int(res))  # fmt: skip
+    src = RasterSource(str(path), meta=RasterBandMetadata(dtype, 0))
+    cfg = RasterLoadParams(dtype=dtype, fill_value=0, resampling=resampling, fail_on_error=False)
+    ours_path = isinstance(offset_px[0], int) and not (res == 60.0 and resampling == "bilinear")
+    delegated: list[str] = []
+    monkeypatch.setattr("pipelines.stages.composite.read.rio_read", lambda *a, **k: delegated.append("x") or rio_read(*a, **k))  # fmt: skip
+    rng = np.random.default_rng(7)
+    differ = 0
+    for gb in _blocks(rng, 60):
+        ours = np.zeros(gb.shape.yx, dtype)
+        failures: list[str] = []
+        read_onto(src, cfg, gb, ours, failures, token="t")
+        theirs = np.zeros(gb.shape.yx, dtype)
+        roi, pix = rio_read(src, cfg, gb)
+        if pix.size:
+            np.copyto(theirs[roi], pix, where=theirs[roi] == 0)
+        assert failures == []
+        differ += int((ours != theirs).sum())
+        with rasterio.open(path) as ds:
+            assert (_on_grid(ds, gb) is not None) == isinstance(offset_px[0], int)
+    assert differ == 0
+    assert (delegated == []) == ours_path, "our reader for files on the grid, odc-loader's else"
+    _FILES.clear()
+
+
+def test_a_rewritten_file_is_read_again_in_the_next_run(tmp_path: Path) -> None:
+    """Files stay open within a run (token) and are reopened in the next: a composite
+    rebuilt after a scene file was replaced sees the new file."""
+    path = _cog(tmp_path / "b.tif", 10.0, (50, 50), X0, Y0, "uint16", seed=1)
+    src = RasterSource(str(path), meta=RasterBandMetadata("uint16", 0))
+    cfg = RasterLoadParams(dtype="uint16", fill_value=0, resampling="bilinear", fail_on_error=False)  # fmt: skip
+    gb = GeoBox((50, 50), from_origin(X0, Y0, 10, 10), "EPSG:32719")
+    first = np.zeros((50, 50), np.uint16)
+    read_onto(src, cfg, gb, first, [], token="run-1")
+    path.unlink()
+    _cog(path, 10.0, (50, 50), X0, Y0, "uint16", seed=2)
+    again = np.zeros((50, 50), np.uint16)
+    read_onto(src, cfg, gb, again, [], token="run-2")
+    with rasterio.open(path) as ds:
+        assert (again == ds.read(1)).all() and (again != first).any()
+    _FILES.clear()
+
+
+def _read_one(path: Path, size: int) -> tuple[list[str], np.ndarray]:
+    """``read_onto`` of a uint16 file onto a ``size`` px block at the grid's corner (the
+    stage's settings: odc-loader's reader raises): (failures, block)."""
+    src = RasterSource(str(path), meta=RasterBandMetadata("uint16", 0))
+    cfg = RasterLoadParams(dtype="uint16", fill_value=0, resampling="bilinear", fail_on_error=True)  # fmt: skip
+    gb = GeoBox((size, size), from_origin(X0, Y0, 10, 10), "EPSG:32719")
+    dst = np.zeros((size, size), np.uint16)
+    failures: list[str] = []
+    read_onto(src, cfg, gb, dst, failures, token=path.name)
+    _FILES.clear()
+    return failures, dst
+
+
+@pytest.mark.parametrize("offset_px", [0, 0.5], ids=["our reader", "odc-loader's reader"])
+def test_a_damaged_tile_is_a_failure_message_and_nodata_on_either_path(
+    tmp_path: Path, offset_px: float
+) -> None:
+    path = _cog(tmp_path / "b.tif", 20.0, (50, 53), X0 + offset_px * 10, Y0, "uint16", seed=3)
+    with rasterio.open(path) as ds:
+        at = int(ds.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1))
+    raw = bytearray(path.read_bytes())
+    raw[at : at + 64] = b"\xff" * 64  # the first tile's deflate stream
+    path.write_bytes(bytes(raw))
+    failures, dst = _read_one(path, 40)
+    assert len(failures) == 1 and "b.tif" in failures[0] and not dst.any(), failures
+
+
+def test_an_unreadable_file_is_a_failure_message_and_nodata(tmp_path: Path) -> None:
+    path = tmp_path / "broken.tif"
+    path.write_bytes(b"II*\x00 not a tiff")
+    failures, dst = _read_one(path, 8)
+    assert len(failures) == 1 and "broken.tif" in failures[0] and not dst.any()
+
+
+def test_block_edges_and_small_regions() -> None:
+    from pipelines.stages.composite.read import block_edges
+    from pipelines.stages.composite.write import split_chunk
+
+    assert block_edges(3000, 1024) == (0, 1024, 2048, 3000)
+    assert block_edges(3000, 1024, offset=236) == (0, 236, 1260, 2284, 3000)
+    assert block_edges(3000, 1024, offset=1024 + 236) == (0, 236, 1260, 2284, 3000)
+    assert block_edges(100, 1024, offset=236) == (0, 100)
+    assert split_chunk(1024, (966, 888), lanes=2) == 512  # 4 blocks for 2 threads
+    assert split_chunk(1024, (10980, 10980), lanes=2) == 1024
+    assert split_chunk(1024, (300, 300), lanes=8) == 256, "never below 256 px"
+
+
+def test_the_stage_equals_odc_stacs_stack_whatever_the_blocks(
+    small_scenes_root: Path, tmp_path: Path
+) -> None:
+    """The whole composite, every band, equals the median of odc-stac's own lazy stack
+    (the stage before issue 20) to the bit, at 128 px blocks and at 1024 px blocks split
+    for idle threads; its block edges lie on the scenes' internal tiles."""
+    from pipelines.infra.layout import scenes_path
+    from pipelines.stages.composite import (
+        build_composite,
+        composite_array,
+        load_stack,
+        plan_observations,
+        read_scene_items,
+        region_geobox,
+    )
+    from pipelines.stages.composite.read import plan_stack
+    from tests.conftest import small_region
+
+    region = small_region()
+    items = read_scene_items(scenes_path(small_scenes_root, region.id, "2021"))
+    geobox = region_geobox(region)
+    lon = geobox.extent.to_crs("EPSG:4326").centroid.coords[0][0]
+    tagged, obs = plan_observations(items, lon)
+    before = composite_array(load_stack(tagged, geobox, chunk=256), obs).compute(scheduler="threads")  # fmt: skip
+    plan = plan_stack(tagged, obs, geobox, chunk=128)
+    with rasterio.open(tagged[0]["assets"]["blue"]["href"].removeprefix("file://")) as f:
+        th, tw = f.block_shapes[0]
+        row0 = round((f.transform.f - geobox.affine.f) / 10)  # the file's row of grid row 0
+        col0 = round((geobox.affine.c - f.transform.c) / 10)
+    assert (row0, col0) == (20, 20), "the small world's grid starts inside the scenes' tiles"
+    assert (plan.rows[1] + row0) % min(th, 128) == 0 and (plan.cols[1] + col0) % min(tw, 128) == 0  # fmt: skip
+    logs: list[str] = []
+    for chunk in (128, 1024):
+        res = build_composite(items, geobox, tmp_path / f"{chunk}.tif", chunk=chunk, progress=logs.append)  # fmt: skip
+        with rasterio.open(res.path) as src:
+            np.testing.assert_array_equal(src.read(), before)
+    assert any("would leave some of the" in m and "blocks of 256 px" in m for m in logs), logs
