@@ -55,7 +55,8 @@ def test_composite_on_separate_worker_processes(small_scenes_root: Path, tmp_pat
         finally:
             resource.close()
     assert set(done.values()) == pids
-    assert len(workers) == 2 and len(stream.data) > 10  # the blocks ran on both processes
+    # one task per block (read and reduced together), on both processes
+    assert len(workers) == 2 and len(stream.data) >= 4, stream.data
     with rasterio.open(ref.path) as a, rasterio.open(out.path) as b:
         assert a.descriptions == b.descriptions and a.transform == b.transform
         np.testing.assert_array_equal(a.read(), b.read())
