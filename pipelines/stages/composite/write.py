@@ -293,12 +293,11 @@ def build_composite(
         lanes = sum(client.nthreads().values()) if client is not None else (os.cpu_count() or 1)
         split = split_chunk(chunk, geobox.shape.yx, lanes)
         if split != chunk:
-            n_split = math.ceil(geobox.shape.y / split) * math.ceil(geobox.shape.x / split)
             progress(
                 f"composite: {n_ch} block(s) of {chunk} px would leave some of the "
-                f"{lanes} worker threads idle; using {n_split} blocks of {split} px"
+                f"{lanes} worker threads idle; using blocks of up to {split} px"
             )
-            chunk, n_ch = split, n_split
+            chunk = split
         plan = plan_stack(
             tagged, observations, geobox, chunk=chunk, resampling=resampling, s2cloudless=s2c
         )
