@@ -261,7 +261,7 @@ WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": 32 * 2**20}
 #: Modules a LocalCluster's workers import as they start (``distributed.worker.preload``)
 #: rather than in their first task: odc-loader alone takes 0.75 s to import, which a
 #: small region's composite would otherwise wait for on every worker.
-WORKER_PRELOAD = ["pipelines.stages.composite.read"]
+WORKER_PRELOAD = ["odc.loader._rio", "pipelines.stages.composite.read"]
 
 
 @contextmanager

@@ -39,11 +39,6 @@ import rasterio
 import rasterio.errors
 import rasterio.windows
 
-# odc-loader's reader and settings, imported here (a worker preloads this module) so
-# no block task waits for them.
-from odc.loader._reader import resolve_dst_nodata, resolve_src_nodata
-from odc.loader._rio import rio_read
-
 from pipelines.stages.composite.inputs import (
     BAND_ROLES,
     GROUP_PROPERTY,
@@ -325,6 +320,8 @@ def _fast_read(
     """The file on the block (roi, pixels) without GDAL's warper; None where this does
     not apply (no nodata to mirror, a resampling other than nearest and bilinear, or
     bilinear from other than twice the grid's pixel)."""
+    from odc.loader._reader import resolve_dst_nodata, resolve_src_nodata
+
     k, col, row = grid
     dtype = np.dtype(cfg.dtype) if cfg.dtype else np.dtype(ds.dtypes[0])
     src_nodata = resolve_src_nodata(ds.nodatavals[0], cfg)
@@ -381,6 +378,8 @@ def read_onto(
 ) -> None:
     """One band file onto a block: its pixels fill ``dst`` where it is still nodata
     (odc-loader's fuser)."""
+    from odc.loader._rio import rio_read  # 0.75 s to import: workers preload it
+
     uri = src.uri
     try:
         ds = _FILES.get(uri, token)

@@ -75,7 +75,7 @@ def test_block_reads_equal_odc_loaders_pixel_for_pixel(
     cfg = RasterLoadParams(dtype=dtype, fill_value=0, resampling=resampling, fail_on_error=False)
     ours_path = isinstance(offset_px[0], int) and not (res == 60.0 and resampling == "bilinear")
     delegated: list[str] = []
-    monkeypatch.setattr("pipelines.stages.composite.read.rio_read", lambda *a, **k: delegated.append("x") or rio_read(*a, **k))  # fmt: skip
+    monkeypatch.setattr("odc.loader._rio.rio_read", lambda *a, **k: delegated.append("x") or rio_read(*a, **k))  # fmt: skip
     rng = np.random.default_rng(7)
     differ = 0
     for gb in _blocks(rng, 60):
