@@ -8,16 +8,19 @@ that reduces it, with the same numbers as ``odc.stac.load``:
 * The plan is made once, on the client, with odc-stac's own parts: ``parse_items`` for
   the band sources, ``resolve_load_cfg`` for the load settings (dtype, nodata,
   resampling), its grouping order (``plan_observations``' key, then time and id) and
-  its footprint test (``GeoboxTiles.tiles`` of each item's footprint).
+  its footprint test (a block is read for an item whose footprint is not disjoint
+  from it, as ``GeoboxTiles.tiles``).
 * A file on the block's grid (same CRS, axis-aligned, its pixel an integer multiple of
   the grid's, its corner on the grid) is read at its own resolution, the window the
   block needs and one pixel more, and brought onto the block here: pasted at the same
-  resolution, repeated (nearest) or interpolated bilinearly as GDAL's warper does it
-  (the four neighbours' weights, nodata left out and the rest renormalised, no value
-  where the nearest source pixel is nodata, rounded half up). ``tests`` hold it equal
-  to GDAL's warp pixel for pixel, nodata holes and scene edges included.
-* Any other file (another CRS, a coarser grid read from overviews, a shifted grid) is
-  read by odc-loader's own reader (``rio_read``): the same call odc-stac makes.
+  resolution, repeated (nearest, any multiple) or, from twice the grid's pixel (the
+  20 m bands), interpolated bilinearly as GDAL's warper does it (the four neighbours'
+  weights, nodata left out and the rest renormalised, no value where the nearest
+  source pixel is nodata, rounded half up). ``tests`` hold it equal to GDAL's warp
+  pixel for pixel, nodata holes and scene edges included.
+* Any other file (another CRS, a coarser grid read from overviews, a shifted grid,
+  bilinear from another multiple) is read by odc-loader's own reader (``rio_read``):
+  the same call odc-stac makes.
 * Datasets stay open across blocks (a small cache per worker thread), so a block costs
   no header reads for files another block has opened.
 * Read errors leave the file's pixels nodata and come back as messages, as odc-stac's
@@ -270,8 +273,8 @@ def _on_grid(ds: Any, geobox: GeoBox) -> tuple[int, int, int] | None:
 
 def _halves(x: npt.NDArray[np.int32], axis: int, first: int, n: int) -> npt.NDArray[np.int32]:
     """Along ``axis`` of ``x`` (a source with a one-pixel border, twice as coarse as the
-    grid): sixteenths... in quarters, the weighted pairs of bilinear interpolation for
-    grid pixels ``first`` .. ``first + n`` counted from the border's grid pixel. Grid
+    grid): the weighted pairs of bilinear interpolation, in quarters, for grid pixels
+    ``first`` .. ``first + n`` counted from the border's first grid pixel. Grid
     pixel 2m lies a quarter source pixel before centre m (weights 1 and 3 on m - 1 and
     m), grid pixel 2m + 1 a quarter after it (3 and 1 on m and m + 1)."""
     x = np.moveaxis(x, axis, 0)
@@ -314,6 +317,17 @@ def _bilinear2(
     return out
 
 
+def _as_loaded(pix: npt.NDArray[Any], dtype: Any, src_nodata: float, dst_nodata: float) -> npt.NDArray[Any]:  # fmt: skip
+    """File pixels in the load's dtype, the file's nodata as the load's (odc-loader's
+    remapping after a paste)."""
+    if pix.dtype == dtype and src_nodata == dst_nodata:
+        return pix
+    bad = pix == src_nodata
+    out = pix.astype(dtype)
+    out[bad] = dst_nodata
+    return out
+
+
 def _fast_read(
     ds: Any, geobox: GeoBox, cfg: Any, grid: tuple[int, int, int]
 ) -> tuple[tuple[slice, slice], npt.NDArray[Any]] | None:
@@ -345,11 +359,7 @@ def _fast_read(
     roi = (slice(y0, y1), slice(x0, x1))
     if k == 1:
         pix = ds.read(1, window=rasterio.windows.Window(gx0, gy0, w, h))
-        if pix.dtype != dtype or src_nodata != dst_nodata:
-            bad = pix == src_nodata
-            pix = pix.astype(dtype)
-            pix[bad] = dst_nodata
-        return roi, pix
+        return roi, _as_loaded(pix, dtype, src_nodata, dst_nodata)
     if not bilinear:  # nearest: the source pixel under each centre (never on an edge)
         r0, r1 = gy0 // k, (gy0 + h - 1) // k + 1
         c0, c1 = gx0 // k, (gx0 + w - 1) // k + 1
@@ -357,11 +367,7 @@ def _fast_read(
         iy = np.arange(gy0, gy0 + h) // k - r0
         ix = np.arange(gx0, gx0 + w) // k - c0
         pix = raw.take(iy, axis=0).take(ix, axis=1)
-        if pix.dtype != dtype or src_nodata != dst_nodata:
-            bad = pix == src_nodata
-            pix = pix.astype(dtype)
-            pix[bad] = dst_nodata
-        return roi, pix
+        return roi, _as_loaded(pix, dtype, src_nodata, dst_nodata)
     # bilinear, k == 2: the source rows and columns either neighbour may be, in the file
     r0, r1 = max((gy0 - 1) // 2, 0), min((gy0 + h - 2) // 2 + 2, ds.height)
     c0, c1 = max((gx0 - 1) // 2, 0), min((gx0 + w - 2) // 2 + 2, ds.width)
