@@ -587,6 +587,7 @@ def train_mining_model(
     if any(label_kind(s.labels) == "points" for s in scenes if not s.heldout):
         extra["self_training"] = [SELF_TRAIN_ROUNDS, SELF_TRAIN_CONFIDENCE]
         extra["point_similarity"] = POINT_SIMILARITY
+        extra["point_radius_px"] = POINT_RADIUS_PX
     key = registry.input_hash(files, {**cfg.to_dict(), **extra})
     if not force and (hit := registry.find(root, key)) is not None:
         progress(f"mining_model: inputs unchanged (hash {key}); reusing {hit.model_id}")

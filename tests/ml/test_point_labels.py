@@ -4,9 +4,10 @@ On the small embedded world, 500 points sampled from the simulator's truth (250 
 250 not, over the two training periods, each with its period) train a U-Net, scored
 against the full truth mask of the held-out year beside the same U-Net trained on the
 dense truth masks (what polygons give). Issue 19 asks for 0.9 of the dense model's IoU;
-with self-training from the points model's confident pixels, measured here 0.90, 0.91
-and 0.88 for three samples of points (docs/detection.md), so the test holds the floor
-that all three meet, 0.85 (this sample is the first), and the area: a balanced sample
+with 5 x 5 windows gated by similarity and self-training from the points model's
+confident pixels, measured here 0.94-0.95 for four samples of points
+(docs/detection.md), so the test holds the issue's 0.9 (this sample is the first), and
+the area: a balanced sample
 teaches the model that half the land is mined, and without the prior correction the
 mined area came out 36 % too large.
 """
@@ -24,6 +25,7 @@ import rasterio
 from affine import Affine
 
 from ml.features import IGNORE, LabelsError, LabelSource
+from ml.points import POINT_RADIUS_PX
 from ml.train import TrainConfig
 from pipelines.embedded.source import world_dir
 from pipelines.stages.detection import check_labels, train_mining_model, training_scenes
@@ -88,8 +90,8 @@ def test_500_points_train_within_a_tenth_of_the_dense_label_model(root: Path) ->
     d_iou, s_iou = dense.metrics["heldout"]["iou"], sparse.metrics["heldout"]["iou"]
     print(f"held-out IoU: dense {d_iou:.3f}, {N_POINTS} points {s_iou:.3f} ({s_iou / d_iou:.2f})")
     assert d_iou >= 0.8, dense.metrics["heldout"]
-    # 0.904 of dense with this sample on the development machine (docs/detection.md)
-    assert s_iou >= 0.88 * d_iou, (sparse.metrics["heldout"], dense.metrics["heldout"])
+    # 0.944 of dense with this sample on the development machine (docs/detection.md)
+    assert s_iou >= 0.9 * d_iou, (sparse.metrics["heldout"], dense.metrics["heldout"])
     # One round of self-training, recorded; the logs say what it learnt from.
     (st,) = sparse.metrics["self_training"]
     assert st["round"] == 1 and st["confidence"] == 0.9 and st["threshold"] == sparse.metrics["threshold"]  # fmt: skip
@@ -137,12 +139,13 @@ def test_points_burn_small_windows_and_leave_the_rest_unknown(tmp_path: Path) ->
     )
     with LabelSource(path, "EPSG:4326", "2020") as src:
         y = src.read(t, np.ones((250, 250), bool))
-    assert src.kind == "points" and (y == 1).sum() == 9 and (y == 0).sum() == 9
-    r, c = 50, 50  # (-70.545, -12.98): the pixel whose corner is the point
-    assert (y[r - 1 : r + 2, c - 1 : c + 2] == 1).all() and y[r - 2, c] == IGNORE
-    with LabelSource(path, "EPSG:4326", "2021") as src:  # two close points: overlap unknown
+    k = 2 * POINT_RADIUS_PX + 1  # a k x k window per point
+    assert src.kind == "points" and (y == 1).sum() == k * k and (y == 0).sum() == k * k
+    r, c, w = 50, 50, POINT_RADIUS_PX  # (-70.545, -12.98): the pixel whose corner is the point
+    assert (y[r - w : r + w + 1, c - w : c + w + 1] == 1).all() and y[r - w - 1, c] == IGNORE
+    with LabelSource(path, "EPSG:4326", "2021") as src:  # points 1 px apart: overlap unknown
         y = src.read(t, np.ones((250, 250), bool))
-    assert (y == 1).sum() == 3 and (y == 0).sum() == 3 and (y != IGNORE).sum() == 6
+    assert (y == 1).sum() == k and (y == 0).sum() == k and (y != IGNORE).sum() == 2 * k
     # AMW's composite_start / composite_end (end exclusive)
     amw = _points(
         tmp_path / "amw.geojson", [(*IN[0], 1), (*IN[1], 0)],
@@ -161,34 +164,37 @@ def test_window_pixels_unlike_their_point_are_left_unknown() -> None:
     pixel (``gate_windows``): bare ground 1, the forest beside it unknown; likewise for a
     not-mining point beside the mine; NaN features are unknown, a point's own pixel
     always keeps its label, and points off the chip change nothing."""
+    from ml.points import POINT_RADIUS_PX as r
     from ml.points import POINT_SIMILARITY, gate_windows
 
     assert POINT_SIMILARITY < 3.0, "the mine (3 units away) must read as unlike the forest"
-
-    feats = np.zeros((3, 12, 12), np.float32)  # forest: 0 in every normalised feature
-    feats[:, :, 6:] = 3.0  # a mine: columns 6.. (far beyond POINT_SIMILARITY)
-    feats[:, 9, 7] = np.nan
-    rows, cols = np.array([2, 9, 9, 40]), np.array([6, 5, 8, 40])
+    n = 9 + 2 * r + 3
+    feats = np.zeros((3, n, n), np.float32)  # forest: 0 in every normalised feature
+    feats[:, :, 8:] = 3.0  # a mine: columns 8.. (far beyond POINT_SIMILARITY)
+    feats[:, 12, 9 + r] = np.nan
+    # A: mining on the mine's western edge; B: not mining beside it; C: mining, its window
+    # overlapping B's (columns 8 .. 7 + r); and one point off the chip.
+    rows, cols = np.array([r + 1, 12, 12, 40]), np.array([8, 7, 8 + r, 40])
     labels = np.array([1, 0, 1, 1], np.uint8)
-    y = np.full((12, 12), IGNORE, np.uint8)
-    for r, c, lab in zip(rows[:3], cols[:3], labels[:3], strict=True):
-        y[r - 1 : r + 2, c - 1 : c + 2] = lab
-    y[8:11, 6:8] = IGNORE  # the 0 and 1 windows overlap at columns 6-7: unknown (burn)
-    y[9, 5] = 0
-    y[9, 8] = 1
+    hit = np.zeros((2, n, n), bool)  # as PointSet.burn: overlaps of both classes unknown
+    for rr, cc, lab in zip(rows[:3], cols[:3], labels[:3], strict=True):
+        hit[lab, rr - r : rr + r + 1, cc - r : cc + r + 1] = True
+    y = np.full((n, n), IGNORE, np.uint8)
+    y[hit[0]], y[hit[1]] = 0, 1
+    y[hit[0] & hit[1]] = IGNORE
     out = gate_windows(y, feats, rows, cols, labels, IGNORE)
-    # mining point at (2, 6) on the mine's western edge: column 5 is forest
-    assert (out[1:4, 6:8] == 1).all() and (out[1:4, 5] == IGNORE).all()
-    # not-mining point at (9, 5): its forest column 4 stays 0, the mine side was unknown
-    assert (out[8:11, 4] == 0).all() and out[9, 5] == 0
-    # mining point at (9, 8): mine pixels keep 1, the NaN pixel (9, 7) does not
-    assert (out[8:11, 9] == 1).all() and out[9, 8] == 1 and out[9, 7] == IGNORE
-    untouched = np.ones((12, 12), bool)
-    for r, c in zip(rows[:3], cols[:3], strict=True):
-        untouched[r - 1 : r + 2, c - 1 : c + 2] = False
+    a_rows = slice(1, 2 * r + 2)
+    assert (out[a_rows, 8 : 9 + r] == 1).all() and (out[a_rows, 8 - r : 8] == IGNORE).all()
+    # B: its forest columns stay 0, the overlap was and stays unknown
+    assert (out[12 - r : 13 + r, 7 - r : 8] == 0).all() and (out[12 - r : 13 + r, 8 : 8 + r] == IGNORE).all()  # fmt: skip
+    # C: mine pixels keep 1, the NaN pixel does not
+    c_rest = out[12 - r : 13 + r, 8 + r : 9 + 2 * r]
+    assert out[12, 8 + r] == 1 and out[12, 9 + r] == IGNORE and (c_rest == 1).sum() == c_rest.size - 1  # fmt: skip
+    untouched = ~(hit[0] | hit[1])
     assert (out[untouched] == y[untouched]).all()
     # a looser similarity keeps the whole window
-    assert (gate_windows(y, feats, rows, cols, labels, IGNORE, similarity=10.0)[1:4, 5:8] == 1).all()  # fmt: skip
+    loose = gate_windows(y, feats, rows, cols, labels, IGNORE, similarity=10.0)
+    assert (loose[a_rows, 8 - r : 9 + r] == 1).all()
 
 
 def _d(s: str) -> Any:
