@@ -34,8 +34,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -389,9 +389,23 @@ def check_averageable(path: Path, profile: dict[str, Any]) -> None:
         )
 
 
-def write_overviews(source: Path, levels: int, name: Callable[[int], Path]) -> list[Path]:
+def level_profile(profile: Mapping[str, Any], height: int, width: int, transform: Any) -> dict[str, Any]:  # fmt: skip
+    """The profile of the overview level below a raster of ``height`` x ``width`` px
+    at ``transform``: half its size (rounded up), twice its pixel, a scratch GTiff."""
+    return {
+        **profile, **SCRATCH_TIFF, "predictor": 3,
+        "height": (height + 1) // 2, "width": (width + 1) // 2,
+        "transform": transform * rasterio.Affine.scale(2),
+    }  # fmt: skip
+
+
+def write_overviews(
+    source: Path, levels: int, name: Callable[[int], Path], first: Path | None = None
+) -> list[Path]:
     """Overview levels 1..``levels`` of ``source`` (a tiled float GTiff, nodata NaN), each
     a tiled GTiff at ``name(k)`` halved from the level before, ``BLOCK`` px at a time.
+    ``first``: level 1, already written (``staged_cog_levels``); the rest are halved
+    from it.
 
     Memory is one window of the level above (2 x ``BLOCK`` a side, every band) and GDAL's
     block cache, whatever the raster's size; GDAL's COG driver then only lays the levels
@@ -401,13 +415,12 @@ def write_overviews(source: Path, levels: int, name: Callable[[int], Path]) -> l
     with rasterio.open(source) as src:
         profile = {**src.profile, **SCRATCH_TIFF, "predictor": 3}
     check_averageable(source, profile)
-    written: list[Path] = []
-    above = source
-    for k in range(1, levels + 1):
+    written: list[Path] = [] if first is None else [first]
+    above = source if first is None else first
+    for k in range(len(written) + 1, levels + 1):
         with rasterio.open(above, num_threads="ALL_CPUS") as src:  # decode on every core
-            h, w = (src.height + 1) // 2, (src.width + 1) // 2
-            level = {**profile, "height": h, "width": w,
-                     "transform": src.transform * rasterio.Affine.scale(2)}  # fmt: skip
+            level = level_profile(profile, src.height, src.width, src.transform)
+            h, w = level["height"], level["width"]
             written.append(name(k))
             with rasterio.open(written[-1], "w", **level) as dst:
                 for row in range(0, h, BLOCK):
@@ -420,7 +433,7 @@ def write_overviews(source: Path, levels: int, name: Callable[[int], Path]) -> l
                         r, c = part.shape[1:]
                         dst.write(part, window=Span(row, row + r, col, col + c).window)
         above = written[-1]
-    return written
+    return written[:levels]
 
 
 def with_overviews(source: Path, levels: Sequence[Path], vrt: Path) -> Path:
@@ -440,27 +453,14 @@ def with_overviews(source: Path, levels: Sequence[Path], vrt: Path) -> Path:
 
 
 @contextmanager
-def staged_cog(
+def _staged(
     target: Path,
     profile: dict[str, Any],
-    *,
-    gdal_overviews: str | None = None,
-    cog_options: dict[str, Any] | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> Iterator[Any]:
-    """A writable tiled GTiff for blocks in any order, becoming ``target`` as a COG.
-
-    The staged file lies beside the target (``.<stem>.<pid>.stage.tif``). On success its
-    overview levels (average, NaN left out) are written beside it block by block
-    (``write_overviews``), and GDAL's COG driver lays stage and levels out into a
-    temporary file that replaces the target atomically. ``gdal_overviews`` (a GDAL
-    resampling, e.g. ``"NEAREST"``) has the COG driver compute the overviews instead,
-    for rasters that are not float or not averaged (the simulator's bands). Any failure
-    removes the stage and keeps the old target. ``cog_options`` override the COG driver's
-    creation options (None drops one). GDAL's block cache is bounded at
-    ``STAGE_CACHE_BYTES`` meanwhile. ``progress`` hears of the overviews and the layout,
-    which take about as long as the blocks of a composite.
-    """
+    gdal_overviews: str | None,
+    cog_options: dict[str, Any] | None,
+    progress: Callable[[str], None] | None,
+    halves: bool,
+) -> Iterator[tuple[Any, Any]]:
     say = progress or (lambda _m: None)
     label = "/".join(target.parts[-3:])  # composite/<region>/<period>.tif
     h, w = int(profile["height"]), int(profile["width"])
@@ -486,18 +486,23 @@ def staged_cog(
     vrt = target.with_name(f"{scratch}.stage.vrt")
     try:
         with gdal_cache(STAGE_CACHE_BYTES):
-            with rasterio.open(stage, "w", **stage_profile) as dst:
-                yield dst
+            level = lambda k: target.with_name(f"{scratch}.ovr{k}.tif")  # noqa: E731
+            n = overview_levels(h, w)
+            first = level(1) if halves and n else None
+            with ExitStack() as files:
+                dst = files.enter_context(rasterio.open(stage, "w", **stage_profile))
+                half = None
+                if first is not None:
+                    lp = level_profile(profile, h, w, profile["transform"])
+                    half = files.enter_context(rasterio.open(first, "w", **lp))
+                yield dst, half
             source = stage
             if gdal_overviews is None:
                 t = time.monotonic()
-                n = overview_levels(h, w)
-                say(f"{label}: writing {n} overview levels")
-                levels = write_overviews(
-                    stage, n, lambda k: target.with_name(f"{scratch}.ovr{k}.tif")
-                )
+                say(f"{label}: writing {n - (first is not None)} overview levels" + (" (level 1 came with the blocks)" if first is not None else ""))  # fmt: skip
+                levels = write_overviews(stage, n, level, first=first)
                 source = with_overviews(stage, levels, vrt)
-                say(f"{label}: {n} overview levels written in {duration(time.monotonic() - t)}")
+                say(f"{label}: {n} overview levels ready in {duration(time.monotonic() - t)}")
             t = time.monotonic()
             with atomic_path(target) as tmp:
                 rasterio.shutil.copy(
@@ -510,3 +515,43 @@ def staged_cog(
     finally:
         for p in (stage, vrt, *target.parent.glob(f"{scratch}.ovr*.tif")):
             p.unlink(missing_ok=True)
+
+
+@contextmanager
+def staged_cog(
+    target: Path,
+    profile: dict[str, Any],
+    *,
+    gdal_overviews: str | None = None,
+    cog_options: dict[str, Any] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Iterator[Any]:
+    """A writable tiled GTiff for blocks in any order, becoming ``target`` as a COG.
+
+    The staged file lies beside the target (``.<stem>.<pid>.stage.tif``). On success its
+    overview levels (average, NaN left out) are written beside it block by block
+    (``write_overviews``), and GDAL's COG driver lays stage and levels out into a
+    temporary file that replaces the target atomically. ``gdal_overviews`` (a GDAL
+    resampling, e.g. ``"NEAREST"``) has the COG driver compute the overviews instead,
+    for rasters that are not float or not averaged (the simulator's bands). Any failure
+    removes the stage and keeps the old target. ``cog_options`` override the COG driver's
+    creation options (None drops one). GDAL's block cache is bounded at
+    ``STAGE_CACHE_BYTES`` meanwhile. ``progress`` hears of the overviews and the layout,
+    which take about as long as the blocks of a composite.
+    """
+    with _staged(target, profile, gdal_overviews, cog_options, progress, halves=False) as (dst, _):
+        yield dst
+
+
+@contextmanager
+def staged_cog_levels(
+    target: Path, profile: dict[str, Any], *, progress: Callable[[str], None] | None = None
+) -> Iterator[tuple[Any, Any]]:
+    """``staged_cog`` for a writer that also brings overview level 1: yields the stage and
+    the level-1 GTiff (half the size, ``reduce_average`` of the stage; None for a raster
+    too small for overviews), each written window by window. The writer must fill every
+    window of both; levels 2.. are halved from level 1, so the stage is not read back
+    for overviews. A composite's blocks come with their level 1 from the workers
+    (``pipelines.stages.composite.read.composite_task``)."""
+    with _staged(target, profile, None, None, progress, halves=True) as pair:
+        yield pair

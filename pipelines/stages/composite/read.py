@@ -42,6 +42,7 @@ import rasterio
 import rasterio.errors
 import rasterio.windows
 
+from pipelines.infra.tiling import reduce_average
 from pipelines.stages.composite.inputs import (
     BAND_ROLES,
     GROUP_PROPERTY,
@@ -103,6 +104,13 @@ class StackPlan:
     def span(self, iy: int, ix: int) -> tuple[int, int, int, int]:
         """(row0, row1, col0, col1) of block (iy, ix) on the grid."""
         return self.rows[iy], self.rows[iy + 1], self.cols[ix], self.cols[ix + 1]
+
+    @property
+    def halves(self) -> bool:
+        """Every block starts on an even row and column, so each block's own overview
+        level 1 (2 x 2 averages) is the composite's there: the block tasks bring it
+        (``composite_task``). The regions' grids are on 20 m, so always, in the pipeline."""
+        return all(e % 2 == 0 for e in (*self.rows[:-1], *self.cols[:-1]))
 
     def block_geobox(self, iy: int, ix: int) -> GeoBox:
         r0, r1, c0, c1 = self.span(iy, ix)
@@ -427,8 +435,12 @@ def read_block(plan: StackPlan, iy: int, ix: int) -> tuple[dict[str, npt.NDArray
     return stacks, failures
 
 
-def composite_task(plan: StackPlan, iy: int, ix: int) -> tuple[npt.NDArray[np.float32], list[str]]:  # fmt: skip
-    """Block (iy, ix) of the composite, read and reduced in one task, and its failures."""
+def composite_task(
+    plan: StackPlan, iy: int, ix: int
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None, list[str]]:
+    """Block (iy, ix) of the composite, read and reduced in one task; its overview level
+    1 (``reduce_average``, where ``plan.halves``), so the writer does not read the
+    composite back for it; and its read failures."""
     stacks, failures = read_block(plan, iy, ix)
     bands = [stacks[role] for role in BAND_ROLES.values()]
     if plan.s2cloudless:
@@ -436,4 +448,4 @@ def composite_task(plan: StackPlan, iy: int, ix: int) -> tuple[npt.NDArray[np.fl
     block = composite_block(
         stacks["scl"], *bands, observations=plan.observations, s2cloudless=plan.s2cloudless
     )
-    return block, failures
+    return block, reduce_average(block) if plan.halves else None, failures

@@ -10,6 +10,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,7 @@ import rasterio.windows
 
 from pipelines.infra.layout import composite_path
 from pipelines.infra.progress import Progress
-from pipelines.infra.tiling import staged_cog
+from pipelines.infra.tiling import reduce_average, staged_cog, staged_cog_levels
 from pipelines.stages.composite.inputs import (
     BAND_DESCRIPTIONS,
     CLOUD_MASKS,
@@ -73,14 +74,18 @@ def split_chunk(chunk: int, shape: tuple[int, int], lanes: int) -> int:
     return chunk
 
 
+#: (window, block, its overview level 1 or None) as the writer takes them.
+Blocks = Iterator[tuple[rasterio.windows.Window, npt.NDArray[np.float32], npt.NDArray[np.float32] | None]]  # fmt: skip
+
+
 def compute_plan(
     plan: StackPlan,
     failures: list[str],
     client: Client | None = None,
     in_flight: int | None = None,
-) -> Iterator[tuple[rasterio.windows.Window, npt.NDArray[np.float32]]]:
-    """Yield (window, block) as the blocks' tasks (``read.composite_task``: read and
-    reduce) finish, keeping a bounded number in flight; their read failures are
+) -> Blocks:
+    """Yield (window, block, level 1) as the blocks' tasks (``read.composite_task``: read
+    and reduce) finish, keeping a bounded number in flight; their read failures are
     appended to ``failures`` (redacted)."""
 
     def window(iy: int, ix: int) -> rasterio.windows.Window:
@@ -100,9 +105,9 @@ def compute_plan(
         with ThreadPoolExecutor(n) as pool:
             for i in range(0, len(blocks), n):
                 batch = blocks[i : i + n]
-                for (iy, ix), (block, msgs) in zip(batch, pool.map(lambda b: composite_task(plan, *b), batch), strict=True):  # fmt: skip
+                for (iy, ix), (block, half, msgs) in zip(batch, pool.map(lambda b: composite_task(plan, *b), batch), strict=True):  # fmt: skip
                     take(msgs)
-                    yield window(iy, ix), block
+                    yield window(iy, ix), block, half
         return
 
     from pipelines.infra.tiling import as_finished
@@ -110,9 +115,9 @@ def compute_plan(
     [shared] = client.scatter([plan], broadcast=True, hash=False)
     try:
         start = lambda b: client.submit(composite_task, shared, *b, pure=False)  # noqa: E731
-        for (iy, ix), (block, msgs) in as_finished(client, blocks, start, in_flight):
+        for (iy, ix), (block, half, msgs) in as_finished(client, blocks, start, in_flight):
             take(msgs)
-            yield window(iy, ix), block
+            yield window(iy, ix), block, half
     finally:
         shared.release()
 
@@ -163,16 +168,20 @@ class _Stats:
 
 
 def write_composite(
-    blocks: Iterator[tuple[rasterio.windows.Window, npt.NDArray[np.float32]]],
+    blocks: Blocks,
     geobox: GeoBox,
     target: Path,
     *,
     n_blocks: int,
     aoi: Mapping[str, Any] | None,
     tags: Mapping[str, str],
+    halves: bool,
     progress: Callable[[str], None] = log.info,
 ) -> _Stats:
-    """Stream blocks into a tiled GTiff, then copy it to a COG with overviews, atomically."""
+    """Stream blocks into a tiled GTiff, then copy it to a COG with overviews, atomically.
+    ``halves``: every block comes with its overview level 1 (``StackPlan.halves``), which
+    is written as it comes and halved into the other levels; else the levels are halved
+    from the stage once it is written."""
     stats = _Stats()
     h, w = geobox.shape.yx
     profile = {
@@ -180,16 +189,24 @@ def write_composite(
         "crs": str(geobox.crs), "transform": geobox.affine, "nodata": float("nan"),
         "predictor": 3,
     }  # fmt: skip
-    # Blocks arrive in any order, which the COG layout cannot take: staged_cog stages a
-    # tiled GTiff beside the target, writes its overviews block by block, then GDAL's COG
-    # driver lays them out.
-    with staged_cog(target, profile, progress=progress) as dst:
+    # Blocks arrive in any order, which the COG layout cannot take: staged_cog_levels
+    # stages a tiled GTiff and its level 1 beside the target, halves level 1 into the
+    # other levels, then GDAL's COG driver lays them out.
+    with ExitStack() as files:
+        if halves:
+            dst, level1 = files.enter_context(staged_cog_levels(target, profile, progress=progress))  # fmt: skip
+        else:
+            dst, level1 = files.enter_context(staged_cog(target, profile, progress=progress)), None  # fmt: skip
         for i, name in enumerate(OUTPUT_BANDS, start=1):
             dst.set_band_description(i, name)
             dst.update_tags(i, description=BAND_DESCRIPTIONS[name])
         report = Progress("composite", n_blocks, progress, unit="blocks written")
-        for done, (win, block) in enumerate(blocks, start=1):
+        for done, (win, block, half) in enumerate(blocks, start=1):
             dst.write(block, window=win)
+            if level1 is not None:
+                if half is None or win.col_off % 2 or win.row_off % 2:
+                    raise ValueError(f"composite block {win} came without its overview level 1")
+                level1.write(half, window=rasterio.windows.Window(win.col_off // 2, win.row_off // 2, half.shape[2], half.shape[1]))  # fmt: skip
             inside = (
                 aoi_mask(aoi, geobox, win)
                 if aoi is not None
@@ -201,16 +218,15 @@ def write_composite(
     return stats
 
 
-def _empty_blocks(
-    geobox: GeoBox, chunk: int
-) -> Iterator[tuple[rasterio.windows.Window, npt.NDArray[np.float32]]]:
+def _empty_blocks(geobox: GeoBox, chunk: int) -> Blocks:
     h, w = geobox.shape.yx
     for y0 in range(0, h, chunk):
         for x0 in range(0, w, chunk):
             bh, bw = min(chunk, h - y0), min(chunk, w - x0)
             block = np.full((len(OUTPUT_BANDS), bh, bw), np.nan, dtype=np.float32)
             block[len(REFLECTANCE_BANDS)] = 0
-            yield rasterio.windows.Window(x0, y0, bw, bh), block
+            half = reduce_average(block) if chunk % 2 == 0 else None
+            yield rasterio.windows.Window(x0, y0, bw, bh), block, half
 
 
 def build_composite(
@@ -275,7 +291,7 @@ def build_composite(
         )
         stats = write_composite(
             _empty_blocks(geobox, chunk), geobox, target,
-            n_blocks=n_ch, aoi=aoi, tags=tags, progress=progress,
+            n_blocks=n_ch, aoi=aoi, tags=tags, halves=chunk % 2 == 0, progress=progress,
         )  # fmt: skip
     else:
         if client is not None:
@@ -315,7 +331,7 @@ def build_composite(
         )
         stats = write_composite(
             compute_plan(plan, failures, client), geobox, target,
-            n_blocks=n_ch, aoi=aoi, tags=tags, progress=progress,
+            n_blocks=n_ch, aoi=aoi, tags=tags, halves=plan.halves, progress=progress,
         )  # fmt: skip
         for msg in failures:
             progress(f"composite: {msg}")

@@ -197,3 +197,43 @@ def test_the_stage_equals_odc_stacs_stack_whatever_the_blocks(
         with rasterio.open(res.path) as src:
             np.testing.assert_array_equal(src.read(), before)
     assert any("would leave some of the" in m and "blocks of up to 256 px" in m for m in logs), logs
+
+
+def test_overviews_are_the_composites_averages_whether_blocks_bring_level_1_or_not(
+    small_scenes_root: Path, tmp_path: Path
+) -> None:
+    """On a grid whose blocks start on even pixels the block tasks bring overview level 1
+    and the stage is not read back for it; on a grid one pixel off they cannot (their
+    2 x 2 cells straddle blocks) and the levels are halved from the stage. Either way
+    every level equals the 2 x 2 NaN-mean of the one above, to the bit."""
+    from pipelines.infra.layout import scenes_path
+    from pipelines.infra.tiling import overview_levels, reduce_average
+    from pipelines.stages.composite import (
+        build_composite,
+        plan_observations,
+        read_scene_items,
+        region_geobox,
+    )
+    from pipelines.stages.composite.read import plan_stack
+    from tests.conftest import small_region
+
+    region = small_region()
+    items = read_scene_items(scenes_path(small_scenes_root, region.id, "2021"))
+    for name, geobox, halves in (
+        ("even", region_geobox(region), True),
+        ("odd", region_geobox(region)[1:, 1:], False),
+    ):
+        lon = geobox.extent.to_crs("EPSG:4326").centroid.coords[0][0]
+        tagged, obs = plan_observations(items, lon)
+        assert plan_stack(tagged, obs, geobox, chunk=128).halves is halves, name
+        logs: list[str] = []
+        res = build_composite(items, geobox, tmp_path / f"{name}.tif", chunk=128, progress=logs.append)  # fmt: skip
+        assert any("level 1 came with the blocks" in m for m in logs) is halves, logs
+        with rasterio.open(res.path) as src:
+            level = src.read()
+            n = len(src.overviews(1))
+        assert n == overview_levels(*geobox.shape.yx) >= 1
+        for k in range(n):
+            level = reduce_average(level)
+            with rasterio.open(res.path, overview_level=k) as ovr:
+                np.testing.assert_array_equal(ovr.read(), level, err_msg=f"{name}: level {k + 1}")  # fmt: skip
