@@ -448,4 +448,5 @@ def composite_task(
     block = composite_block(
         stacks["scl"], *bands, observations=plan.observations, s2cloudless=plan.s2cloudless
     )
+    del stacks, bands  # level 1's temporaries (about 90 bytes a pixel) replace the inputs
     return block, reduce_average(block) if plan.halves else None, failures
