@@ -54,6 +54,16 @@ def test_benchmark_split_holds_out_regions_and_random_negatives() -> None:
     # No chip of a held-out campaign trains; 700 random negatives do.
     assert not any(any(k in chips.gallery[i] for k in HELDOUT) for i in seen)
     assert sum(RANDOM_NEGATIVES in chips.gallery[i] for i in seen) == 700
+    # Training sees each of its random negatives RANDOM_REPEAT times, everything else
+    # once, and still nothing held out.
+    from ml.chips import RANDOM_REPEAT, training_order
+
+    order = training_order(chips, a)
+    ids, times = np.unique(order, return_counts=True)
+    assert np.array_equal(ids, a.train) and RANDOM_REPEAT > 1
+    rand = np.array([RANDOM_NEGATIVES in chips.gallery[i] for i in ids])
+    assert (times[rand] == RANDOM_REPEAT).all() and (times[~rand] == 1).all()
+    assert len(order) == len(a.train) + (RANDOM_REPEAT - 1) * int(rand.sum())
 
 
 def test_benchmark_figures_read_the_right_chips() -> None:
