@@ -6,6 +6,7 @@ nodata holes, on blocks across the files' edges; and the whole stage at two bloc
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,7 +16,8 @@ from odc.loader._rio import rio_read
 from odc.loader.types import RasterBandMetadata, RasterLoadParams, RasterSource
 from rasterio.transform import from_origin
 
-from pipelines.stages.composite.read import _FILES, _on_grid, read_onto
+from pipelines.stages.composite import plan_observations, read_scene_items, region_geobox
+from pipelines.stages.composite.read import _FILES, _on_grid, plan_stack, read_onto
 
 X0, Y0 = 300_000.0, 9_000_000.0
 
@@ -160,26 +162,24 @@ def test_block_edges_and_small_regions() -> None:
     assert split_chunk(1024, (300, 300), lanes=8) == 256, "never below 256 px"
 
 
+def _small_world_items(root: Path) -> tuple[Any, list[dict[str, Any]]]:
+    """The small region and its stored 2021 scenes."""
+    from pipelines.infra.layout import scenes_path
+    from tests.conftest import small_region
+
+    region = small_region()
+    return region, read_scene_items(scenes_path(root, region.id, "2021"))
+
+
 def test_the_stage_equals_odc_stacs_stack_whatever_the_blocks(
     small_scenes_root: Path, tmp_path: Path
 ) -> None:
     """The whole composite, every band, equals the median of odc-stac's own lazy stack
     (the stage before issue 20) to the bit, at 128 px blocks and at 1024 px blocks split
     for idle threads; its block edges lie on the scenes' internal tiles."""
-    from pipelines.infra.layout import scenes_path
-    from pipelines.stages.composite import (
-        build_composite,
-        composite_array,
-        load_stack,
-        plan_observations,
-        read_scene_items,
-        region_geobox,
-    )
-    from pipelines.stages.composite.read import plan_stack
-    from tests.conftest import small_region
+    from pipelines.stages.composite import build_composite, composite_array, load_stack
 
-    region = small_region()
-    items = read_scene_items(scenes_path(small_scenes_root, region.id, "2021"))
+    region, items = _small_world_items(small_scenes_root)
     geobox = region_geobox(region)
     lon = geobox.extent.to_crs("EPSG:4326").centroid.coords[0][0]
     tagged, obs = plan_observations(items, lon)
@@ -206,19 +206,10 @@ def test_overviews_are_the_composites_averages_whether_blocks_bring_level_1_or_n
     and the stage is not read back for it; on a grid one pixel off they cannot (their
     2 x 2 cells straddle blocks) and the levels are halved from the stage. Either way
     every level equals the 2 x 2 NaN-mean of the one above, to the bit."""
-    from pipelines.infra.layout import scenes_path
     from pipelines.infra.tiling import overview_levels, reduce_average
-    from pipelines.stages.composite import (
-        build_composite,
-        plan_observations,
-        read_scene_items,
-        region_geobox,
-    )
-    from pipelines.stages.composite.read import plan_stack
-    from tests.conftest import small_region
+    from pipelines.stages.composite import build_composite
 
-    region = small_region()
-    items = read_scene_items(scenes_path(small_scenes_root, region.id, "2021"))
+    region, items = _small_world_items(small_scenes_root)
     for name, geobox, halves in (
         ("even", region_geobox(region), True),
         ("odd", region_geobox(region)[1:, 1:], False),
