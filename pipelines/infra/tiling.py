@@ -499,7 +499,10 @@ def _staged(
             source = stage
             if gdal_overviews is None:
                 t = time.monotonic()
-                say(f"{label}: writing {n - (first is not None)} overview levels" + (" (level 1 came with the blocks)" if first is not None else ""))  # fmt: skip
+                if first is None:
+                    say(f"{label}: writing {n} overview levels")
+                else:
+                    say(f"{label}: overview level 1 came with the blocks; halving it into levels 2-{n}" if n > 1 else f"{label}: overview level 1 came with the blocks")  # fmt: skip
                 levels = write_overviews(stage, n, level, first=first)
                 source = with_overviews(stage, levels, vrt)
                 say(f"{label}: {n} overview levels ready in {duration(time.monotonic() - t)}")

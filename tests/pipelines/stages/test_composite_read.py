@@ -219,7 +219,7 @@ def test_overviews_are_the_composites_averages_whether_blocks_bring_level_1_or_n
         assert plan_stack(tagged, obs, geobox, chunk=128).halves is halves, name
         logs: list[str] = []
         res = build_composite(items, geobox, tmp_path / f"{name}.tif", chunk=128, progress=logs.append)  # fmt: skip
-        assert any("level 1 came with the blocks" in m for m in logs) is halves, logs
+        assert any("overview level 1 came with the blocks" in m for m in logs) is halves, logs
         with rasterio.open(res.path) as src:
             level = src.read()
             n = len(src.overviews(1))
