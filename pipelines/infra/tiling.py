@@ -502,7 +502,8 @@ def _staged(
                 if first is None:
                     say(f"{label}: writing {n} overview levels")
                 else:
-                    say(f"{label}: overview level 1 came with the blocks; halving it into levels 2-{n}" if n > 1 else f"{label}: overview level 1 came with the blocks")  # fmt: skip
+                    rest = {1: "", 2: "; halving it into level 2"}.get(n, f"; halving it into levels 2-{n}")  # fmt: skip
+                    say(f"{label}: overview level 1 came with the blocks{rest}")
                 levels = write_overviews(stage, n, level, first=first)
                 source = with_overviews(stage, levels, vrt)
                 say(f"{label}: {n} overview levels ready in {duration(time.monotonic() - t)}")
