@@ -64,6 +64,10 @@ def test_benchmark_split_holds_out_regions_and_random_negatives() -> None:
     rand = np.array([RANDOM_NEGATIVES in chips.gallery[i] for i in ids])
     assert (times[rand] == RANDOM_REPEAT).all() and (times[~rand] == 1).all()
     assert len(order) == len(a.train) + (RANDOM_REPEAT - 1) * int(rand.sum())
+    # The registered product trains on each chip once (docs/detection.md says why).
+    from ml.chips import PRODUCT_RANDOM_REPEAT
+
+    assert np.array_equal(training_order(chips, a, PRODUCT_RANDOM_REPEAT), a.train)
 
 
 def test_benchmark_figures_read_the_right_chips() -> None:
