@@ -100,13 +100,20 @@ def load_chips(directory: Path = DEFAULT_DIR) -> Chips:
     return Chips(np.stack(xs), np.asarray(ys, np.int64), gal)
 
 
+RANDOM_NEGATIVES = "random_negatives10k"  # AMW's random landscape negatives (no coordinates)
+
+
+def random_negative_mask(chips: Chips) -> npt.NDArray[np.bool_]:
+    """The chips of AMW's random landscape negatives (``RANDOM_NEGATIVES``)."""
+    return np.array([RANDOM_NEGATIVES in g for g in chips.gallery])
+
+
 def heldout_mask(chips: Chips) -> npt.NDArray[np.bool_]:
     """The chips of the held-out campaigns (whole galleries)."""
     return np.array([any(k in g for k in HELDOUT) for g in chips.gallery])
 
 
-RANDOM_NEGATIVES = "random_negatives10k"  # AMW's random landscape negatives (no coordinates)
-RANDOM_HELDOUT = 0.3  # share of them held out, drawn once with SPLIT_SEED
+RANDOM_HELDOUT = 0.3  # share of the random negatives held out, drawn once with SPLIT_SEED
 SPLIT_SEED = 2026
 VALIDATION_SHARE = 0.1  # of the rest, for early stopping (drawn with each seed)
 #: Each training random-landscape negative is seen this many times an epoch: ordinary
@@ -136,7 +143,7 @@ class Split:
 def split(chips: Chips, seed: int) -> Split:
     """The benchmark's split; the held-out sets do not depend on ``seed``."""
     held = heldout_mask(chips)
-    random = np.flatnonzero([RANDOM_NEGATIVES in g for g in chips.gallery])
+    random = np.flatnonzero(random_negative_mask(chips))
     pick = np.random.default_rng(SPLIT_SEED).permutation(random)
     held_random = np.sort(pick[: round(RANDOM_HELDOUT * len(random))])
     rest = np.flatnonzero(~held & ~np.isin(np.arange(len(chips.y)), held_random))
@@ -274,7 +281,7 @@ def figures(prob: npt.NDArray[np.float32], sp: Split) -> dict[str, float]:
 
 def training_order(chips: Chips, sp: Split, repeat: int = RANDOM_REPEAT) -> npt.NDArray[np.int64]:  # fmt: skip
     """``sp.train`` with each random-landscape negative ``repeat`` times (sorted)."""
-    rand = np.array([RANDOM_NEGATIVES in g for g in chips.gallery])[sp.train]
+    rand = random_negative_mask(chips)[sp.train]
     return np.sort(np.concatenate([sp.train, np.repeat(sp.train[rand], repeat - 1)]))
 
 
@@ -449,7 +456,7 @@ def dark_object_offsets(
     that DOS1 assumes the darkest objects reflect. Surface reflectance (L2A) plus these
     offsets approximates the L1C the chips were rendered from (docs/detection.md).
     ``among``: the chips to look at (a registered model's training chips; all by default)."""
-    rand = np.array([RANDOM_NEGATIVES in g for g in chips.gallery])
+    rand = random_negative_mask(chips)
     if among is not None:
         rand &= np.isin(np.arange(len(chips.y)), among)
     if not rand.any():
