@@ -4,7 +4,8 @@ A world of the embedded simulator (``--mpx`` Mpx at 10 m around the demo's centr
 ``--km`` km square; ``--scenes`` acquisitions of one period, no reprocessed twins) is
 written once into ``--work``; or, with ``--tile 10980``, bench/composite_memory.py's
 full-size textured L2A tiles (a whole Sentinel-2 tile, two file sets cycled through the
-scenes; written once under data/bench/fulltile). Then, on the same 2 cores:
+scenes, each scene through links of its own; written once under data/bench/fulltile).
+Then, on the same 2 cores:
 
 - **decode bound**: every file the composite reads (the six reflectance bands and SCL of
   every scene), decoded whole with rasterio on a pool of as many threads as cores (GDAL
@@ -63,12 +64,13 @@ def tile_world(size: int, scenes: int) -> tuple[Any, Path, list[dict[str, Any]]]
     from types import SimpleNamespace
 
     from affine import Affine
-    from composite_memory import EPSG, X0, Y1, item, write_tile
+    from composite_memory import EPSG, X0, Y1, item, scene_files, write_tile
     from odc.geo.geobox import GeoBox
 
     cache = ROOT / "data" / "bench" / "fulltile" / str(size)
     sets = [write_tile(cache / f"set{k}", size, seed=k) for k in range(2)]
-    items = [item(i, sets[i % len(sets)]) for i in range(scenes)]
+    links = cache / "scenes"
+    items = [item(i, scene_files(sets[i % len(sets)], links, i)) for i in range(scenes)]
     geobox = GeoBox((size, size), Affine(10, 0, X0, 0, -10, Y1), f"EPSG:{EPSG}")
     region = SimpleNamespace(id=f"tile{size}", geometry=None, geobox=geobox)
     return region, cache, items

@@ -4,7 +4,8 @@ The issue's bound: a full 10980 x 10980 tile with 20 scenes composites within 4 
 memory per worker. This writes full-size L2A-shaped COGs once (10 m bands at 10980 px,
 B11/B12/SCL at 5490 px, uint16/uint8, deflate, textured so they compress like real
 data) under --cache, points 20 dated items at them (cycling through --distinct file
-sets with different cloud masks), and runs ``build_composite`` on a LocalCluster of
+sets with different cloud masks, each scene through links of its own: scenes sharing
+paths would share GDAL's decoded tiles), and runs ``build_composite`` on a LocalCluster of
 --workers single-threaded worker processes with ``memory_limit=--limit``. A sampler
 polls every worker's RSS twice a second; the figures printed are the peak per worker,
 the client's peak RSS and the wall time. Exit status 1 if any worker peaked above the
@@ -75,6 +76,24 @@ def write_tile(directory: Path, size: int, seed: int) -> dict[str, tuple[Path, i
     return out
 
 
+def scene_files(
+    files: dict[str, tuple[Path, int]], folder: Path, i: int
+) -> dict[str, tuple[Path, int]]:
+    """Scene ``i``'s own paths to a file set: links under ``folder``/scene<i>. Scenes
+    that shared paths would share GDAL's open datasets and their decoded tiles, so
+    a block would decode each file set once and read the other scenes from the cache
+    (a real tile's 20 scenes are 20 files each)."""
+    own = folder / f"scene{i:02d}"
+    own.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for role, (path, n) in files.items():
+        link = own / path.name
+        if not link.is_symlink():
+            link.symlink_to(path.resolve())
+        out[role] = (link, n)
+    return out
+
+
 def item(i: int, files: dict[str, tuple[Path, int]]) -> dict[str, Any]:
     when = dt.datetime(2021, 6, 1, 14, 50) + dt.timedelta(days=5 * i)
     assets = {}
@@ -86,7 +105,8 @@ def item(i: int, files: dict[str, tuple[Path, int]]) -> dict[str, Any]:
         if role != "scl":
             band |= {"scale": 1e-4, "offset": -0.1}
         assets[role] = {
-            "href": path.resolve().as_uri(), "roles": ["data"], "raster:bands": [band],
+            # the scene's own link, not resolved to the file set it points at
+            "href": path.absolute().as_uri(), "roles": ["data"], "raster:bands": [band],
             "proj:shape": [n, n], "proj:transform": [res, 0, X0, 0, -res, Y1],
         }  # fmt: skip
     x1, y0 = X0 + 109_800, Y1 - 109_800
@@ -124,7 +144,8 @@ def main() -> int:
     t = time.perf_counter()
     sets = [write_tile(cache / f"set{k}", args.size, seed=k) for k in range(args.distinct)]
     print(f"tile files ready under {cache} in {time.perf_counter() - t:.1f} s")
-    items = [item(i, sets[i % len(sets)]) for i in range(args.scenes)]
+    scenes = cache / "scenes"
+    items = [item(i, scene_files(sets[i % len(sets)], scenes, i)) for i in range(args.scenes)]
     geobox = GeoBox((args.size, args.size), Affine(10, 0, X0, 0, -10, Y1), f"EPSG:{EPSG}")
     limit = parse_bytes(args.limit)
 

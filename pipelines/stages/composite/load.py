@@ -101,12 +101,16 @@ def task_bytes(chunk: int, observations: int, s2cloudless: bool = False) -> int:
 
     Per pixel: the 7 input stacks (uint16/uint8, counted at 2 bytes), the median's working
     copy of one band, clear and valid masks; the 10 float32 outputs with their
-    temporaries; and the reader's integer temporaries for one file (24 bytes).
+    temporaries; and the reader's integer temporaries for one file (24 bytes). Blocks
+    run in groups of four (``read.composite_group``): the group's 20 m windows (B11,
+    B12 and SCL, as many pixels as one block has) and the other three blocks' results
+    with their overview level 1 (150 bytes).
     """
     stacks = 7 + (len(L1C_ROLES) if s2cloudless else 0)
     # s2cloudless adds its float32 TOA copy at 1/16 of the pixels, and its mask.
     extra = (len(L1C_ROLES) * 4 // 16 + 1) if s2cloudless else 0
-    per_pixel = observations * (stacks * 2 + 2 + 1 + 1 + extra) + 10 * 4 * 2 + 24
+    group = 5 * observations + 3 * (10 * 4 + 10)
+    per_pixel = observations * (stacks * 2 + 2 + 1 + 1 + extra) + 10 * 4 * 2 + 24 + group
     return chunk * chunk * per_pixel
 
 

@@ -30,9 +30,12 @@ that reduces it, with the same numbers as ``odc.stac.load``:
 from __future__ import annotations
 
 import collections
+import dataclasses
+import os
 import threading
+import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +60,7 @@ from pipelines.stages.composite.load import stac_items
 from pipelines.stages.composite.reduce import composite_block
 
 if TYPE_CHECKING:
+    from distributed import Client
     from odc.geo.geobox import GeoBox
 
 #: Open datasets kept per worker thread (each a file descriptor and its headers; COG
@@ -96,6 +100,10 @@ class StackPlan:
     observations: tuple[Observation, ...]
     s2cloudless: bool
     token: str  # one composite run: files opened for another run are closed first
+    #: uri -> the pixels either side of its internal tiles' boundaries (``read_seams``),
+    #: for the files read bilinearly from twice the grid's pixel (the 20 m bands)
+    seams: Mapping[str, Seams] = dataclasses.field(default_factory=dict)
+    pixel: Mapping[str, float] = dataclasses.field(default_factory=dict)  # uri -> STAC's pixel
 
     @property
     def blocks(self) -> list[tuple[int, int]]:
@@ -216,10 +224,16 @@ def plan_stack(
         {name: src for (name, idx), src in p.bands.items() if idx == 1 and name in roles}
         for p in parsed
     )
+    pixel = {  # each file's pixel size by its item's proj:transform, where it has one
+        src.uri: abs(float(t[0]))
+        for raw, srcs in zip(tagged, sources, strict=True)
+        for role, src in srcs.items()
+        if (t := raw["assets"].get(role, {}).get("proj:transform")) and len(t) >= 6
+    }
     return StackPlan(
         geobox=geobox, rows=rows, cols=cols, roles=roles, cfg=cfg, groups=groups, sources=sources,
         touches=tuple(touches), gdal_env=remote_gdal() if remote else {}, observations=tuple(observations),
-        s2cloudless=s2cloudless, token=uuid.uuid4().hex,
+        s2cloudless=s2cloudless, token=uuid.uuid4().hex, pixel=pixel,
     )  # fmt: skip
 
 
@@ -257,6 +271,121 @@ class _OpenFiles(threading.local):
 
 
 _FILES = _OpenFiles()
+
+
+# --------------------------------------------------------------------------- seams
+
+
+@dataclass(frozen=True)
+class Seams:
+    """A file's rows and columns either side of each boundary between its internal
+    tiles, over the span the region reads (file pixels).
+
+    Bilinear interpolation from a 20 m file needs one source pixel beyond the block on
+    each side, and where that pixel lies in the next tile GDAL decodes the whole tile
+    for it: with 1024 px tiles a 1024 px block decoded four 20 m tiles where it needed a
+    quarter of one (16 times the pixels; 0.86 s of a full-tile block's reads against
+    0.16 s). Read once per file before the blocks (``read_seams``), the pixels past the
+    seam come from here and a block decodes only its own tiles.
+    """
+
+    tile: tuple[int, int]  # the file's internal tile (rows, cols)
+    rows: Mapping[int, npt.NDArray[Any]]  # file row -> its pixels over cols[0]..cols[1]
+    cols: Mapping[int, npt.NDArray[Any]]  # file column -> its pixels over rows[0]..rows[1]
+    span: tuple[int, int, int, int]  # (row0, row1, col0, col1) the arrays cover
+
+    def covers(self, r0: int, r1: int, c0: int, c1: int) -> bool:
+        return self.span[0] <= r0 and r1 <= self.span[1] and self.span[2] <= c0 and c1 <= self.span[3]  # fmt: skip
+
+
+def _bilinear_window(gy0: int, h: int, gx0: int, w: int, height: int, width: int) -> tuple[int, int, int, int]:  # fmt: skip
+    """File rows and columns (r0, r1, c0, c1) that bilinear interpolation from twice the
+    grid's pixel reads for grid pixels gy0..gy0+h, gx0..gx0+w (counted from the file's
+    corner): each source pixel under one and its neighbours either side."""
+    r0, r1 = max((gy0 - 1) // 2, 0), min((gy0 + h - 2) // 2 + 2, height)
+    c0, c1 = max((gx0 - 1) // 2, 0), min((gx0 + w - 2) // 2 + 2, width)
+    return r0, r1, c0, c1
+
+
+def _seam_lines(lo: int, hi: int, tile: int) -> list[int]:
+    """The lines either side of each tile boundary strictly inside lo..hi."""
+    first = (lo // tile + 1) * tile
+    return [x for b in range(first, hi, tile) for x in (b - 1, b) if lo <= x < hi]
+
+
+def read_seams(uri: str, geobox: GeoBox, token: str, gdal_env: Mapping[str, Any]) -> Seams | None:  # fmt: skip
+    """``Seams`` of the file at ``uri`` over the part of ``geobox`` it covers; None where
+    blocks would not use them (not on the grid at twice its pixel, one tile, a read
+    error: the blocks then read the file as before and report any error)."""
+    with rasterio.Env(GDAL_CACHEMAX=READ_CACHE_BYTES, **gdal_env):
+        try:
+            ds = _FILES.get(uri, token)
+            grid = _on_grid(ds, geobox)
+            if grid is None or grid[0] != 2 or ds.count < 1:
+                return None
+            th, tw = ds.block_shapes[0]
+            _, col, row = grid
+            h, w = geobox.shape.yx
+            r0, r1, c0, c1 = _bilinear_window(-row, h, -col, w, ds.height, ds.width)
+            if r0 >= r1 or c0 >= c1 or (r0 // th == (r1 - 1) // th and c0 // tw == (c1 - 1) // tw):  # fmt: skip
+                return None
+            rows, cols = _seam_lines(r0, r1, th), _seam_lines(c0, c1, tw)
+            got_rows: dict[int, npt.NDArray[Any]] = {}
+            parts: dict[int, list[npt.NDArray[Any]]] = {c: [] for c in cols}
+            s0 = r0
+            while s0 < r1:  # a row of tiles at a time: each tile decoded once
+                s1 = min((s0 // th + 1) * th, r1)
+                strip = ds.read(1, window=rasterio.windows.Window(c0, s0, c1 - c0, s1 - s0))
+                for r in rows:
+                    if s0 <= r < s1:
+                        got_rows[r] = strip[r - s0].copy()
+                for c in cols:
+                    parts[c].append(strip[:, c - c0].copy())
+                s0 = s1
+        except READ_ERRORS:
+            _FILES.drop(uri)
+            return None
+    return Seams((th, tw), got_rows, {c: np.concatenate(p) for c, p in parts.items()}, (r0, r1, c0, c1))  # fmt: skip
+
+
+def seam_uris(plan: StackPlan) -> list[str]:
+    """The files whose seams the blocks would use: bilinear, twice the grid's pixel
+    by their STAC metadata (or none given), first band."""
+    res = abs(plan.geobox.resolution.x)
+    out: dict[str, None] = {}
+    for sources in plan.sources:
+        for role, src in sources.items():
+            if plan.cfg[role].resampling != "bilinear" or src.band != 1:
+                continue
+            pixel = plan.pixel.get(src.uri)
+            if pixel is not None and abs(pixel / res - 2) > 1e-9:
+                continue
+            out[src.uri] = None
+    return list(out)
+
+
+def with_seams(plan: StackPlan, client: Client | None, progress: Callable[[str], None]) -> StackPlan:  # fmt: skip
+    """``plan`` with the seams of its 20 m files, read on the cluster, one task per file."""
+    uris = seam_uris(plan)
+    if not uris:
+        return plan
+    t = time.perf_counter()
+    args = (plan.geobox, plan.token, plan.gdal_env)
+    if client is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
+            got = list(pool.map(lambda u: read_seams(u, *args), uris))
+    else:
+        futures = client.map(read_seams, uris, *[[a] * len(uris) for a in args], pure=False)
+        got = client.gather(futures)
+    seams = {u: s for u, s in zip(uris, got, strict=True) if s is not None}
+    if seams:
+        progress(
+            f"composite: read the tile seams of {len(seams)} files at twice the grid's pixel "
+            f"in {time.perf_counter() - t:.1f} s, so each block decodes only its own tiles"
+        )
+    return dataclasses.replace(plan, seams=seams)
 
 
 # --------------------------------------------------------------------------- reads
@@ -336,81 +465,177 @@ def _as_loaded(pix: npt.NDArray[Any], dtype: Any, src_nodata: float, dst_nodata:
     return out
 
 
-def _fast_read(
-    ds: Any, geobox: GeoBox, cfg: Any, grid: tuple[int, int, int]
-) -> tuple[tuple[slice, slice], npt.NDArray[Any]] | None:
-    """The file on the block (roi, pixels) without GDAL's warper; None where this does
-    not apply (no nodata to mirror, a resampling other than nearest and bilinear, or
-    bilinear from other than twice the grid's pixel)."""
+def _trim(seams: Seams | None, r0: int, r1: int, c0: int, c1: int) -> tuple[int, int, int, int]:
+    """The part of file window r0..r1, c0..c1 to decode: without a first or last line
+    that lies alone past a tile boundary, where ``seams`` hold it."""
+    ra, rb, ca, cb = r0, r1, c0, c1
+    if seams is not None and seams.covers(r0, r1, c0, c1):
+        th, tw = seams.tile
+        if rb - ra > 1 and ra % th == th - 1 and ra in seams.rows:
+            ra += 1
+        if rb - ra > 1 and (rb - 1) % th == 0 and rb - 1 in seams.rows:
+            rb -= 1
+        if cb - ca > 1 and ca % tw == tw - 1 and ca in seams.cols:
+            ca += 1
+        if cb - ca > 1 and (cb - 1) % tw == 0 and cb - 1 in seams.cols:
+            cb -= 1
+    return ra, rb, ca, cb
+
+
+class _Prefetched(threading.local):
+    """Windows of files decoded once for a group of blocks (``composite_group``), by
+    dataset name: (row, col, pixels)."""
+
+    def __init__(self) -> None:
+        self.windows: dict[str, tuple[int, int, npt.NDArray[Any]]] = {}
+
+
+_PREFETCHED = _Prefetched()
+
+
+def _read(ds: Any, r0: int, r1: int, c0: int, c1: int) -> npt.NDArray[Any]:
+    """File rows r0..r1, columns c0..c1 of band 1: from the group's prefetched window
+    of the file when it holds them, else decoded."""
+    got = _PREFETCHED.windows.get(ds.name)
+    if got is not None:
+        pr, pc, pix = got
+        if pr <= r0 and r1 <= pr + pix.shape[0] and pc <= c0 and c1 <= pc + pix.shape[1]:
+            return pix[r0 - pr : r1 - pr, c0 - pc : c1 - pc]
+    out: npt.NDArray[Any] = ds.read(1, window=rasterio.windows.Window(c0, r0, c1 - c0, r1 - r0))
+    return out
+
+
+def _read_seamed(
+    ds: Any, seams: Seams | None, r0: int, r1: int, c0: int, c1: int, out: npt.NDArray[Any]
+) -> None:
+    """File rows r0..r1, columns c0..c1 into ``out``: a first or last line that lies
+    alone past a tile boundary comes from ``seams`` (when they cover the window), so
+    only the tiles of the rest are decoded."""
+    ra, rb, ca, cb = _trim(seams, r0, r1, c0, c1)
+    if seams is not None:
+        s = seams.span
+        for r in [r0] * (ra > r0) + [r1 - 1] * (rb < r1):
+            out[r - r0] = seams.rows[r][c0 - s[2] : c1 - s[2]]
+        for c in [c0] * (ca > c0) + [c1 - 1] * (cb < c1):
+            out[:, c - c0] = seams.cols[c][r0 - s[0] : r1 - s[0]]
+    out[ra - r0 : rb - r0, ca - c0 : cb - c0] = _read(ds, ra, rb, ca, cb)
+
+
+def _clipped(ds: Any, geobox: GeoBox, k: int, col: int, row: int) -> tuple[tuple[slice, slice], int, int, int, int] | None:  # fmt: skip
+    """The block's pixels whose centre lies in the file (GDAL writes only those): (roi,
+    gy0, gx0, h, w), gy0 and gx0 the first one's on the grid of the file's corner; None
+    when there are none."""
+    h, w = geobox.shape.yx
+    gy0, gx0 = -row, -col  # the block's first pixel on the grid of the file's corner
+    y0, y1 = max(0, -gy0), min(h, ds.height * k - gy0)
+    x0, x1 = max(0, -gx0), min(w, ds.width * k - gx0)
+    if y0 >= y1 or x0 >= x1:
+        return None
+    return (slice(y0, y1), slice(x0, x1)), gy0 + y0, gx0 + x0, y1 - y0, x1 - x0
+
+
+def _file_window(ds: Any, geobox: GeoBox, cfg: Any, grid: tuple[int, int, int], seams: Seams | None) -> tuple[int, int, int, int] | None:  # fmt: skip
+    """The file window (r0, r1, c0, c1) that ``_fast_read`` decodes for ``geobox`` from
+    a file coarser than the grid (None for others, or none of it on the geobox)."""
+    k, col, row = grid
+    clip = _clipped(ds, geobox, k, col, row) if k > 1 else None
+    if clip is None or cfg.resampling not in ("nearest", "bilinear"):
+        return None
+    _, gy0, gx0, h, w = clip
+    if cfg.resampling == "nearest":
+        return gy0 // k, (gy0 + h - 1) // k + 1, gx0 // k, (gx0 + w - 1) // k + 1
+    if k != 2:
+        return None
+    return _trim(seams, *_bilinear_window(gy0, h, gx0, w, ds.height, ds.width))
+
+
+def _fast_applies(ds: Any, cfg: Any, k: int) -> tuple[np.dtype[Any], float, float] | None:
+    """(dtype, file nodata, load nodata) where ``_fast_read`` reads a file whose pixel is
+    ``k`` grid pixels; None where odc-loader's reader must (no nodata to mirror, float
+    pixels, a resampling other than nearest and bilinear, bilinear from other than
+    twice the grid's pixel)."""
     from odc.loader._reader import resolve_dst_nodata, resolve_src_nodata
 
-    k, col, row = grid
     dtype = np.dtype(cfg.dtype) if cfg.dtype else np.dtype(ds.dtypes[0])
     src_nodata = resolve_src_nodata(ds.nodatavals[0], cfg)
     dst_nodata = resolve_dst_nodata(dtype, cfg, src_nodata)
-    bilinear = cfg.resampling == "bilinear" and k > 1
     if src_nodata is None or dst_nodata is None:
         return None
-    if not (cfg.resampling == "nearest" or k == 1 or (bilinear and k == 2)):
+    if not (cfg.resampling == "nearest" or k == 1 or (cfg.resampling == "bilinear" and k == 2)):
         return None
     if np.dtype(ds.dtypes[0]).kind not in "ui" or dtype.kind not in "ui":
         return None
-    h, w = geobox.shape.yx
-    gy0, gx0 = -row, -col  # the block's first pixel on the grid of the file's corner
-    # Grid pixels whose centre lies in the file: GDAL writes only those.
-    y0, y1 = max(0, -gy0), min(h, ds.height * k - gy0)
-    x0, x1 = max(0, -gx0), min(w, ds.width * k - gx0)
-    empty = ((slice(0, 0), slice(0, 0)), np.empty((0, 0), dtype))
-    if y0 >= y1 or x0 >= x1:
-        return empty
-    gy0, gx0, h, w = gy0 + y0, gx0 + x0, y1 - y0, x1 - x0
-    roi = (slice(y0, y1), slice(x0, x1))
+    return dtype, src_nodata, dst_nodata
+
+
+def _fast_read(
+    ds: Any, geobox: GeoBox, cfg: Any, grid: tuple[int, int, int], seams: Seams | None = None
+) -> tuple[tuple[slice, slice], npt.NDArray[Any]] | None:
+    """The file on the block (roi, pixels) without GDAL's warper; None where this does
+    not apply (no nodata to mirror, a resampling other than nearest and bilinear, or
+    bilinear from other than twice the grid's pixel). ``seams``: the file's
+    (``read_seams``), for bilinear reads past its tile boundaries."""
+    k, col, row = grid
+    applies = _fast_applies(ds, cfg, k)
+    if applies is None:
+        return None
+    dtype, src_nodata, dst_nodata = applies
+    bilinear = cfg.resampling == "bilinear" and k > 1
+    clip = _clipped(ds, geobox, k, col, row)
+    if clip is None:
+        return (slice(0, 0), slice(0, 0)), np.empty((0, 0), dtype)
+    roi, gy0, gx0, h, w = clip
     if k == 1:
         pix = ds.read(1, window=rasterio.windows.Window(gx0, gy0, w, h))
         return roi, _as_loaded(pix, dtype, src_nodata, dst_nodata)
     if not bilinear:  # nearest: the source pixel under each centre (never on an edge)
         r0, r1 = gy0 // k, (gy0 + h - 1) // k + 1
         c0, c1 = gx0 // k, (gx0 + w - 1) // k + 1
-        raw = ds.read(1, window=rasterio.windows.Window(c0, r0, c1 - c0, r1 - r0))
+        raw = _read(ds, r0, r1, c0, c1)
         iy = np.arange(gy0, gy0 + h) // k - r0
         ix = np.arange(gx0, gx0 + w) // k - c0
         pix = raw.take(iy, axis=0).take(ix, axis=1)
         return roi, _as_loaded(pix, dtype, src_nodata, dst_nodata)
     # bilinear, k == 2: the source rows and columns either neighbour may be, in the file
-    r0, r1 = max((gy0 - 1) // 2, 0), min((gy0 + h - 2) // 2 + 2, ds.height)
-    c0, c1 = max((gx0 - 1) // 2, 0), min((gx0 + w - 2) // 2 + 2, ds.width)
-    raw = ds.read(1, window=rasterio.windows.Window(c0, r0, c1 - c0, r1 - r0))
-    a = np.zeros((raw.shape[0] + 2, raw.shape[1] + 2), raw.dtype)
-    a[1:-1, 1:-1] = raw
+    r0, r1, c0, c1 = _bilinear_window(gy0, h, gx0, w, ds.height, ds.width)
+    a = np.zeros((r1 - r0 + 2, c1 - c0 + 2), np.dtype(ds.dtypes[0]))
+    _read_seamed(ds, seams, r0, r1, c0, c1, a[1:-1, 1:-1])
     valid = np.zeros(a.shape, bool)
-    valid[1:-1, 1:-1] = raw != src_nodata
+    valid[1:-1, 1:-1] = a[1:-1, 1:-1] != src_nodata
     return roi, _bilinear2(a, valid, r0, c0, gy0, h, gx0, w, dst_nodata, dtype)
 
 
 def read_onto(
-    src: Any, cfg: Any, geobox: GeoBox, dst: npt.NDArray[Any], failures: list[str], token: str
-) -> None:
+    src: Any, cfg: Any, geobox: GeoBox, dst: npt.NDArray[Any], failures: list[str], token: str,
+    seams: Seams | None = None, fresh: bool = False,
+) -> bool:  # fmt: skip
     """One band file onto a block: its pixels fill ``dst`` where it is still nodata
-    (odc-loader's fuser)."""
+    (odc-loader's fuser); True if it wrote any. ``seams``: the file's, if read
+    (``read_seams``). ``fresh``: nothing is in ``dst`` yet, so the pixels are copied
+    without the test (the same result)."""
     from odc.loader._rio import rio_read  # 0.75 s to import: workers preload it
 
     uri = src.uri
     try:
         ds = _FILES.get(uri, token)
         grid = _on_grid(ds, geobox) if src.band == 1 else None
-        got = _fast_read(ds, geobox, cfg, grid) if grid is not None else None
+        got = _fast_read(ds, geobox, cfg, grid, seams) if grid is not None else None
         if got is None:
             got = rio_read(src, cfg, geobox)
     except READ_ERRORS as e:
         _FILES.drop(uri)
         failures.append(f"Ignoring read failure reading {uri}:{src.band} (reason: '{e}')")
-        return
+        return False
     roi, pix = got
     if pix.size == 0:
-        return
+        return False
     part = dst[roi]
-    fill = cfg.fill_value if cfg.fill_value is not None else 0
-    np.copyto(part, pix, where=part == fill)
+    if fresh:
+        part[...] = pix
+    else:
+        fill = cfg.fill_value if cfg.fill_value is not None else 0
+        np.copyto(part, pix, where=part == fill)
+    return True
 
 
 def read_block(plan: StackPlan, iy: int, ix: int) -> tuple[dict[str, npt.NDArray[Any]], list[str]]:  # fmt: skip
@@ -425,13 +650,17 @@ def read_block(plan: StackPlan, iy: int, ix: int) -> tuple[dict[str, npt.NDArray
     failures: list[str] = []
     with rasterio.Env(GDAL_CACHEMAX=READ_CACHE_BYTES, **plan.gdal_env):
         for t, group in enumerate(plan.groups):
+            fresh = set(plan.roles)  # the observation's slices nothing has written to
             for i in group:
                 if (iy, ix) not in plan.touches[i]:
                     continue
                 for role in plan.roles:
                     src = plan.sources[i].get(role)
-                    if src is not None:
-                        read_onto(src, plan.cfg[role], gb, stacks[role][t], failures, plan.token)
+                    if src is not None and read_onto(
+                        src, plan.cfg[role], gb, stacks[role][t], failures, plan.token,
+                        plan.seams.get(src.uri), role in fresh,
+                    ):  # fmt: skip
+                        fresh.discard(role)
     return stacks, failures
 
 
@@ -450,3 +679,62 @@ def composite_task(
     )
     del stacks, bands  # level 1's temporaries (about 90 bytes a pixel) replace the inputs
     return block, reduce_average(block) if plan.halves else None, failures
+
+
+def block_groups(plan: StackPlan, lanes: int) -> list[tuple[tuple[int, int], ...]]:
+    """The plan's blocks in groups of 2 x 2 (``composite_group``), or one by one where
+    that would leave fewer than two groups for each of ``lanes`` worker threads. Groups
+    start after a thin first row or column of blocks, where the scenes' tiles start."""
+    ny, nx = len(plan.rows) - 1, len(plan.cols) - 1
+
+    def key(i: int, edges: tuple[int, ...], n: int) -> int:
+        thin = n > 2 and edges[1] - edges[0] < edges[2] - edges[1]
+        return 0 if thin and i == 0 else (i - thin) // 2 + thin
+
+    groups: dict[tuple[int, int], list[tuple[int, int]]] = collections.defaultdict(list)
+    for iy, ix in plan.blocks:
+        groups[(key(iy, plan.rows, ny), key(ix, plan.cols, nx))].append((iy, ix))
+    if len(groups) < 2 * lanes:
+        return [(b,) for b in plan.blocks]
+    return [tuple(g) for g in groups.values()]
+
+
+def _prefetch(plan: StackPlan, blocks: Sequence[tuple[int, int]]) -> dict[str, tuple[int, int, npt.NDArray[Any]]]:  # fmt: skip
+    """The windows the group's blocks read from files coarser than the grid (the 20 m
+    bands and SCL), each decoded once: a 20 m tile serves four 1024 px blocks, and
+    block by block GDAL decoded it four times."""
+    r0 = min(plan.rows[iy] for iy, _ in blocks)
+    r1 = max(plan.rows[iy + 1] for iy, _ in blocks)
+    c0 = min(plan.cols[ix] for _, ix in blocks)
+    c1 = max(plan.cols[ix + 1] for _, ix in blocks)
+    gb = plan.geobox[r0:r1, c0:c1]
+    out: dict[str, tuple[int, int, npt.NDArray[Any]]] = {}
+    for sources, touches in zip(plan.sources, plan.touches, strict=True):
+        if not any(b in touches for b in blocks):
+            continue
+        for role, src in sources.items():
+            cfg = plan.cfg[role]
+            try:
+                ds = _FILES.get(src.uri, plan.token)
+                grid = _on_grid(ds, gb) if src.band == 1 else None
+                if grid is None or grid[0] == 1 or _fast_applies(ds, cfg, grid[0]) is None:
+                    continue
+                win = _file_window(ds, gb, cfg, grid, plan.seams.get(src.uri))
+                if win is not None and ds.name not in out:
+                    out[ds.name] = (win[0], win[2], _read(ds, *win))
+            except READ_ERRORS:
+                _FILES.drop(src.uri)  # the block reads meet the error again and report it
+    return out
+
+
+def composite_group(
+    plan: StackPlan, blocks: Sequence[tuple[int, int]]
+) -> list[tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None, list[str]]]:
+    """``composite_task`` for each of ``blocks`` (``block_groups``), in one task that
+    decodes the coarser files' windows once for all of them (``_prefetch``)."""
+    with rasterio.Env(GDAL_CACHEMAX=READ_CACHE_BYTES, **plan.gdal_env):
+        _PREFETCHED.windows = _prefetch(plan, blocks) if len(blocks) > 1 else {}
+    try:
+        return [composite_task(plan, iy, ix) for iy, ix in blocks]
+    finally:
+        _PREFETCHED.windows = {}

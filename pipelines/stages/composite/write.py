@@ -45,7 +45,13 @@ from pipelines.stages.composite.inputs import (
     region_geobox,
 )
 from pipelines.stages.composite.load import _cluster_memory, safe_chunk, task_bytes
-from pipelines.stages.composite.read import StackPlan, composite_task, plan_stack
+from pipelines.stages.composite.read import (
+    StackPlan,
+    block_groups,
+    composite_group,
+    plan_stack,
+    with_seams,
+)
 from pipelines.stages.stac.signing import signed_item, signer_for
 
 if TYPE_CHECKING:
@@ -83,10 +89,13 @@ def compute_plan(
     failures: list[str],
     client: Client | None = None,
     in_flight: int | None = None,
+    progress: Callable[[str], None] = log.info,
 ) -> Blocks:
     """Yield (window, block, level 1) as the blocks' tasks (``read.composite_task``: read
     and reduce) finish, keeping a bounded number in flight; their read failures are
-    appended to ``failures`` (redacted)."""
+    appended to ``failures`` (redacted). The 20 m files' tile seams are read first
+    (``read.with_seams``), and blocks go to the workers in groups of 2 x 2 that decode
+    the coarser files once (``read.block_groups``, ``read.composite_group``)."""
 
     def window(iy: int, ix: int) -> rasterio.windows.Window:
         r0, r1, c0, c1 = plan.span(iy, ix)
@@ -97,27 +106,36 @@ def compute_plan(
             if m not in failures:
                 failures.append(m)
 
-    blocks = plan.blocks
+    plan = with_seams(plan, client, progress)
+    lanes = sum(client.nthreads().values()) if client is not None else (os.cpu_count() or 2)
+    groups = block_groups(plan, lanes)
+    if len(groups) < len(plan.blocks):
+        progress(
+            f"composite: {len(groups)} tasks of up to 2 x 2 blocks, each decoding the 20 m "
+            "files' tiles once for its blocks"
+        )
     if client is None:
         from concurrent.futures import ThreadPoolExecutor
 
-        n = in_flight or (os.cpu_count() or 2)
+        n = in_flight or lanes
         with ThreadPoolExecutor(n) as pool:
-            for i in range(0, len(blocks), n):
-                batch = blocks[i : i + n]
-                for (iy, ix), (block, half, msgs) in zip(batch, pool.map(lambda b: composite_task(plan, *b), batch), strict=True):  # fmt: skip
-                    take(msgs)
-                    yield window(iy, ix), block, half
+            for i in range(0, len(groups), n):
+                batch = groups[i : i + n]
+                for group, results in zip(batch, pool.map(lambda g: composite_group(plan, g), batch), strict=True):  # fmt: skip
+                    for (iy, ix), (block, half, msgs) in zip(group, results, strict=True):
+                        take(msgs)
+                        yield window(iy, ix), block, half
         return
 
     from pipelines.infra.tiling import as_finished
 
     [shared] = client.scatter([plan], broadcast=True, hash=False)
     try:
-        start = lambda b: client.submit(composite_task, shared, *b, pure=False)  # noqa: E731
-        for (iy, ix), (block, half, msgs) in as_finished(client, blocks, start, in_flight):
-            take(msgs)
-            yield window(iy, ix), block, half
+        start = lambda g: client.submit(composite_group, shared, g, pure=False)  # noqa: E731
+        for group, results in as_finished(client, groups, start, in_flight):
+            for (iy, ix), (block, half, msgs) in zip(group, results, strict=True):
+                take(msgs)
+                yield window(iy, ix), block, half
     finally:
         shared.release()
 
@@ -327,10 +345,10 @@ def build_composite(
         progress(
             f"composite: {len(ok)} scenes in {len(observations)} observations onto "
             f"{geobox.shape.x}x{geobox.shape.y} px ({geobox.crs}, {geobox.resolution.x:g} m), "
-            f"{n_ch} blocks of up to {chunk} px{aligned}, each read and reduced in one task"
+            f"{n_ch} blocks of up to {chunk} px{aligned}, each read and reduced on a worker"
         )
         stats = write_composite(
-            compute_plan(plan, failures, client), geobox, target,
+            compute_plan(plan, failures, client, progress=progress), geobox, target,
             n_blocks=n_ch, aoi=aoi, tags=tags, halves=plan.halves, progress=progress,
         )  # fmt: skip
         for msg in failures:

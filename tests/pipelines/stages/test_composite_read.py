@@ -228,3 +228,133 @@ def test_overviews_are_the_composites_averages_whether_blocks_bring_level_1_or_n
             level = reduce_average(level)
             with rasterio.open(res.path, overview_level=k) as ovr:
                 np.testing.assert_array_equal(ovr.read(), level, err_msg=f"{name}: level {k + 1}")  # fmt: skip
+
+
+class _Recorder:
+    """A dataset stand-in that serves windows of an array and records them."""
+
+    name = "recorder.tif"
+
+    def __init__(self, data: np.ndarray) -> None:
+        self.data, self.windows = data, []
+
+    def read(self, band: int, window: Any) -> np.ndarray:
+        self.windows.append(window)
+        r, c = int(window.row_off), int(window.col_off)
+        return self.data[r : r + int(window.height), c : c + int(window.width)].copy()
+
+
+def test_a_bilinear_window_past_a_tile_seam_takes_those_lines_from_the_seams() -> None:
+    """A window one line past its tiles on each side reads only its own tiles from the
+    file and the four lines beyond from the seams, with the same pixels; a window
+    inside one tile, or seams that do not cover it, read the file alone."""
+    from pipelines.stages.composite.read import Seams, _read_seamed, _seam_lines
+
+    data = np.random.default_rng(0).integers(1, 9999, (300, 260)).astype(np.uint16)
+    assert _seam_lines(0, 300, 64) == [63, 64, 127, 128, 191, 192, 255, 256]
+    assert _seam_lines(64, 128, 64) == [], "a span of one tile has no seam inside it"
+    rows = {r: data[r, 10:250] for r in _seam_lines(0, 300, 64)}
+    cols = {c: data[:, c] for c in _seam_lines(10, 250, 64)}
+    seams = Seams((64, 64), rows, cols, (0, 300, 10, 250))
+    for (r0, r1, c0, c1), read in [
+        ((63, 129, 127, 193), (64, 128, 128, 192)),  # a line past on every side
+        ((63, 100, 130, 193), (64, 100, 130, 192)),  # past the top and the right
+        ((70, 100, 130, 150), (70, 100, 130, 150)),  # inside one tile
+        ((63, 64, 127, 129), (63, 64, 128, 128 + 1)),  # one row: read, not all seams
+    ]:
+        ds = _Recorder(data)
+        out = np.zeros((r1 - r0, c1 - c0), np.uint16)
+        _read_seamed(ds, seams, r0, r1, c0, c1, out)
+        np.testing.assert_array_equal(out, data[r0:r1, c0:c1])
+        [w] = ds.windows
+        got = (int(w.row_off), int(w.row_off + w.height), int(w.col_off), int(w.col_off + w.width))  # fmt: skip
+        assert got == read, (r0, r1, c0, c1)
+    ds = _Recorder(data)
+    out = np.zeros((66, 66), np.uint16)
+    _read_seamed(ds, seams, 63, 129, 5, 71, out)  # column 5 is outside the seams' span
+    np.testing.assert_array_equal(out, data[63:129, 5:71])
+    assert [(int(w.height), int(w.width)) for w in ds.windows] == [(66, 66)]
+
+
+@pytest.mark.parametrize("offset_px", [(0, 0), (3, 5)], ids=["corner on the grid", "odd corner"])
+def test_reads_with_tile_seams_equal_odc_loaders(
+    tmp_path: Path, offset_px: tuple[int, int]
+) -> None:
+    """A 20 m file of many 64 px tiles read bilinearly onto blocks with its seams
+    (``read_seams``, as the stage does before its blocks) gives odc-loader's pixels, on
+    blocks on the tiles' grid and anywhere else."""
+    from pipelines.stages.composite.read import read_seams
+
+    path = _cog(tmp_path / "b.tif", 20.0, (150, 163), X0 + offset_px[1] * 10, Y0 - offset_px[0] * 10, "uint16", seed=5)  # fmt: skip
+    region = GeoBox((300, 320), from_origin(X0, Y0, 10, 10), "EPSG:32719")
+    seams = read_seams(str(path), region, "t", {})
+    assert seams is not None and seams.tile == (64, 64)
+    assert sorted(seams.rows) == [63, 64, 127, 128] and sorted(seams.cols) == [63, 64, 127, 128]
+    src = RasterSource(str(path), meta=RasterBandMetadata("uint16", 0))
+    cfg = RasterLoadParams(dtype="uint16", fill_value=0, resampling="bilinear", fail_on_error=False)  # fmt: skip
+    on_tiles = [region[r : r + 128, c : c + 128] for r in range(0, 300, 128) for c in range(0, 320, 128)]  # fmt: skip
+    elsewhere = [g for g in _blocks(np.random.default_rng(3), 40) if min(Y0 - g.affine.f, g.affine.c - X0) >= 0]  # fmt: skip
+    for gb in on_tiles + elsewhere:
+        ours = np.zeros(gb.shape.yx, np.uint16)
+        failures: list[str] = []
+        read_onto(src, cfg, gb, ours, failures, token="t", seams=seams)
+        theirs = np.zeros(gb.shape.yx, np.uint16)
+        roi, pix = rio_read(src, cfg, gb)
+        if pix.size:
+            np.copyto(theirs[roi], pix, where=theirs[roi] == 0)
+        assert failures == []
+        np.testing.assert_array_equal(ours, theirs)
+    _FILES.clear()
+    assert read_seams(str(tmp_path / "missing.tif"), region, "t", {}) is None
+
+
+def _tiled_scene(folder: Path, i: int) -> dict[str, Any]:
+    """A hand-made L2A scene of 64 px tiles (its 20 m files several tiles across) as the
+    scenes stage's item."""
+    import datetime as dt
+
+    from pipelines.stages.stac.normalize import ROLE_RESOLUTION
+
+    assets = {}
+    for role, res in ROLE_RESOLUTION.items():
+        n = 2000 // int(res)
+        dtype = "uint8" if role == "scl" else "uint16"
+        path = _cog(folder / f"s{i}_{role}.tif", res, (n, n + 1), X0, Y0, dtype, seed=10 * i + len(role))  # fmt: skip
+        if role == "scl":  # SCL classes: vegetation, with some cloud
+            with rasterio.open(path, "r+") as f:
+                d = f.read(1)
+                f.write(np.where(d == 0, 0, np.where(d % 5 == 0, 9, 4)).astype("uint8"), 1)
+        band: dict[str, Any] = {"nodata": 0, "data_type": dtype}
+        if role != "scl":
+            band |= {"scale": 1e-4, "offset": -0.1}
+        assets[role] = {
+            "href": path.as_uri(), "roles": ["data"], "raster:bands": [band],
+            "proj:shape": [n, n + 1], "proj:transform": [res, 0, X0, 0, -res, Y0],
+        }  # fmt: skip
+    when = dt.datetime(2021, 6, 1, 14, 50) + dt.timedelta(days=5 * i)
+    ring = [[-69.0, -9.5], [-68.9, -9.5], [-68.9, -9.4], [-69.0, -9.4], [-69.0, -9.5]]
+    return {
+        "type": "Feature", "stac_version": "1.0.0", "stac_extensions": [],
+        "id": f"S2A_19LCF_{when:%Y%m%d}_0_L2A", "collection": "sentinel-2-l2a",
+        "geometry": {"type": "Polygon", "coordinates": [ring]},
+        "bbox": [-69.0, -9.5, -68.9, -9.4],
+        "properties": {"datetime": when.isoformat() + "Z", "proj:epsg": 32719},
+        "links": [], "assets": assets,
+    }  # fmt: skip
+
+
+def test_the_stage_with_tile_seams_equals_odc_stacs_stack(tmp_path: Path) -> None:
+    """Scenes whose 20 m files are many tiles across: the stage reads their seams first
+    (and says so), and its composite still equals the median of odc-stac's own stack."""
+    from pipelines.stages.composite import build_composite, composite_array, load_stack
+
+    items = [_tiled_scene(tmp_path, i) for i in range(3)]
+    geobox = GeoBox((190, 196), from_origin(X0 + 40, Y0 - 20, 10, 10), "EPSG:32719")
+    lon = geobox.extent.to_crs("EPSG:4326").centroid.coords[0][0]
+    tagged, obs = plan_observations(items, lon)
+    before = composite_array(load_stack(tagged, geobox, chunk=256), obs).compute(scheduler="threads")  # fmt: skip
+    logs: list[str] = []
+    res = build_composite(items, geobox, tmp_path / "c.tif", chunk=64, progress=logs.append)
+    assert any("tile seams of 6 files" in m for m in logs), logs
+    with rasterio.open(res.path) as src:
+        np.testing.assert_array_equal(src.read(), before)
