@@ -332,12 +332,11 @@ def _tiled_scene(folder: Path, i: int) -> dict[str, Any]:
             "proj:shape": [n, n + 1], "proj:transform": [res, 0, X0, 0, -res, Y0],
         }  # fmt: skip
     when = dt.datetime(2021, 6, 1, 14, 50) + dt.timedelta(days=5 * i)
-    ring = [[-69.0, -9.5], [-68.9, -9.5], [-68.9, -9.4], [-69.0, -9.4], [-69.0, -9.5]]
+    foot = GeoBox((200, 201), from_origin(X0, Y0, 10, 10), "EPSG:32719").extent.to_crs("EPSG:4326")  # fmt: skip
     return {
         "type": "Feature", "stac_version": "1.0.0", "stac_extensions": [],
         "id": f"S2A_19LCF_{when:%Y%m%d}_0_L2A", "collection": "sentinel-2-l2a",
-        "geometry": {"type": "Polygon", "coordinates": [ring]},
-        "bbox": [-69.0, -9.5, -68.9, -9.4],
+        "geometry": foot.json, "bbox": list(foot.boundingbox),
         "properties": {"datetime": when.isoformat() + "Z", "proj:epsg": 32719},
         "links": [], "assets": assets,
     }  # fmt: skip
@@ -358,3 +357,36 @@ def test_the_stage_with_tile_seams_equals_odc_stacs_stack(tmp_path: Path) -> Non
     assert any("tile seams of 6 files" in m for m in logs), logs
     with rasterio.open(res.path) as src:
         np.testing.assert_array_equal(src.read(), before)
+    assert np.isfinite(before[0]).mean() > 0.9, "the scenes cover the region"
+
+
+def test_a_group_of_blocks_equals_its_blocks_one_by_one(tmp_path: Path) -> None:
+    """Blocks in groups of 2 x 2 (a thin first row and column of blocks alone, where the
+    scenes' tiles start) decode the coarser files' windows once for the group, and give
+    each block's composite and overview level 1 to the bit; too few groups for the worker
+    threads and every block is its own task."""
+    from pipelines.stages.composite.read import (
+        _prefetch,
+        block_groups,
+        composite_group,
+        composite_task,
+        with_seams,
+    )
+
+    items = [_tiled_scene(tmp_path, i) for i in range(3)]
+    geobox = GeoBox((190, 196), from_origin(X0 + 40, Y0 - 20, 10, 10), "EPSG:32719")
+    tagged, obs = plan_observations(items, geobox.extent.to_crs("EPSG:4326").centroid.coords[0][0])  # fmt: skip
+    plan = with_seams(plan_stack(tagged, obs, geobox, chunk=64), None, lambda _m: None)
+    assert plan.rows == (0, 62, 126, 190) and plan.cols == (0, 60, 124, 188, 196)
+    groups = block_groups(plan, lanes=1)
+    assert groups == [((0, 0),), ((0, 1), (0, 2)), ((0, 3),), ((1, 0), (2, 0)), ((1, 1), (1, 2), (2, 1), (2, 2)), ((1, 3), (2, 3))]  # fmt: skip
+    assert block_groups(plan, lanes=4) == [(b,) for b in plan.blocks]
+    fetched = _prefetch(plan, groups[4])
+    assert sorted(Path(n).name for n in fetched) == [f"s{i}_{r}.tif" for i in range(3) for r in ("scl", "swir16", "swir22")]  # fmt: skip
+    for group in groups:
+        for (iy, ix), (block, half, msgs) in zip(group, composite_group(plan, group), strict=True):
+            alone, alone_half, _ = composite_task(plan, iy, ix)
+            np.testing.assert_array_equal(block, alone)
+            np.testing.assert_array_equal(half, alone_half)
+            assert msgs == []
+    _FILES.clear()
