@@ -626,6 +626,7 @@ def train_product(
     ens.eval()
     p_val = predict(ens, chips.x[sp.val])
     threshold, rule = product_threshold(p_val, chips.y[sp.val], random_negative_mask(chips)[sp.val])  # fmt: skip
+    say(f"chip product threshold {threshold:.3f}: {rule}")
     held = np.concatenate([sp.mines, sp.random, sp.hard])
     prob = np.full(len(chips.y), np.nan, np.float32)
     prob[held] = predict(ens, chips.x[held])
