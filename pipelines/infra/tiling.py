@@ -342,7 +342,7 @@ STAGE_CACHE_BYTES = 128 * 2**20
 #: still. The COG itself is deflated, which every reader has.
 SCRATCH_TIFF = {
     "driver": "GTiff", "tiled": True, "blockxsize": BLOCK, "blockysize": BLOCK,
-    "compress": "none", "num_threads": "ALL_CPUS", "BIGTIFF": "IF_SAFER",
+    "compress": "none", "predictor": 1, "num_threads": "ALL_CPUS", "BIGTIFF": "IF_SAFER",
 }  # fmt: skip
 
 
@@ -402,7 +402,7 @@ def level_profile(profile: Mapping[str, Any], height: int, width: int, transform
     """The profile of the overview level below a raster of ``height`` x ``width`` px
     at ``transform``: half its size (rounded up), twice its pixel, a scratch GTiff."""
     return {
-        **profile, **SCRATCH_TIFF, "predictor": 1,
+        **profile, **SCRATCH_TIFF,
         "height": (height + 1) // 2, "width": (width + 1) // 2,
         "transform": transform * rasterio.Affine.scale(2),
     }  # fmt: skip
@@ -422,7 +422,7 @@ def write_overviews(
     for a 71 Mpx 10-band composite and took 168 s (docs/performance.md).
     """
     with rasterio.open(source) as src:
-        profile = {**src.profile, **SCRATCH_TIFF, "predictor": 1}
+        profile = {**src.profile, **SCRATCH_TIFF}
     check_averageable(source, profile)
     written: list[Path] = [] if first is None else [first]
     above = source if first is None else first

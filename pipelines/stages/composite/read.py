@@ -321,7 +321,7 @@ def read_seams(uri: str, geobox: GeoBox, token: str, gdal_env: Mapping[str, Any]
         try:
             ds = _FILES.get(uri, token)
             grid = _on_grid(ds, geobox)
-            if grid is None or grid[0] != 2 or ds.count < 1:
+            if grid is None or grid[0] != 2:
                 return None
             th, tw = ds.block_shapes[0]
             _, col, row = grid
