@@ -77,3 +77,29 @@ def test_bad_shapes_are_named() -> None:
         masked_median_dn(np.zeros((2, 3, 3), np.uint16), np.zeros((2, 3), bool))
     with pytest.raises(ValueError, match=r"must be equal \(t, y, x\) shapes"):
         masked_median_float(np.zeros((3, 3), np.float32), np.zeros((3, 3), bool))
+
+
+def test_strips_change_nothing_but_the_speed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelines.stages.composite import median
+
+    rng = np.random.default_rng(7)
+    dn = rng.integers(0, 12000, (20, 70, 45), dtype=np.uint16)  # 32 + 32 + 6 rows
+    clear = rng.random(dn.shape) > 0.3
+    shift = rng.integers(0, 3000, 20)
+    monkeypatch.setattr(median, "STRIP_ROWS", 1000)
+    whole = masked_median_dn(dn, clear, shift)
+    monkeypatch.setattr(median, "STRIP_ROWS", 32)
+    strips = masked_median_dn(dn, clear, shift)
+    assert np.array_equal(whole[0], strips[0], equal_nan=True)
+    assert np.array_equal(whole[1], strips[1])
+    valid = clear & (dn > 0)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ref = np.nanmedian(np.where(valid, dn + shift[:, None, None], np.nan), axis=0)
+    assert np.allclose(strips[0], ref, equal_nan=True, rtol=0, atol=1e-3)
+    # A shifted DN out of range in the last strip alone still fails; a masked one never.
+    dn[3, 69, 0], clear[3, 69, 0] = 64000, True
+    with pytest.raises(OverflowError):
+        masked_median_dn(dn, clear, shift + 2000)
+    clear[3, 69, 0] = False
+    assert np.isfinite(masked_median_dn(dn, clear, np.full(20, 1))[0]).any()
