@@ -25,6 +25,11 @@ on random negatives is 0.99; over ``--seeds`` seeds (mean and spread) and for th
 ensemble (the mean probability). Predictions average the eight flips and rotations of
 a chip (test-time augmentation).
 
+Beside each seed's CNN the benchmark trains gradient-boosted trees (LightGBM) on colour
+and texture statistics of the chips (``chip_features``, ``fit_trees``) and reports the
+hybrid of the two, stacked by a logistic regression fitted on the validation chips
+(``stack``); ``--no-trees`` leaves it out.
+
 Run: ``.venv/bin/python -m ml.chips [--chips DIR] [--seeds 5] [--roc PNG]``; it prints
 the split, each seed's figures and a Markdown table.
 
@@ -47,8 +52,9 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -336,6 +342,84 @@ def fit(
     return model
 
 
+def chip_features(x: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+    """Colour and texture statistics of each chip (n, 3, 48, 48) -> (n, 71), for the
+    gradient-boosted trees beside the CNN: percentiles (1, 5, 25, 50, 75, 95, 99) and
+    the spread of red, green, blue, brightness and the differences red - green, green
+    - blue and red - blue; percentiles (50, 90, 99) of the brightness gradient down and
+    across; the shares of pixels brighter than 0.2, 0.3 and 0.4, redder than green by
+    0, 0.03 and 0.06, bluer than red by 0 and 0.03; and the brightness contrast between
+    the chip's quarters. Bare soil, tailings and turbid ponds in forest are what these
+    measure; none depends on where in the chip they lie."""
+    v = x.astype(np.float32) / 255.0
+    r, g, b = v[:, 0], v[:, 1], v[:, 2]
+    bright = (r + g + b) / 3
+    n = len(v)
+    cols: list[npt.NDArray[np.float32]] = []
+    for c in (r, g, b, bright, r - g, g - b, r - b):
+        flat = c.reshape(n, -1)
+        cols += list(np.percentile(flat, [1, 5, 25, 50, 75, 95, 99], axis=1))
+        cols.append(flat.std(axis=1))
+    for d in (np.diff(bright, axis=1), np.diff(bright, axis=2)):
+        cols += list(np.percentile(np.abs(d).reshape(n, -1), [50, 90, 99], axis=1))
+    cols += [(bright > t).mean(axis=(1, 2)) for t in (0.2, 0.3, 0.4)]
+    cols += [((r - g) > t).mean(axis=(1, 2)) for t in (0.0, 0.03, 0.06)]
+    cols += [((b - r) > t).mean(axis=(1, 2)) for t in (0.0, 0.03)]
+    quarters = bright.reshape(n, 2, CHIP // 2, 2, CHIP // 2).mean(axis=(2, 4)).reshape(n, 4)
+    cols.append(quarters.max(axis=1) - quarters.min(axis=1))
+    return np.stack(cols, axis=1).astype(np.float32)
+
+
+def fit_trees(chips: Chips, sp: Split, seed: int, features: npt.NDArray[np.float32]) -> Any:
+    """Gradient-boosted trees (LightGBM, which s2cloudless already brings) on
+    ``chip_features``, trained on what the CNN trains on (``training_order``) with the
+    same class weight. Fixed settings, chosen once and not tuned on the held-out chips."""
+    import lightgbm
+
+    train = training_order(chips, sp)
+    y = chips.y[train]
+    weight = np.where(y == 1, (y == 0).sum() / max(1, (y == 1).sum()), 1.0)
+    params = {
+        "objective": "binary", "learning_rate": 0.05, "num_leaves": 31, "lambda_l2": 1.0,
+        "min_data_in_leaf": 20, "seed": seed, "deterministic": True, "force_col_wise": True,
+        "num_threads": max(1, torch.get_num_threads()), "verbose": -1,
+    }  # fmt: skip
+    data = lightgbm.Dataset(features[train], label=y, weight=weight)
+    return lightgbm.train(params, data, num_boost_round=400)
+
+
+def _logit(p: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+    q = np.clip(p.astype(np.float64), 1e-6, 1 - 1e-6)
+    return np.asarray(np.log(q / (1 - q)))
+
+
+def stack(p_cnn: npt.NDArray[np.float32], p_trees: npt.NDArray[np.float32], y: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:  # fmt: skip
+    """How the CNN and the trees vote: a logistic regression on their two logits,
+    fitted on the validation chips (stacked generalisation; each class weighs half,
+    a small ridge keeps the weights finite), never on held-out ones. Returns (weight of
+    the CNN's logit, weight of the trees', intercept)."""
+    from scipy.optimize import minimize
+
+    z = np.stack([_logit(p_cnn), _logit(p_trees), np.ones(len(y))], axis=1)
+    w = np.where(y == 1, 0.5 / max(1, (y == 1).sum()), 0.5 / max(1, (y == 0).sum()))
+    sign = np.where(y == 1, 1.0, -1.0)
+
+    def loss(c: npt.NDArray[np.float64]) -> tuple[float, npt.NDArray[np.float64]]:
+        m = sign * (z @ c)
+        value = float(np.sum(w * np.logaddexp(0, -m)) + 1e-3 * c[:2] @ c[:2])
+        grad = -(z * (w * sign / (1 + np.exp(m)))[:, None]).sum(axis=0)
+        grad[:2] += 2e-3 * c[:2]
+        return value, grad
+
+    return np.asarray(minimize(loss, np.array([0.5, 0.5, 0.0]), jac=True, method="L-BFGS-B").x)
+
+
+def stacked(vote: npt.NDArray[np.float64], p_cnn: npt.NDArray[np.float32], p_trees: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:  # fmt: skip
+    """The hybrid's probability: ``stack``'s regression on the two logits."""
+    z = vote[0] * _logit(p_cnn) + vote[1] * _logit(p_trees) + vote[2]
+    return np.asarray(1 / (1 + np.exp(-z)), np.float32)
+
+
 @dataclass
 class Benchmark:
     per_seed: list[dict[str, float]]
@@ -343,6 +427,11 @@ class Benchmark:
     probs: list[npt.NDArray[np.float32]]  # per seed, per chip (NaN where not held out)
     split: Split
     seconds: float
+    #: The hybrid (CNN and trees, ``stack``), per seed and its ensemble; empty without trees.
+    hybrid_per_seed: list[dict[str, float]] = field(default_factory=list)
+    hybrid_ensemble: dict[str, float] = field(default_factory=dict)
+    hybrid_probs: list[npt.NDArray[np.float32]] = field(default_factory=list)
+    votes: list[tuple[float, float]] = field(default_factory=list)  # the CNN's and trees' weights
 
 
 def benchmark(
@@ -352,9 +441,12 @@ def benchmark(
     epochs: int = 12,
     jitter: float = 0.0,
     by_auc: bool = False,
+    trees: bool = True,
     say: Callable[[str], None] = print,
 ) -> Benchmark:
-    """Train ``seeds`` models on the benchmark split; every figure on held-out chips."""
+    """Train ``seeds`` models on the benchmark split; every figure on held-out chips.
+    With ``trees``, each seed also trains gradient-boosted trees on ``chip_features``
+    and the hybrid's figures are reported beside the CNN's (``stack``)."""
     started = time.perf_counter()
     sp0 = split(chips, 0)
     say(
@@ -364,6 +456,8 @@ def benchmark(
         f"{len(sp0.train)} + {len(sp0.val)} early stopping"
     )  # fmt: skip
     per_seed, probs = [], []
+    hybrid_per_seed, hybrid_probs, votes = [], [], []
+    features = chip_features(chips.x) if trees else None
     for seed in range(seeds):
         sp = split(chips, seed)
         model = fit(chips, sp, epochs=epochs, seed=seed, say=say, jitter=jitter, by_auc=by_auc)
@@ -373,8 +467,26 @@ def benchmark(
         probs.append(prob)
         per_seed.append(figures(prob, sp))
         say(f"seed {seed}: {per_seed[-1]}")
+        if features is not None:
+            forest = fit_trees(chips, sp, seed, features)
+            p_val = predict(model, chips.x[sp.val], tta=True)
+            t_val = forest.predict(features[sp.val]).astype(np.float32)
+            vote = stack(p_val, t_val, chips.y[sp.val])
+            hybrid = np.full(len(chips.y), np.nan, np.float32)
+            t_held = forest.predict(features[held]).astype(np.float32)
+            hybrid[held] = stacked(vote, prob[held], t_held)
+            hybrid_probs.append(hybrid)
+            hybrid_per_seed.append(figures(hybrid, sp))
+            votes.append((round(float(vote[0]), 3), round(float(vote[1]), 3)))
+            say(f"seed {seed} hybrid (votes CNN {votes[-1][0]}, trees {votes[-1][1]}): {hybrid_per_seed[-1]}")  # fmt: skip
     ensemble = figures(np.mean(probs, axis=0).astype(np.float32), sp0)
-    return Benchmark(per_seed, ensemble, probs, sp0, round(time.perf_counter() - started, 1))
+    hybrid_ensemble = (
+        figures(np.mean(hybrid_probs, axis=0).astype(np.float32), sp0) if hybrid_probs else {}
+    )
+    return Benchmark(
+        per_seed, ensemble, probs, sp0, round(time.perf_counter() - started, 1),
+        hybrid_per_seed, hybrid_ensemble, hybrid_probs, votes,
+    )  # fmt: skip
 
 
 def table(b: Benchmark) -> str:
@@ -388,10 +500,20 @@ def table(b: Benchmark) -> str:
         ("specificity_hard_at_spec99", "specificity, hard negatives, at that threshold"),
     ]
     amw = {"sensitivity": "0.895", "specificity_random": "0.994"}
-    rows = [f"| figure | {len(b.per_seed)} seeds, mean ± sd | ensemble | AMW (Venezuela held out) |", "|---|---|---|---|"]  # fmt: skip
+
+    def spread(per: list[dict[str, float]], key: str) -> str:
+        v = np.array([s[key] for s in per])
+        return f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0:.3f}"
+
+    n = len(b.per_seed)
+    hy = f" hybrid (CNN + trees), {n} seeds | hybrid ensemble |" if b.hybrid_per_seed else ""
+    rows = [
+        f"| figure | CNN, {n} seeds, mean ± sd | CNN ensemble |{hy} AMW (Venezuela held out) |",
+        "|---|---|---|" + ("---|---|" if hy else "") + "---|",
+    ]
     for key, name in keys:
-        v = np.array([s[key] for s in b.per_seed])
-        rows.append(f"| {name} | {v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0:.3f} | {b.ensemble[key]:.3f} | {amw.get(key, '')} |")  # fmt: skip
+        h = f" {spread(b.hybrid_per_seed, key)} | {b.hybrid_ensemble[key]:.3f} |" if hy else ""
+        rows.append(f"| {name} | {spread(b.per_seed, key)} | {b.ensemble[key]:.3f} |{h} {amw.get(key, '')} |")  # fmt: skip
     return "\n".join(rows)
 
 
@@ -417,7 +539,11 @@ def roc_png(b: Benchmark, chips: Chips, path: Path) -> Path:
             ax.plot(fpr, tpr, lw=0.8, alpha=0.6, label=f"seed {i}")
         ens = np.mean(b.probs, axis=0)
         fpr, tpr = curve(ens[sp.mines], ens[negs])
-        ax.plot(fpr, tpr, lw=2.2, color="black", label="ensemble")
+        ax.plot(fpr, tpr, lw=2.2, color="black", label="CNN ensemble")
+        if b.hybrid_probs:
+            hyb = np.mean(b.hybrid_probs, axis=0)
+            fpr, tpr = curve(hyb[sp.mines], hyb[negs])
+            ax.plot(fpr, tpr, lw=2.2, color="#2166ac", ls="--", label="hybrid ensemble (CNN + trees)")  # fmt: skip
         ax.axvline(0.01, color="grey", ls=":", lw=1)
         if "random" in title:
             ax.plot([0.006], [0.895], marker="*", ms=12, color="#b2182b", ls="", label="AMW (0.895 at 0.994)")  # fmt: skip
@@ -722,6 +848,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jitter", type=float, default=0.0, help="brightness/gain augmentation")
     ap.add_argument("--by-auc", action="store_true", help="early stopping on validation AUC")
     ap.add_argument(
+        "--no-trees", action="store_true", help="benchmark: the CNN alone, without the hybrid"
+    )
+    ap.add_argument(
         "--register", type=Path, default=None, metavar="ROOT",
         help="train the screening detector (--seeds models, 1 by default) and register it in "
         "ROOT's model registry",
@@ -737,8 +866,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds:
         chips = load_chips(args.chips)
         b = benchmark(
-            chips, seeds=args.seeds, epochs=args.epochs, jitter=args.jitter, by_auc=args.by_auc
-        )
+            chips, seeds=args.seeds, epochs=args.epochs, jitter=args.jitter, by_auc=args.by_auc,
+            trees=not args.no_trees,
+        )  # fmt: skip
         print(table(b))
         print(f"trained and evaluated {args.seeds} seeds in {b.seconds} s")
         if args.roc is not None:

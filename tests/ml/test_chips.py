@@ -124,6 +124,13 @@ def test_benchmark_runs_end_to_end_on_a_subsample(tmp_path: Path) -> None:
     )
     text = table(b)
     assert text.count("\n") == 6 and "0.895" in text and "± " in text
+    # The hybrid (CNN and trees) is scored on the same held-out chips, never on others.
+    assert len(b.hybrid_per_seed) == 2 and set(b.hybrid_ensemble) == set(b.ensemble)
+    assert np.isnan(b.hybrid_probs[0][b.split.val]).all()
+    assert np.isfinite(b.hybrid_probs[0][b.split.random]).all() and len(b.votes) == 2
+    assert "hybrid (CNN + trees), 2 seeds" in text.splitlines()[0]
+    alone = table(benchmark(sub, seeds=1, epochs=1, trees=False, say=lambda _m: None))
+    assert "hybrid" not in alone and alone.splitlines()[1] == "|---|---|---|---|"
     png = roc_png(b, sub, tmp_path / "roc.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
@@ -135,3 +142,33 @@ def test_auc_is_the_chance_a_mine_outranks_a_non_mine() -> None:
     assert _auc(np.array([0.9, 0.8, 0.1, 0.2], np.float32), y) == 1.0
     assert _auc(np.array([0.1, 0.8, 0.9, 0.2], np.float32), y) == 0.25
     assert _auc(np.array([0.5, 0.5, 0.5, 0.5], np.float32), y) == 0.5  # ties count half
+
+
+def test_chip_features_measure_colour_and_texture_wherever_they_lie() -> None:
+    from ml.chips import chip_features
+
+    rng = np.random.default_rng(0)
+    forest = np.zeros((1, 3, 48, 48), np.uint8)
+    forest[0, 1] = 60  # green
+    pond = forest.copy()
+    pond[0, :, 5:15, 30:40] = np.array([200, 120, 60])[:, None, None]  # a red-brown patch
+    moved = np.roll(pond, (20, -25), axis=(2, 3))
+    f = chip_features(np.concatenate([forest, pond, moved, rng.integers(0, 255, (2, 3, 48, 48), np.uint8)]))  # fmt: skip
+    assert f.shape == (5, 71) and f.dtype == np.float32 and np.isfinite(f).all()
+    assert not np.allclose(f[0], f[1])  # the patch is seen
+    # Where it lies changes only the quarters' contrast (the last column) at most.
+    assert np.allclose(f[1, :-1], f[2, :-1])
+
+
+def test_the_stack_weighs_the_member_that_separates_the_classes() -> None:
+    from ml.chips import stack, stacked
+
+    rng = np.random.default_rng(1)
+    y = np.array([1] * 60 + [0] * 140)
+    good = np.where(y == 1, rng.uniform(0.6, 1.0, 200), rng.uniform(0.0, 0.4, 200)).astype(np.float32)  # fmt: skip
+    noise = rng.uniform(0, 1, 200).astype(np.float32)
+    vote = stack(good, noise, y)
+    assert vote[0] > 5 * abs(vote[1])  # the informative member carries the vote
+    assert stack(noise, good, y)[1] > 5 * abs(stack(noise, good, y)[0])
+    p = stacked(vote, good, noise)
+    assert p.dtype == np.float32 and p[y == 1].min() > p[y == 0].max()
