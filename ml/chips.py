@@ -350,7 +350,7 @@ def chip_features(x: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
     across; the shares of pixels brighter than 0.2, 0.3 and 0.4, redder than green by
     0, 0.03 and 0.06, bluer than red by 0 and 0.03; and the brightness contrast between
     the chip's quarters. Bare soil, tailings and turbid ponds in forest are what these
-    measure; none depends on where in the chip they lie."""
+    measure; all but the quarters' contrast are blind to where in the chip they lie."""
     v = x.astype(np.float32) / 255.0
     r, g, b = v[:, 0], v[:, 1], v[:, 2]
     bright = (r + g + b) / 3
@@ -396,8 +396,9 @@ def _logit(p: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
 def stack(p_cnn: npt.NDArray[np.float32], p_trees: npt.NDArray[np.float32], y: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:  # fmt: skip
     """How the CNN and the trees vote: a logistic regression on their two logits,
     fitted on the validation chips (stacked generalisation; each class weighs half,
-    a small ridge keeps the weights finite), never on held-out ones. Returns (weight of
-    the CNN's logit, weight of the trees', intercept)."""
+    a small ridge keeps the weights finite), never on held-out ones. The CNN chose its
+    epoch on the same chips, which can only favour its vote. Returns (weight of the
+    CNN's logit, weight of the trees', intercept)."""
     from scipy.optimize import minimize
 
     z = np.stack([_logit(p_cnn), _logit(p_trees), np.ones(len(y))], axis=1)
