@@ -401,8 +401,13 @@ def stack(p_cnn: npt.NDArray[np.float32], p_trees: npt.NDArray[np.float32], y: n
     CNN's logit, weight of the trees', intercept)."""
     from scipy.optimize import minimize
 
+    if not (y == 1).any() or not (y == 0).any():
+        raise ValueError(
+            f"cannot stack the CNN and the trees on {len(y)} validation chips with "
+            f"{int((y == 1).sum())} mines and {int((y == 0).sum())} non-mines: both are needed"
+        )
     z = np.stack([_logit(p_cnn), _logit(p_trees), np.ones(len(y))], axis=1)
-    w = np.where(y == 1, 0.5 / max(1, (y == 1).sum()), 0.5 / max(1, (y == 0).sum()))
+    w = np.where(y == 1, 0.5 / (y == 1).sum(), 0.5 / (y == 0).sum())
     sign = np.where(y == 1, 1.0, -1.0)
 
     def loss(c: npt.NDArray[np.float64]) -> tuple[float, npt.NDArray[np.float64]]:

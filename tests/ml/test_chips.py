@@ -172,3 +172,5 @@ def test_the_stack_weighs_the_member_that_separates_the_classes() -> None:
     assert stack(noise, good, y)[1] > 5 * abs(stack(noise, good, y)[0])
     p = stacked(vote, good, noise)
     assert p.dtype == np.float32 and p[y == 1].min() > p[y == 0].max()
+    with pytest.raises(ValueError, match="0 mines and 140 non-mines: both are needed"):
+        stack(good[60:], noise[60:], y[60:])
