@@ -389,8 +389,9 @@ def fit_trees(chips: Chips, sp: Split, seed: int, features: npt.NDArray[np.float
 
 
 def _logit(p: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
-    q = np.clip(p.astype(np.float64), 1e-6, 1 - 1e-6)
-    return np.asarray(np.log(q / (1 - q)))
+    from scipy.special import logit
+
+    return np.asarray(logit(np.clip(p.astype(np.float64), 1e-6, 1 - 1e-6)))
 
 
 def stack(p_cnn: npt.NDArray[np.float32], p_trees: npt.NDArray[np.float32], y: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:  # fmt: skip
@@ -400,6 +401,7 @@ def stack(p_cnn: npt.NDArray[np.float32], p_trees: npt.NDArray[np.float32], y: n
     epoch on the same chips, which can only favour its vote. Returns (weight of the
     CNN's logit, weight of the trees', intercept)."""
     from scipy.optimize import minimize
+    from scipy.special import expit
 
     if not (y == 1).any() or not (y == 0).any():
         raise ValueError(
@@ -413,7 +415,7 @@ def stack(p_cnn: npt.NDArray[np.float32], p_trees: npt.NDArray[np.float32], y: n
     def loss(c: npt.NDArray[np.float64]) -> tuple[float, npt.NDArray[np.float64]]:
         m = sign * (z @ c)
         value = float(np.sum(w * np.logaddexp(0, -m)) + 1e-3 * c[:2] @ c[:2])
-        grad = -(z * (w * sign / (1 + np.exp(m)))[:, None]).sum(axis=0)
+        grad = -(z * (w * sign * expit(-m))[:, None]).sum(axis=0)
         grad[:2] += 2e-3 * c[:2]
         return value, grad
 
@@ -422,8 +424,9 @@ def stack(p_cnn: npt.NDArray[np.float32], p_trees: npt.NDArray[np.float32], y: n
 
 def stacked(vote: npt.NDArray[np.float64], p_cnn: npt.NDArray[np.float32], p_trees: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:  # fmt: skip
     """The hybrid's probability: ``stack``'s regression on the two logits."""
-    z = vote[0] * _logit(p_cnn) + vote[1] * _logit(p_trees) + vote[2]
-    return np.asarray(1 / (1 + np.exp(-z)), np.float32)
+    from scipy.special import expit
+
+    return np.asarray(expit(vote[0] * _logit(p_cnn) + vote[1] * _logit(p_trees) + vote[2]), np.float32)  # fmt: skip
 
 
 @dataclass
