@@ -526,6 +526,100 @@ def table(b: Benchmark) -> str:
     return "\n".join(rows)
 
 
+def campaign_of(gallery: str) -> str:
+    """The held-out region a gallery stands for (``HELDOUT``), or the gallery itself."""
+    return next((label for key, label in HELDOUT.items() if key in gallery), gallery)
+
+
+@dataclass(frozen=True)
+class Ceiling:
+    """What the run's models find between them, each at its own operating point."""
+
+    members: int  # every seed's CNN, and its hybrid where trees ran
+    found_by_any: float  # share of held-out mines above at least one member's threshold
+    #: Share of the held-out random negatives above at least one member's threshold: the
+    #: union's specificity is 1 minus this, under each member's 0.99.
+    flagged_by_any: float
+    missed: npt.NDArray[np.int64]  # chip indexes of the held-out mines no member finds
+    #: Per held-out mine campaign: (missed by every member, mines, the CNN ensemble's
+    #: sensitivity at its own specificity-0.99 threshold).
+    per_campaign: dict[str, tuple[int, int, float]]
+
+
+def ceiling(b: Benchmark, chips: Chips) -> Ceiling:
+    """The mines no model of the run finds: each member (every seed's CNN and hybrid)
+    at its own threshold for specificity 0.99 on the random negatives.
+
+    ``found_by_any`` is what an oracle picking the right member for each chip would
+    find, not a classifier: the union flags more random negatives than any member
+    (``flagged_by_any``). A mine every member misses is one that a vote among them
+    rarely finds either (averaging can lift a chip above the ensemble's threshold
+    where it lowers the negatives' top scores more), so the missed chips show what
+    these models do not see, and ``missed_png`` shows them to a person."""
+    sp = b.split
+    hits, flags = [], []
+    for p in [*b.probs, *b.hybrid_probs]:
+        at99 = np.quantile(p[sp.random], 0.99, method="higher")
+        hits.append(p[sp.mines] > at99)
+        flags.append(p[sp.random] > at99)
+    found = np.any(hits, axis=0)
+    ens = np.mean(b.probs, axis=0)  # the CNN ensemble, as in ``table``
+    ens_hit = ens[sp.mines] > np.quantile(ens[sp.random], 0.99, method="higher")
+    campaign = np.array([campaign_of(chips.gallery[i]) for i in sp.mines])
+    per = {}
+    for c in dict.fromkeys(campaign):
+        at = campaign == c
+        per[c] = (int((~found[at]).sum()), int(at.sum()), round(float(ens_hit[at].mean()), 3))
+    flagged = round(float(np.any(flags, axis=0).mean()), 4)
+    return Ceiling(len(hits), round(float(found.mean()), 4), flagged, sp.mines[~found], per)
+
+
+def describe_ceiling(c: Ceiling) -> str:
+    """``ceiling`` in words, for the benchmark's printout and docs/detection.md."""
+    parts = "; ".join(
+        f"{name}: {miss} of {n} missed by all, ensemble {sens:.3f}"
+        for name, (miss, n, sens) in c.per_campaign.items()
+    )
+    return (
+        f"held-out mines found by at least one of the {c.members} models, each at its own "
+        f"specificity-0.99 threshold: {c.found_by_any:.3f}, while together they flag "
+        f"{c.flagged_by_any:.3f} of the random negatives; {len(c.missed)} missed by every "
+        f"one ({parts})"
+    )
+
+
+def missed_png(c: Ceiling, chips: Chips, path: Path, columns: int = 16, scale: int = 2) -> Path:
+    """The held-out mines no model finds, as a gallery PNG (one row of chips per
+    campaign in turn, ``scale`` x enlarged), for a person to judge what they show."""
+    from matplotlib import font_manager
+    from PIL import Image, ImageDraw, ImageFont
+
+    # DejaVu Sans (matplotlib's own font) writes the campaigns' accents (Puñino).
+    font = ImageFont.truetype(font_manager.findfont("DejaVu Sans", fallback_to_default=False), 11)  # fmt: skip
+    cell = CHIP + 2
+    rows: list[tuple[str, list[int]]] = []
+    for name in c.per_campaign:
+        ix = [int(i) for i in c.missed if campaign_of(chips.gallery[i]) == name]
+        miss, n, _ = c.per_campaign[name]
+        title = f"{name}: {miss} of {n} mines missed by all {c.members} models"
+        rows += [(title if k == 0 else "", ix[k : k + columns]) for k in range(0, len(ix), columns)]
+    label_h = 14
+    height = sum(cell + (label_h if name else 0) for name, _ in rows) or cell
+    img = Image.new("RGB", (columns * cell, height), "white")
+    draw = ImageDraw.Draw(img)
+    y = 0
+    for name, ix in rows:
+        if name:
+            draw.text((2, y + 1), name, fill="black", font=font)
+            y += label_h
+        for k, i in enumerate(ix):
+            img.paste(Image.fromarray(chips.x[i].transpose(1, 2, 0)), (k * cell, y))
+        y += cell
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST).save(path)
+    return path
+
+
 def roc_png(b: Benchmark, chips: Chips, path: Path) -> Path:
     """ROC curves (mines against random negatives, and against hard negatives), one
     thin line per seed and the ensemble bold, saved as a PNG."""
@@ -860,6 +954,10 @@ def main(argv: list[str] | None = None) -> int:
         "--no-trees", action="store_true", help="benchmark: the CNN alone, without the hybrid"
     )
     ap.add_argument(
+        "--missed", type=Path, default=None, metavar="PNG",
+        help="benchmark: save the held-out mines that no model finds as a gallery here",
+    )  # fmt: skip
+    ap.add_argument(
         "--register", type=Path, default=None, metavar="ROOT",
         help="train the screening detector (--seeds models, 1 by default) and register it in "
         "ROOT's model registry",
@@ -879,9 +977,13 @@ def main(argv: list[str] | None = None) -> int:
             trees=not args.no_trees,
         )  # fmt: skip
         print(table(b))
+        c = ceiling(b, chips)
+        print(describe_ceiling(c))
         print(f"trained and evaluated {args.seeds} seeds in {b.seconds} s")
         if args.roc is not None:
             print(f"ROC curves: {roc_png(b, chips, args.roc)}")
+        if args.missed is not None:
+            print(f"missed mines: {missed_png(c, chips, args.missed)}")
         return 0
     res = train_and_evaluate(load_chips(args.chips), epochs=args.epochs, seed=args.seed)
     h = res["heldout"]

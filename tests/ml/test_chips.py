@@ -88,6 +88,41 @@ def test_benchmark_figures_read_the_right_chips() -> None:
     assert f["specificity_hard_at_spec99"] == 0.75
 
 
+def test_the_ceiling_counts_the_mines_no_model_finds(tmp_path: Path) -> None:
+    """Each member at its own specificity-0.99 threshold: a mine found by one member is
+    found; the union is the oracle's figure, its false alarms are counted, and the
+    misses are named per campaign."""
+    from PIL import Image
+
+    from ml.chips import Benchmark, Split, ceiling, describe_ceiling, missed_png
+
+    idx = np.arange
+    sp = Split(idx(0), idx(0), mines=idx(0, 10), random=idx(10, 210), hard=idx(210, 220))
+    gallery = ["BD_MineriaAurifera_Peru.png"] * 6 + ["punino_positives.png"] * 4 + ["n"] * 210
+    y = np.r_[np.ones(10, np.int64), np.zeros(210, np.int64)]
+    chips = Chips(np.random.default_rng(0).integers(0, 255, (220, 3, 48, 48), np.uint8), y, gallery)  # fmt: skip
+    a = np.zeros(220, np.float32)
+    a[10:210] = np.linspace(0, 0.5, 200)  # threshold: the second highest (200 negatives)
+    b = np.zeros(220, np.float32)
+    b[10:210] = np.linspace(0, 0.2, 200)
+    b[10] = 0.3  # b's top random negative is another chip than a's: 0.2 is its threshold
+    a[[0, 1, 2, 3]] = 0.9  # a finds mines 0-3
+    b[[0, 1, 4, 6]] = 0.9, 0.9, 0.25, 0.25  # b finds 4 and 6 (0.25 would not pass a's)
+    bench = Benchmark([], {}, [a, b], sp, 0.0)
+    c = ceiling(bench, chips)
+    assert c.members == 2 and c.found_by_any == 0.6
+    assert c.flagged_by_any == 0.01  # each flags its own top negative: 2 of 200
+    assert c.missed.tolist() == [5, 7, 8, 9]
+    peru, punino = (c.per_campaign[label] for label in ("Peru (curated mines, 2024)", "Ecuador, Puñino (mines, 2025)"))  # fmt: skip
+    assert peru[:2] == (1, 6) and punino[:2] == (3, 4)
+    assert "found by at least one of the 2 models" in describe_ceiling(c)
+    assert "3 of 4 missed by all" in describe_ceiling(c) and "flag 0.010" in describe_ceiling(c)
+    bench.hybrid_probs = [np.where(idx(220) == 9, 0.99, a).astype(np.float32)]
+    assert ceiling(bench, chips).missed.tolist() == [5, 7, 8]  # a hybrid member counts too
+    png = missed_png(c, chips, tmp_path / "missed.png")
+    assert Image.open(png).size == (16 * 50 * 2, (2 * 50 + 2 * 14) * 2)
+
+
 def test_the_product_threshold_holds_both_specificities_on_validation() -> None:
     """The lowest threshold with specificity 0.99 on the validation's random landscape
     negatives and 0.90 on its other negatives; a missing kind is named in the rule, no
@@ -131,6 +166,11 @@ def test_benchmark_runs_end_to_end_on_a_subsample(tmp_path: Path) -> None:
     assert "hybrid (CNN + trees), 2 seeds" in text.splitlines()[0]
     alone = table(benchmark(sub, seeds=1, epochs=1, trees=False, say=lambda _m: None))
     assert "hybrid" not in alone and alone.splitlines()[1] == "|---|---|---|---|"
+    from ml.chips import ceiling
+
+    c = ceiling(b, sub)  # two CNNs and two hybrids, each at its own threshold
+    assert c.members == 4 and 0 <= c.found_by_any <= 1
+    assert c.found_by_any >= max(s["sensitivity_at_spec99"] for s in b.per_seed + b.hybrid_per_seed)  # fmt: skip
     png = roc_png(b, sub, tmp_path / "roc.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
