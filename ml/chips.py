@@ -28,9 +28,11 @@ a chip (test-time augmentation).
 Beside each seed's CNN the benchmark trains gradient-boosted trees (LightGBM) on colour
 and texture statistics of the chips (``chip_features``, ``fit_trees``) and reports the
 hybrid of the two, stacked by a logistic regression fitted on the validation chips
-(``stack``); ``--no-trees`` leaves it out.
+(``stack``); ``--no-trees`` leaves it out. It also prints the held-out mines that every
+one of those models misses at its own specificity-0.99 threshold (``ceiling``), and
+``--missed PNG`` draws them for a person to judge (``missed_png``).
 
-Run: ``.venv/bin/python -m ml.chips [--chips DIR] [--seeds 5] [--roc PNG]``; it prints
+Run: ``.venv/bin/python -m ml.chips [--chips DIR] [--seeds 5] [--roc PNG] [--missed PNG]``; it prints
 the split, each seed's figures and a Markdown table.
 
 As a product detector (issue 19, item 4): ``--register ROOT`` trains the seeds' models on
@@ -577,7 +579,7 @@ def ceiling(b: Benchmark, chips: Chips) -> Ceiling:
 def describe_ceiling(c: Ceiling) -> str:
     """``ceiling`` in words, for the benchmark's printout and docs/detection.md."""
     parts = "; ".join(
-        f"{name}: {miss} of {n} missed by all, ensemble {sens:.3f}"
+        f"{name}: {miss} of {n} missed by all, CNN ensemble {sens:.3f}"
         for name, (miss, n, sens) in c.per_campaign.items()
     )
     return (
