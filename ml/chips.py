@@ -796,6 +796,30 @@ def _at(prob: npt.NDArray[np.float32], sp: Split, threshold: float) -> dict[str,
     }
 
 
+def threshold_sweep(
+    model: nn.Module, chips: Chips, thresholds: list[float]
+) -> list[dict[str, float]]:
+    """A screening detector's trade-off at each of ``thresholds``: the held-out figures
+    (``_at``, on the benchmark split the product trains on) and how many of the
+    validation's look-alike negatives (industry, riverbanks, aquaculture, landslides,
+    other landscape samples: the negatives ``product_threshold`` holds at
+    ``TARGET_SPECIFICITY_HARD``) score at or above it."""
+    sp = split(chips, 0)
+    held = np.concatenate([sp.mines, sp.random, sp.hard])
+    prob = np.full(len(chips.y), np.nan, np.float32)
+    prob[held] = predict(model, chips.x[held])
+    rand = random_negative_mask(chips)
+    look = sp.val[(chips.y[sp.val] == 0) & ~rand[sp.val]]
+    p_look = predict(model, chips.x[look]) if len(look) else np.zeros(0, np.float32)
+    rows = []
+    for t in thresholds:
+        rows.append({
+            "threshold": round(float(t), 4), **_at(prob, sp, t),
+            "lookalikes_firing": int((p_look >= t).sum()), "lookalikes": len(look),
+        })  # fmt: skip
+    return rows
+
+
 MIN_CLEAR = 0.75  # a window with fewer clear pixels is not screened (AMW's chips: clear0.75)
 
 
@@ -943,6 +967,37 @@ def register_product(
     return record
 
 
+SWEEP = [0.5, 0.6, 0.7, 0.8]
+
+
+def sweep_table(root: Path, model_id: str, chips: Chips) -> str:
+    """``threshold_sweep`` of the screening detector ``model_id`` registered under
+    ``root``, at ``SWEEP`` and its own threshold, as a Markdown table."""
+    from ml import registry
+
+    found = [r for r in registry.records(root) if r.model_id == model_id]
+    if not found:
+        raise SystemExit(f"no model {model_id!r} is registered under {root}")
+    record = found[0]
+    if record.kind != "chips":
+        raise SystemExit(f"{model_id} is a {record.kind} model, not a screening detector (kind chips)")  # fmt: skip
+    own = float(record.metrics["threshold"])
+    rows = threshold_sweep(registry.load_chip_model(root, record), chips, sorted({*SWEEP, own}))
+    out = [
+        f"{model_id} (its threshold {own:.3f}), held out: {len(split(chips, 0).mines)} mines",
+        "| threshold | sensitivity | specificity, random landscape | specificity, hard "
+        "| validation look-alikes that fire |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        mark = " (its own)" if r["threshold"] == round(own, 4) else ""
+        out.append(
+            f"| {r['threshold']:.3f}{mark} | {r['sensitivity']:.3f} | {r['specificity_random']:.3f} "
+            f"| {r['specificity_hard']:.3f} | {r['lookalikes_firing']} of {r['lookalikes']} |"
+        )
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="RGB chip classifier with regions held out")
     ap.add_argument("--chips", type=Path, default=DEFAULT_DIR)
@@ -952,6 +1007,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--roc", type=Path, default=None, help="benchmark: save the ROC curves here")
     ap.add_argument("--jitter", type=float, default=0.0, help="brightness/gain augmentation")
     ap.add_argument("--by-auc", action="store_true", help="early stopping on validation AUC")
+    ap.add_argument(
+        "--sweep", nargs=2, default=None, metavar=("ROOT", "MODEL_ID"),
+        help="a registered screening detector's held-out figures at other thresholds",
+    )  # fmt: skip
     ap.add_argument(
         "--no-trees", action="store_true", help="benchmark: the CNN alone, without the hybrid"
     )
@@ -966,6 +1025,9 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.sweep is not None:
+        print(sweep_table(Path(args.sweep[0]), args.sweep[1], load_chips(args.chips)))
+        return 0
     if args.register is not None:
         register_product(
             args.register, load_chips(args.chips), args.chips, seeds=args.seeds or 1,

@@ -10,6 +10,7 @@ together. Skips without ../shared/data.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,30 @@ def test_the_chip_model_is_registered_with_its_domain_and_held_out_figures(
     again = register_product(root, chip_model[2], shared("chips"), seeds=1, epochs=2, say=said.append)  # fmt: skip
     assert again == record and said == [f"chip model {record.model_id} is registered for these chips and settings; reused"]  # fmt: skip
     assert len(registry.records(root)) == 1
+
+
+def test_the_threshold_sweep_shows_the_trade_off_of_the_registered_model(
+    chip_model: tuple[Path, Any, Chips],
+) -> None:
+    """At each threshold, the held-out figures the registry records at the model's own,
+    and how many validation look-alikes fire: fewer as the threshold rises."""
+    from ml.chips import random_negative_mask, sweep_table, threshold_sweep
+
+    root, record, sub = chip_model
+    own = float(record.metrics["threshold"])
+    model = registry.load_chip_model(root, record)
+    rows = threshold_sweep(model, sub, [0.3, own, 0.9])
+    assert {k: rows[1][k] for k in record.metrics["heldout"]} == record.metrics["heldout"]
+    sp = split(sub, 0)
+    look = int(((sub.y[sp.val] == 0) & ~random_negative_mask(sub)[sp.val]).sum())
+    assert look > 0 and all(r["lookalikes"] == look for r in rows)
+    for lo, hi in itertools.pairwise(rows):
+        assert hi["sensitivity"] <= lo["sensitivity"] and hi["lookalikes_firing"] <= lo["lookalikes_firing"]  # fmt: skip
+        assert hi["specificity_random"] >= lo["specificity_random"]
+    text = sweep_table(root, record.model_id, sub)
+    assert f"| {own:.3f} (its own) |" in text and text.count("\n") == 2 + len({0.5, 0.6, 0.7, 0.8, round(own, 4)})  # fmt: skip
+    with pytest.raises(SystemExit, match="no model 'chips-nope' is registered under"):
+        sweep_table(root, "chips-nope", sub)
 
 
 def test_a_region_chooses_the_chip_model_only_by_name(chip_model: tuple[Path, Any, Chips]) -> None:
