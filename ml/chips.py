@@ -41,7 +41,8 @@ the benchmark split and registers them as one ``Ensemble`` of kind ``chips``
 validation chips (``product_threshold``) and the offsets that ``render`` adds to L2A reflectance
 (``dark_object_offsets``); ``screen`` maps a rendered composite window by window
 (``pipelines.stages.detection.screen_tile``). docs/detection.md has the figures and what
-the L2A conversion costs (``conversion_cost``).
+the L2A conversion costs (``conversion_cost``). ``--sweep ROOT MODEL_ID`` prints a
+registered detector's held-out figures at other thresholds (``threshold_sweep``).
 """
 
 from __future__ import annotations
