@@ -112,7 +112,7 @@ def test_the_chip_model_is_registered_with_its_domain_and_held_out_figures(
 
 
 def test_the_threshold_sweep_shows_the_trade_off_of_the_registered_model(
-    chip_model: tuple[Path, Any, Chips],
+    chip_model: tuple[Path, Any, Chips], tmp_path: Path
 ) -> None:
     """At each threshold, the held-out figures the registry records at the model's own,
     and how many validation look-alikes fire: fewer as the threshold rises."""
@@ -133,6 +133,19 @@ def test_the_threshold_sweep_shows_the_trade_off_of_the_registered_model(
     assert f"| {own:.3f} (its own) |" in text and text.count("\n") == 2 + len({0.5, 0.6, 0.7, 0.8, round(own, 4)})  # fmt: skip
     with pytest.raises(SystemExit, match="no model 'chips-nope' is registered under"):
         sweep_table(root, "chips-nope", sub)
+    # A segmentation model has no screening threshold to sweep: refused, by kind.
+    from torch import nn
+
+    from ml.features import Normalizer
+    from ml.models import UnetSpec
+
+    unet = registry.register(
+        tmp_path, nn.Conv2d(1, 1, 1), UnetSpec(), Normalizer((0.0,) * 9, (1.0,) * 9),
+        input_hash_="unet", device="cpu", seconds=1.0, train_data=[], metrics={"threshold": 0.5},
+        config={}, domain=None,
+    )  # fmt: skip
+    with pytest.raises(SystemExit, match="is a unet model, not a screening detector"):
+        sweep_table(tmp_path, unet.model_id, sub)
 
 
 def test_a_region_chooses_the_chip_model_only_by_name(chip_model: tuple[Path, Any, Chips]) -> None:
