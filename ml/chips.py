@@ -274,11 +274,30 @@ def _auc(prob: npt.NDArray[np.float32], y: npt.NDArray[np.int64]) -> float:
     return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
+def held_out(sp: Split) -> npt.NDArray[np.int64]:
+    """Every held-out chip: the mines, the random negatives, the hard negatives."""
+    return np.concatenate([sp.mines, sp.random, sp.hard])
+
+
+def held_out_probs(model: nn.Module, chips: Chips, sp: Split, tta: bool = False) -> npt.NDArray[np.float32]:  # fmt: skip
+    """``predict`` on the held-out chips only, per chip of ``chips`` (NaN elsewhere)."""
+    held = held_out(sp)
+    prob = np.full(len(chips.y), np.nan, np.float32)
+    prob[held] = predict(model, chips.x[held], tta=tta)
+    return prob
+
+
+def at_spec99(prob: npt.NDArray[np.float32], sp: Split) -> float:
+    """The threshold for specificity 0.99 on the held-out random negatives: the value
+    above 99 % of them (with 300, the third highest)."""
+    return float(np.quantile(prob[sp.random], 0.99, method="higher"))
+
+
 def figures(prob: npt.NDArray[np.float32], sp: Split) -> dict[str, float]:
     """The three held-out figures at threshold 0.5, and the sensitivity where the
     specificity on random negatives is 0.99 (the threshold above 99 % of them)."""
     mines, hard = prob[sp.mines], prob[sp.hard]
-    at99 = float(np.quantile(prob[sp.random], 0.99, method="higher"))
+    at99 = at_spec99(prob, sp)
     return {
         **_at(prob, sp, 0.5),
         "sensitivity_at_spec99": round(float((mines > at99).mean()), 4),
@@ -473,9 +492,8 @@ def benchmark(
     for seed in range(seeds):
         sp = split(chips, seed)
         model = fit(chips, sp, epochs=epochs, seed=seed, say=say, jitter=jitter, by_auc=by_auc)
-        held = np.concatenate([sp.mines, sp.random, sp.hard])
-        prob = np.full(len(chips.y), np.nan, np.float32)  # only held-out chips are scored
-        prob[held] = predict(model, chips.x[held], tta=True)
+        held = held_out(sp)
+        prob = held_out_probs(model, chips, sp, tta=True)  # only held-out chips are scored
         probs.append(prob)
         per_seed.append(figures(prob, sp))
         say(f"seed {seed}: {per_seed[-1]}")
@@ -562,12 +580,12 @@ def ceiling(b: Benchmark, chips: Chips) -> Ceiling:
     sp = b.split
     hits, flags = [], []
     for p in [*b.probs, *b.hybrid_probs]:
-        at99 = np.quantile(p[sp.random], 0.99, method="higher")
+        at99 = at_spec99(p, sp)
         hits.append(p[sp.mines] > at99)
         flags.append(p[sp.random] > at99)
     found = np.any(hits, axis=0)
     ens = np.mean(b.probs, axis=0)  # the CNN ensemble, as in ``table``
-    ens_hit = ens[sp.mines] > np.quantile(ens[sp.random], 0.99, method="higher")
+    ens_hit = ens[sp.mines] > at_spec99(ens, sp)
     campaign = np.array([campaign_of(chips.gallery[i]) for i in sp.mines])
     per = {}
     for c in dict.fromkeys(campaign):
@@ -771,7 +789,7 @@ def conversion_cost(
     offsets. The rendering is then ``error`` offsets too dark: error 1 is what adding no
     offsets at all would do (L2A rendered as if it were L1C); error -1, adding twice
     the offsets."""
-    held = np.concatenate([sp.mines, sp.random, sp.hard])
+    held = held_out(sp)
     off = np.asarray(offsets, np.float32)[:, None, None]
     toa = chips.x[held].astype(np.float32) / 255.0 * RENDER_MAX
     cases = [(e, 1.0) for e in errors] + [(0.0, g) for g in gains]
@@ -806,9 +824,7 @@ def threshold_sweep(
     other landscape samples: the negatives ``product_threshold`` holds at
     ``TARGET_SPECIFICITY_HARD``) score at or above it."""
     sp = split(chips, 0)
-    held = np.concatenate([sp.mines, sp.random, sp.hard])
-    prob = np.full(len(chips.y), np.nan, np.float32)
-    prob[held] = predict(model, chips.x[held])
+    prob = held_out_probs(model, chips, sp)
     rand = random_negative_mask(chips)
     look = sp.val[(chips.y[sp.val] == 0) & ~rand[sp.val]]
     p_look = predict(model, chips.x[look]) if len(look) else np.zeros(0, np.float32)
@@ -880,9 +896,7 @@ def train_product(
     p_val = predict(ens, chips.x[sp.val])
     threshold, rule = product_threshold(p_val, chips.y[sp.val], random_negative_mask(chips)[sp.val])  # fmt: skip
     say(f"chip product threshold {threshold:.3f}: {rule}")
-    held = np.concatenate([sp.mines, sp.random, sp.hard])
-    prob = np.full(len(chips.y), np.nan, np.float32)
-    prob[held] = predict(ens, chips.x[held])
+    prob = held_out_probs(ens, chips, sp)
     both = np.concatenate([sp.mines, sp.random])
     metrics: dict[str, object] = {
         "threshold": round(threshold, 6),
