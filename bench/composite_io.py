@@ -184,8 +184,15 @@ def main(argv: list[str] | None = None) -> int:
         "--http", action="store_true", help="also read the files over HTTP, counting requests"
     )
     args = ap.parse_args(argv)
-    work = args.work or Path(tempfile.mkdtemp(prefix="asmwatch-composite-io-"))
-    work.mkdir(parents=True, exist_ok=True)
+    if args.work:
+        args.work.mkdir(parents=True, exist_ok=True)
+        return run(args, args.work)
+    # Without --work the world and the composites (4.7 GB for a full tile) go with the run.
+    with tempfile.TemporaryDirectory(prefix="asmwatch-composite-io-") as tmp:
+        return run(args, Path(tmp))
+
+
+def run(args: argparse.Namespace, work: Path) -> int:
     from pipelines.embedded.simulator import load_items
 
     if args.tile:

@@ -79,7 +79,10 @@ MARGIN_M = 200.0
 CACHE_BYTES = 128 * 2**20
 #: COG layout of the simulated bands (as Earth Search's: 256 px blocks, deflate with
 #: horizontal differencing, GDAL's automatic overview levels).
-COG_OPTIONS = {"PREDICTOR": "2", "BLOCKSIZE": 256, "OVERVIEW_COUNT": None, "OVERVIEWS": "AUTO"}
+COG_OPTIONS = {
+    "COMPRESS": "DEFLATE", "LEVEL": 1, "PREDICTOR": "2", "BLOCKSIZE": 256,
+    "OVERVIEW_COUNT": None, "OVERVIEWS": "AUTO",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ def test_small_world_composite_matches_naive_median_and_sees_the_mines(
     assert data.shape == (len(OUTPUT_BANDS), *geobox.shape.yx)
     assert prof["crs"].to_epsg() == 32719 and prof["transform"].a == 10.0
     assert prof["desc"] == OUTPUT_BANDS and prof["overviews"], "named bands and overviews"
-    assert prof["tiled"] and prof["compress"] == "deflate"
+    assert prof["tiled"] and prof["compress"] == "zstd"
     with rasterio.open(out) as src:
         assert src.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
     assert prof["tags"]["asmwatch_empty"] == "false"
@@ -88,6 +88,34 @@ def test_small_world_composite_matches_naive_median_and_sees_the_mines(
     mining, other = ndvi[truth == 1], ndvi[truth == 0]
     assert np.nanmedian(mining) < 0.35 < 0.6 < np.nanmedian(other)
     assert np.nanmedian(data[BAND["BSI"]][truth == 1]) > np.nanmedian(data[BAND["BSI"]][truth == 0])
+
+
+@pytest.mark.skipif(shutil.which("gdal_translate") is None, reason="Debian's gdal_translate (gdal-bin) is not installed; make test installs it")  # fmt: skip
+def test_debian_gdal_reads_the_composite_to_the_bit(
+    small_scenes_root: Path, small_world: Path, tmp_path: Path
+) -> None:
+    """The composite is ZSTD with the floating-point predictor: Debian's GDAL 3.6 (as
+    QGIS on Debian uses) decodes it, full resolution and overviews, to the same bits."""
+    import subprocess
+
+    region = small_region()
+    items = read_scene_items(scenes_path(small_scenes_root, region.id, "2021"))
+    out = build_composite(items, region_geobox(region), tmp_path / "c.tif", chunk=128).path
+    with rasterio.open(out) as src:
+        assert src.profile["compress"] == "zstd"
+        assert src.tags(ns="IMAGE_STRUCTURE").get("PREDICTOR") == "3", src.tags(ns="IMAGE_STRUCTURE")  # fmt: skip
+        levels = len(src.overviews(1))
+    assert levels, "the composite has overviews"
+    for level in (None, levels - 1):
+        plain = tmp_path / f"plain{level}.tif"
+        ovr = [] if level is None else ["-ovr", str(level)]
+        cmd = ["gdal_translate", "-q", *ovr, "-co", "COMPRESS=NONE", str(out), str(plain)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        with rasterio.open(plain) as debian, rasterio.open(out, overview_level=level) as src:
+            theirs, ours = debian.read(), src.read()
+        assert theirs.shape == ours.shape and np.isfinite(ours).any()
+        np.testing.assert_array_equal(theirs.view(np.uint32), ours.view(np.uint32))
 
 
 def test_cloudy_pixels_never_reach_the_median(small_scenes_root: Path, tmp_path: Path) -> None:
