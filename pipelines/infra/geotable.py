@@ -103,12 +103,14 @@ class GeoParquetWriter:
     index=False)`` writes for all chunks at once: the same columns, the ``bbox``
     covering column, and ``geo`` metadata with the CRS and the geometry types and
     bounds of every chunk (set when the writer closes). ``empty`` is the frame written
-    when no chunk was.
+    when no chunk was. ``metadata`` goes into the file's key-value metadata too (what a
+    stage records of how it made the table, e.g. the sites' minimum mapping unit).
     """
 
-    def __init__(self, path: Path, empty: Any) -> None:
+    def __init__(self, path: Path, empty: Any, metadata: dict[str, str] | None = None) -> None:
         self.path = path
         self.empty = empty
+        self.metadata = dict(metadata or {})
         self._writer: pq.ParquetWriter | None = None
         self._geo: dict[str, Any] | None = None
         self._types: set[str] = set()
@@ -142,14 +144,18 @@ class GeoParquetWriter:
 
     def close(self) -> None:
         if self._writer is None:
-            self.empty.to_parquet(self.path, write_covering_bbox=True, index=False)
+            from geopandas.io.arrow import _geopandas_to_arrow
+
+            table = _geopandas_to_arrow(self.empty, index=False, write_covering_bbox=True)
+            meta = {**(table.schema.metadata or {}), **{k.encode(): v.encode() for k, v in self.metadata.items()}}  # fmt: skip
+            pq.write_table(table.replace_schema_metadata(meta), self.path)
             return
         column = self._geo_column()
         column["geometry_types"] = sorted(self._types)
         if self._bounds:
             b = np.asarray(self._bounds, dtype=float)
             column["bbox"] = [*b[:, :2].min(axis=0).tolist(), *b[:, 2:].max(axis=0).tolist()]
-        self._writer.add_key_value_metadata({"geo": json.dumps(self._geo)})
+        self._writer.add_key_value_metadata({"geo": json.dumps(self._geo), **self.metadata})
         self._writer.close()
 
     def __enter__(self) -> GeoParquetWriter:
@@ -262,11 +268,12 @@ def write_sorted(
     target: Path,
     typed: Callable[[Any], Any],
     crs: Any,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """``spill``'s rows sorted by the column ``order_by`` (``sort_rows``; ties in the
     order they came) into the GeoParquet ``target``, atomically, chunk by chunk;
     ``typed`` gives each chunk (a GeoDataFrame in ``crs``) its columns and dtypes, and
-    the empty table its schema."""
+    the empty table its schema; ``metadata``: the file's own key-value metadata."""
     import geopandas as gpd
     import shapely
 
@@ -277,7 +284,7 @@ def write_sorted(
     order = pc.sort_indices(keys, sort_keys=[(order_by, "ascending")]).to_numpy()
     del keys
     ordered = sort_rows(spill.path, spill.path.with_suffix(".sorted.parquet"), rank_of(order), spill.path.parent)  # fmt: skip
-    with atomic_path(target) as tmp, GeoParquetWriter(tmp, empty) as out:
+    with atomic_path(target) as tmp, GeoParquetWriter(tmp, empty, metadata) as out:
         for chunk in streamed(ordered).iter_batches(batch_size=READ_ROWS):
             data = chunk.drop_columns(["geometry"]).to_pandas()
             geoms = shapely.from_wkb(chunk.column("geometry"))

@@ -78,6 +78,11 @@ NOTE_NO_HISTORY = (
     "no asm_change for {period}: first_seen_period of older mining is a bound (that "
     "period), and land abandoned before it is not tracked"
 )
+NOTE_MMU_DIFFERS = (
+    "the sites of {previous_period} were mapped with a minimum mapping unit of "
+    "{previous} ha and this period's with {current} ha: former mining is counted from "
+    "{used} ha, and sites between the two units can appear or vanish without changing"
+)
 # Mean composite NDVI at which formerly mined land counts as re-vegetating. Bare tailings,
 # sediment and ponds stay below about 0.25 (the demo's spectra: 0.12); first-year
 # regrowth reaches about 0.4, older regrowth 0.7; intact lowland forest is above 0.8.
@@ -581,7 +586,7 @@ def change_table(
     composite: Path | None = None,
     batch_size: int = OVERLAY_BATCH,
     progress: Callable[[str], None] | None = None,
-    mmu_ha: float = MMU_HA,
+    mmu_ha: float | None = None,
 ) -> ChangeTable:
     """The change rows of ``period_id`` written to ``target`` (GeoParquet, atomically),
     from the GeoParquet tables of this period's sites, the previous period's
@@ -589,6 +594,8 @@ def change_table(
     change rows; the summary without growth factors (``summarise`` adds them).
     Abandoned and re-vegetating parts below ``mmu_ha`` (the sites' minimum mapping
     unit) are left out: edge jitter between two maps of a site, not land given up.
+    ``mmu_ha`` None: the unit the two sites files record (``sites.recorded_mmu``; the
+    larger when they differ, and the summary notes it), ``MMU_HA`` when neither does.
 
     No table is held whole: each is read in chunks, cleaned into the region's UTM zone
     and spilled to a scratch folder beside ``target``; the overlay runs batch by batch
@@ -617,6 +624,8 @@ def change_table(
                 rows.flush()
         else:
             prev = _spill(previous_sites, epsg, work / "prev.parquet", (), "previous sites")
+            if mmu_ha is None:  # both files read: the unit they record
+                mmu_ha = _recorded_unit(sites, previous_sites, prev_period, notes, say)
             hist = None
             if previous_change is not None:
                 hist = _spill(previous_change, epsg, work / "hist.parquet", ("first_seen_period",), "previous change rows")  # fmt: skip
@@ -664,6 +673,32 @@ def change_table(
     }
     summary = summarise(summary, None, None)  # the growth columns, filled by the caller
     return ChangeTable(path=target, rows=rows.count, summary=summary, notes=notes)
+
+
+def _recorded_unit(
+    sites: Path,
+    previous_sites: Path | None,
+    prev_period: Any,
+    notes: list[str],
+    say: Callable[[str], None],
+) -> float:
+    """The minimum mapping unit for former mining: what the sites files record."""
+    from pipelines.stages.sites import recorded_mmu
+
+    current = recorded_mmu(sites)
+    previous = recorded_mmu(previous_sites) if previous_sites is not None else None
+    known = [v for v in (current, previous) if v is not None]
+    if not known:
+        return MMU_HA
+    used = max(known)
+    if current is not None and previous is not None and current != previous:
+        note = NOTE_MMU_DIFFERS.format(
+            previous_period=prev_period.id if prev_period else "the previous period",
+            previous=f"{previous:g}", current=f"{current:g}", used=f"{used:g}",
+        )  # fmt: skip
+        notes.append(note)
+        say(f"warning: {note}")
+    return used
 
 
 def pd_sum(values: npt.NDArray[np.float64]) -> float:
@@ -834,7 +869,7 @@ def change_for_period(
     region: Region,
     period_id: str,
     progress: Callable[[str], None] | None = None,
-    mmu_ha: float = MMU_HA,
+    mmu_ha: float | None = None,
 ) -> PeriodChange:
     """The change of one region's period against the one before, and its summary row.
 

@@ -38,7 +38,7 @@ import numpy as np
 
 from pipelines import thresholds
 from pipelines.i18n import Lang
-from pipelines.infra.layout import report_dir
+from pipelines.infra.layout import report_dir, sites_path
 from pipelines.infra.storage import atomic_path
 from pipelines.regions import Region
 
@@ -686,11 +686,20 @@ def alert_intro(lang: Lang, data: RegionData, period: str) -> str:
     return text
 
 
+def _decimals(text: str) -> int:
+    return len(text.partition(".")[2])
+
+
 def note_text(lang: Lang, note: str) -> str:
     """A note of the change summary (``pipelines.stages.change``) in the report's words."""
     import re
 
-    from pipelines.stages.change import NOTE_FIRST_PERIOD, NOTE_NO_COMPOSITE, NOTE_NO_HISTORY
+    from pipelines.stages.change import (
+        NOTE_FIRST_PERIOD,
+        NOTE_MMU_DIFFERS,
+        NOTE_NO_COMPOSITE,
+        NOTE_NO_HISTORY,
+    )
 
     if note == NOTE_FIRST_PERIOD:
         return lang._("first period of the region: all its mining is new (the baseline)")
@@ -699,6 +708,10 @@ def note_text(lang: Lang, note: str) -> str:
     m = re.fullmatch(re.escape(NOTE_NO_HISTORY).replace(re.escape("{period}"), "(.+?)"), note)
     if m:
         return lang._("no change table for %(period)s: the first-seen period of older mining is a bound (that period), and land abandoned before it is not tracked", period=m.group(1))  # fmt: skip
+    pattern = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>.+?)", re.escape(NOTE_MMU_DIFFERS))
+    if m := re.fullmatch(pattern, note):
+        v = m.groupdict()
+        return lang._("the sites of %(previous_period)s were mapped with a minimum mapping unit of %(previous)s ha and this period's with %(current)s ha: former mining is counted from %(used)s ha, and sites between the two units can appear or vanish without changing", previous_period=v["previous_period"], previous=lang.num(float(v["previous"]), _decimals(v["previous"])), current=lang.num(float(v["current"]), _decimals(v["current"])), used=lang.num(float(v["used"]), _decimals(v["used"])))  # fmt: skip
     log.warning("report: a change note with no translation is shown as written: %s", note)
     return note
 
@@ -850,16 +863,24 @@ def context_sources(region: Region, lang: Lang = EN) -> str:
     return "; ".join(parts)
 
 
-def threshold_texts(lang: Lang = EN) -> dict[str, str]:
+def _threshold_num(lang: Lang, v: float) -> str:
+    """A threshold in the language's number format, with the decimals it has."""
+    from pipelines import thresholds as th
+
+    return lang.num(v, max(0, len(th.number(v).partition(".")[2])))
+
+
+def threshold_texts(lang: Lang = EN, mmu_ha: float | None = None) -> dict[str, str]:
     """The thresholds the report states (``pipelines.thresholds``), in the language's
-    number format."""
+    number format; ``mmu_ha``: the unit the sites were mapped with, where a run set
+    another (``recorded_units``)."""
     from pipelines import thresholds as th
 
     def num(v: float) -> str:
-        return lang.num(v, max(0, len(th.number(v).partition(".")[2])))
+        return _threshold_num(lang, v)
 
     return {
-        "mmu_ha": num(th.MMU_HA),
+        "mmu_ha": num(th.MMU_HA if mmu_ha is None else mmu_ha),
         "ndvi_recovered": num(th.NDVI_RECOVERED),
         "alert_distance_km": num(th.ALERT_DISTANCE_M / 1000),
         "alert_high_within_m": num(th.ALERT_HIGH_WITHIN_M),
@@ -869,6 +890,27 @@ def threshold_texts(lang: Lang = EN) -> dict[str, str]:
         "band_high": num(th.RISK_BAND_HIGH),
         "band_medium": num(th.RISK_BAND_MEDIUM),
     }
+
+
+def recorded_units(root: Path, data: RegionData) -> dict[str, float]:
+    """Period -> the minimum mapping unit (ha) its sites file records (``asm_sites``'s
+    ``mmu_ha`` of that run); periods whose file records none are left out."""
+    from pipelines.stages.sites import recorded_mmu
+
+    units = {}
+    for period in data.periods:
+        path = sites_path(root, data.region.id, period)
+        if path.exists() and (value := recorded_mmu(path)) is not None:
+            units[period] = value
+    return units
+
+
+def unit_note(lang: Lang, units: dict[str, float]) -> str:
+    """A sentence naming each period's minimum mapping unit when they differ, else ''."""
+    if len(set(units.values())) < 2:
+        return ""
+    listed = ", ".join(f"{p}: {_threshold_num(lang, v)} ha" for p, v in units.items())
+    return lang._("The minimum mapping unit was not the same in every period (%(units)s); the figures of periods mapped with a larger unit leave out the smaller sites.", units=listed)  # fmt: skip
 
 
 def feature_names(data: RegionData) -> dict[tuple[str, str], str]:
@@ -912,12 +954,15 @@ def region_report(
         if note
     ]
     upto = {c: lang._("up to %(max)s", max=lang.num(th.RISK_COMPONENT_MAX[c], 0)) for c in COMPONENTS}  # fmt: skip
+    # The unit the sites were mapped with (a run may set another than the default).
+    units = recorded_units(root, data) if root is not None else {}
     text = env.get_template("report.html.j2").render(
         lang=lang,
         L=words,
         region=data.region,
         generated=lang.datetime(datetime.now(UTC)),
-        t=threshold_texts(lang),
+        t=threshold_texts(lang, units.get(latest)),
+        unit_note=unit_note(lang, units),
         plain=plain_summary(data, lang=lang),
         imagery=imagery,
         detector=detector_text(root, data, lang) if root is not None else "",

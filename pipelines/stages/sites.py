@@ -53,6 +53,9 @@ if TYPE_CHECKING:
     from pipelines.regions import Region
 
 DEFAULT_MMU_HA = MMU_HA
+#: The key of a sites file's metadata that records the minimum mapping unit it was made
+#: with (hectares; absent from imported sites, which keep the provider's polygons).
+MMU_KEY = "asmwatch:mmu_ha"
 COLUMNS = (
     "site_id", "region", "period", "area_ha", "mean_probability", "mapped_area_ha",
     "first_seen_period", "source", "geometry",
@@ -265,8 +268,20 @@ def sites_table(
             report(done)
         pending.extend(merge_seams(tiling, results))
         spill.write(rows.of(pending))
-        write_sorted(spill, "site_id", target, lambda f: conform(f[list(COLUMNS)]), 4326)
+        write_sorted(
+            spill, "site_id", target, lambda f: conform(f[list(COLUMNS)]), 4326,
+            metadata={MMU_KEY: repr(float(mmu_ha))},
+        )  # fmt: skip
     return SitesTable(target, spill.rows)
+
+
+def recorded_mmu(path: Path) -> float | None:
+    """The minimum mapping unit (ha) a sites file was made with, as it records it; None
+    for files that record none (imported sites, files from before it was recorded)."""
+    import pyarrow.parquet as pq
+
+    value = (pq.read_metadata(path).metadata or {}).get(MMU_KEY.encode())
+    return None if value is None else float(value)
 
 
 @dataclass

@@ -182,6 +182,38 @@ def test_former_mining_below_the_minimum_mapping_unit_is_not_counted(tmp_path: P
     assert sorted(kept.frame.query("kind == 'abandoned'")["area_ha"].round(3)) == [0.3, 1.0]
 
 
+def test_former_mining_is_counted_from_the_unit_the_sites_were_mapped_with(tmp_path: Path) -> None:
+    """The sites files record their minimum mapping unit (a run may set one); the change
+    counts former mining from it, not from the default, and notes when the two periods'
+    units differ (using the larger)."""
+    from pipelines.infra.geotable import GeoParquetWriter
+    from pipelines.stages.change import NOTE_MMU_DIFFERS, change_table
+    from pipelines.stages.sites import MMU_KEY
+
+    comp = composite_with_ndvi(tmp_path / "c.tif", box(0, 0, 10, 10))
+    site, shrunk = box(0, 0, 300, 300), box(0, 0, 300, 290)  # a 0.3 ha strip left
+    gone = box(1000, 0, 100, 100)  # 1 ha
+
+    def put(name: str, frame: gpd.GeoDataFrame, mmu: float | None) -> Path:
+        with GeoParquetWriter(tmp_path / name, frame.iloc[:0], {MMU_KEY: str(mmu)} if mmu is not None else None) as out:  # fmt: skip
+            out.write(frame)
+        return tmp_path / name
+
+    def abandoned(cur: float | None, prev: float | None) -> tuple[list[float], list[str]]:
+        here = put(f"cur{cur}.parquet", sites("2020", {"a": shrunk}), cur)
+        there = put(f"prev{prev}.parquet", sites("2019", {"a": site, "g": gone}), prev)
+        table = change_table(REGION, "2020", here, there, tmp_path / f"c{cur}{prev}.parquet", composite=comp)  # fmt: skip
+        rows = gpd.read_parquet(table.path).query("kind == 'abandoned'")
+        return sorted(rows["area_ha"].round(3)), [n for n in table.notes if "minimum mapping unit" in n]  # fmt: skip
+
+    assert abandoned(0.2, 0.2) == ([0.3, 1.0], []), "the recorded 0.2 ha, not the default 0.5"
+    assert abandoned(None, None)[0] == [1.0], "nothing recorded: the default"
+    assert abandoned(0.2, None)[0] == [0.3, 1.0]
+    areas, notes = abandoned(0.2, 2.0)
+    assert areas == [] and len(notes) == 1
+    assert notes[0] == NOTE_MMU_DIFFERS.format(previous_period="2019", previous="2", current="0.2", used="2")  # fmt: skip
+
+
 def _canonical(frame: Any) -> tuple[list[tuple[str, str, str]], np.ndarray]:
     """(kind, geometry digest in normal form, first seen) sorted, and the NDVI means."""
     import hashlib

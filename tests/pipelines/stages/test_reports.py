@@ -409,3 +409,44 @@ def test_the_report_prints_on_a4_without_cut_tables(demo_run: tuple[Path, str], 
     pages = len(re.findall(rb"/Type\s*/Page(?!s)", pdf))
     assert 2 <= pages <= 8, pages
     assert pdf[:5] == b"%PDF-" and (tmp_path / "report.pdf").stat().st_size > 50_000
+
+
+def test_the_report_states_the_unit_the_sites_were_mapped_with(tmp_path: Path) -> None:
+    """A run that set ``mmu_ha`` is reported with that unit (the sites files record it),
+    and periods mapped with different units are named, in the report's language."""
+    from pipelines.i18n import Lang
+    from pipelines.infra.layout import sites_path
+    from pipelines.stages.change import NOTE_MMU_DIFFERS
+    from pipelines.stages.reports import (
+        RegionData,
+        note_text,
+        recorded_units,
+        threshold_texts,
+        unit_note,
+    )
+    from pipelines.stages.sites import sites_table
+    from tests.conftest import small_region
+    from tests.pipelines.stages.test_sites import _raster
+
+    region = small_region()
+    prob = np.zeros((64, 64), np.float32)
+    prob[10:20, 10:20] = 0.9
+    src = _raster(tmp_path / "p.tif", prob)
+    for period, mmu in (("2019", 0.25), ("2020", 1.0)):
+        target = sites_path(tmp_path, region.id, period)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        sites_table(src, region.id, period, target, mmu_ha=mmu)
+    data = RegionData(region, ["2019", "2020", "2021"], [], {}, {}, {}, {}, {})
+    units = recorded_units(tmp_path, data)
+    assert units == {"2019": 0.25, "2020": 1.0}, "2021 has no sites file"
+    en, fr = Lang("en"), Lang("fr")
+    assert threshold_texts(en, units["2020"])["mmu_ha"] == "1"
+    assert threshold_texts(en)["mmu_ha"] == "0.5", "the default where nothing is recorded"
+    assert threshold_texts(fr, 0.25)["mmu_ha"] == "0,25"
+    assert "2019: 0.25 ha, 2020: 1 ha" in unit_note(en, units)
+    assert "2019: 0,25 ha" in unit_note(fr, units) and "unité minimale" in unit_note(fr, units)
+    assert unit_note(en, {"2019": 0.5, "2020": 0.5}) == ""
+    note = NOTE_MMU_DIFFERS.format(previous_period="2019", previous="0.25", current="1", used="1")
+    assert note_text(en, note) == note
+    said = note_text(fr, note)
+    assert said != note and "0,25 ha" in said and "2019" in said

@@ -129,3 +129,25 @@ def test_sites_stream_to_geoparquet_in_chunks(
     with pytest.raises(ValueError, match="projected"):
         sites_table(_raster(tmp_path / "g.tif", prob, crs="EPSG:4326"), "r", "2021", many.path)
     assert many.path.read_bytes() == before
+
+
+def test_the_sites_file_records_the_minimum_mapping_unit_it_was_made_with(tmp_path: Path) -> None:
+    """A run may set ``mmu_ha``; the file says which, so the change and the report use
+    the unit the sites were mapped with, not the default. An empty table records it too;
+    a file that records none (imported, or older) reads as None."""
+    import geopandas as gpd
+
+    from pipelines.stages.sites import recorded_mmu, sites_table
+
+    prob = np.zeros((128, 128), np.float32)
+    prob[10:20, 10:20] = 0.9  # 1 ha
+    prob[60:65, 60:70] = 0.9  # 0.5 ha
+    src = _raster(tmp_path / "p.tif", prob)
+    small = sites_table(src, "r", "2021", tmp_path / "small.parquet", mmu_ha=0.25)
+    large = sites_table(src, "r", "2021", tmp_path / "large.parquet", mmu_ha=0.75)
+    none = sites_table(src, "r", "2021", tmp_path / "none.parquet", mmu_ha=5)
+    assert (small.count, large.count, none.count) == (2, 1, 0)
+    assert (recorded_mmu(small.path), recorded_mmu(large.path), recorded_mmu(none.path)) == (0.25, 0.75, 5.0)  # fmt: skip
+    assert gpd.read_parquet(none.path).crs.to_epsg() == 4326, "the empty file is GeoParquet"
+    frame = gpd.read_parquet(small.path)
+    assert recorded_mmu(write_sites(frame, tmp_path / "imported.parquet")) is None
