@@ -6,6 +6,8 @@ docs/data-dictionary.md is rendered from ``THRESHOLDS`` (``python -m
 pipelines.thresholds`` prints it; a test fails when the page and this module disagree).
 A run may override the ones that are settings (``mmu_ha`` of ``asm_sites``,
 ``alert_distance_m`` and ``min_alert_ha`` of the risk assets); these are the defaults.
+The tables record the values a run used (the sites and alerts files' key-value
+metadata), and the report states those.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ import numpy as np
 
 from pipelines import thresholds
 from pipelines.i18n import Lang
-from pipelines.infra.layout import report_dir, sites_path
+from pipelines.infra.layout import report_dir, risk_path, sites_path
 from pipelines.infra.storage import atomic_path
 from pipelines.regions import Region
 
@@ -870,19 +870,23 @@ def _threshold_num(lang: Lang, v: float) -> str:
     return lang.num(v, max(0, len(th.number(v).partition(".")[2])))
 
 
-def threshold_texts(lang: Lang = EN, mmu_ha: float | None = None) -> dict[str, str]:
+def threshold_texts(
+    lang: Lang = EN, mmu_ha: float | None = None, alert_distance_m: float | None = None
+) -> dict[str, str]:
     """The thresholds the report states (``pipelines.thresholds``), in the language's
-    number format; ``mmu_ha``: the unit the sites were mapped with, where a run set
-    another (``recorded_units``)."""
+    number format; ``mmu_ha`` and ``alert_distance_m``: the values the tables were made
+    with, where a run set others (``recorded_units``, ``recorded_distances``)."""
     from pipelines import thresholds as th
 
     def num(v: float) -> str:
         return _threshold_num(lang, v)
 
+    distance_m = th.ALERT_DISTANCE_M if alert_distance_m is None else alert_distance_m
+
     return {
         "mmu_ha": num(th.MMU_HA if mmu_ha is None else mmu_ha),
         "ndvi_recovered": num(th.NDVI_RECOVERED),
-        "alert_distance_km": num(th.ALERT_DISTANCE_M / 1000),
+        "alert_distance_km": num(distance_m / 1000),
         "alert_high_within_m": num(th.ALERT_HIGH_WITHIN_M),
         "alert_critical_ha": num(th.ALERT_CRITICAL_HA),
         "alert_high_ha": num(th.ALERT_HIGH_HA),
@@ -903,6 +907,27 @@ def recorded_units(root: Path, data: RegionData) -> dict[str, float]:
         if path.exists() and (value := recorded_mmu(path)) is not None:
             units[period] = value
     return units
+
+
+def recorded_distances(root: Path, data: RegionData) -> dict[str, float]:
+    """Period -> the alert distance (m) its alerts file records (the risk assets'
+    ``alert_distance_m`` of that run); periods whose file records none are left out."""
+    from pipelines.stages.risk import recorded_settings
+
+    out = {}
+    for period in data.periods:
+        path = risk_path(root, "alerts", data.region.id, period)
+        if path.exists() and "alert_distance_m" in (got := recorded_settings(path)):
+            out[period] = got["alert_distance_m"]
+    return out
+
+
+def distance_note(lang: Lang, distances: dict[str, float]) -> str:
+    """A sentence naming each period's alert distance when they differ, else ''."""
+    if len(set(distances.values())) < 2:
+        return ""
+    listed = ", ".join(f"{p}: {_threshold_num(lang, v / 1000)} km" for p, v in distances.items())  # fmt: skip
+    return lang._("The distance from a concession within which new mining raises an alert was not the same in every period (%(distances)s).", distances=listed)  # fmt: skip
 
 
 def unit_note(lang: Lang, units: dict[str, float]) -> str:
@@ -956,13 +981,15 @@ def region_report(
     upto = {c: lang._("up to %(max)s", max=lang.num(th.RISK_COMPONENT_MAX[c], 0)) for c in COMPONENTS}  # fmt: skip
     # The unit the sites were mapped with (a run may set another than the default).
     units = recorded_units(root, data) if root is not None else {}
+    distances = recorded_distances(root, data) if root is not None else {}
     text = env.get_template("report.html.j2").render(
         lang=lang,
         L=words,
         region=data.region,
         generated=lang.datetime(datetime.now(UTC)),
-        t=threshold_texts(lang, units.get(latest)),
+        t=threshold_texts(lang, units.get(latest), distances.get(latest)),
         unit_note=unit_note(lang, units),
+        distance_note=distance_note(lang, distances),
         plain=plain_summary(data, lang=lang),
         imagery=imagery,
         detector=detector_text(root, data, lang) if root is not None else "",

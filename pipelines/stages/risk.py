@@ -68,6 +68,22 @@ STAND_INS = {
 }
 
 
+#: Keys of the alerts files' Parquet key-value metadata that record the settings they were
+#: computed with (a run may set others than the defaults), for the report to state.
+SETTING_KEYS = {"alert_distance_m": "asmwatch:alert_distance_m", "min_alert_ha": "asmwatch:min_alert_ha"}  # fmt: skip
+#: The tables whose rows those settings decide.
+SETTING_TABLES = ("alerts", "alert_features")
+
+
+def recorded_settings(path: Path) -> dict[str, float]:
+    """The settings an alerts file records it was computed with (``SETTING_KEYS``), by
+    name; empty for a file that records none (written before they were recorded)."""
+    import pyarrow.parquet as pq
+
+    meta = pq.read_metadata(path).metadata or {}
+    return {k: float(meta[key.encode()]) for k, key in SETTING_KEYS.items() if key.encode() in meta}  # fmt: skip
+
+
 class RiskError(ValueError):
     """A risk table that cannot be computed; the message says what is missing."""
 
@@ -213,6 +229,8 @@ def write_rows(
         bodies = {"alert_features": "SELECT * FROM alert_relations", **bodies}
     now = now or dt.datetime.now(dt.UTC)
     targets = {t: risk_path(root, t, region.id, period_id) for t in bodies}
+    chosen = settings or RiskSettings()
+    recorded = {key: repr(float(getattr(chosen, k))) for k, key in SETTING_KEYS.items()}
     empty: list[str] = []
     with contextlib.ExitStack() as stack:
         con, params = stack.enter_context(_prepared(root, table, region, period_id, settings, now))
@@ -225,21 +243,35 @@ def write_rows(
                     f"FROM (SELECT *, ST_SetCRS(ST_GeomFromWKB(geometry), 'EPSG:4326') AS g FROM ({body}))"
                 )
             used = params if name == table else {}
-            con.execute(f"COPY ({body}) TO {sql_literal(str(tmp))} (FORMAT parquet, ROW_GROUP_SIZE 100000)", used)  # fmt: skip
+            kv = ""
+            if name in SETTING_TABLES:
+                kv = ", KV_METADATA {" + ", ".join(f'"{k}": {sql_literal(v)}' for k, v in recorded.items()) + "}"  # fmt: skip
+            con.execute(f"COPY ({body}) TO {sql_literal(str(tmp))} (FORMAT parquet, ROW_GROUP_SIZE 100000{kv})", used)  # fmt: skip
             if name in GEO_TABLES and pq.read_metadata(tmp).num_rows == 0:
                 empty.append(name)
     for name in empty:
         # DuckDB writes no GeoParquet metadata for an empty result; readers would see a
         # BLOB. Nothing to stream: the in-memory writer makes the same empty table.
-        write_table(compute(root, name, region, period_id, settings, now), root, name, region.id, period_id)  # fmt: skip
+        write_table(
+            compute(root, name, region, period_id, settings, now), root, name, region.id,
+            period_id, metadata=recorded if name in SETTING_TABLES else None,
+        )  # fmt: skip
     return targets[table]
 
 
-def write_table(rows: Any, root: Path, table: str, region_id: str, period_id: str) -> Path:
+def write_table(
+    rows: Any,
+    root: Path,
+    table: str,
+    region_id: str,
+    period_id: str,
+    metadata: dict[str, str] | None = None,
+) -> Path:
     """(Geo)Parquet, atomically; re-running a period replaces its rows, never adds to them.
 
     Tables with a WKB ``geometry`` column (alerts) become GeoParquet in EPSG:4326 with a
-    bbox covering column; hotspots get their H3 cell polygons.
+    bbox covering column; hotspots get their H3 cell polygons. ``metadata`` joins the
+    file's key-value metadata (``SETTING_KEYS``).
     """
     import pyarrow.parquet as pq
 
@@ -269,6 +301,10 @@ def write_table(rows: Any, root: Path, table: str, region_id: str, period_id: st
             _keep_types(tmp, rows.schema)
         else:
             pq.write_table(rows, tmp)
+        if metadata:
+            written = pq.read_table(tmp)
+            meta = {**(written.schema.metadata or {}), **{k.encode(): v.encode() for k, v in metadata.items()}}  # fmt: skip
+            pq.write_table(written.replace_schema_metadata(meta), tmp)
     return target
 
 

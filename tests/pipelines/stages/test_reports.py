@@ -419,7 +419,9 @@ def test_the_report_states_the_unit_the_sites_were_mapped_with(tmp_path: Path) -
     from pipelines.stages.change import NOTE_MMU_DIFFERS
     from pipelines.stages.reports import (
         RegionData,
+        distance_note,
         note_text,
+        recorded_distances,
         recorded_units,
         threshold_texts,
         unit_note,
@@ -446,6 +448,19 @@ def test_the_report_states_the_unit_the_sites_were_mapped_with(tmp_path: Path) -
     assert "2019: 0.25 ha, 2020: 1 ha" in unit_note(en, units)
     assert "2019: 0,25 ha" in unit_note(fr, units) and "unité minimale" in unit_note(fr, units)
     assert unit_note(en, {"2019": 0.5, "2020": 0.5}) == ""
+    import pyarrow as pa
+
+    from pipelines.stages.risk import SETTING_KEYS, write_table
+
+    for period, metres in (("2019", 5000.0), ("2020", 2500.0)):
+        table = pa.table({"alert_id": pa.array([], pa.string())})
+        write_table(table, tmp_path, "alerts", region.id, period, metadata={SETTING_KEYS["alert_distance_m"]: str(metres)})  # fmt: skip
+    distances = recorded_distances(tmp_path, data)
+    assert distances == {"2019": 5000.0, "2020": 2500.0}
+    assert threshold_texts(en, None, distances["2020"])["alert_distance_km"] == "2.5"
+    assert threshold_texts(en)["alert_distance_km"] == "5"
+    assert "2019: 5 km, 2020: 2.5 km" in distance_note(en, distances)
+    assert "2020: 2,5 km" in distance_note(fr, distances) and distance_note(en, {"2019": 5000.0}) == ""  # fmt: skip
     note = NOTE_MMU_DIFFERS.format(previous_period="2019", previous="0.25", current="1", used="1")
     assert note_text(en, note) == note
     said = note_text(fr, note)

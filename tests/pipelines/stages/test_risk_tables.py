@@ -12,7 +12,7 @@ import pytest
 import shapely
 from pyproj import Transformer
 
-from pipelines.infra.layout import sites_path
+from pipelines.infra.layout import risk_path, sites_path
 from pipelines.regions import parse_regions
 from pipelines.stages.catalog import connect, refresh_views
 from pipelines.stages.change import detect_change, write_change
@@ -265,3 +265,36 @@ def test_a_region_without_layers_gets_empty_tables(world: tuple[Path, Any]) -> N
     bare = dataclasses.replace(region, id="bare")  # no context files, no sites under this id
     assert compute(root, "concession_risk", bare, "2020").num_rows == 0
     assert compute(root, "alerts", bare, "2020").num_rows == 0
+
+
+def test_the_alerts_files_record_the_settings_they_were_computed_with(
+    world: tuple[Path, Any], tmp_path: Path
+) -> None:
+    """A run may set ``alert_distance_m`` and ``min_alert_ha``; the alerts and
+    alert_features files record which (streamed by DuckDB, or written empty), so the
+    report states them and not the defaults."""
+    import shutil
+
+    from pipelines.stages.risk import recorded_settings, write_rows
+
+    root = tmp_path / "data"
+    shutil.copytree(world[0], root)
+    refresh_views(root)
+    region = world[1]
+    wide = RiskSettings(alert_distance_m=10_000, min_alert_ha=0.25)
+    for period, rows in (("2020", 3), ("2019", 0)):  # the baseline period has no alerts
+        path = write_rows(root, "alerts", region, period, wide)
+        assert pq_rows(path) == rows
+        for table in ("alerts", "alert_features"):
+            got = recorded_settings(risk_path(root, table, region.id, period))
+            assert got == {"alert_distance_m": 10_000.0, "min_alert_ha": 0.25}, (table, period)
+    assert gpd.read_parquet(path).crs.to_epsg() == 4326, "still GeoParquet"
+    default = write_rows(root, "alerts", region, "2020")
+    assert recorded_settings(default) == {"alert_distance_m": 5000.0, "min_alert_ha": 0.5}
+    assert pq_rows(default) == 2
+
+
+def pq_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return int(pq.read_metadata(path).num_rows)
