@@ -689,6 +689,10 @@ def _recorded_unit(
     previous = recorded_mmu(previous_sites) if previous_sites is not None else None
     known = [v for v in (current, previous) if v is not None]
     if not known:
+        say(
+            f"the sites files record no minimum mapping unit (imported, or written before "
+            f"it was recorded): former mining is counted from the default, {MMU_HA:g} ha"
+        )
         return MMU_HA
     used = max(known)
     if current is not None and previous is not None and current != previous:

@@ -199,15 +199,21 @@ def test_former_mining_is_counted_from_the_unit_the_sites_were_mapped_with(tmp_p
             out.write(frame)
         return tmp_path / name
 
+    heard: list[str] = []
+
     def abandoned(cur: float | None, prev: float | None) -> tuple[list[float], list[str]]:
         here = put(f"cur{cur}.parquet", sites("2020", {"a": shrunk}), cur)
         there = put(f"prev{prev}.parquet", sites("2019", {"a": site, "g": gone}), prev)
-        table = change_table(REGION, "2020", here, there, tmp_path / f"c{cur}{prev}.parquet", composite=comp)  # fmt: skip
+        heard.clear()
+        table = change_table(REGION, "2020", here, there, tmp_path / f"c{cur}{prev}.parquet", composite=comp, progress=heard.append)  # fmt: skip
         rows = gpd.read_parquet(table.path).query("kind == 'abandoned'")
         return sorted(rows["area_ha"].round(3)), [n for n in table.notes if "minimum mapping unit" in n]  # fmt: skip
 
     assert abandoned(0.2, 0.2) == ([0.3, 1.0], []), "the recorded 0.2 ha, not the default 0.5"
     assert abandoned(None, None)[0] == [1.0], "nothing recorded: the default"
+    assert any("record no minimum mapping unit" in m and "0.5 ha" in m for m in heard), (
+        "and says so"
+    )
     assert abandoned(0.2, None)[0] == [0.3, 1.0]
     areas, notes = abandoned(0.2, 2.0)
     assert areas == [] and len(notes) == 1
