@@ -45,6 +45,23 @@ class GeoTableError(ValueError):
     """A GeoParquet file that cannot be read as one: names the file and the problem."""
 
 
+def with_metadata(table: pa.Table, metadata: dict[str, str] | None) -> pa.Table:
+    """``table`` with ``metadata`` added to its schema's key-value metadata (what a stage
+    records of how it made the table: the sites' minimum mapping unit, the alerts'
+    settings)."""
+    if not metadata:
+        return table
+    extra = {k.encode(): v.encode() for k, v in metadata.items()}
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), **extra})
+
+
+def recorded(path: Path, key: str) -> float | None:
+    """The number a stage recorded under ``key`` in a Parquet file's key-value metadata;
+    None when the file records none."""
+    value = (pq.read_metadata(path).metadata or {}).get(key.encode())
+    return None if value is None else float(value)
+
+
 def geo_metadata(path: Path) -> dict[str, Any]:
     """The ``geo`` metadata of a GeoParquet file (its primary column, CRS, encoding)."""
     try:
@@ -147,8 +164,7 @@ class GeoParquetWriter:
             from geopandas.io.arrow import _geopandas_to_arrow
 
             table = _geopandas_to_arrow(self.empty, index=False, write_covering_bbox=True)
-            meta = {**(table.schema.metadata or {}), **{k.encode(): v.encode() for k, v in self.metadata.items()}}  # fmt: skip
-            pq.write_table(table.replace_schema_metadata(meta), self.path)
+            pq.write_table(with_metadata(table, self.metadata), self.path)
             return
         column = self._geo_column()
         column["geometry_types"] = sorted(self._types)

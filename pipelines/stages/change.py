@@ -67,7 +67,7 @@ from pipelines.infra.storage import atomic_path
 from pipelines.infra.tiling import DEFAULT_TILE, Span, Tiling, gdal_cache, read_window
 from pipelines.infra.vectors import polygonal_part
 from pipelines.regions import Region, RegionsError, parse_period
-from pipelines.thresholds import MMU_HA, NDVI_RECOVERED
+from pipelines.thresholds import MMU_HA, NDVI_RECOVERED, number
 
 KINDS = ("new", "expanded", "stable", "abandoned", "revegetating")
 #: The notes of the summary (``notes``, joined by "; "), in English; the reports put each
@@ -691,14 +691,14 @@ def _recorded_unit(
     if not known:
         say(
             f"the sites files record no minimum mapping unit (imported, or written before "
-            f"it was recorded): former mining is counted from the default, {MMU_HA:g} ha"
+            f"it was recorded): former mining is counted from the default, {number(MMU_HA)} ha"
         )
         return MMU_HA
     used = max(known)
     if current is not None and previous is not None and current != previous:
         note = NOTE_MMU_DIFFERS.format(
             previous_period=prev_period.id if prev_period else "the previous period",
-            previous=f"{previous:g}", current=f"{current:g}", used=f"{used:g}",
+            previous=number(previous), current=number(current), used=number(used),
         )  # fmt: skip
         notes.append(note)
         say(f"warning: {note}")

@@ -686,10 +686,6 @@ def alert_intro(lang: Lang, data: RegionData, period: str) -> str:
     return text
 
 
-def _decimals(text: str) -> int:
-    return len(text.partition(".")[2])
-
-
 def note_text(lang: Lang, note: str) -> str:
     """A note of the change summary (``pipelines.stages.change``) in the report's words."""
     import re
@@ -710,8 +706,8 @@ def note_text(lang: Lang, note: str) -> str:
         return lang._("no change table for %(period)s: the first-seen period of older mining is a bound (that period), and land abandoned before it is not tracked", period=m.group(1))  # fmt: skip
     pattern = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>.+?)", re.escape(NOTE_MMU_DIFFERS))
     if m := re.fullmatch(pattern, note):
-        v = m.groupdict()
-        return lang._("the sites of %(previous_period)s were mapped with a minimum mapping unit of %(previous)s ha and this period's with %(current)s ha: former mining is counted from %(used)s ha, and sites between the two units can appear or vanish without changing", previous_period=v["previous_period"], previous=lang.num(float(v["previous"]), _decimals(v["previous"])), current=lang.num(float(v["current"]), _decimals(v["current"])), used=lang.num(float(v["used"]), _decimals(v["used"])))  # fmt: skip
+        ha = {k: _threshold_num(lang, float(m[k])) for k in ("previous", "current", "used")}
+        return lang._("the sites of %(previous_period)s were mapped with a minimum mapping unit of %(previous)s ha and this period's with %(current)s ha: former mining is counted from %(used)s ha, and sites between the two units can appear or vanish without changing", previous_period=m["previous_period"], **ha)  # fmt: skip
     log.warning("report: a change note with no translation is shown as written: %s", note)
     return note
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import thresholds
+from pipelines.infra.geotable import recorded, with_metadata
 from pipelines.infra.grid import bbox_utm_epsg
 from pipelines.infra.layout import RISK_TABLES, risk_path
 from pipelines.infra.storage import atomic_path
@@ -78,10 +79,8 @@ SETTING_TABLES = ("alerts", "alert_features")
 def recorded_settings(path: Path) -> dict[str, float]:
     """The settings an alerts file records it was computed with (``SETTING_KEYS``), by
     name; empty for a file that records none (written before they were recorded)."""
-    import pyarrow.parquet as pq
-
-    meta = pq.read_metadata(path).metadata or {}
-    return {k: float(meta[key.encode()]) for k, key in SETTING_KEYS.items() if key.encode() in meta}  # fmt: skip
+    found = {k: recorded(path, key) for k, key in SETTING_KEYS.items()}
+    return {k: v for k, v in found.items() if v is not None}
 
 
 class RiskError(ValueError):
@@ -230,7 +229,7 @@ def write_rows(
     now = now or dt.datetime.now(dt.UTC)
     targets = {t: risk_path(root, t, region.id, period_id) for t in bodies}
     chosen = settings or RiskSettings()
-    recorded = {key: repr(float(getattr(chosen, k))) for k, key in SETTING_KEYS.items()}
+    record = {key: repr(float(getattr(chosen, k))) for k, key in SETTING_KEYS.items()}
     empty: list[str] = []
     with contextlib.ExitStack() as stack:
         con, params = stack.enter_context(_prepared(root, table, region, period_id, settings, now))
@@ -245,7 +244,7 @@ def write_rows(
             used = params if name == table else {}
             kv = ""
             if name in SETTING_TABLES:
-                kv = ", KV_METADATA {" + ", ".join(f'"{k}": {sql_literal(v)}' for k, v in recorded.items()) + "}"  # fmt: skip
+                kv = ", KV_METADATA {" + ", ".join(f'"{k}": {sql_literal(v)}' for k, v in record.items()) + "}"  # fmt: skip
             con.execute(f"COPY ({body}) TO {sql_literal(str(tmp))} (FORMAT parquet, ROW_GROUP_SIZE 100000{kv})", used)  # fmt: skip
             if name in GEO_TABLES and pq.read_metadata(tmp).num_rows == 0:
                 empty.append(name)
@@ -254,7 +253,7 @@ def write_rows(
         # BLOB. Nothing to stream: the in-memory writer makes the same empty table.
         write_table(
             compute(root, name, region, period_id, settings, now), root, name, region.id,
-            period_id, metadata=recorded if name in SETTING_TABLES else None,
+            period_id, metadata=record if name in SETTING_TABLES else None,
         )  # fmt: skip
     return targets[table]
 
@@ -298,19 +297,16 @@ def write_table(
     with atomic_path(target) as tmp:
         if frame is not None:
             frame.to_parquet(tmp, write_covering_bbox=True, index=False)
-            _keep_types(tmp, rows.schema)
+            _keep_types(tmp, rows.schema, metadata)
         else:
-            pq.write_table(rows, tmp)
-        if metadata:
-            written = pq.read_table(tmp)
-            meta = {**(written.schema.metadata or {}), **{k.encode(): v.encode() for k, v in metadata.items()}}  # fmt: skip
-            pq.write_table(written.replace_schema_metadata(meta), tmp)
+            pq.write_table(with_metadata(rows, metadata), tmp)
     return target
 
 
-def _keep_types(path: Path, schema: Any) -> None:
+def _keep_types(path: Path, schema: Any, metadata: dict[str, str] | None = None) -> None:
     """Give columns that went through pandas empty (typed ``null``: an empty list column
-    has no element to infer from) their SQL types back, keeping the GeoParquet metadata."""
+    has no element to infer from) their SQL types back, keeping the GeoParquet metadata
+    and adding ``metadata``; the file is rewritten only if either changes it."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -320,5 +316,5 @@ def _keep_types(path: Path, schema: Any) -> None:
         if pa.types.is_null(f.type) and f.name in schema.names and f.name != "geometry":
             want = schema.field(f.name).type
             fixed = fixed.set_column(i, pa.field(f.name, want), pa.nulls(len(table), want))
-    if fixed is not table:
-        pq.write_table(fixed.replace_schema_metadata(table.schema.metadata), path)
+    if fixed is not table or metadata:
+        pq.write_table(with_metadata(fixed.replace_schema_metadata(table.schema.metadata), metadata), path)  # fmt: skip

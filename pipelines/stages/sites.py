@@ -32,7 +32,7 @@ from affine import Affine
 from scipy import ndimage
 
 from pipelines.infra.errors import MissingInputError
-from pipelines.infra.geotable import READ_ROWS, RowSpill, write_sorted
+from pipelines.infra.geotable import READ_ROWS, RowSpill, recorded, write_sorted
 from pipelines.infra.layout import probability_path, sites_path
 from pipelines.infra.progress import Progress
 from pipelines.infra.storage import atomic_path
@@ -278,10 +278,7 @@ def sites_table(
 def recorded_mmu(path: Path) -> float | None:
     """The minimum mapping unit (ha) a sites file was made with, as it records it; None
     for files that record none (imported sites, files from before it was recorded)."""
-    import pyarrow.parquet as pq
-
-    value = (pq.read_metadata(path).metadata or {}).get(MMU_KEY.encode())
-    return None if value is None else float(value)
+    return recorded(path, MMU_KEY)
 
 
 @dataclass
