@@ -270,7 +270,10 @@ def register_chip_model(root: Path, model: nn.Module, *, seeds: int, **record: A
     ``chips``); ``record``: the keyword arguments of ``register`` (``domain`` required),
     with ``config["rendering"]`` saying how composites become its input."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    payload = {"state_dict": state, "arch": "chipnet-ensemble", "members": seeds}
+    payload: dict[str, Any] = {"state_dict": state, "arch": "chipnet-ensemble", "members": seeds}
+    trees = getattr(model, "trees", None)
+    if isinstance(trees, str):  # ml.chips.Hybrid: the trees travel as LightGBM's text
+        payload.update(arch="chipnet-trees", trees=trees)
     return _register(root, "chips", payload, **record)
 
 
@@ -346,14 +349,21 @@ def _damaged(path: Path, what: str, e: Exception) -> RegistryError:
 
 
 def load_chip_model(root: Path, record: ModelRecord) -> nn.Module:
-    """Rebuild a registered screening detector (kind ``chips``) on the CPU."""
-    from ml.chips import Ensemble
+    """Rebuild a registered screening detector (kind ``chips``: an ``ml.chips.Ensemble``
+    of ChipNets, or a ``Hybrid`` of them and gradient-boosted trees) on the CPU."""
+    from ml.chips import Ensemble, Hybrid
 
     path, what, ckpt = _checkpoint(root, record)
     try:
-        if ckpt.get("arch") != "chipnet-ensemble":
-            raise ValueError(f"not a chip model (arch {ckpt.get('arch')!r})")
-        model = Ensemble(int(ckpt["members"]))
+        arch = ckpt.get("arch")
+        model: nn.Module
+        if arch == "chipnet-ensemble":
+            model = Ensemble(int(ckpt["members"]))
+        elif arch == "chipnet-trees":
+            state = ckpt["state_dict"]
+            model = Hybrid(int(ckpt["members"]), str(ckpt["trees"]), state["vote"])
+        else:
+            raise ValueError(f"not a chip model (arch {arch!r})")
         model.load_state_dict(ckpt["state_dict"])
     except Exception as e:
         raise _damaged(path, what, e) from None

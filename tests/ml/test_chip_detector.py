@@ -287,3 +287,56 @@ def test_the_asset_screens_a_real_region_that_names_the_chip_model(
     assert "SCREENING chip classifier" in str(m["model_choice"])
     assert m["model_domain"]["imagery"] == "real"  # type: ignore[index]
     assert (data / "probability" / "mdd-screen" / "2024.tif").exists()
+
+
+def test_a_product_of_the_cnn_and_its_trees_screens_as_it_was_measured(
+    chips: Chips, chip_model: tuple[Path, Any, Chips], tmp_path: Path
+) -> None:
+    """`--register ROOT --trees`: one CNN and gradient-boosted trees, stacked on the
+    validation chips, registered as one detector (the trees as LightGBM's text), found
+    again by its settings; the reloaded detector gives the held-out figures it was
+    registered with, votes as `stacked` does, and maps a composite as it scores chips."""
+    from ml.chips import Hybrid, _at, chip_features, held_out_probs, stacked
+
+    _root, cnn_record, sub = chip_model
+    root = tmp_path / "root"
+    record = register_product(root, sub, shared("chips"), seeds=1, epochs=2, trees=True, say=lambda _m: None)  # fmt: skip
+    assert record.model_id != cnn_record.model_id and record.metrics["trees"] is True
+    assert record.config["trees"] is True and "trees" not in cnn_record.config
+    assert registry.checkpoint_problem(root, record) is None
+    model = registry.load_chip_model(root, record)
+    assert isinstance(model, Hybrid)
+    vote = record.metrics["vote"]
+    assert len(vote) == 3 and vote[1] != 0, "the trees have a say"
+    # The reloaded detector (weights and the trees' text) scores the held-out chips as
+    # the one that was registered did, figure for figure.
+    sp = split(sub, 0)
+    prob = held_out_probs(model, sub, sp)
+    assert _at(prob, sp, float(record.metrics["threshold"])) == record.metrics["heldout"]
+    # Its probability is the stack of its CNN's and its trees'.
+    x = sub.x[sp.mines[:20]]
+    p_cnn = predict(model.cnn, x)
+    p_trees = model._booster.predict(chip_features(x)).astype(np.float32)
+    np.testing.assert_allclose(predict(model, x), stacked(np.asarray(vote), p_cnn, p_trees), atol=1e-5)  # fmt: skip
+    # Unchanged settings find it again.
+    said: list[str] = []
+    again = register_product(root, sub, shared("chips"), seeds=1, epochs=2, trees=True, say=said.append)  # fmt: skip
+    assert again == record and "reused" in said[0]
+    # Mapped over a composite of real chips, each chip's block is its probability,
+    # whatever the tiles.
+    offsets = tuple(record.config["rendering"]["offsets"])
+    picks = np.concatenate([sp.mines[:18], sp.random[:18]])
+    _mosaic(root, sub, picks, offsets)
+    region = _regions(record.model_id).get("mdd-screen")
+    maps = []
+    for tile_px in (64, 1024):
+        res = map_probability(root, region, "2024", record=record, tile_px=tile_px, progress=lambda _m: None)  # fmt: skip
+        assert res.screening
+        with rasterio.open(res.path) as src:
+            maps.append(src.read(1))
+    np.testing.assert_allclose(maps[0], maps[1], atol=1e-6)
+    expected = predict(model, sub.x[picks])
+    for n in range(1, len(picks) - 1):
+        r, c = divmod(n, GRID)
+        block = maps[1][CHIP * r + 24 : CHIP * r + 48, CHIP * c + 24 : CHIP * c + 48]
+        assert np.allclose(block, expected[n], atol=1e-5), (n, float(block.mean()), float(expected[n]))  # fmt: skip
