@@ -931,10 +931,11 @@ def train_product(
     ens: nn.Module = cnns.eval()
     extra: dict[str, object] = {}
     if trees:
-        val = chips.x[sp.val]
-        forest = fit_trees(chips, sp, 0, chip_features(chips.x))
-        p_cnn = predict(ens, val)
-        vote = stack(p_cnn, forest.predict(chip_features(val)).astype(np.float32), chips.y[sp.val])
+        features = chip_features(chips.x)
+        forest = fit_trees(chips, sp, 0, features)
+        p_cnn = predict(ens, chips.x[sp.val])
+        p_trees = forest.predict(features[sp.val]).astype(np.float32)
+        vote = stack(p_cnn, p_trees, chips.y[sp.val])
         hybrid = Hybrid(seeds, forest.model_to_string(), vote)
         hybrid.cnn.load_state_dict(ens.state_dict())
         ens = hybrid.eval()

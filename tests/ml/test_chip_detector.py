@@ -307,7 +307,7 @@ def test_a_product_of_the_cnn_and_its_trees_screens_as_it_was_measured(
     model = registry.load_chip_model(root, record)
     assert isinstance(model, Hybrid)
     vote = record.metrics["vote"]
-    assert len(vote) == 3 and vote[1] != 0, "the trees have a say"
+    assert len(vote) == 3 and vote[1] > 0, "the trees have a say, for mining where they see it"
     # The reloaded detector (weights and the trees' text) scores the held-out chips as
     # the one that was registered did, figure for figure.
     sp = split(sub, 0)
