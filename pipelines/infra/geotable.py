@@ -17,7 +17,7 @@ not the table.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -55,11 +55,11 @@ def with_metadata(table: pa.Table, metadata: dict[str, str] | None) -> pa.Table:
     return table.replace_schema_metadata({**(table.schema.metadata or {}), **extra})
 
 
-def recorded(path: Path, key: str) -> float | None:
-    """The number a stage recorded under ``key`` in a Parquet file's key-value metadata;
-    None when the file records none."""
-    value = (pq.read_metadata(path).metadata or {}).get(key.encode())
-    return None if value is None else float(value)
+def recorded(path: Path, keys: Iterable[str]) -> dict[str, float]:
+    """The numbers a stage recorded under ``keys`` in a Parquet file's key-value
+    metadata (its footer, read once), by key; a key the file does not record is absent."""
+    meta = pq.read_metadata(path).metadata or {}
+    return {k: float(meta[k.encode()]) for k in keys if k.encode() in meta}
 
 
 def geo_metadata(path: Path) -> dict[str, Any]:

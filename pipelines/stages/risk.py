@@ -79,8 +79,8 @@ SETTING_TABLES = ("alerts", "alert_features")
 def recorded_settings(path: Path) -> dict[str, float]:
     """The settings an alerts file records it was computed with (``SETTING_KEYS``), by
     name; empty for a file that records none (written before they were recorded)."""
-    found = {k: recorded(path, key) for k, key in SETTING_KEYS.items()}
-    return {k: v for k, v in found.items() if v is not None}
+    found = recorded(path, SETTING_KEYS.values())
+    return {k: found[key] for k, key in SETTING_KEYS.items() if key in found}
 
 
 class RiskError(ValueError):

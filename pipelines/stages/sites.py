@@ -278,7 +278,7 @@ def sites_table(
 def recorded_mmu(path: Path) -> float | None:
     """The minimum mapping unit (ha) a sites file was made with, as it records it; None
     for files that record none (imported sites, files from before it was recorded)."""
-    return recorded(path, MMU_KEY)
+    return recorded(path, [MMU_KEY]).get(MMU_KEY)
 
 
 @dataclass
