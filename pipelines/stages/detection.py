@@ -1028,6 +1028,9 @@ def map_probability(
                 if record.kind == "chips":
                     tags["asmwatch_screening"] = "true"
                     tags["asmwatch_screening_block_px"] = str(record.config["stride"])  # fmt: skip
+                    # what the classifier is made of, for the report's methods
+                    tags["asmwatch_screening_members"] = str(record.config["seeds"])
+                    tags["asmwatch_screening_trees"] = "true" if record.config.get("trees") else "false"  # fmt: skip
                     tags["asmwatch_rendering"] = json.dumps(record.config["rendering"], sort_keys=True)  # fmt: skip
                     tags["asmwatch_model_heldout"] = json.dumps(held, sort_keys=True)
             dst.update_tags(**tags)

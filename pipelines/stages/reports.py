@@ -800,6 +800,8 @@ def detector_text(root: Path, data: RegionData, lang: Lang = EN) -> str:
             if tags.get("asmwatch_screening") == "true":
                 screening[tags["asmwatch_detector"]] = {
                     "block": int(tags["asmwatch_screening_block_px"]),
+                    "members": tags.get("asmwatch_screening_members"),
+                    "trees": tags.get("asmwatch_screening_trees"),
                     "heldout": json.loads(tags["asmwatch_model_heldout"]),
                     "px": abs(src.transform.a),
                 }
@@ -816,7 +818,7 @@ def detector_text(root: Path, data: RegionData, lang: Lang = EN) -> str:
             if model in screening:
                 sc = screening[model]
                 h = sc["heldout"]
-                texts.append(_("a screening chip classifier (%(model)s) trained on %(domain)s: each %(block)s m square is flagged by the 48-pixel window around it, so the mapped areas are of flagged squares, an upper bound of the mined land, not its outline; on held-out regions it found %(sensitivity)s of mines at a specificity of %(specificity)s on ordinary landscape and %(hard)s on look-alikes (riverbanks, Acre)", model=model, domain=domain_words(lang, domains.get(model)), block=lang.num(sc["block"] * sc["px"], 0), sensitivity=lang.percent(h.get("sensitivity"), 1), specificity=lang.percent(h.get("specificity_random"), 1), hard=lang.percent(h.get("specificity_hard"), 1)))  # fmt: skip
+                texts.append(_("a screening chip classifier (%(model)s; %(made)s) trained on %(domain)s: each %(block)s m square is flagged by the 48-pixel window around it, so the mapped areas are of flagged squares, an upper bound of the mined land, not its outline; on held-out regions it found %(sensitivity)s of mines at a specificity of %(specificity)s on ordinary landscape and %(hard)s on look-alikes (riverbanks, Acre)", model=model, made=screening_words(lang, sc["members"], sc["trees"]), domain=domain_words(lang, domains.get(model)), block=lang.num(sc["block"] * sc["px"], 0), sensitivity=lang.percent(h.get("sensitivity"), 1), specificity=lang.percent(h.get("specificity_random"), 1), hard=lang.percent(h.get("specificity_hard"), 1)))  # fmt: skip
                 continue
             row = con.execute(
                 "SELECT heldout_iou, baseline_heldout_iou FROM models WHERE model_id = ?", [model]
@@ -830,6 +832,18 @@ def detector_text(root: Path, data: RegionData, lang: Lang = EN) -> str:
     if screening and used - {"index-baseline"} <= set(screening):
         return _("Possible mining was screened, not mapped, by %(detectors)s.", detectors="; ".join(texts))  # fmt: skip
     return _("Mining was mapped at 10 m by %(detectors)s.", detectors="; ".join(texts))
+
+
+def screening_words(lang: Lang, members: str | None, trees: str | None) -> str:
+    """What a screening chip classifier is made of, from its probability COG's
+    ``asmwatch_screening_members`` and ``asmwatch_screening_trees`` tags (a map made
+    before they were written says so rather than guess)."""
+    if members is None or trees not in ("true", "false"):
+        return lang._("its make-up not recorded with the map")
+    n = int(members)
+    if trees == "true":
+        return lang.ngettext("one small convolutional network and gradient-boosted trees on the colour and texture of each window, their votes combined", "%(num)s small convolutional networks and gradient-boosted trees on the colour and texture of each window, their votes combined", n)  # fmt: skip
+    return lang.ngettext("one small convolutional network", "the mean of %(num)s small convolutional networks", n)  # fmt: skip
 
 
 def domain_words(lang: Lang, domain: dict[str, Any] | None) -> str:

@@ -232,7 +232,8 @@ def test_the_screening_map_gives_each_chip_its_own_probability_whatever_the_tile
     data = RegionData(region, ["2024"], [], {}, {}, {}, {}, {"2024": []})
     text = detector_text(root, data)
     h = record.metrics["heldout"]
-    assert text.startswith(f"Possible mining was screened, not mapped, by a screening chip classifier ({record.model_id}) trained on real Sentinel-2 RGB image chips of Amazon basin")  # fmt: skip
+    assert tags["asmwatch_screening_members"] == "1" and tags["asmwatch_screening_trees"] == "false"
+    assert text.startswith(f"Possible mining was screened, not mapped, by a screening chip classifier ({record.model_id}; one small convolutional network) trained on real Sentinel-2 RGB image chips of Amazon basin")  # fmt: skip
     assert "each 240 m square" in text and "upper bound of the mined land" in text
     assert f"it found {Lang('en').percent(h['sensitivity'], 1)} of mines" in text
     assert "cada cuadrado de 240 m" in detector_text(root, data, Lang("es"))
@@ -340,3 +341,27 @@ def test_a_product_of_the_cnn_and_its_trees_screens_as_it_was_measured(
         r, c = divmod(n, GRID)
         block = maps[1][CHIP * r + 24 : CHIP * r + 48, CHIP * c + 24 : CHIP * c + 48]
         assert np.allclose(block, expected[n], atol=1e-5), (n, float(block.mean()), float(expected[n]))  # fmt: skip
+    # The report's methods say what the detector is made of: its CNN and its trees.
+    from pipelines.i18n import Lang
+    from pipelines.stages.reports import RegionData, detector_text
+
+    data = RegionData(region, ["2024"], [], {}, {}, {}, {}, {"2024": []})
+    made = "one small convolutional network and gradient-boosted trees on the colour and texture of each window, their votes combined"  # fmt: skip
+    assert f"({record.model_id}; {made})" in detector_text(root, data)
+    fr = detector_text(root, data, Lang("fr"))
+    assert f"({record.model_id} ; un petit réseau convolutif et des arbres de décision" in fr
+
+
+def test_the_methods_name_what_a_screening_detector_is_made_of() -> None:
+    """From its map's tags: the number of CNNs and whether trees vote beside them; a map
+    written before those tags says the make-up was not recorded rather than guess."""
+    from pipelines.i18n import Lang
+    from pipelines.stages.reports import screening_words
+
+    en, es = Lang("en"), Lang("es")
+    assert screening_words(en, "5", "false") == "the mean of 5 small convolutional networks"
+    assert screening_words(en, "1", "false") == "one small convolutional network"
+    assert screening_words(en, "3", "true").startswith("3 small convolutional networks and gradient-boosted trees")  # fmt: skip
+    assert screening_words(es, "5", "false") == "la media de 5 pequeñas redes convolucionales"
+    for members, trees in ((None, "true"), ("5", None), ("5", "yes")):
+        assert screening_words(en, members, trees) == "its make-up not recorded with the map"
