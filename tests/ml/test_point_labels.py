@@ -26,14 +26,14 @@ from affine import Affine
 
 from ml.features import IGNORE, LabelsError, LabelSource
 from ml.points import POINT_RADIUS_PX
-from ml.train import TrainConfig
 from pipelines.embedded.source import world_dir
 from pipelines.stages.detection import check_labels, train_mining_model, training_scenes
 from tests.conftest import small_region
+from tests.ml.conftest import SHORT
 
 N_POINTS = 500
 # Short training, the same for both: 64 px chips, 15 epochs of 10 batches of 8.
-CONFIG = TrainConfig(chip=64, batch=8, steps_per_epoch=10, max_epochs=15, patience=5, seed=7)
+CONFIG = SHORT
 
 
 def sample_points(root: Path, n: int, seed: int, out: Path, balanced: bool = True) -> Path:
@@ -72,8 +72,11 @@ def sample_points(root: Path, n: int, seed: int, out: Path, balanced: bool = Tru
 
 
 @pytest.mark.slow
-def test_500_points_train_within_a_tenth_of_the_dense_label_model(root: Path) -> None:
-    dense = train_mining_model(root, [small_region()], config=CONFIG, progress=print).record
+def test_500_points_train_within_a_tenth_of_the_dense_label_model(
+    root: Path, dense_model: tuple[Path, Any]
+) -> None:
+    dense = dense_model[1]  # the same schedule on the truth masks (the quality test's model)
+    assert {k: dense.config[k] for k in CONFIG.to_dict()} == CONFIG.to_dict()
     points = sample_points(root, N_POINTS, seed=11, out=root / "points.geojson")
     region = dataclasses.replace(small_region(), context={"mining_labels": str(points)})
     logs: list[str] = []
