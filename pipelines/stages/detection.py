@@ -1029,7 +1029,8 @@ def map_probability(
                     tags["asmwatch_screening"] = "true"
                     tags["asmwatch_screening_block_px"] = str(record.config["stride"])  # fmt: skip
                     # what the classifier is made of, for the report's methods
-                    tags["asmwatch_screening_members"] = str(record.config["seeds"])
+                    if "seeds" in record.config:
+                        tags["asmwatch_screening_members"] = str(record.config["seeds"])
                     tags["asmwatch_screening_trees"] = "true" if record.config.get("trees") else "false"  # fmt: skip
                     tags["asmwatch_rendering"] = json.dumps(record.config["rendering"], sort_keys=True)  # fmt: skip
                     tags["asmwatch_model_heldout"] = json.dumps(held, sort_keys=True)

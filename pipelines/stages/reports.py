@@ -838,7 +838,7 @@ def screening_words(lang: Lang, members: str | None, trees: str | None) -> str:
     """What a screening chip classifier is made of, from its probability COG's
     ``asmwatch_screening_members`` and ``asmwatch_screening_trees`` tags (a map made
     before they were written says so rather than guess)."""
-    if members is None or trees not in ("true", "false"):
+    if members is None or not members.isdigit() or int(members) < 1 or trees not in ("true", "false"):  # fmt: skip
         return lang._("its make-up not recorded with the map")
     n = int(members)
     if trees == "true":

@@ -363,5 +363,11 @@ def test_the_methods_name_what_a_screening_detector_is_made_of() -> None:
     assert screening_words(en, "1", "false") == "one small convolutional network"
     assert screening_words(en, "3", "true").startswith("3 small convolutional networks and gradient-boosted trees")  # fmt: skip
     assert screening_words(es, "5", "false") == "la media de 5 pequeñas redes convolucionales"
-    for members, trees in ((None, "true"), ("5", None), ("5", "yes")):
+    for members, trees in (
+        (None, "true"),
+        ("5", None),
+        ("5", "yes"),
+        ("five", "false"),
+        ("0", "true"),
+    ):
         assert screening_words(en, members, trees) == "its make-up not recorded with the map"
