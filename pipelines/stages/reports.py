@@ -838,9 +838,9 @@ def screening_words(lang: Lang, members: str | None, trees: str | None) -> str:
     """What a screening chip classifier is made of, from its probability COG's
     ``asmwatch_screening_members`` and ``asmwatch_screening_trees`` tags (a map made
     before they were written says so rather than guess)."""
-    if members is None or not members.isdigit() or int(members) < 1 or trees not in ("true", "false"):  # fmt: skip
+    n = int(members) if members is not None and members.isdigit() else 0
+    if n < 1 or trees not in ("true", "false"):
         return lang._("its make-up not recorded with the map")
-    n = int(members)
     if trees == "true":
         return lang.ngettext("one small convolutional network and gradient-boosted trees on the colour and texture of each window, their votes combined", "%(num)s small convolutional networks and gradient-boosted trees on the colour and texture of each window, their votes combined", n)  # fmt: skip
     return lang.ngettext("one small convolutional network", "the mean of %(num)s small convolutional networks", n)  # fmt: skip

@@ -32,8 +32,6 @@ from tests.conftest import small_region
 from tests.ml.conftest import SHORT
 
 N_POINTS = 500
-# Short training, the same for both: 64 px chips, 15 epochs of 10 batches of 8.
-CONFIG = SHORT
 
 
 def sample_points(root: Path, n: int, seed: int, out: Path, balanced: bool = True) -> Path:
@@ -76,11 +74,11 @@ def test_500_points_train_within_a_tenth_of_the_dense_label_model(
     root: Path, dense_model: tuple[Path, Any]
 ) -> None:
     dense = dense_model[1]  # the same schedule on the truth masks (the quality test's model)
-    assert {k: dense.config[k] for k in CONFIG.to_dict()} == CONFIG.to_dict()
+    assert {k: dense.config[k] for k in SHORT.to_dict()} == SHORT.to_dict()
     points = sample_points(root, N_POINTS, seed=11, out=root / "points.geojson")
     region = dataclasses.replace(small_region(), context={"mining_labels": str(points)})
     logs: list[str] = []
-    sparse = train_mining_model(root, [region], config=CONFIG, progress=logs.append).record
+    sparse = train_mining_model(root, [region], config=SHORT, progress=logs.append).record
     print("\n".join(logs))
 
     assert sparse.metrics["labels"] == ["points"] and dense.metrics["labels"] == ["raster"]
