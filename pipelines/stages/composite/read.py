@@ -409,17 +409,34 @@ def _on_grid(ds: Any, geobox: GeoBox) -> tuple[int, int, int] | None:
 
 
 def _halves(x: npt.NDArray[np.int32], axis: int, first: int, n: int) -> npt.NDArray[np.int32]:
-    """Along ``axis`` of ``x`` (a source with a one-pixel border, twice as coarse as the
-    grid): the weighted pairs of bilinear interpolation, in quarters, for grid pixels
-    ``first`` .. ``first + n`` counted from the border's first grid pixel. Grid
-    pixel 2m lies a quarter source pixel before centre m (weights 1 and 3 on m - 1 and
-    m), grid pixel 2m + 1 a quarter after it (3 and 1 on m and m + 1)."""
-    x = np.moveaxis(x, axis, 0)
-    three = 3 * x[1:-1]
-    out = np.empty((2 * (x.shape[0] - 2), *x.shape[1:]), np.int32)
-    np.add(three, x[:-2], out=out[0::2])
-    np.add(three, x[2:], out=out[1::2])
-    return np.moveaxis(out[first : first + n], 0, axis)
+    """Along ``axis`` (0 or 1) of ``x`` (a source with a one-pixel border, twice as
+    coarse as the grid): the weighted pairs of bilinear interpolation, in quarters, for
+    grid pixels ``first`` .. ``first + n`` counted from the border's first grid pixel.
+    Grid pixel 2m lies a quarter source pixel before centre m (weights 1 and 3 on m - 1
+    and m), grid pixel 2m + 1 a quarter after it (3 and 1 on m and m + 1). Only the
+    source lines those pixels need are read, and the output keeps ``x``'s layout."""
+    s0 = first // 2
+    s1 = (first + n - 1) // 2 + 3  # grid pixel g needs source lines g // 2 .. g // 2 + 2
+    f = first - 2 * s0
+    if axis == 0:
+        x = x[s0:s1]
+        three = x[1:-1] * 3
+        out = np.empty((2 * (x.shape[0] - 2), x.shape[1]), np.int32)
+        np.add(three, x[:-2], out=out[0::2])
+        np.add(three, x[2:], out=out[1::2])
+        return out[f : f + n]
+    x = x[:, s0:s1]
+    three = x[:, 1:-1] * 3
+    out = np.empty((x.shape[0], 2 * (x.shape[1] - 2)), np.int32)
+    np.add(three, x[:, :-2], out=out[:, 0::2])
+    np.add(three, x[:, 2:], out=out[:, 1::2])
+    return out[:, f : f + n]
+
+
+#: Grid rows ``_bilinear2`` brings at a time: their int32 temporaries (a few hundred KiB
+#: for a 1024 px block) stay in the CPU's cache; whole blocks at once went to memory
+#: and back for every pass, 7x slower (docs/performance.md).
+BILINEAR_ROWS = 64
 
 
 def _bilinear2(
@@ -433,24 +450,37 @@ def _bilinear2(
     neighbour (weight 9) is nodata. GDAL's doubles are exact here (sixteenths of
     integers), and a renormalised mean is never within a rounding error of a half, so
     the numbers are GDAL's to the bit. ``a`` is the source from row ``r0 - 1`` and
-    column ``c0 - 1`` with a nodata border of one pixel (``valid`` False there)."""
+    column ``c0 - 1`` with a nodata border of one pixel (``valid`` False there).
+    Computed ``BILINEAR_ROWS`` grid rows at a time (each pixel's value is its own)."""
     fy, fx = gy0 - 2 * r0, gx0 - 2 * c0  # the block's first pixel past the border's
-    vals = a.astype(np.int32)
     whole = bool(valid[1:-1, 1:-1].all())
-    if not whole:
-        vals[~valid] = 0
-    acc = _halves(_halves(vals, 0, fy, h), 1, fx, w)
-    if whole and fy > 0 and fx > 0 and fy + h < 2 * (a.shape[0] - 2) and fx + w < 2 * (a.shape[1] - 2):  # fmt: skip
-        return ((acc + 8) >> 4).astype(dtype)  # every neighbour valid: floor(acc/16 + 1/2)
-    div = _halves(_halves(valid.astype(np.int32), 0, fy, h), 1, fx, w)
-    inner = valid[1:-1, 1:-1]  # the nearest neighbour of grid pixel g is source g // 2
-    near = inner.repeat(2, axis=0)[fy : fy + h].repeat(2, axis=1)[:, fx : fx + w]
-    out = np.full((h, w), nodata, dtype)
-    full = near & (div == 16)
-    out[full] = ((acc[full] + 8) >> 4).astype(dtype)
-    part = near & (div > 0) & (div != 16)
-    # floor(acc / div + 1/2) in integers where some neighbour is nodata
-    out[part] = ((2 * acc[part] + div[part]) // (2 * div[part])).astype(dtype)
+    inside = fy > 0 and fx > 0 and fy + h < 2 * (a.shape[0] - 2) and fx + w < 2 * (a.shape[1] - 2)  # fmt: skip
+    # the nearest neighbour of grid pixel g is source g // 2, line g // 2 + 1 of ``a``
+    near_cols = np.arange(fx, fx + w) // 2 + 1
+    out = np.empty((h, w), dtype)
+    for s in range(0, h, BILINEAR_ROWS):
+        n = min(BILINEAR_ROWS, h - s)
+        s0, s1 = (fy + s) // 2, (fy + s + n - 1) // 2 + 3
+        first = fy + s - 2 * s0
+        vals = a[s0:s1].astype(np.int32)
+        ok = valid[s0:s1]
+        if not whole:
+            vals[~ok] = 0
+        acc = _halves(_halves(vals, 0, first, n), 1, fx, w)
+        if whole and inside:  # every neighbour valid: floor(acc/16 + 1/2)
+            acc += 8
+            acc >>= 4
+            out[s : s + n] = acc
+            continue
+        div = _halves(_halves(ok.astype(np.int32), 0, first, n), 1, fx, w)
+        near = ok.take(np.arange(first, first + n) // 2 + 1, axis=0).take(near_cols, axis=1)
+        strip = out[s : s + n]
+        strip.fill(nodata)
+        full = near & (div == 16)
+        strip[full] = ((acc[full] + 8) >> 4).astype(dtype)
+        part = near & (div > 0) & (div != 16)
+        # floor(acc / div + 1/2) in integers where some neighbour is nodata
+        strip[part] = ((2 * acc[part] + div[part]) // (2 * div[part])).astype(dtype)
     return out
 
 

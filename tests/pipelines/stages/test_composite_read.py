@@ -390,3 +390,35 @@ def test_a_group_of_blocks_equals_its_blocks_one_by_one(tmp_path: Path) -> None:
             np.testing.assert_array_equal(half, alone_half)
             assert msgs == []
     _FILES.clear()
+
+
+@pytest.mark.parametrize("strip", [1, 7, 64])
+def test_the_bilinear_kernel_in_strips_gives_gdals_pixels(
+    tmp_path: Path, strip: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 20 m bands brought to 10 m a strip of rows at a time (``BILINEAR_ROWS``, for
+    the CPU's cache) are GDAL's warp to the bit whatever the strip: blocks taller than
+    several strips, inside the file, across its edges and its nodata holes, with the
+    file's corner at odd pixels."""
+    from pipelines.stages.composite import read
+
+    monkeypatch.setattr(read, "BILINEAR_ROWS", strip)
+    path = _cog(tmp_path / "b.tif", 20.0, (90, 97), X0 + 30, Y0 - 50, "uint16", seed=11)
+    src = RasterSource(str(path), meta=RasterBandMetadata("uint16", 0))
+    cfg = RasterLoadParams(dtype="uint16", fill_value=0, resampling="bilinear", fail_on_error=False)  # fmt: skip
+    rng = np.random.default_rng(strip)
+    blocks = [GeoBox((int(rng.integers(1, 190)), int(rng.integers(1, 190))), from_origin(X0 + int(rng.integers(-20, 150)) * 10, Y0 - int(rng.integers(-20, 150)) * 10, 10, 10), "EPSG:32719") for _ in range(30)]  # fmt: skip
+    tall = 0
+    for gb in blocks:
+        ours = np.zeros(gb.shape.yx, np.uint16)
+        failures: list[str] = []
+        read_onto(src, cfg, gb, ours, failures, token=f"strip{strip}")
+        theirs = np.zeros(gb.shape.yx, np.uint16)
+        roi, pix = rio_read(src, cfg, gb)
+        if pix.size:
+            np.copyto(theirs[roi], pix, where=theirs[roi] == 0)
+        assert failures == []
+        np.testing.assert_array_equal(ours, theirs)
+        tall += gb.shape.y > 2 * strip and bool((ours != 0).any())
+    assert tall >= 10, "most blocks span several strips and overlap the file"
+    _FILES.clear()
