@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -74,34 +75,50 @@ def median_network(n: int) -> tuple[tuple[int, int], ...]:
     return tuple(reversed(kept))
 
 
-def _sort_planes(stack: npt.NDArray[np.generic]) -> None:
-    """Sort ``stack`` along axis 0 in place (lower half exact), plane by plane."""
-    n = stack.shape[0]
-    if n < 2:
-        return
-    tmp = np.empty_like(stack[0])
-    for a, b in median_network(n):
-        np.minimum(stack[a], stack[b], out=tmp)
-        np.maximum(stack[a], stack[b], out=stack[b])
-        stack[a] = tmp
+def _sorted_planes(stack: npt.NDArray[Any]) -> list[npt.NDArray[Any]]:
+    """The planes of ``stack`` (t, ...) in sorted order along axis 0 (the lower half
+    exact), sorted in place by the median network. Each compare-exchange writes its
+    maximum over one plane and its minimum into a spare one that takes the place of
+    the other, instead of copying the minimum back: two passes where there were three."""
+    planes = list(stack)
+    if len(planes) < 2:
+        return planes
+    spare = np.empty_like(planes[0])
+    for a, b in median_network(len(planes)):
+        pa, pb = planes[a], planes[b]
+        np.minimum(pa, pb, out=spare)
+        np.maximum(pa, pb, out=pb)
+        planes[a], spare = spare, pa
+    return planes
 
 
 def _read_median(
-    ordered: npt.NDArray[np.generic], count: npt.NDArray[np.integer]
-) -> tuple[npt.NDArray[np.generic], npt.NDArray[np.generic]]:
-    idx = count.astype(np.intp)
-    lo = np.take_along_axis(ordered, ((idx - 1) // 2).clip(0)[None], axis=0)[0]
-    hi = np.take_along_axis(ordered, (idx // 2).clip(0, ordered.shape[0] - 1)[None], axis=0)[0]
+    planes: Sequence[npt.NDArray[Any]], count: npt.NDArray[np.integer]
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+    """The sorted ``planes``' values at positions (count - 1) // 2 and count // 2 of
+    each pixel (position 0 where the count is 0), gathered from one flat copy of the
+    lower half, the only part the median reads."""
+    half = min(len(planes), len(planes) // 2 + 1)
+    flat = np.stack(planes[:half]).reshape(-1)
+    n = count.size
+    at = np.arange(n, dtype=np.intp)
+    c = count.reshape(-1).astype(np.intp)
+    lo = flat.take(np.maximum(c - 1, 0) // 2 * n + at).reshape(count.shape)
+    hi = flat.take(np.minimum(c // 2, half - 1) * n + at).reshape(count.shape)
     return lo, hi
 
 
 def _median_of(
-    work: npt.NDArray[np.generic], count: npt.NDArray[np.uint8]
+    work: npt.NDArray[np.generic], count: npt.NDArray[np.uint8], add: float = 0.0
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
-    """Sort ``work`` (masked values already set to the sentinel) and read the medians."""
-    _sort_planes(work)
-    lo, hi = _read_median(work, count)
-    med = (lo.astype(np.float32) + hi.astype(np.float32)) * np.float32(0.5)
+    """Sort ``work`` (masked values already set to the sentinel) and read the medians,
+    plus ``add``."""
+    lo, hi = _read_median(_sorted_planes(work), count)
+    med = lo.astype(np.float32)
+    med += hi
+    med *= np.float32(0.5)
+    if add:
+        med += np.float32(add)
     med[count == 0] = np.nan
     return med, count
 
@@ -138,18 +155,24 @@ def masked_median_dn(
     for r0 in range(0, dn.shape[1], STRIP_ROWS):
         rows = slice(r0, r0 + STRIP_ROWS)
         d = dn[:, rows]
-        masked = ~clear[:, rows] | (d == 0)
-        if shifts is not None:
+        # The sentinel by bits: 65535 is all ones, so x | 65535 is the sentinel and x | 0
+        # is x. The median is taken of DN - 1, where nodata (0) wraps to the sentinel by
+        # itself and valid DN keep their order; a cloudy one (clear 0) ORs in 0 - 1.
+        if shifts is None:
+            work = d - np.uint16(1)
+        else:
+            masked = ~clear[:, rows] | (d == 0)
             shifted = d.astype(np.int32) + shifts
             kept = shifted[~masked]
             if kept.size and (kept.min() < 1 or kept.max() > 65534):
                 raise OverflowError("shifted DN leave the uint16 range; use masked_median_float")
-            d = shifted.astype(np.uint16)  # masked ones may wrap: the sentinel covers them
-        # The sentinel by bits: 65535 is all ones, so x | 65535 is the sentinel and
-        # x | 0 is x; six times faster than np.where on a whole stack.
-        work = d | (masked.view(np.uint8).astype(np.uint16) * DN_SENTINEL)
-        count[rows] = d.shape[0] - masked.sum(axis=0, dtype=np.uint8)
-        med[rows] = _median_of(work, count[rows])[0]
+            work = shifted.astype(np.uint16)  # masked ones may wrap: the sentinel covers them
+            work -= np.uint16(1)
+            work |= masked.view(np.uint8).astype(np.uint16) * DN_SENTINEL
+        work |= np.subtract(clear[:, rows].view(np.uint8), np.uint8(1), dtype=np.uint16)
+        # valid DN - 1 are at most 65534: the sentinel is exactly the masked
+        count[rows] = d.shape[0] - (work == DN_SENTINEL).sum(axis=0, dtype=np.uint8)
+        med[rows] = _median_of(work, count[rows], add=1.0)[0]
     return med, count
 
 
