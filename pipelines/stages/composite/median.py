@@ -7,7 +7,8 @@ and a clear-sky mask and return the median per pixel over the clear observations
 Why not ``np.nanmedian`` (what ``xarray``'s ``median`` runs per block)? It converts to
 float, then sorts pixel by pixel through masked arrays; on a 20 x 512 x 512 stack it is
 about 18x slower than this. Here masked observations are set to a sentinel that sorts
-last (65535 above any 15-bit DN, +inf for floats), the time axis is sorted by a
+last (65535, for DN - 1, where nodata wraps to it by itself; +inf for floats), the
+time axis is sorted by a
 **sorting network** applied plane by plane (``np.minimum``/``np.maximum`` over a strip
 of ``STRIP_ROWS`` rows of each image, so every step is a vectorised pass over contiguous
 memory that stays in the CPU's cache), and the median is
