@@ -40,6 +40,22 @@ def _cog(path: Path, res: float, shape: tuple[int, int], x0: float, y0: float, d
     return path
 
 
+def _ours_and_theirs(
+    src: RasterSource, cfg: RasterLoadParams, gb: GeoBox, dtype: str, token: str, seams: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The file on block ``gb`` by our reader and by odc-loader's (pasted as its fuser
+    does); no read failures either way."""
+    ours = np.zeros(gb.shape.yx, dtype)
+    failures: list[str] = []
+    read_onto(src, cfg, gb, ours, failures, token=token, seams=seams)
+    assert failures == []
+    theirs = np.zeros(gb.shape.yx, dtype)
+    roi, pix = rio_read(src, cfg, gb)
+    if pix.size:
+        np.copyto(theirs[roi], pix, where=theirs[roi] == 0)
+    return ours, theirs
+
+
 def _blocks(rng: np.random.Generator, n: int) -> list[GeoBox]:
     """Blocks of the 10 m grid in all sorts of places: inside, across each edge of the
     files, beyond them, one pixel wide; odd and even offsets."""
@@ -81,14 +97,7 @@ def test_block_reads_equal_odc_loaders_pixel_for_pixel(
     rng = np.random.default_rng(7)
     differ = 0
     for gb in _blocks(rng, 60):
-        ours = np.zeros(gb.shape.yx, dtype)
-        failures: list[str] = []
-        read_onto(src, cfg, gb, ours, failures, token="t")
-        theirs = np.zeros(gb.shape.yx, dtype)
-        roi, pix = rio_read(src, cfg, gb)
-        if pix.size:
-            np.copyto(theirs[roi], pix, where=theirs[roi] == 0)
-        assert failures == []
+        ours, theirs = _ours_and_theirs(src, cfg, gb, dtype, "t")
         differ += int((ours != theirs).sum())
         with rasterio.open(path) as ds:
             assert (_on_grid(ds, gb) is not None) == isinstance(offset_px[0], int)
@@ -295,14 +304,7 @@ def test_reads_with_tile_seams_equal_odc_loaders(
     on_tiles = [region[r : r + 128, c : c + 128] for r in range(0, 300, 128) for c in range(0, 320, 128)]  # fmt: skip
     elsewhere = [g for g in _blocks(np.random.default_rng(3), 40) if min(Y0 - g.affine.f, g.affine.c - X0) >= 0]  # fmt: skip
     for gb in on_tiles + elsewhere:
-        ours = np.zeros(gb.shape.yx, np.uint16)
-        failures: list[str] = []
-        read_onto(src, cfg, gb, ours, failures, token="t", seams=seams)
-        theirs = np.zeros(gb.shape.yx, np.uint16)
-        roi, pix = rio_read(src, cfg, gb)
-        if pix.size:
-            np.copyto(theirs[roi], pix, where=theirs[roi] == 0)
-        assert failures == []
+        ours, theirs = _ours_and_theirs(src, cfg, gb, "uint16", "t", seams)
         np.testing.assert_array_equal(ours, theirs)
     _FILES.clear()
     assert read_seams(str(tmp_path / "missing.tif"), region, "t", {}) is None
@@ -410,14 +412,7 @@ def test_the_bilinear_kernel_in_strips_gives_gdals_pixels(
     blocks = [GeoBox((int(rng.integers(1, 190)), int(rng.integers(1, 190))), from_origin(X0 + int(rng.integers(-20, 150)) * 10, Y0 - int(rng.integers(-20, 150)) * 10, 10, 10), "EPSG:32719") for _ in range(30)]  # fmt: skip
     tall = 0
     for gb in blocks:
-        ours = np.zeros(gb.shape.yx, np.uint16)
-        failures: list[str] = []
-        read_onto(src, cfg, gb, ours, failures, token=f"strip{strip}")
-        theirs = np.zeros(gb.shape.yx, np.uint16)
-        roi, pix = rio_read(src, cfg, gb)
-        if pix.size:
-            np.copyto(theirs[roi], pix, where=theirs[roi] == 0)
-        assert failures == []
+        ours, theirs = _ours_and_theirs(src, cfg, gb, "uint16", f"strip{strip}")
         np.testing.assert_array_equal(ours, theirs)
         tall += gb.shape.y > 2 * strip and bool((ours != 0).any())
     assert tall >= 10, "most blocks span several strips and overlap the file"
