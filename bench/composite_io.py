@@ -120,12 +120,14 @@ def floor(region: Any, items: list[dict[str, Any]], chunk: int, cores: int, dec_
         region_geobox,
     )
     from pipelines.stages.composite import read as rd
+    from pipelines.stages.composite.write import split_chunk
 
     geobox = getattr(region, "geobox", None) or region_geobox(region)
     ok, _ = check_scene_files(items)
     lon = geobox.extent.to_crs("EPSG:4326").centroid.coords[0][0]
     tagged, observations = plan_observations(ok, lon)
-    plan = plan_stack(tagged, observations, geobox, chunk=chunk)
+    # the stage's blocks: a small region's split so that every worker thread has work
+    plan = plan_stack(tagged, observations, geobox, chunk=split_chunk(chunk, geobox.shape.yx, cores))  # fmt: skip
     plan = rd.with_seams(plan, None, lambda _m: None)
     spent = {"reduce": 0.0, "upsample": 0.0, "compress": 0.0, "group": 0.0}
     bilinear, reduce = rd._bilinear2, rd.composite_block
@@ -143,7 +145,7 @@ def floor(region: Any, items: list[dict[str, Any]], chunk: int, cores: int, dec_
     profile = {
         "driver": "GTiff", "dtype": "float32", "tiled": True, "blockxsize": BLOCK,
         "blockysize": BLOCK, "compress": "ZSTD", "zstd_level": 1, "predictor": 3,
-        "crs": geobox.crs.to_wkt(), "transform": geobox.affine,
+        "crs": str(geobox.crs), "transform": geobox.affine,
     }  # fmt: skip
     rd._bilinear2, rd.composite_block = timed("upsample", bilinear), timed("reduce", reduce)
     try:
