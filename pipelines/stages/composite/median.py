@@ -161,6 +161,7 @@ def masked_median_dn(
         # itself and valid DN keep their order; a cloudy one (clear 0) ORs in 0 - 1.
         if shifts is None:
             work = d - np.uint16(1)
+            work |= np.subtract(clear[:, rows].view(np.uint8), np.uint8(1), dtype=np.uint16)
         else:
             masked = ~clear[:, rows] | (d == 0)
             shifted = d.astype(np.int32) + shifts
@@ -170,7 +171,6 @@ def masked_median_dn(
             work = shifted.astype(np.uint16)  # masked ones may wrap: the sentinel covers them
             work -= np.uint16(1)
             work |= masked.view(np.uint8).astype(np.uint16) * DN_SENTINEL
-        work |= np.subtract(clear[:, rows].view(np.uint8), np.uint8(1), dtype=np.uint16)
         # valid DN - 1 are at most 65534: the sentinel is exactly the masked
         count[rows] = d.shape[0] - (work == DN_SENTINEL).sum(axis=0, dtype=np.uint8)
         med[rows] = _median_of(work, count[rows], add=1.0)[0]
